@@ -1,0 +1,25 @@
+# Quick start: `make demo` runs the whole pipeline on the built-in data,
+# `make test` runs the test suite. Both build .venv first when needed.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test bench clean
+
+venv: $(STAMP)
+
+# torch and torchvision must be a matching pair (see DEVELOPERS.md)
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test,bench]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/clip-ping demo
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,58 @@
+"""Checkpoint files that are never half-written.
+
+Each save writes to a temporary file in the same folder, fsyncs it and renames
+it over the target (atomic on POSIX), so ``latest.pt`` is always a complete
+checkpoint, whatever moment the process is killed at.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import DataError
+
+_STEP_FILE = re.compile(r"step_(\d+)\.pt$")
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(state: dict[str, Any], folder: Path, step: int, keep: int = 2) -> Path:
+    """Write ``step_<step>.pt`` and ``latest.pt``; keep the newest ``keep`` step files."""
+    step_path = folder / f"step_{step:07d}.pt"
+    atomic_torch_save(state, step_path)
+    atomic_torch_save(state, folder / "latest.pt")
+    step_files = sorted(folder.glob("step_*.pt"), key=lambda p: int(_STEP_FILE.search(p.name).group(1)))
+    for old in step_files[:-keep] if keep > 0 else []:
+        old.unlink(missing_ok=True)
+    return step_path
+
+
+def resolve_resume(resume: str, run_dir: Path) -> Path | None:
+    """``latest`` -> the run's latest checkpoint (None if the run has none yet); else a path."""
+    if resume == "latest":
+        latest = run_dir / "checkpoints" / "latest.pt"
+        return latest if latest.is_file() else None
+    path = Path(resume)
+    if not path.is_file():
+        raise DataError(f"checkpoint to resume from not found: {path}")
+    return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise DataError(f"cannot read checkpoint {path}: {exc}") from None

@@ -1,0 +1,138 @@
+"""The ``clip-ping`` command line.
+
+Each subcommand is one pipeline stage: a config dataclass (its fields become
+the flags, ``--config FILE.yaml`` supplies defaults) and the function that
+runs it. User mistakes end with a one-line ``error:`` message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .config import add_config_arguments, config_from_args
+from .errors import ClipPingError
+
+
+@dataclass(frozen=True)
+class Command:
+    path: tuple[str, ...]        # e.g. ("data", "synth")
+    config: str                  # "module:ConfigClass"
+    run: str                     # "module:function" taking the config
+    help: str
+
+
+COMMANDS = [
+    Command(("data", "synth"), "clip_ping.data.synth:SynthConfig", "clip_ping.data.synth:generate_synthetic",
+            "write the built-in procedural image-text data set (train/val/test CSVs + images)"),
+    Command(("data", "convert"), "clip_ping.data.shards:ConvertConfig", "clip_ping.data.shards:convert",
+            "convert a data set between CSV and WebDataset shards"),
+    Command(("data", "openclipart"), "clip_ping.data.openclipart:OpenClipartConfig",
+            "clip_ping.data.openclipart:convert_openclipart",
+            "convert Debian's OpenClipart library into a captioned, labelled data set"),
+    Command(("extract",), "clip_ping.banks:ExtractConfig", "clip_ping.banks:extract_banks",
+            "stage 1: run the frozen teachers and write the image and text feature banks"),
+    Command(("neighbors",), "clip_ping.neighbors:NeighborsConfig", "clip_ping.neighbors:build_neighbors",
+            "find each sample's image-side and text-side nearest neighbours (FAISS)"),
+    Command(("neighbors", "show"), "clip_ping.neighbors:ShowConfig", "clip_ping.neighbors:show_neighbors",
+            "write an HTML page of samples with their NN and XNN, print label agreement"),
+    Command(("train",), "clip_ping.trainer:TrainConfig", "clip_ping.trainer:train",
+            "stage 2: train a student with CLIP-PING (or plain CLIP with --method clip)"),
+    Command(("eval",), "clip_ping.evaluation.runner:EvalConfig", "clip_ping.evaluation.runner:evaluate_from_config",
+            "zero-shot classification, retrieval and linear probe of a checkpoint"),
+    Command(("export",), "clip_ping.export:ExportConfig", "clip_ping.export:export_open_clip",
+            "write a checkpoint as an open_clip model folder (config JSON + weights)"),
+    Command(("report",), "clip_ping.report:ReportConfig", "clip_ping.report:report_from_config",
+            "compare runs: markdown table, training curves, bar charts, index.html"),
+    Command(("demo",), "clip_ping.demo:DemoConfig", "clip_ping.demo:run_demo",
+            "the whole pipeline on the built-in data: CLIP vs CLIP-PING, with a report"),
+]
+
+
+def _load(spec: str) -> Any:
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _available(command: Command) -> bool:
+    try:
+        _load(command.config)
+        return True
+    except (ImportError, AttributeError):
+        return False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="clip-ping",
+        description="Train lightweight CLIP models with nearest-neighbour guidance from frozen teachers (CLIP-PING).",
+        epilog="Pipeline: data synth -> extract -> neighbors -> train -> eval -> report (or all at once: demo).",
+    )
+    parser.add_argument("--version", action="version", version=f"clip-ping {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    groups: dict[tuple[str, ...], argparse._SubParsersAction] = {(): subparsers}
+    parsers: dict[tuple[str, ...], argparse.ArgumentParser] = {}
+    for command in COMMANDS:
+        if not _available(command):
+            continue
+        parent = command.path[:-1]
+        if parent not in groups:
+            parent_parser = parsers.get(parent)
+            if parent_parser is None:
+                parent_parser = groups[parent[:-1]].add_parser(parent[-1], help=f"{parent[-1]} commands")
+                parsers[parent] = parent_parser
+            groups[parent] = parent_parser.add_subparsers(dest="_".join(parent) + "_action", metavar="ACTION")
+        sub = groups[parent].add_parser(command.path[-1], help=command.help, description=command.help)
+        sub.set_defaults(_command=command)
+        add_config_arguments(sub, _load(command.config))
+        parsers[command.path] = sub
+    return parser
+
+
+def _print_result(result: Any) -> None:
+    if result is None:
+        return
+    if isinstance(result, (dict, list)):
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(result)
+
+
+def main(argv: list[str] | None = None) -> int:
+    # teachers and tokenizers load from installed packages only, never from a hub
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("PIL", "matplotlib", "urllib3", "httpx", "huggingface_hub", "sentence_transformers", "root"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    command: Command | None = getattr(args, "_command", None)
+    if command is None:
+        parser.print_help()
+        return 1
+    try:
+        cfg = config_from_args(_load(command.config), args)
+        run: Callable[[Any], Any] = _load(command.run)
+        _print_result(run(cfg))
+    except ClipPingError as exc:
+        print(f"clip-ping {' '.join(command.path)}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,443 @@
+"""Stage 2: train a student dual encoder with CLIP or CLIP-PING.
+
+One step: a batch of (image, caption, index) -> student embeddings u, v ->
+for CLIP-PING, neighbour indices p, q of the batch rows -> four rows gathered
+from the memory-mapped banks -> heads -> `ClipPingLoss`.
+
+Everything random is derived from (seed, epoch, step, sample index) rather
+than carried as state, so a run stopped at any step and resumed from its
+checkpoint continues exactly as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+
+from . import distributed as dist_utils
+from .checkpoints import load_checkpoint, resolve_resume, save_checkpoint
+from .config import option, save_yaml
+from .data.pairs import PairDataset, PairTable, collate_pairs, read_pairs, split_file
+from .errors import ClipPingError, ConfigError
+from .heads import NeighborGuidance
+from .losses import ClipPingLoss
+from .schedule import warmup_cosine_lr
+from .student import create_student
+
+log = logging.getLogger(__name__)
+MAX_LOGIT_SCALE = 100.0
+
+
+@dataclass
+class TrainConfig:
+    data: str = option("data/synth", "data set folder (with train.csv) or a train CSV/TSV file")
+    out: str = option("runs/train", "run folder: config, metrics, checkpoints, evaluation")
+    banks: str | None = option(None, "feature bank folder with neighbours (default: <data>/banks)")
+    method: str = option("clip-ping", "loss: clip-ping, or plain clip (both lambdas 0)", choices=("clip-ping", "clip"))
+    model: str = option("ViT-XXS-8-64", "student: an open_clip model name (shipped: ViT-XXS-8-64, ViT-XS-16)")
+    lambda_nn: float = option(0.5, "weight of the NN (intra-modal) terms")
+    lambda_xnn: float = option(0.5, "weight of the XNN (cross-modal) terms")
+    neighbor_topk: int = option(1, "use the nearest neighbour (1) or draw one of the k nearest each step")
+    neighbor_source: str = option("dataset", "where neighbours come from: the whole data set (precomputed) or a FIFO queue of recent samples",
+                                  choices=("dataset", "queue"))
+    queue_size: int = option(4096, "FIFO queue length for neighbor_source=queue")
+    head: str = option("linear", "teacher-to-student heads h_A, h_B", choices=("linear", "mlp"))
+    logit_scales: str = option("shared", "one logit scale for all terms, or one per term", choices=("shared", "per_term"))
+    epochs: int = option(5, "passes over the training data (ignored when steps is set)")
+    steps: int | None = option(None, "total optimisation steps (overrides epochs)")
+    batch_size: int = option(128, "global batch size (split over processes)")
+    lr: float = option(1e-3, "peak learning rate")
+    min_lr: float = option(0.0, "final learning rate of the cosine schedule")
+    warmup_steps: int = option(50, "linear warm-up steps")
+    weight_decay: float = option(0.1, "AdamW weight decay (not applied to gains, biases or the logit scale)")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.98, "AdamW beta2")
+    eps: float = option(1e-6, "AdamW epsilon")
+    grad_clip: float | None = option(1.0, "clip the gradient norm to this value (none to disable)")
+    precision: str = option("fp32", "fp32, or bf16 autocast (also on CPU)", choices=("fp32", "bf16"))
+    local_loss: bool = option(False, "with several processes, score local rows against the global batch only")
+    seed: int = option(0, "seed of weights, data order, augmentation and neighbour draws")
+    workers: int = option(2, "data loader worker processes")
+    device: str = option("cpu", "torch device")
+    log_every: int = option(10, "steps between metric log lines")
+    save_every: int = option(200, "steps between checkpoints (one is always written at the end)")
+    keep_checkpoints: int = option(2, "step checkpoints kept besides latest.pt")
+    resume: str | None = option(None, "'latest' to continue this run folder, or a checkpoint path")
+    progress: bool = option(True, "show a progress bar")
+    tensorboard: bool = option(True, "write TensorBoard event files under <out>/tensorboard")
+
+    def validate(self) -> None:
+        if self.batch_size < 2:
+            raise ConfigError("config key 'batch_size': contrastive training needs at least 2 samples per batch")
+        if self.neighbor_topk < 1:
+            raise ConfigError("config key 'neighbor_topk' must be at least 1")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError("config key 'steps' must be at least 1")
+        if self.epochs < 1:
+            raise ConfigError("config key 'epochs' must be at least 1")
+        if self.lr <= 0:
+            raise ConfigError("config key 'lr' must be positive")
+
+    @property
+    def effective_lambdas(self) -> tuple[float, float]:
+        return (0.0, 0.0) if self.method == "clip" else (self.lambda_nn, self.lambda_xnn)
+
+
+class TrainingDiverged(ClipPingError):
+    """The loss became NaN or infinite."""
+
+
+# --------------------------------------------------------------------------- data order
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Batches of one epoch from a permutation seeded by (seed, epoch), starting at a given batch.
+
+    Each process takes its contiguous slice of every global batch, so the global
+    batch is the same whatever the number of processes.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start_batch: int = 0,
+                 rank: int = 0, world: int = 1):
+        self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, epoch
+        self.start_batch, self.rank, self.world = start_batch, rank, world
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size - self.start_batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        per_rank = self.batch_size // self.world
+        for b in range(self.start_batch, self.n // self.batch_size):
+            batch = order[b * self.batch_size:(b + 1) * self.batch_size]
+            yield batch[self.rank * per_rank:(self.rank + 1) * per_rank]
+
+
+class SeededAugmentation(torch.utils.data.Dataset):
+    """Seeds the random image augmentation of sample i from (seed, epoch, i).
+
+    The augmentation a sample gets no longer depends on which worker loads it
+    or on whether the run was resumed.
+    """
+
+    def __init__(self, dataset: PairDataset, seed: int, epoch: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any] | None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch * 10_007 + int(i)) % (2**63))
+            return self.dataset[i]
+
+
+# --------------------------------------------------------------------------- optimiser
+
+
+def parameter_groups(modules: list[torch.nn.Module], weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: gains, biases and logit scales are excluded."""
+    decay, no_decay = [], []
+    for module in modules:
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or "logit_scale" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class StepResult:
+    loss: float
+    terms: dict[str, float]
+
+
+class Trainer:
+    """Owns the student, the guidance heads, the optimiser, data and neighbour sources."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.rank, self.world = dist_utils.init_from_env()
+        if cfg.batch_size % self.world:
+            raise ConfigError(f"config key 'batch_size': {cfg.batch_size} does not split over {self.world} processes")
+        self.run_dir = Path(cfg.out)
+        self.device = torch.device(cfg.device)
+        self.table = self._read_table()
+        self.model, self.preprocess_train, _, self.tokenizer = create_student(cfg.model, seed=cfg.seed)
+        self.model.to(self.device)
+        lambda_nn, lambda_xnn = cfg.effective_lambdas
+        self.loss_fn = ClipPingLoss(lambda_nn, lambda_xnn, local_loss=cfg.local_loss)
+        self.guidance: NeighborGuidance | None = None
+        self.banks = self.neighbors = self.queue = None
+        if self.loss_fn.uses_neighbors:
+            self._set_up_neighbors()
+        modules = [self.model] + ([self.guidance] if self.guidance is not None else [])
+        self.optimizer = torch.optim.AdamW(parameter_groups(modules, cfg.weight_decay), lr=cfg.lr,
+                                           betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        self.steps_per_epoch = len(self.table) // cfg.batch_size
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"config key 'batch_size': {cfg.batch_size} is larger than the data set ({len(self.table)} pairs)")
+        self.total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * self.steps_per_epoch
+        self.step = 0
+        self._stop_signal: str | None = None
+
+    # -- set-up ---------------------------------------------------------------
+
+    def _read_table(self) -> PairTable:
+        data = Path(self.cfg.data)
+        csv = split_file(data, "train") if data.is_dir() else data
+        return read_pairs(csv)
+
+    def _set_up_neighbors(self) -> None:
+        from .banks import open_banks
+        from .neighbors import NeighborQueue, load_neighbors
+
+        data = Path(self.cfg.data)
+        bank_dir = Path(self.cfg.banks) if self.cfg.banks else (data if data.is_dir() else data.parent) / "banks"
+        self.banks = open_banks(bank_dir, self.table)
+        if self.cfg.neighbor_source == "dataset":
+            self.neighbors = load_neighbors(bank_dir, expected_fingerprint=self.banks.manifest["fingerprint"])
+            if self.cfg.neighbor_topk > self.neighbors.k:
+                raise ConfigError(f"config key 'neighbor_topk': {self.cfg.neighbor_topk} exceeds the k={self.neighbors.k} "
+                                  f"neighbours stored in {bank_dir}; re-run clip-ping neighbors with a larger --k")
+        else:
+            self.queue = NeighborQueue(self.cfg.queue_size, self.banks.image.shape[1], self.banks.text.shape[1])
+        embed_dim = self.model.text_projection.shape[1] if hasattr(self.model, "text_projection") else None
+        embed_dim = embed_dim or self.model.visual.output_dim
+        # separate generator: the student's initial weights do not depend on the method
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed + 1)
+            self.guidance = NeighborGuidance(self.banks.image.shape[1], self.banks.text.shape[1], embed_dim,
+                                             kind=self.cfg.head, per_term_scales=self.cfg.logit_scales == "per_term")
+        self.guidance.to(self.device)
+
+    # -- checkpoints ------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "model_name": self.cfg.model,
+            "guidance": self.guidance.state_dict() if self.guidance is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "config": dataclasses.asdict(self.cfg),
+            "data_fingerprint": self.table.fingerprint(),
+            "queue": self.queue.state_dict() if self.queue is not None else None,
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("model_name") != self.cfg.model:
+            raise ConfigError(f"checkpoint is of model {state.get('model_name')}, this run trains {self.cfg.model}")
+        if state.get("data_fingerprint") != self.table.fingerprint():
+            raise ConfigError("checkpoint was trained on another data set (fingerprint differs); refusing to resume")
+        self.model.load_state_dict(state["model"])
+        if self.guidance is not None:
+            if state.get("guidance") is None:
+                raise ConfigError("checkpoint has no CLIP-PING heads (it is a plain CLIP run); cannot resume as clip-ping")
+            self.guidance.load_state_dict(state["guidance"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.queue is not None and state.get("queue") is not None:
+            self.queue.load_state_dict(state["queue"])
+        self.step = int(state["step"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+
+    def save(self) -> Path | None:
+        if not dist_utils.is_main_process():
+            return None
+        return save_checkpoint(self.state_dict(), self.run_dir / "checkpoints", self.step, keep=self.cfg.keep_checkpoints)
+
+    # -- one step ---------------------------------------------------------------
+
+    def _neighbor_targets(self, index: torch.Tensor, image_feats: torch.Tensor,
+                          text_feats: torch.Tensor) -> dict[str, torch.Tensor]:
+        assert self.banks is not None and self.guidance is not None
+        if self.neighbors is not None:
+            # one generator per step: draws are the same after a resume
+            g = torch.Generator().manual_seed(self.cfg.seed * 7_919 + self.step)
+            p, q = self.neighbors.pick(index, self.cfg.neighbor_topk, g)
+        else:
+            a_self, b_self = self.banks.gather(index)
+            p, q = self.queue.query(index, a_self, b_self)
+        a_p, b_p = self.banks.gather(p)
+        a_q, b_q = self.banks.gather(q)
+        dev = self.device
+        return self.guidance.targets(a_p.to(dev), b_p.to(dev), a_q.to(dev), b_q.to(dev))
+
+    def train_step(self, batch: dict[str, Any]) -> StepResult:
+        cfg = self.cfg
+        lr = warmup_cosine_lr(self.step, cfg.lr, cfg.warmup_steps, self.total_steps, cfg.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        images = batch["image"].to(self.device, non_blocking=True)
+        texts = batch["text"].to(self.device, non_blocking=True)
+        index = batch["index"]
+        self.model.train()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            u = self.model.encode_image(images, normalize=True)
+            v = self.model.encode_text(texts, normalize=True)
+            targets = self._neighbor_targets(index, u, v) if self.loss_fn.uses_neighbors else None
+            scale = self.model.logit_scale.exp()
+            extra = {}
+            if self.guidance is not None and self.guidance.logit_scale_nn is not None:
+                extra = {"logit_scale_nn": self.guidance.logit_scale_nn.exp(),
+                         "logit_scale_xnn": self.guidance.logit_scale_xnn.exp()}
+            out = self.loss_fn(u.float(), v.float(), scale, targets=_to_float(targets), **extra)
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss became {loss.item()} at step {self.step}; the last good checkpoint is kept in "
+                f"{self.run_dir / 'checkpoints'} (try a lower --lr or --precision fp32)")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.world > 1:
+            self._average_gradients()
+        if cfg.grad_clip:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        self.optimizer.step()
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(max=math.log(MAX_LOGIT_SCALE))
+            if self.guidance is not None and self.guidance.logit_scale_nn is not None:
+                self.guidance.logit_scale_nn.clamp_(max=math.log(MAX_LOGIT_SCALE))
+                self.guidance.logit_scale_xnn.clamp_(max=math.log(MAX_LOGIT_SCALE))
+        if self.queue is not None:
+            self.queue.push(index, *self.banks.gather(index))
+        self.step += 1
+        terms = {k: float(v) for k, v in out.items() if k != "loss"}
+        terms["lr"] = lr
+        terms["logit_scale"] = float(scale.detach())
+        return StepResult(float(loss.detach()), terms)
+
+    def _average_gradients(self) -> None:
+        # The gathers' backward already sums the feature gradients over processes,
+        # so the mean (not the sum) of the parameter gradients is the gradient of
+        # the global-batch loss.
+        import torch.distributed as dist
+
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= self.world
+
+    # -- the loop ---------------------------------------------------------------
+
+    def _loader(self, epoch: int, start_batch: int) -> DataLoader:
+        dataset = SeededAugmentation(PairDataset(self.table, self.preprocess_train, self.tokenizer), self.cfg.seed, epoch)
+        sampler = EpochBatchSampler(len(self.table), self.cfg.batch_size, self.cfg.seed, epoch, start_batch,
+                                    self.rank, self.world)
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=self.cfg.workers,
+                          collate_fn=partial(collate_pairs), persistent_workers=False)
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, _frame):
+            self._stop_signal = signal.Signals(signum).name
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                signal.signal(sig, handler)
+            except ValueError:  # not the main thread (e.g. inside a test runner thread)
+                pass
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.resume:
+            path = resolve_resume(cfg.resume, self.run_dir)
+            if path is not None:
+                self.load_state_dict(load_checkpoint(path))
+                log.info("resumed from %s at step %d", path, self.step)
+        if dist_utils.is_main_process():
+            save_yaml(cfg, self.run_dir / "config.yaml")
+        metrics_file = open(self.run_dir / "metrics.jsonl", "a") if dist_utils.is_main_process() else None
+        writer = self._tensorboard_writer()
+        self._install_signal_handlers()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.progress and dist_utils.is_main_process()),
+                   desc=f"train {cfg.method}", unit="step", dynamic_ncols=True)
+        skipped = 0
+        t_last, samples_since = time.perf_counter(), 0
+        try:
+            while self.step < self.total_steps and self._stop_signal is None:
+                epoch, start_batch = divmod(self.step, self.steps_per_epoch)
+                for batch in self._loader(epoch, start_batch):
+                    skipped += batch["n_skipped"]
+                    if len(batch["index"]) < 2:
+                        self.step += 1  # nothing to contrast; keep the schedule aligned with data order
+                        continue
+                    result = self.train_step(batch)
+                    samples_since += len(batch["index"]) * self.world
+                    bar.update(1)
+                    if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                        now = time.perf_counter()
+                        record = {"step": self.step, "epoch": epoch, "loss": result.loss, **result.terms,
+                                  "samples_per_s": samples_since / max(now - t_last, 1e-9), "skipped_images": skipped}
+                        t_last, samples_since = now, 0
+                        self._log(record, metrics_file, writer, bar)
+                    if self.step % cfg.save_every == 0:
+                        self.save()
+                    if self.step >= self.total_steps or self._stop_signal is not None:
+                        break
+        finally:
+            bar.close()
+            if metrics_file:
+                metrics_file.close()
+        path = self.save()
+        if writer is not None:
+            writer.close()
+        if self._stop_signal is not None:
+            log.warning("stopped by %s at step %d; checkpoint %s. Resume with: clip-ping train --config %s --resume latest",
+                        self._stop_signal, self.step, path, self.run_dir / "config.yaml")
+        return {"step": self.step, "total_steps": self.total_steps, "stopped_by": self._stop_signal,
+                "checkpoint": str(path) if path else None, "skipped_images": skipped}
+
+    def _tensorboard_writer(self):
+        if not (self.cfg.tensorboard and dist_utils.is_main_process()):
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.warning("tensorboard is not installed; metrics go to metrics.jsonl only")
+            return None
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def _log(self, record: dict[str, Any], metrics_file, writer, bar) -> None:
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+        if writer is not None:
+            for key, value in record.items():
+                if key not in ("step", "epoch"):
+                    writer.add_scalar(f"train/{key}", value, record["step"])
+        shown = {k.replace("loss_", ""): f"{record[k]:.3f}" for k in ("loss", "loss_clip", "loss_nn", "loss_xnn") if k in record}
+        shown["sps"] = f"{record['samples_per_s']:.0f}"
+        bar.set_postfix(shown, refresh=False)
+
+
+def _to_float(targets: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    return None if targets is None else {k: v.float() for k, v in targets.items()}
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train one run; returns a summary (steps done, checkpoint path, skips)."""
+    return Trainer(cfg).fit()
