@@ -12,6 +12,7 @@ works on them unchanged:
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Callable
 
@@ -48,14 +49,25 @@ def create_student(model_name: str, seed: int | None = None) -> tuple[torch.nn.M
     register_model_configs()
     if model_name not in open_clip.list_models():
         raise ConfigError(f"unknown student model '{model_name}'; shipped: {', '.join(shipped_models())}")
-    if seed is not None:
-        with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _quiet_random_init_warning():
+        if seed is not None:
             torch.manual_seed(seed)
-            model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(model_name)
-    else:
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(model_name)
     tokenizer = open_clip.get_tokenizer(model_name)
     return model, preprocess_train, preprocess_val, tokenizer
+
+
+class _quiet_random_init_warning(logging.Filter):
+    """Hide open_clip's warning that a model starts from random weights: a student always does."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+    def __enter__(self) -> None:
+        logging.getLogger().addFilter(self)
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger().removeFilter(self)
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:

@@ -1,0 +1,121 @@
+import json
+import math
+
+import pytest
+import torch
+
+from clip_ping.checkpoints import load_checkpoint
+from clip_ping.errors import ConfigError
+from clip_ping.schedule import warmup_cosine_lr
+from clip_ping.trainer import EpochBatchSampler, TrainConfig, Trainer, TrainingDiverged, parameter_groups
+
+
+def _cfg(data, out, **kw):
+    base = dict(data=str(data), out=str(out), method="clip", batch_size=8, steps=6, warmup_steps=2, workers=0,
+                log_every=1, save_every=3, progress=False, tensorboard=False, lr=1e-3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_schedule_warms_up_then_decays_to_min():
+    lrs = [warmup_cosine_lr(s, 1.0, 10, 110) for s in range(111)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[60] == pytest.approx(0.5) and lrs[110] == pytest.approx(0.0)
+
+
+def test_epoch_batches_split_over_processes_into_the_global_batch():
+    one = list(EpochBatchSampler(40, 8, seed=1, epoch=2))
+    halves = [list(EpochBatchSampler(40, 8, seed=1, epoch=2, rank=r, world=2)) for r in (0, 1)]
+    assert [a + b for a, b in zip(*halves)] == one
+    assert list(EpochBatchSampler(40, 8, seed=1, epoch=2, start_batch=3)) == one[3:]
+    assert sorted(i for b in one for i in b) == sorted(set(i for b in one for i in b))
+
+
+def test_weight_decay_skips_gains_biases_and_logit_scale():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    model.logit_scale = torch.nn.Parameter(torch.ones([]))
+    decay, no_decay = parameter_groups([model], 0.1)
+    assert [p.shape for p in decay["params"]] == [torch.Size([4, 3])]
+    assert len(no_decay["params"]) == 4 and no_decay["weight_decay"] == 0.0
+
+
+def test_training_lowers_the_loss_and_writes_the_run_folder(tiny_synth, tmp_path):
+    summary = Trainer(_cfg(tiny_synth, tmp_path / "run", steps=12, lr=2e-3)).fit()
+    assert summary["step"] == 12
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert min(r["loss"] for r in records[-4:]) < records[0]["loss"]
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")
+    assert state["step"] == 12 and state["model_name"] == "ViT-XXS-8-64"
+
+
+def test_killed_and_resumed_run_ends_with_identical_weights(tiny_synth, tmp_path):
+    Trainer(_cfg(tiny_synth, tmp_path / "straight")).fit()
+
+    crashing = Trainer(_cfg(tiny_synth, tmp_path / "resumed"))
+    real_step = crashing.train_step
+
+    def crash_at_step_4(batch):
+        if crashing.step == 4:
+            raise KeyboardInterrupt  # stands in for a kill after the step-3 checkpoint
+        return real_step(batch)
+
+    crashing.train_step = crash_at_step_4
+    with pytest.raises(KeyboardInterrupt):
+        crashing.fit()
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "latest.pt")["step"] == 3
+    Trainer(_cfg(tiny_synth, tmp_path / "resumed", resume="latest")).fit()
+
+    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "latest.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "latest.pt")
+    assert a["step"] == b["step"] == 6
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_synth, tmp_path):
+    trainer = Trainer(_cfg(tiny_synth, tmp_path / "run"))
+    real_step = trainer.train_step
+
+    def poisoned(batch):
+        if trainer.step == 4:
+            batch = dict(batch, image=batch["image"] * float("nan"))
+        return real_step(batch)
+
+    trainer.train_step = poisoned
+    with pytest.raises(TrainingDiverged, match="at step 4"):
+        trainer.fit()
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")["step"] == 3
+
+
+def test_stop_signal_finishes_the_step_and_saves(tiny_synth, tmp_path):
+    trainer = Trainer(_cfg(tiny_synth, tmp_path / "run", steps=20, save_every=100))
+    real_step = trainer.train_step
+
+    def signal_at_step_2(batch):
+        result = real_step(batch)
+        if trainer.step == 2:
+            trainer._stop_signal = "SIGTERM"
+        return result
+
+    trainer.train_step = signal_at_step_2
+    summary = trainer.fit()
+    assert summary["stopped_by"] == "SIGTERM" and summary["step"] == 2
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")["step"] == 2
+
+
+def test_bad_settings_are_refused(tiny_synth, tmp_path):
+    with pytest.raises(ConfigError, match="larger than the data set"):
+        Trainer(_cfg(tiny_synth, tmp_path / "run", batch_size=4096))
+    with pytest.raises(ConfigError, match="unknown student model"):
+        Trainer(_cfg(tiny_synth, tmp_path / "run", model="ViT-nope"))
+
+
+def test_logit_scale_is_clamped_at_100(tiny_synth, tmp_path):
+    trainer = Trainer(_cfg(tiny_synth, tmp_path / "run", steps=1))
+    with torch.no_grad():
+        trainer.model.logit_scale.fill_(math.log(1000.0))
+    trainer.fit()
+    assert trainer.model.logit_scale.exp().item() <= 100.0 + 1e-4
