@@ -69,6 +69,8 @@ class TrainConfig:
     eps: float = option(1e-6, "AdamW epsilon")
     grad_clip: float | None = option(1.0, "clip the gradient norm to this value (none to disable)")
     precision: str = option("fp32", "fp32, or bf16 autocast (also on CPU)", choices=("fp32", "bf16"))
+    grad_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory, slower)")
+    accum_steps: int = option(1, "split each batch into this many micro-batches (same contrastive batch, less memory)")
     local_loss: bool = option(False, "with several processes, score local rows against the global batch only")
     seed: int = option(0, "seed of weights, data order, augmentation and neighbour draws")
     workers: int = option(2, "data loader worker processes")
@@ -89,6 +91,8 @@ class TrainConfig:
             raise ConfigError("config key 'steps' must be at least 1")
         if self.epochs < 1:
             raise ConfigError("config key 'epochs' must be at least 1")
+        if self.accum_steps < 1 or self.batch_size % self.accum_steps:
+            raise ConfigError("config key 'accum_steps' must be >= 1 and divide batch_size")
         if self.lr <= 0:
             raise ConfigError("config key 'lr' must be positive")
 
@@ -183,6 +187,8 @@ class Trainer:
         self.table = self._read_table()
         self.model, self.preprocess_train, _, self.tokenizer = create_student(cfg.model, seed=cfg.seed)
         self.model.to(self.device)
+        if cfg.grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
         lambda_nn, lambda_xnn = cfg.effective_lambdas
         self.loss_fn = ClipPingLoss(lambda_nn, lambda_xnn, local_loss=cfg.local_loss)
         self.guidance: NeighborGuidance | None = None
@@ -284,6 +290,33 @@ class Trainer:
         dev = self.device
         return self.guidance.targets(a_p.to(dev), b_p.to(dev), a_q.to(dev), b_q.to(dev))
 
+    def _encode(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
+            u = self.model.encode_image(images, normalize=True)
+            v = self.model.encode_text(texts, normalize=True)
+        return u.float(), v.float()
+
+    def _loss(self, u: torch.Tensor, v: torch.Tensor, index: torch.Tensor, grad_share: float = 1.0) -> dict[str, torch.Tensor]:
+        """The loss of a batch of embeddings. ``grad_share`` scales the gradient (not the
+        value) of parameters used by every micro-batch, so accumulation sums to the full gradient."""
+        def share(t: torch.Tensor) -> torch.Tensor:
+            return t if grad_share == 1.0 else t.detach() + (t - t.detach()) * grad_share
+
+        targets = None
+        if self.loss_fn.uses_neighbors:
+            targets = {k: share(t.float()) for k, t in self._neighbor_targets(index, u, v).items()}
+        extra = {}
+        if self.guidance is not None and self.guidance.logit_scale_nn is not None:
+            extra = {"logit_scale_nn": share(self.guidance.logit_scale_nn.exp()),
+                     "logit_scale_xnn": share(self.guidance.logit_scale_xnn.exp())}
+        return self.loss_fn(u, v, share(self.model.logit_scale.exp()), targets=targets, **extra)
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss became {loss.item()} at step {self.step}; the last good checkpoint is kept in "
+                f"{self.run_dir / 'checkpoints'} (try a lower --lr or --precision fp32)")
+
     def train_step(self, batch: dict[str, Any]) -> StepResult:
         cfg = self.cfg
         lr = warmup_cosine_lr(self.step, cfg.lr, cfg.warmup_steps, self.total_steps, cfg.min_lr)
@@ -293,23 +326,13 @@ class Trainer:
         texts = batch["text"].to(self.device, non_blocking=True)
         index = batch["index"]
         self.model.train()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            u = self.model.encode_image(images, normalize=True)
-            v = self.model.encode_text(texts, normalize=True)
-            targets = self._neighbor_targets(index, u, v) if self.loss_fn.uses_neighbors else None
-            scale = self.model.logit_scale.exp()
-            extra = {}
-            if self.guidance is not None and self.guidance.logit_scale_nn is not None:
-                extra = {"logit_scale_nn": self.guidance.logit_scale_nn.exp(),
-                         "logit_scale_xnn": self.guidance.logit_scale_xnn.exp()}
-            out = self.loss_fn(u.float(), v.float(), scale, targets=_to_float(targets), **extra)
-        loss = out["loss"]
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(
-                f"loss became {loss.item()} at step {self.step}; the last good checkpoint is kept in "
-                f"{self.run_dir / 'checkpoints'} (try a lower --lr or --precision fp32)")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if cfg.accum_steps == 1:
+            out = self._loss(*self._encode(images, texts), index)
+            self._check_finite(out["loss"])
+            out["loss"].backward()
+        else:
+            out = self._accumulate(images, texts, index)
         if self.world > 1:
             self._average_gradients()
         if cfg.grad_clip:
@@ -326,8 +349,30 @@ class Trainer:
         self.step += 1
         terms = {k: float(v) for k, v in out.items() if k != "loss"}
         terms["lr"] = lr
-        terms["logit_scale"] = float(scale.detach())
-        return StepResult(float(loss.detach()), terms)
+        terms["logit_scale"] = float(self.model.logit_scale.detach().exp())
+        return StepResult(float(out["loss"].detach()), terms)
+
+    def _accumulate(self, images: torch.Tensor, texts: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Gradient accumulation that keeps the contrastive batch whole.
+
+        First every micro-batch is embedded without gradients; then each is
+        embedded again with gradients and the loss of the *whole* batch is taken
+        with only that micro-batch live. Summed over micro-batches, this is the
+        gradient of the full-batch loss while holding the activations of one
+        micro-batch at a time.
+        """
+        chunks = torch.arange(len(index)).chunk(self.cfg.accum_steps)
+        with torch.no_grad():
+            cached = [self._encode(images[c], texts[c]) for c in chunks]
+        out: dict[str, torch.Tensor] = {}
+        for j, c in enumerate(chunks):
+            u_j, v_j = self._encode(images[c], texts[c])
+            u = torch.cat([u_j if i == j else cu for i, (cu, _) in enumerate(cached)])
+            v = torch.cat([v_j if i == j else cv for i, (_, cv) in enumerate(cached)])
+            out = self._loss(u, v, index, grad_share=1.0 / len(chunks))
+            self._check_finite(out["loss"])
+            out["loss"].backward()
+        return out
 
     def _average_gradients(self) -> None:
         # The gathers' backward already sums the feature gradients over processes,
@@ -432,10 +477,6 @@ class Trainer:
         shown = {k.replace("loss_", ""): f"{record[k]:.3f}" for k in ("loss", "loss_clip", "loss_nn", "loss_xnn") if k in record}
         shown["sps"] = f"{record['samples_per_s']:.0f}"
         bar.set_postfix(shown, refresh=False)
-
-
-def _to_float(targets: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
-    return None if targets is None else {k: v.float() for k, v in targets.items()}
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:

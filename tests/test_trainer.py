@@ -119,3 +119,23 @@ def test_logit_scale_is_clamped_at_100(tiny_synth, tmp_path):
         trainer.model.logit_scale.fill_(math.log(1000.0))
     trainer.fit()
     assert trainer.model.logit_scale.exp().item() <= 100.0 + 1e-4
+
+
+def _grads_of_one_step(trainer, batch):
+    trainer.optimizer.step = lambda: None  # keep the gradients of this step for inspection
+    trainer.train_step(batch)
+    params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+
+def _first_batch(trainer):
+    return next(iter(trainer._loader(epoch=0, start_batch=0)))
+
+
+@pytest.mark.parametrize("extra", [{}, {"grad_checkpointing": True}])
+def test_gradient_accumulation_matches_the_full_batch(tiny_synth, tmp_path, extra):
+    full = Trainer(_cfg(tiny_synth, tmp_path / "a", grad_clip=None))
+    accum = Trainer(_cfg(tiny_synth, tmp_path / "b", grad_clip=None, accum_steps=4, **extra))
+    batch = _first_batch(full)
+    for g_full, g_acc in zip(_grads_of_one_step(full, batch), _grads_of_one_step(accum, batch)):
+        assert torch.allclose(g_full, g_acc, atol=1e-6, rtol=1e-4)
