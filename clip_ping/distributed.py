@@ -28,11 +28,31 @@ def init_from_env() -> tuple[int, int]:
     return rank_and_world()
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """All rows of ``x`` from every process, in rank order, differentiable."""
-    import torch.distributed.nn.functional as dist_fn
+class _GatherRows(torch.autograd.Function):
+    """All-gather along dim 0 whose backward sums the gradients of every
+    process's copy and returns this process's rows (a reduce-scatter)."""
 
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        rank, world = rank_and_world()
+        ctx.rank, ctx.rows = rank, x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """All rows of ``x`` from every process, in rank order, differentiable.
+
+    Every process must pass the same number of rows.
+    """
+    return _GatherRows.apply(x)
 
 
 def barrier() -> None:
@@ -40,9 +60,12 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean(value: float) -> float:
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
+def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
+    """Mean over processes of each value (for logging)."""
+    if not (dist.is_available() and dist.is_initialized()) or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
     dist.all_reduce(t)
-    return float(t.item()) / dist.get_world_size()
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))

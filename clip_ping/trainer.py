@@ -347,10 +347,13 @@ class Trainer:
         if self.queue is not None:
             self.queue.push(index, *self.banks.gather(index))
         self.step += 1
-        terms = {k: float(v) for k, v in out.items() if k != "loss"}
+        terms = {k: float(v.detach()) for k, v in out.items()}
+        if self.world > 1:  # with --local-loss each process saw a different share
+            terms = dist_utils.all_reduce_mean(terms)
+        loss_value = terms.pop("loss")
         terms["lr"] = lr
         terms["logit_scale"] = float(self.model.logit_scale.detach().exp())
-        return StepResult(float(out["loss"].detach()), terms)
+        return StepResult(loss_value, terms)
 
     def _accumulate(self, images: torch.Tensor, texts: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:
         """Gradient accumulation that keeps the contrastive batch whole.
