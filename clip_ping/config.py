@@ -25,11 +25,14 @@ from .errors import ConfigError
 T = TypeVar("T")
 
 
-def option(default: Any, help: str, choices: tuple | None = None, **kwargs: Any) -> Any:
-    """A dataclass field with CLI help text (and optional allowed values)."""
-    meta = {"help": help}
+def option(default: Any, help: str, choices: tuple | None = None, positional: bool = False, **kwargs: Any) -> Any:
+    """A dataclass field with CLI help text (optional allowed values; ``positional``
+    makes a list field the command's positional arguments, e.g. ``report RUN [RUN ...]``)."""
+    meta: dict[str, Any] = {"help": help}
     if choices is not None:
         meta["choices"] = tuple(choices)
+    if positional:
+        meta["positional"] = True
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kwargs)
     return dataclasses.field(default=default, metadata=meta, **kwargs)
@@ -137,7 +140,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         help_text = f.metadata.get("help", "")
         help_text = f"{help_text} (default: {default})" if help_text else f"(default: {default})"
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, nargs="*", default=argparse.SUPPRESS, help=f.metadata.get("help", ""),
+                                metavar=f.name.upper().rstrip("S"))
+            continue
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if typing.get_origin(base) in (list, tuple):
+            kwargs["nargs"] = "+"
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:

@@ -220,7 +220,7 @@ class Trainer:
         bank_dir = Path(self.cfg.banks) if self.cfg.banks else (data if data.is_dir() else data.parent) / "banks"
         self.banks = open_banks(bank_dir, self.table)
         if self.cfg.neighbor_source == "dataset":
-            self.neighbors = load_neighbors(bank_dir, expected_fingerprint=self.banks.manifest["fingerprint"])
+            self.neighbors = load_neighbors(bank_dir, expected_fingerprint=self.banks.fingerprint())
             if self.cfg.neighbor_topk > self.neighbors.k:
                 raise ConfigError(f"config key 'neighbor_topk': {self.cfg.neighbor_topk} exceeds the k={self.neighbors.k} "
                                   f"neighbours stored in {bank_dir}; re-run clip-ping neighbors with a larger --k")

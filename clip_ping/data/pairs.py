@@ -109,6 +109,10 @@ class PairTable:
     def image_path(self, i: int) -> Path:
         return Path(self.filepaths[i])
 
+    def open_image(self, i: int) -> Image.Image:
+        """Sample i's image as RGB (raises `ImageDecodeError`); shard tables have the same method."""
+        return load_image(self.filepaths[i])
+
     @property
     def n_skipped(self) -> int:
         return sum(self.skipped.values())
@@ -182,7 +186,9 @@ def read_pairs(
     """Read a CSV/TSV of image-text pairs; bad rows are skipped and counted, never fatal.
 
     ``label_keys=None`` keeps every other column as a label column; ``[]`` keeps none.
-    ``check_files=False`` skips the per-row file check (faster for huge tables on slow disks).
+    ``check_files=False`` skips the per-row file check (faster for huge tables on slow disks);
+    rows of missing files are then kept (and fail at decode time), so indices differ from a
+    checked read: build banks and train with the same setting (the fingerprint tells them apart).
     ``drop_duplicates`` also skips rows whose (image path, caption) already appeared.
     Raises `DataError` when the file is missing, a required column is absent, or no row is kept.
     """
@@ -354,6 +360,9 @@ def _to_rgb(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
 class PairDataset(torch.utils.data.Dataset):
     """Samples of a PairTable: ``{"index": i, "image": tensor, "text": caption or token row}``.
 
+    Any table with ``captions``, ``__len__`` and ``open_image(i)`` works, e.g. the
+    `clip_ping.data.shards.ShardTable` of WebDataset shards (random access).
+
     An image that cannot be decoded gives ``None`` (use `collate_pairs`, which drops
     it and counts it), so sample index ``i`` always stays the table's row ``i``.
     """
@@ -377,7 +386,7 @@ class PairDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any] | None:
         i = int(i)
         try:
-            image = load_image(self.table.filepaths[i])
+            image = self.table.open_image(i)
         except ImageDecodeError as exc:
             self.n_decode_errors += 1
             log.debug("sample %d dropped: %s", i, exc)

@@ -1,0 +1,413 @@
+"""`clip-ping eval`: encode a data set split with an open_clip model and score it.
+
+What is measured (METHOD.md, "Evaluation protocol"):
+
+- zero-shot classification for every task of the data set (``dataset.json``,
+  or one task per label column), prompts from the task's templates;
+- image-to-text and text-to-image retrieval on the split. Rows that share an
+  image file are several captions of one image: the image is encoded once and
+  a hit on any of its captions counts;
+- optionally a linear probe per task: logistic regression on the frozen image
+  features of the train split (sub-sampled), C chosen on the val split.
+
+The result is one JSON-serialisable dict::
+
+    {"zeroshot": {task: {"top1", "top5", "mean_per_class", "per_class", "n"}},
+     "retrieval": {"image_to_text": {"R@1", ...}, "text_to_image": {...}, ...},
+     "linear_probe": {task: {"accuracy", "C", ...}},
+     "n_images": .., "n_texts": .., ...}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import Tensor
+from tqdm import tqdm
+
+from ..config import option
+from ..errors import ConfigError, DataError
+from .linear_probe import DEFAULT_CS, linear_probe as fit_linear_probe
+from .retrieval import retrieval_metrics
+from .zeroshot import zero_shot_accuracy, zero_shot_classifier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = option("runs/train", "checkpoint file, run folder (its latest checkpoint) or exported open_clip folder")
+    data: str = option("data/synth", "data set folder (train/val/test tables, optional dataset.json)")
+    split: str = option("test", "split scored by zero-shot and retrieval (and the probe's test split)")
+    out: str | None = option(None, "results JSON (default: eval.json in the run folder, or next to the checkpoint)")
+    batch_size: int = option(256, "images or captions encoded at once")
+    workers: int = option(2, "data loader worker processes for image decoding")
+    linear_probe: bool = option(True, "also fit a linear probe per task (train split features, C chosen on val)")
+    probe_max_train: int | None = option(5000, "train images used by the linear probe, sub-sampled at random (none: all)")
+    probe_cs: list[float] = option(list(DEFAULT_CS), "inverse regularisation strengths C tried by the linear probe")
+    tasks_file: str | None = option(None, "JSON/YAML file of zero-shot tasks in dataset.json's format (replaces its tasks)")
+    templates_file: str | None = option(None, "text file of prompt templates, one per line with {} (used for every task)")
+    seed: int = option(0, "seed of the linear probe's train sub-sample")
+    device: str = option("cpu", "torch device")
+    progress: bool = option(True, "show progress bars")
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError("config key 'batch_size' must be at least 1")
+        if self.probe_max_train is not None and self.probe_max_train < 2:
+            raise ConfigError("config key 'probe_max_train' must be at least 2")
+        if not self.probe_cs or any(c <= 0 for c in self.probe_cs):
+            raise ConfigError("config key 'probe_cs' must list positive numbers")
+
+
+# --------------------------------------------------------------------------- task files
+
+
+def read_templates_file(path: str | Path) -> list[str]:
+    """Prompt templates, one per line; blank lines and ``#`` comments are ignored."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"templates file not found: {path}")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    templates = [line for line in lines if line and not line.startswith("#")]
+    bad = [t for t in templates if "{}" not in t]
+    if bad:
+        raise ConfigError(f"templates file {path}: every template needs a {{}} for the class name (got {bad[0]!r})")
+    if not templates:
+        raise ConfigError(f"templates file {path} holds no template")
+    return templates
+
+
+def read_tasks_file(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Zero-shot tasks from a JSON/YAML file: ``{"tasks": {task: {...}}}`` or ``{task: {...}}``.
+
+    A task has ``classes`` (the label values), optional ``column`` (default: the
+    task name), ``templates`` and ``names`` (the words put in the prompts, one per
+    class, for labels that are codes rather than words).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"tasks file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML too
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"tasks file {path} is not valid JSON/YAML: {str(exc).splitlines()[0]}") from None
+    if isinstance(data, dict) and isinstance(data.get("tasks"), dict):
+        data = data["tasks"]
+    if not isinstance(data, dict) or not data:
+        raise ConfigError(f"tasks file {path} must map task names to {{classes, column, templates}}")
+    tasks = {}
+    for name, task in data.items():
+        if not isinstance(task, dict) or not isinstance(task.get("classes"), list) or len(task["classes"]) < 2:
+            raise ConfigError(f"tasks file {path}: task '{name}' needs a list of at least 2 classes")
+        names = task.get("names")
+        if names is not None and (not isinstance(names, list) or len(names) != len(task["classes"])):
+            raise ConfigError(f"tasks file {path}: task '{name}': 'names' must list one prompt name per class")
+        templates = task.get("templates")
+        if templates is not None and (not templates or any("{}" not in str(t) for t in templates)):
+            raise ConfigError(f"tasks file {path}: task '{name}': every template needs a {{}} for the class name")
+        tasks[str(name)] = {"column": str(task.get("column", name)), "classes": [str(c) for c in task["classes"]],
+                            **({"templates": [str(t) for t in templates]} if templates else {}),
+                            **({"names": [str(n) for n in names]} if names else {})}
+    return tasks
+
+
+def resolve_tasks(
+    data_dir: str | Path,
+    tasks: dict[str, dict[str, Any]] | None = None,
+    templates: Sequence[str] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """The zero-shot tasks to run: ``tasks`` if given, else the data set's; ``templates`` replace every task's."""
+    from ..data.pairs import DEFAULT_TEMPLATES, read_dataset_info
+
+    resolved = {}
+    for name, task in (tasks if tasks is not None else read_dataset_info(data_dir).get("tasks", {})).items():
+        task = dict(task)
+        task.setdefault("column", name)
+        task["templates"] = list(templates) if templates else list(task.get("templates") or DEFAULT_TEMPLATES)
+        resolved[name] = task
+    return resolved
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+@dataclass
+class SplitImages:
+    """The distinct images of one split, encoded. Rows sharing a file are one image."""
+
+    features: Tensor          # n_images x d, unit length
+    rows: list[int]           # table row of each image (its first row)
+    row_to_image: dict[int, int]  # every kept row -> position in ``features``
+    n_decode_errors: int
+
+
+def _distinct_image_rows(filepaths: Sequence[str]) -> tuple[list[int], dict[int, list[int]]]:
+    """First row of every distinct file, and the rows that share it."""
+    first: dict[str, int] = {}
+    members: dict[int, list[int]] = {}
+    for row, path in enumerate(filepaths):
+        head = first.setdefault(path, row)
+        members.setdefault(head, []).append(row)
+    return list(first.values()), members
+
+
+def encode_images(
+    model: torch.nn.Module,
+    table: Any,
+    preprocess: Callable,
+    rows: Sequence[int],
+    batch_size: int = 256,
+    workers: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+    desc: str = "images",
+) -> tuple[Tensor, list[int], int]:
+    """Unit-length image embeddings of table ``rows``.
+
+    Returns (features, rows that decoded, in the order of ``features``, decode errors).
+    Images that fail to decode are dropped by ``collate_pairs`` and counted.
+    """
+    from ..data.pairs import PairDataset, collate_pairs
+
+    dataset = torch.utils.data.Subset(PairDataset(table, preprocess), list(rows))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                         collate_fn=collate_pairs, shuffle=False)
+    features, kept, n_errors = [], [], 0
+    for batch in tqdm(loader, desc=f"encode {desc}", unit="batch", disable=not progress, leave=False):
+        n_errors += int(batch["n_skipped"])
+        if len(batch["index"]) == 0:
+            continue
+        features.append(F.normalize(model.encode_image(batch["image"].to(device)).float(), dim=-1).cpu())
+        kept.extend(batch["index"].tolist())
+    if not features:
+        raise DataError(f"no image of the {desc} could be decoded")
+    return torch.cat(features), kept, n_errors
+
+
+def encode_texts(
+    model: torch.nn.Module,
+    tokenizer: Callable[[list[str]], Tensor],
+    texts: Sequence[str],
+    batch_size: int = 256,
+    device: str = "cpu",
+    progress: bool = False,
+) -> Tensor:
+    """Unit-length text embeddings, ``batch_size`` strings at a time."""
+    chunks = []
+    starts = range(0, len(texts), batch_size)
+    for start in tqdm(starts, desc="encode captions", unit="batch", disable=not progress, leave=False):
+        tokens = tokenizer(list(texts[start : start + batch_size])).to(device)
+        chunks.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
+    return torch.cat(chunks)
+
+
+def _encode_split_images(model, table, preprocess, rows, batch_size, workers, device, progress, desc) -> SplitImages:
+    heads, members = _distinct_image_rows(table.filepaths)
+    wanted = set(rows) if rows is not None else None
+    heads = [h for h in heads if wanted is None or h in wanted]
+    features, kept, n_errors = encode_images(model, table, preprocess, heads, batch_size, workers, device, progress, desc)
+    row_to_image = {row: pos for pos, head in enumerate(kept) for row in members[head]}
+    return SplitImages(features, kept, row_to_image, n_errors)
+
+
+# --------------------------------------------------------------------------- labels
+
+
+def _label_ids(values: Sequence[str], classes: Sequence[str]) -> np.ndarray:
+    """Class id of each label value, -1 when the value is not one of ``classes``."""
+    index = {c: i for i, c in enumerate(classes)}
+    return np.array([index.get(v, -1) for v in values], dtype=np.int64)
+
+
+def _image_labels(table: Any, images: SplitImages, column: str, classes: Sequence[str]) -> np.ndarray | None:
+    """Class id of every encoded image (from its first row), or None when the column is absent."""
+    if column not in table.labels:
+        return None
+    values = table.labels[column]
+    return _label_ids([values[row] for row in images.rows], classes)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.inference_mode()
+def evaluate(
+    model: torch.nn.Module,
+    tokenizer: Callable[[list[str]], Tensor],
+    preprocess: Callable,
+    data_dir: str | Path,
+    split: str = "test",
+    *,
+    batch_size: int = 256,
+    workers: int = 0,
+    tasks: dict[str, dict[str, Any]] | None = None,
+    templates: Sequence[str] | None = None,
+    linear_probe: bool = False,
+    probe_max_train: int | None = 5000,
+    probe_cs: Sequence[float] = DEFAULT_CS,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Zero-shot, retrieval and (optionally) linear-probe results of ``model`` on ``split``.
+
+    ``model`` is an open_clip model (anything with ``encode_image`` and
+    ``encode_text``), ``tokenizer`` maps strings to tokens, ``preprocess`` maps a
+    PIL image to a tensor. ``tasks`` replaces the data set's zero-shot tasks and
+    ``templates`` every task's prompts. The model is put in eval mode for the
+    call and its previous mode restored afterwards.
+    """
+    from ..data.pairs import read_pairs, split_file
+
+    t0 = time.perf_counter()
+    data_dir = Path(data_dir)
+    was_training = model.training
+    model.eval()
+    try:
+        table = read_pairs(split_file(data_dir, split))
+        images = _encode_split_images(model, table, preprocess, None, batch_size, workers, device, progress, f"{split} images")
+        # Captions of images that failed to decode cannot be retrieved correctly: leave them out.
+        text_rows = [row for row in range(len(table)) if row in images.row_to_image]
+        text_features = encode_texts(model, tokenizer, [table.captions[r] for r in text_rows], batch_size, device, progress)
+        text_to_image = torch.tensor([images.row_to_image[r] for r in text_rows], dtype=torch.long)
+
+        result: dict[str, Any] = {
+            "split": split,
+            "data": str(data_dir),
+            "n_images": int(images.features.shape[0]),
+            "n_texts": len(text_rows),
+            "n_undecodable_images": images.n_decode_errors,
+        }
+        resolved = resolve_tasks(data_dir, tasks, templates)
+        encode = lambda texts: encode_texts(model, tokenizer, texts, batch_size, device)  # noqa: E731
+        result["zeroshot"] = _zero_shot(resolved, table, images, encode)
+        result["retrieval"] = retrieval_metrics(images.features, text_features, text_to_image)
+        if linear_probe:
+            result["linear_probe"] = _linear_probes(
+                model, preprocess, data_dir, split, resolved, table, images, batch_size, workers,
+                probe_max_train, probe_cs, seed, device, progress)
+        result["seconds"] = round(time.perf_counter() - t0, 2)
+        return result
+    finally:
+        model.train(was_training)
+
+
+def _zero_shot(tasks: dict[str, dict[str, Any]], table: Any, images: SplitImages,
+               encode: Callable[[list[str]], Tensor]) -> dict[str, Any]:
+    results = {}
+    for name, task in tasks.items():
+        labels = _image_labels(table, images, task["column"], task["classes"])
+        if labels is None:
+            log.warning("zero-shot task '%s' skipped: the split has no column '%s'", name, task["column"])
+            continue
+        known = labels >= 0
+        if not known.any():
+            log.warning("zero-shot task '%s' skipped: no image has one of its classes", name)
+            continue
+        classifier = zero_shot_classifier(encode, task.get("names") or task["classes"], task["templates"])
+        scores = zero_shot_accuracy(images.features[torch.from_numpy(known)], torch.from_numpy(labels[known]),
+                                    classifier, topk=(1, 5), classnames=task["classes"])
+        scores["n_unknown_label"] = int((~known).sum())
+        results[name] = scores
+    return results
+
+
+def _linear_probes(model, preprocess, data_dir: Path, split: str, tasks: dict[str, dict[str, Any]], test_table: Any,
+                   test_images: SplitImages, batch_size: int, workers: int, max_train: int | None,
+                   cs: Sequence[float], seed: int, device: str, progress: bool) -> dict[str, Any]:
+    """One probe per task: features of train (sub-sampled) and val images, tested on ``split``."""
+    from ..data.pairs import read_pairs, split_file
+
+    rng = np.random.default_rng(seed)
+
+    def sample_rows(table, limit):
+        heads, _ = _distinct_image_rows(table.filepaths)
+        if limit is not None and len(heads) > limit:
+            heads = sorted(rng.choice(heads, size=limit, replace=False).tolist())
+        return heads
+
+    try:
+        train_table = read_pairs(split_file(data_dir, "train"))
+    except DataError as exc:
+        log.warning("linear probe skipped: %s", exc)
+        return {}
+    train = _encode_split_images(model, train_table, preprocess, sample_rows(train_table, max_train),
+                                 batch_size, workers, device, progress, "train images (probe)")
+    try:
+        val_table = read_pairs(split_file(data_dir, "val"))
+        val = _encode_split_images(model, val_table, preprocess, sample_rows(val_table, max_train),
+                                   batch_size, workers, device, progress, "val images (probe)")
+    except DataError as exc:
+        log.warning("linear probe: no usable val split (%s); holding out 20%% of the train sample", exc)
+        val_table, val = None, None
+
+    results = {}
+    for name, task in tasks.items():
+        column, classes = task["column"], task["classes"]
+        ytr = _image_labels(train_table, train, column, classes)
+        yte = _image_labels(test_table, test_images, column, classes)
+        if ytr is None or yte is None:
+            log.warning("linear probe '%s' skipped: no column '%s' in train and %s", name, column, split)
+            continue
+        xtr = train.features.numpy()
+        if val is not None and (yva := _image_labels(val_table, val, column, classes)) is not None:
+            xva = val.features.numpy()
+        else:
+            held_out = rng.permutation(len(ytr))[: max(1, len(ytr) // 5)]
+            mask = np.zeros(len(ytr), dtype=bool)
+            mask[held_out] = True
+            xtr, xva, ytr, yva = xtr[~mask], xtr[mask], ytr[~mask], ytr[mask]
+        xte = test_images.features.numpy()
+        # Rows whose label is not one of the task's classes take no part.
+        keep_tr, keep_va, keep_te = ytr >= 0, yva >= 0, yte >= 0
+        try:
+            results[name] = fit_linear_probe(xtr[keep_tr], ytr[keep_tr], xva[keep_va], yva[keep_va],
+                                             xte[keep_te], yte[keep_te], Cs=cs, seed=seed)
+        except DataError as exc:
+            log.warning("linear probe '%s' skipped: %s", name, exc)
+    return results
+
+
+# --------------------------------------------------------------------------- CLI entry
+
+
+def default_output_path(checkpoint: str | Path) -> Path:
+    """eval.json in the run folder: ``RUN/`` or ``RUN/checkpoints/x.pt`` -> ``RUN/eval.json``."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        return path / "eval.json"
+    if path.parent.name == "checkpoints":
+        return path.parent.parent / "eval.json"
+    return path.with_name(f"{path.stem}.eval.json")
+
+
+def evaluate_from_config(cfg: EvalConfig) -> dict[str, Any]:
+    """Load the checkpoint, evaluate it, write the JSON; returns the results."""
+    from ..student import load_student  # imported here so the metrics do not need the student module
+
+    tasks = read_tasks_file(cfg.tasks_file) if cfg.tasks_file else None
+    templates = read_templates_file(cfg.templates_file) if cfg.templates_file else None
+    if not Path(cfg.data).is_dir():
+        raise DataError(f"data set folder not found: {cfg.data}")
+    model, tokenizer, preprocess = load_student(cfg.checkpoint)
+    model.to(cfg.device)
+    result = evaluate(model, tokenizer, preprocess, cfg.data, cfg.split, batch_size=cfg.batch_size,
+                      workers=cfg.workers, tasks=tasks, templates=templates, linear_probe=cfg.linear_probe,
+                      probe_max_train=cfg.probe_max_train, probe_cs=cfg.probe_cs, seed=cfg.seed,
+                      device=cfg.device, progress=cfg.progress)
+    result["checkpoint"] = str(cfg.checkpoint)
+    out = Path(cfg.out) if cfg.out else default_output_path(cfg.checkpoint)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    log.info("evaluation written to %s", out)
+    return result

@@ -1,0 +1,552 @@
+"""`clip-ping report`: compare training runs side by side.
+
+Input: run folders as the trainer writes them (``config.yaml``,
+``metrics.jsonl``, ``eval.json``). Runs whose configs differ only in the seed
+(and in bookkeeping such as the output folder) are one *setting*; a setting
+with several seeds is reported as mean ± standard deviation over its seeds.
+
+Output folder::
+
+    report.md            tables: every metric (rows) x setting (columns),
+                         plus "B - A" when there are exactly two settings
+    results.json         the same numbers, unrounded, with the per-seed values
+    training_curves.png  every loss term (and logit scale, lr) against the step
+    metrics_bar.png      headline metrics with error bars over seeds
+    index.html           all of the above on one page, with links to the runs
+                         and to neighbour pages (``neighbors.html``) where they exist
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import yaml
+
+from .config import option
+from .errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+# Config keys that do not change what a run computes: runs differing only here are seeds of one setting.
+BOOKKEEPING_KEYS = {"seed", "out", "resume", "workers", "progress", "tensorboard", "device",
+                    "log_every", "save_every", "keep_checkpoints"}
+# eval.json leaves that are counts, settings or timings rather than metrics.
+NOT_METRICS = {"n", "n_images", "n_texts", "n_train", "n_val", "n_test", "n_classes", "n_unknown_label",
+               "n_undecodable_images", "seconds", "C", "converged", "val_accuracy_by_C"}
+NEIGHBOR_PAGE = "neighbors.html"
+
+
+@dataclass
+class ReportConfig:
+    runs: list[str] = option([], "run folders to compare (each with config.yaml, metrics.jsonl, eval.json)",
+                             positional=True)
+    out: str = option("runs/report", "folder to write the report into")
+    names: list[str] = option([], "one setting name per run folder; runs with the same name are seeds of one setting "
+                                   "(default: named from their configs)")
+
+    def validate(self) -> None:
+        if not self.runs:
+            raise ConfigError("config key 'runs': give at least one run folder")
+
+
+# --------------------------------------------------------------------------- reading runs
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict[str, Any]
+    history: list[dict[str, Any]]      # training log records, one per step, by step
+    eval: dict[str, Any] | None
+
+    @property
+    def seed(self) -> Any:
+        return self.config.get("seed")
+
+
+def _read_history(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl records by step; after a resume a step may repeat, and the last record wins."""
+    by_step: dict[int, dict[str, Any]] = {}
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s line %d is not JSON, skipped", path, line_no)
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), (int, float)):
+            by_step[int(record["step"])] = record
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def load_run(path: str | Path) -> Run:
+    """Read one run folder; any of its three files may be missing, but not all."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"run folder not found: {path}")
+    config: dict[str, Any] = {}
+    if (path / "config.yaml").is_file():
+        try:
+            config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise DataError(f"{path / 'config.yaml'} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    history = _read_history(path / "metrics.jsonl") if (path / "metrics.jsonl").is_file() else []
+    evaluation = None
+    if (path / "eval.json").is_file():
+        try:
+            evaluation = json.loads((path / "eval.json").read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path / 'eval.json'} is not valid JSON: {exc}") from None
+    if not config and not history and evaluation is None:
+        raise DataError(f"{path} is not a run folder (no config.yaml, metrics.jsonl or eval.json)")
+    if evaluation is None:
+        log.warning("%s has no eval.json; run `clip-ping eval --checkpoint %s` for its metrics", path, path)
+    return Run(path, config if isinstance(config, dict) else {}, history, evaluation)
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass
+class Setting:
+    name: str
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def seeds(self) -> list[Any]:
+        return [r.seed for r in self.runs]
+
+
+def _setting_config(run: Run) -> dict[str, Any]:
+    config = {k: v for k, v in run.config.items() if k not in BOOKKEEPING_KEYS}
+    # Plain CLIP ignores the lambdas; a clip run must not look different because of them.
+    if config.get("method") == "clip":
+        config.pop("lambda_nn", None)
+        config.pop("lambda_xnn", None)
+    return config
+
+
+def _folder_setting_name(path: Path) -> str:
+    # "clip-seed1" -> "clip": a run without a config is grouped by its folder name minus the seed
+    return re.sub(r"[-_.]?seed[-_]?\d+$", "", path.name) or path.name
+
+
+def group_runs(runs: Sequence[Run], names: Sequence[str] | None = None) -> list[Setting]:
+    """Settings in order of first appearance; ``names`` (one per run) override the grouping."""
+    if names:
+        if len(names) != len(runs):
+            raise ConfigError(f"config key 'names': {len(names)} names for {len(runs)} run folders (give one per run)")
+        keys = list(names)
+    else:
+        keys = [json.dumps(_setting_config(r), sort_keys=True, default=str) if r.config
+                else "folder:" + _folder_setting_name(r.path) for r in runs]
+    groups: dict[str, list[Run]] = {}
+    for key, run in zip(keys, runs):
+        groups.setdefault(key, []).append(run)
+    if not names:
+        # Same config *and* same seed is not a second seed: keep such runs apart.
+        for key in list(groups):
+            seeds = [r.seed for r in groups[key]]
+            if len(set(map(str, seeds))) < len(seeds):
+                log.warning("runs %s share config and seed; reported separately",
+                            ", ".join(str(r.path) for r in groups[key]))
+                for run in groups.pop(key):
+                    groups[f"{key}|{run.path}"] = [run]
+    if names:
+        return [Setting(key, members) for key, members in groups.items()]
+    labels = _setting_labels([members[0] for members in groups.values()])
+    return [Setting(label, members) for label, members in zip(labels, groups.values())]
+
+
+def _setting_labels(representatives: Sequence[Run]) -> list[str]:
+    """Short names: the method, plus the config keys whose values differ between settings."""
+    configs = [_setting_config(r) for r in representatives]
+    all_keys = sorted(set().union(*configs)) if configs else []
+    # A key missing from a config (e.g. the lambdas of plain CLIP) does not make it differ.
+    differing = [k for k in all_keys if k != "method"
+                 and len({json.dumps(c[k], default=str) for c in configs if k in c}) > 1]
+    labels = []
+    for run, config in zip(representatives, configs):
+        if not config:
+            labels.append(_folder_setting_name(run.path))
+            continue
+        parts = [str(config["method"])] if "method" in config else []
+        parts += [f"{k}={config[k]}" for k in differing if k in config]
+        labels.append(" ".join(parts) or _folder_setting_name(run.path))
+    # Still ambiguous (e.g. same config, different folders): add the folder name.
+    ambiguous = {label for label in labels if labels.count(label) > 1}
+    return [f"{label} ({run.path.name})" if label in ambiguous else label
+            for label, run in zip(labels, representatives)]
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    key: str               # path in eval.json, e.g. "zeroshot/color/top1"; "train/..." for the log
+    label: str             # row label in the tables
+    group: str             # table it belongs to
+    unit: str              # "%", "" ...
+    higher_is_better: bool
+
+
+_DIRECTIONS = {"image_to_text": "image→text", "text_to_image": "text→image"}
+
+
+def _describe(path: tuple[str, ...]) -> MetricInfo:
+    """Readable label, table and direction of an eval.json leaf."""
+    key = "/".join(path)
+    head, leaf = path[0], path[-1]
+    if head == "zeroshot" and len(path) == 4 and path[2] == "per_class":
+        return MetricInfo(key, f"{path[1]}: {leaf}", "Zero-shot accuracy per class (top-1, %)", "%", True)
+    if head == "zeroshot" and len(path) == 3:
+        name = {"top1": "top-1", "top5": "top-5", "mean_per_class": "mean per-class"}.get(leaf, leaf)
+        return MetricInfo(key, f"{path[1]} {name}", "Zero-shot classification (%)", "%", True)
+    if head == "retrieval" and len(path) == 3:
+        direction = _DIRECTIONS.get(path[1], path[1])
+        if leaf.endswith("rank"):
+            return MetricInfo(key, f"{direction} {leaf.replace('_', ' ')}", "Retrieval", "", False)
+        return MetricInfo(key, f"{direction} {leaf} (%)", "Retrieval", "%", True)
+    if head == "linear_probe" and len(path) == 3:
+        name = {"accuracy": "test accuracy", "val_accuracy": "val accuracy (selects C)"}.get(leaf, leaf)
+        return MetricInfo(key, f"{path[1]} {name}", "Linear probe (%)", "%", True)
+    return MetricInfo(key, " ".join(path), "Other", "", True)
+
+
+def _leaves(tree: Any, prefix: tuple[str, ...] = ()) -> Iterable[tuple[tuple[str, ...], float]]:
+    """Numeric leaves of a nested dict, skipping counts and settings."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            if str(k) not in NOT_METRICS:
+                yield from _leaves(v, prefix + (str(k),))
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool) and prefix:
+        yield prefix, float(tree)
+
+
+def run_metrics(run: Run) -> dict[str, tuple[MetricInfo, float]]:
+    """Every metric of one run: its eval.json leaves, and the last logged training values."""
+    metrics = {}
+    for path, value in _leaves(run.eval or {}):
+        info = _describe(path)
+        metrics[info.key] = (info, value)
+    if run.history:
+        last = run.history[-1]
+        for name, value in last.items():
+            if name.startswith("loss") and isinstance(value, (int, float)):
+                info = MetricInfo(f"train/{name}", f"{name} (final)", "Training (last logged step)", "", False)
+                metrics[info.key] = (info, float(value))
+        speeds = [r["samples_per_s"] for r in run.history if isinstance(r.get("samples_per_s"), (int, float))]
+        if speeds:
+            info = MetricInfo("train/samples_per_s", "throughput (samples/s, mean)", "Training (last logged step)", "", True)
+            metrics[info.key] = (info, float(np.mean(speeds)))
+    return metrics
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    """Mean and sample standard deviation (n - 1 denominator; None for a single seed)."""
+    arr = np.asarray(values, dtype=float)
+    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else None,
+            "n": len(arr), "values": [float(v) for v in arr]}
+
+
+def aggregate(settings: Sequence[Setting]) -> dict[str, Any]:
+    """results.json content: per metric, per setting mean/std/n/values, and the two-setting delta."""
+    infos: dict[str, MetricInfo] = {}
+    values: dict[str, dict[str, list[float]]] = {}
+    for setting in settings:
+        for run in setting.runs:
+            for key, (info, value) in run_metrics(run).items():
+                if not math.isfinite(value):
+                    continue
+                infos.setdefault(key, info)
+                values.setdefault(key, {}).setdefault(setting.name, []).append(value)
+    metrics = {}
+    for key, info in infos.items():
+        per_setting = {name: _stats(vals) for name, vals in values[key].items()}
+        delta = None
+        if len(settings) == 2 and all(s.name in per_setting for s in settings):
+            delta = per_setting[settings[1].name]["mean"] - per_setting[settings[0].name]["mean"]
+        metrics[key] = {"label": info.label, "group": info.group, "unit": info.unit,
+                        "higher_is_better": info.higher_is_better, "settings": per_setting, "delta": delta}
+    return {
+        "settings": [{"name": s.name, "runs": [str(r.path) for r in s.runs], "seeds": s.seeds,
+                      "config": _setting_config(s.runs[0])} for s in settings],
+        "std": "sample standard deviation over seeds (n - 1 denominator)",
+        "delta": f"{settings[1].name} - {settings[0].name}" if len(settings) == 2 else None,
+        "metrics": metrics,
+    }
+
+
+# --------------------------------------------------------------------------- tables
+
+GROUP_ORDER = ["Zero-shot classification (%)", "Retrieval", "Linear probe (%)", "Training (last logged step)",
+               "Zero-shot accuracy per class (top-1, %)", "Other"]
+
+
+def format_value(value: float, key: str) -> str:
+    """Fixed decimals: 4 for losses (small numbers), 2 for everything else."""
+    return f"{value:.4f}" if key.startswith("train/loss") else f"{value:.2f}"
+
+
+def _cell(stats: dict[str, Any] | None, key: str) -> str:
+    if stats is None:
+        return "–"
+    text = format_value(stats["mean"], key)
+    return f"{text} ± {format_value(stats['std'], key)}" if stats["std"] is not None else text
+
+
+def _table_rows(results: dict[str, Any]) -> list[tuple[str, list[list[str]]]]:
+    """(group, rows) with cells as strings; the first row of each group is the header."""
+    names = [s["name"] for s in results["settings"]]
+    n_seeds = {s["name"]: len(s["runs"]) for s in results["settings"]}
+    header = ["metric"] + [f"{n} (n={n_seeds[n]})" for n in names]
+    if results["delta"]:
+        header.append(f"Δ {results['delta']}")
+    by_group: dict[str, list[list[str]]] = {}
+    for key, m in results["metrics"].items():
+        arrow = "↑" if m["higher_is_better"] else "↓"
+        row = [f"{m['label']} {arrow}"] + [_cell(m["settings"].get(n), key) for n in names]
+        if results["delta"]:
+            row.append("–" if m["delta"] is None else ("+" if m["delta"] >= 0 else "-") + format_value(abs(m["delta"]), key))
+        by_group.setdefault(m["group"], []).append(row)
+    ordered = sorted(by_group, key=lambda g: GROUP_ORDER.index(g) if g in GROUP_ORDER else len(GROUP_ORDER))
+    return [(g, [header] + by_group[g]) for g in ordered]
+
+
+def _markdown(results: dict[str, Any], images: Sequence[str]) -> str:
+    lines = ["# clip-ping report", ""]
+    for s in results["settings"]:
+        seeds = ", ".join(str(x) for x in s["seeds"])
+        lines.append(f"- **{s['name']}**: {len(s['runs'])} run(s), seeds {seeds}")
+    lines += ["", "Cells are mean ± sample standard deviation over seeds (a single seed shows its value). "
+              "↑ higher is better, ↓ lower is better."
+              + (f" Δ is {results['delta']} (difference of the means)." if results["delta"] else ""), ""]
+    for group, rows in _table_rows(results):
+        lines += [f"## {group}", "", "| " + " | ".join(rows[0]) + " |",
+                  "|" + "---|" + "---:|" * (len(rows[0]) - 1)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
+        lines.append("")
+    if any(key.startswith("train/loss") for key in results["metrics"]):
+        lines += ["Training losses are in nats. The total `loss` includes the weighted NN and XNN terms only "
+                  "when their lambdas are non-zero, so compare `loss_clip` across methods.", ""]
+    for image in images:
+        lines += [f"![{image}]({image})", ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- plots
+
+CURVE_TITLES = {"lr": "learning rate", "loss": "total loss", "loss_clip": "L_clip (image-text)", "loss_nn": "L_nn (neighbours, same modality)",
+               "loss_xnn": "L_xnn (neighbours, cross-modal)"}
+
+
+def _curve_keys(settings: Sequence[Setting]) -> list[str]:
+    """Every loss term logged by any run, then logit scale(s) and learning rate."""
+    keys: list[str] = []
+    for setting in settings:
+        for run in setting.runs:
+            for record in run.history:
+                keys += [k for k in record if k not in keys and isinstance(record[k], (int, float))]
+    losses = sorted((k for k in keys if k.startswith("loss")), key=lambda k: (k != "loss", k))
+    extra = [k for k in keys if k.startswith("logit_scale")] + [k for k in ("lr",) if k in keys]
+    return losses + extra
+
+
+def _y_label(key: str) -> str:
+    if key.startswith("loss"):
+        return "loss (nats)"  # InfoNCE is a cross-entropy with natural logarithms
+    if key.startswith("logit_scale"):
+        return "logit scale 1/τ"
+    return "learning rate"
+
+
+def plot_training_curves(settings: Sequence[Setting], path: Path) -> bool:
+    """One panel per logged term; a setting's seeds are averaged (band: ± std). False when nothing was logged."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    keys = _curve_keys(settings)
+    if not keys:
+        return False
+    cols = min(3, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    fig = Figure(figsize=(5.2 * cols, 3.8 * rows), layout="constrained")
+    FigureCanvasAgg(fig)
+    colors = [f"C{i}" for i in range(10)]
+    for i, key in enumerate(keys):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        for j, setting in enumerate(settings):
+            series = [{int(r["step"]): float(r[key]) for r in run.history if isinstance(r.get(key), (int, float))}
+                      for run in setting.runs]
+            series = [s for s in series if s]
+            if not series:
+                continue
+            color = colors[j % len(colors)]
+            common = sorted(set.intersection(*(set(s) for s in series)))
+            if len(series) > 1 and common:
+                values = np.array([[s[t] for t in common] for s in series])
+                mean, std = values.mean(axis=0), values.std(axis=0, ddof=1)
+                ax.plot(common, mean, color=color, label=f"{setting.name} (mean of {len(series)})")
+                ax.fill_between(common, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+            else:
+                for k, s in enumerate(series):
+                    steps = sorted(s)
+                    ax.plot(steps, [s[t] for t in steps], color=color, alpha=1.0 if k == 0 else 0.6,
+                            label=setting.name if k == 0 else None)
+        ax.set_title(CURVE_TITLES.get(key, key.replace("_", " ")), fontsize=11)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(_y_label(key))
+        ax.grid(alpha=0.3)
+        if key == "lr":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        ax.legend(fontsize=8)
+    fig.suptitle("Training curves (shaded: ± std over seeds)", fontsize=13)
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def headline_keys(results: dict[str, Any]) -> list[str]:
+    """Top-1 zero-shot per task, R@1 and R@5 both ways, linear probe accuracy per task."""
+    keys = list(results["metrics"])
+    pick = [k for k in keys if re.fullmatch(r"zeroshot/[^/]+/top1", k)]
+    pick += [k for k in keys if re.fullmatch(r"retrieval/(image_to_text|text_to_image)/R@(1|5)", k)]
+    pick += [k for k in keys if re.fullmatch(r"linear_probe/[^/]+/accuracy", k)]
+    return pick
+
+
+def _bar_label(key: str) -> str:
+    """Axis label of a headline metric (the unit is on the y axis)."""
+    parts = key.split("/")
+    if parts[0] == "zeroshot":
+        return f"zero-shot {parts[1]} top-1"
+    if parts[0] == "linear_probe":
+        return f"linear probe {parts[1]}"
+    return f"{_DIRECTIONS.get(parts[1], parts[1])} {parts[2]}"
+
+
+def plot_metric_bars(results: dict[str, Any], path: Path) -> bool:
+    """Grouped bars of the headline metrics, error bars ± std over seeds. False when there is no metric."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    keys = headline_keys(results)
+    if not keys:
+        return False
+    names = [s["name"] for s in results["settings"]]
+    width = 0.8 / len(names)
+    fig = Figure(figsize=(max(6.0, 1.1 * len(keys) * max(1, len(names)) ** 0.5 + 2), 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    x = np.arange(len(keys))
+    for j, name in enumerate(names):
+        stats = [results["metrics"][k]["settings"].get(name) for k in keys]
+        means = [s["mean"] if s else np.nan for s in stats]
+        errors = [(s["std"] or 0.0) if s else 0.0 for s in stats]
+        n = max((s["n"] for s in stats if s), default=1)
+        bars = ax.bar(x + (j - (len(names) - 1) / 2) * width, means, width, yerr=errors, capsize=3,
+                      label=f"{name} (n={n})", color=f"C{j % 10}")
+        ax.bar_label(bars, labels=[f"{m:.1f}" if np.isfinite(m) else "" for m in means], fontsize=7, padding=2)
+    ax.set_xticks(x, [_bar_label(k) for k in keys], rotation=30, ha="right", fontsize=9)
+    ax.set_ylabel("accuracy / recall (%)")
+    ax.set_ylim(0, 105)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=9)
+    ax.set_title("Headline metrics (mean ± std over seeds)")
+    fig.savefig(path, dpi=110)
+    return True
+
+
+# --------------------------------------------------------------------------- html
+
+
+def neighbor_pages(run: Run) -> list[Path]:
+    """neighbors.html pages that belong to a run: in its folder, or in its bank folder."""
+    candidates = [run.path / NEIGHBOR_PAGE, run.path / "banks" / NEIGHBOR_PAGE]
+    if run.config.get("banks"):
+        candidates.append(Path(str(run.config["banks"])) / NEIGHBOR_PAGE)
+    elif run.config.get("data"):
+        data = Path(str(run.config["data"]))
+        candidates.append((data if data.is_dir() else data.parent) / "banks" / NEIGHBOR_PAGE)
+    found: list[Path] = []
+    for c in candidates:
+        if c.is_file() and c.resolve() not in found:
+            found.append(c.resolve())
+    return found
+
+
+def _html(results: dict[str, Any], settings: Sequence[Setting], images: Sequence[str], out_dir: Path) -> str:
+    esc = html.escape
+
+    def link(target: Path, text: str) -> str:
+        return f'<a href="{esc(os.path.relpath(target, out_dir))}">{esc(text)}</a>'
+
+    parts = ["<!doctype html>", '<html lang="en"><head><meta charset="utf-8"><title>clip-ping report</title>',
+             "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}"
+             "table{border-collapse:collapse;margin-bottom:1.5em}th,td{border:1px solid #ccc;padding:4px 10px}"
+             "td{text-align:right}td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}"
+             "img{max-width:100%;border:1px solid #eee;margin:0.5em 0}</style></head><body>",
+             "<h1>clip-ping report</h1>", "<h2>Settings</h2>", "<ul>"]
+    for setting in settings:
+        runs = ", ".join(link(r.path, r.path.name) + f" (seed {esc(str(r.seed))})" for r in setting.runs)
+        pages = sorted({p for r in setting.runs for p in neighbor_pages(r)})
+        neighbours = (" — neighbours: " + ", ".join(link(p, p.parent.name + "/" + p.name) for p in pages)) if pages else ""
+        parts.append(f"<li><b>{esc(setting.name)}</b>: {runs}{neighbours}</li>")
+    parts += ["</ul>", "<p>Cells are mean ± sample standard deviation over seeds. ↑ higher is better, ↓ lower is better."
+              + (f" Δ is {esc(results['delta'])}." if results["delta"] else "") + "</p>"]
+    for image in images:
+        parts.append(f'<img src="{esc(image)}" alt="{esc(image)}">')
+    for group, rows in _table_rows(results):
+        parts += [f"<h2>{esc(group)}</h2>", "<table>",
+                  "<tr>" + "".join(f"<th>{esc(c)}</th>" for c in rows[0]) + "</tr>"]
+        parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows[1:]]
+        parts.append("</table>")
+    parts += ['<p>Files: <a href="report.md">report.md</a>, <a href="results.json">results.json</a></p>',
+              "</body></html>"]
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, names: Sequence[str] | None = None) -> Path:
+    """Write the report of ``run_dirs`` into ``out_dir``; returns the path of its index.html.
+
+    ``names`` gives a setting name per run folder (same name = seeds of one setting);
+    without it, runs are grouped by their config minus seed and bookkeeping keys.
+    """
+    if not run_dirs:
+        raise ConfigError("report: give at least one run folder")
+    runs = [load_run(p) for p in run_dirs]
+    settings = group_runs(runs, names)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    results = aggregate(settings)
+    images = []
+    if plot_training_curves(settings, out_dir / "training_curves.png"):
+        images.append("training_curves.png")
+    if plot_metric_bars(results, out_dir / "metrics_bar.png"):
+        images.append("metrics_bar.png")
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    (out_dir / "report.md").write_text(_markdown(results, images), encoding="utf-8")
+    index = out_dir / "index.html"
+    index.write_text(_html(results, settings, images, out_dir), encoding="utf-8")
+    log.info("report written to %s", index)
+    return index
+
+
+def report_from_config(cfg: ReportConfig) -> dict[str, Any]:
+    index = build_report(cfg.runs, cfg.out, cfg.names or None)
+    return {"report": str(index), "markdown": str(index.parent / "report.md"),
+            "results": str(index.parent / "results.json")}

@@ -1,0 +1,365 @@
+"""Neighbour search, tables on disk, pick() and the FIFO queue (tiny random data, fast)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from clip_ping import neighbors as nb
+from clip_ping.errors import ConfigError, DataError
+from clip_ping.neighbors import (
+    NeighborQueue,
+    NeighborsConfig,
+    build_neighbors,
+    load_neighbors,
+    search_neighbors,
+)
+
+
+def clustered(n: int, d: int, n_clusters: int, seed: int = 0) -> np.ndarray:
+    """L2-normalised Gaussian mixture (float32): realistic, many close neighbours."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((n_clusters, d))
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    label = rng.integers(0, n_clusters, n)
+    x = centers[label] + rng.uniform(0.5, 1.5, (n_clusters, 1))[label] * rng.standard_normal((n, d)) / np.sqrt(d)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def brute_force(x: np.ndarray, k: int, groups: np.ndarray | None = None, valid: np.ndarray | None = None):
+    """Reference: full float64 score matrix with exclusions masked."""
+    n = len(x)
+    x64 = x.astype(np.float64)
+    s = x64 @ x64.T
+    g = np.arange(n)[:, None] if groups is None else np.asarray(groups).reshape(n, -1)
+    excluded = (g[:, None, :] == g[None, :, :]).any(axis=2) | np.eye(n, dtype=bool)
+    if valid is not None:
+        excluded |= ~valid[None, :]
+    s[excluded] = -np.inf
+    idx = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    return idx, np.take_along_axis(s, idx, axis=1)
+
+
+def with_duplicates(n: int, d: int, seed: int = 1):
+    """Data with exact duplicate rows sharing a group id, a second group column and invalid rows."""
+    rng = np.random.default_rng(seed)
+    x = clustered(n, d, 8, seed)
+    groups = np.arange(n)
+    for start in range(0, 60, 6):  # ten groups of three identical rows: the best "neighbours" of each other
+        x[start + 1: start + 3] = x[start]
+        groups[start: start + 3] = start
+    other = np.arange(n)
+    other[100:110] = 100  # a second kind of duplicate (e.g. same caption) with different features
+    valid = rng.random(n) > 0.1
+    return x, np.stack([groups, other], axis=1), valid
+
+
+# --------------------------------------------------------------------------- search
+
+
+@pytest.mark.parametrize("method", ["exact", "fast"])
+def test_exact_methods_equal_brute_force(method):
+    x = clustered(400, 16, 10)
+    idx, scores = search_neighbors(x, 5, method=method, block_size=128)
+    ref_i, ref_s = brute_force(x, 5)
+    assert idx.dtype == np.int64 and scores.dtype == np.float32 and idx.shape == (400, 5)
+    np.testing.assert_array_equal(idx, ref_i)
+    np.testing.assert_allclose(scores, ref_s, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["exact", "fast", "ivf", "hnsw"])
+def test_self_duplicates_and_invalid_rows_never_returned(method):
+    x, groups, valid = with_duplicates(500, 16)
+    idx, scores = search_neighbors(x, 4, groups=groups, valid=valid, method=method, block_size=100)
+    rows = np.arange(500)[:, None]
+    assert (idx >= 0).all()
+    assert not (idx == rows).any()
+    assert valid[idx].all()
+    for col in range(groups.shape[1]):
+        assert not (groups[idx, col] == groups[rows, col]).any()
+    if method in ("exact", "fast"):  # duplicated rows tie: compare scores, not the order of equals
+        _, ref_s = brute_force(x, 4, groups, valid)
+        np.testing.assert_allclose(scores, ref_s, atol=1e-5)
+
+
+def test_fast_matches_exact_on_clustered_data():
+    x = clustered(5000, 64, 50, seed=3)
+    ex_i, ex_s = search_neighbors(x, 11, method="exact")  # one more, to see near-ties at the k-th place
+    stats: dict = {}
+    fa_i, fa_s = search_neighbors(x, 10, method="fast", stats=stats)
+    assert stats["method"] == "fast"
+    assert (ex_i[:, 0] == fa_i[:, 0]).mean() >= 0.999
+    # FAISS and torch sum in different orders (fp32 differences ~1e-7): sets must match
+    # wherever the 10th and 11th exact scores are not a near-tie.
+    clear = ex_s[:, 9] - ex_s[:, 10] > 1e-5
+    assert clear.mean() > 0.99
+    assert all(set(a) == set(b) for a, b in zip(ex_i[clear, :10], fa_i[clear]))
+    np.testing.assert_allclose(fa_s, ex_s[:, :10], atol=1e-5)
+
+
+def test_fast_certification_falls_back_to_exact(monkeypatch):
+    """No margin and tiny score tiles: many rows are uncertified or chunked, the result stays exact."""
+    monkeypatch.setattr(nb, "FAST_MARGIN", 0)
+    monkeypatch.setattr(nb, "FAST_TILE_BYTES", 64 * 1024)
+    x = clustered(1500, 32, 3, seed=4)  # few, wide clusters: crowded top scores
+    stats: dict = {}
+    idx, scores = search_neighbors(x, 5, method="fast", block_size=256, stats=stats)
+    assert stats["fast_uncertified_rows"] > 0 and stats["rows_researched"] >= stats["fast_uncertified_rows"]
+    ref_i, ref_s = brute_force(x, 5)
+    np.testing.assert_array_equal(idx, ref_i)
+    np.testing.assert_allclose(scores, ref_s, atol=1e-5)
+
+
+def test_ivf_recall_is_high_when_probing_every_list():
+    x = clustered(3000, 32, 30, seed=5)
+    ex_i, _ = search_neighbors(x, 5, method="exact")
+    stats: dict = {}
+    iv_i, _ = search_neighbors(x, 5, method="ivf", nprobe=10_000, stats=stats)
+    assert stats["nprobe"] == stats["nlist"] > 1
+    assert (iv_i[:, 0] == ex_i[:, 0]).mean() >= 0.999
+    hn_i, _ = search_neighbors(x, 5, method="hnsw")
+    assert (hn_i[:, 0] == ex_i[:, 0]).mean() >= 0.95
+
+
+def test_large_duplicate_group_is_researched_not_returned():
+    x = clustered(300, 8, 4, seed=6)
+    groups = np.arange(300)
+    groups[:40] = 0  # larger than the over-fetch
+    x[:40] = x[0]
+    stats: dict = {}
+    idx, scores = search_neighbors(x, 3, groups=groups, method="exact", stats=stats)
+    assert stats["rows_researched"] > 0
+    assert not np.isin(idx[:40], np.arange(40)).any()
+    np.testing.assert_allclose(scores, brute_force(x, 3, groups)[1], atol=1e-5)
+
+
+def test_too_few_eligible_rows_is_a_data_error():
+    x = clustered(10, 4, 2)
+    with pytest.raises(DataError, match="lower k"):
+        search_neighbors(x, 10, method="exact")
+    groups = np.zeros(10, dtype=np.int64)
+    groups[9] = 1  # row 9 has one eligible neighbour, the others one too
+    with pytest.raises(DataError, match="eligible"):
+        search_neighbors(x, 2, groups=groups, method="exact")
+
+
+def test_auto_method_and_bad_method():
+    assert nb.resolve_method("auto", nb.AUTO_EXACT_MAX_ROWS + 1) == "ivf"
+    assert nb.resolve_method("auto", 1000) in ("fast", "exact")
+    with pytest.raises(ConfigError):
+        nb.resolve_method("brute", 10)
+
+
+# --------------------------------------------------------------------------- tables on disk
+
+
+def make_bank(folder: Path, n: int = 300, seed: int = 0, fingerprint: str = "fp-1") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    image = clustered(n, 24, 6, seed)
+    text = clustered(n, 16, 6, seed + 1)
+    image_group = np.arange(n, dtype=np.int64)
+    image_group[1] = 0
+    image[1] = image[0]
+    text_group = np.arange(n, dtype=np.int64)
+    text_group[3] = 2
+    text[3] = text[2]
+    valid = np.ones(n, dtype=bool)
+    valid[5] = False
+    np.save(folder / "image.npy", image.astype(np.float16))
+    np.save(folder / "text.npy", text.astype(np.float16))
+    np.save(folder / "valid.npy", valid)
+    np.save(folder / "image_group.npy", image_group)
+    np.save(folder / "text_group.npy", text_group)
+    (folder / "manifest.json").write_text(json.dumps({"count": n, "fingerprint": fingerprint}))
+    return folder
+
+
+def test_build_neighbors_writes_tables_that_load_and_match(tmp_path):
+    bank = make_bank(tmp_path / "bank")
+    out = build_neighbors(NeighborsConfig(banks=str(bank), k=4, method="exact", progress=False))
+    assert out == bank / "neighbors.json"
+    info = json.loads(out.read_text())
+    assert info["k"] == 4 and info["method"] == "exact" and info["bank_fingerprint"] == "fp-1"
+    assert set(info["timings"]) == {"image_s", "text_s"}
+
+    table = load_neighbors(bank)
+    assert table.k == 4 and len(table) == 300
+    assert isinstance(table.image, np.memmap)
+    image = np.load(bank / "image.npy").astype(np.float32)
+    groups = np.stack([np.load(bank / "image_group.npy"), np.load(bank / "text_group.npy")], axis=1)
+    valid = np.load(bank / "valid.npy")
+    np.testing.assert_allclose(table.image_scores, brute_force(image, 4, groups, valid)[1], atol=1e-5)
+    assert not (table.image == 5).any() and not (table.text == 5).any()  # invalid row
+    assert not (table.image[0] == 1).any() and not (table.text[2] == 3).any()  # duplicates
+    assert not (table.image[2] == 3).any()  # exclude="both": same caption counts on the image side too
+    assert table.image_scores.dtype == np.float32 and (np.diff(table.image_scores, axis=1) <= 1e-6).all()
+
+    # up to date: kept as is; other settings need --overwrite
+    mtime = (bank / "neighbors_image.npy").stat().st_mtime_ns
+    build_neighbors(NeighborsConfig(banks=str(bank), k=4, method="exact", progress=False))
+    assert (bank / "neighbors_image.npy").stat().st_mtime_ns == mtime
+    with pytest.raises(ConfigError, match="overwrite"):
+        build_neighbors(NeighborsConfig(banks=str(bank), k=3, method="exact", progress=False))
+    build_neighbors(NeighborsConfig(banks=str(bank), k=3, method="fast", overwrite=True, progress=False))
+    assert load_neighbors(bank).k == 3
+
+
+def test_exclude_same_side_and_self(tmp_path):
+    bank = make_bank(tmp_path / "bank")
+    build_neighbors(NeighborsConfig(banks=str(bank), k=3, method="exact", exclude="self", progress=False))
+    table = load_neighbors(bank)
+    assert table.image[0, 0] == 1  # identical image, now allowed
+    build_neighbors(NeighborsConfig(banks=str(bank), k=3, method="exact", exclude="same_side", overwrite=True,
+                                    progress=False))
+    table = load_neighbors(bank)
+    assert not (table.image[0] == 1).any() and not (table.text[2] == 3).any()
+
+
+def test_fingerprint_mismatch_and_missing_table_are_data_errors(tmp_path):
+    bank = make_bank(tmp_path / "bank")
+    with pytest.raises(DataError, match="run clip-ping neighbors"):
+        load_neighbors(bank)
+    build_neighbors(NeighborsConfig(banks=str(bank), k=2, method="exact", progress=False))
+    with pytest.raises(DataError, match="another bank"):
+        load_neighbors(bank, expected_fingerprint="something-else")
+    (bank / "manifest.json").write_text(json.dumps({"count": 300, "fingerprint": "fp-2"}))  # bank rebuilt
+    with pytest.raises(DataError, match="another bank"):
+        load_neighbors(bank)
+    with pytest.raises(DataError, match="no manifest"):
+        build_neighbors(NeighborsConfig(banks=str(tmp_path), k=2, progress=False))
+    with pytest.raises(ConfigError, match="--banks"):
+        build_neighbors(NeighborsConfig(k=2))
+
+
+def test_pick_top1_and_topk(tmp_path):
+    bank = make_bank(tmp_path / "bank")
+    build_neighbors(NeighborsConfig(banks=str(bank), k=4, method="exact", progress=False))
+    table = load_neighbors(bank)
+    index = torch.tensor([0, 7, 7, 42, 299])
+    p, q = table.pick(index, 1)
+    assert p.dtype == torch.int64 and p.tolist() == table.image[index.numpy(), 0].tolist()
+    assert q.tolist() == table.text[index.numpy(), 0].tolist()
+
+    many = torch.full((2000,), 7)
+    p, q = table.pick(many, 3, torch.Generator().manual_seed(0))
+    assert set(p.tolist()) == set(table.image[7, :3].tolist())
+    assert set(q.tolist()) == set(table.text[7, :3].tolist())
+    counts = np.unique(p.numpy(), return_counts=True)[1]
+    assert counts.min() > 500  # uniform over the three
+    p2, q2 = table.pick(many, 3, torch.Generator().manual_seed(0))
+    assert torch.equal(p, p2) and torch.equal(q, q2)
+    with pytest.raises(ConfigError):
+        table.pick(index, 5)
+
+
+# --------------------------------------------------------------------------- queue
+
+
+def test_queue_returns_nearest_queued_sample():
+    torch.manual_seed(0)
+    queue = NeighborQueue(size=8, image_dim=6, text_dim=5, include_batch=False)
+    a, b = torch.randn(12, 6), torch.randn(12, 5)
+    queue.push(torch.arange(12), a, b)  # only the last 8 (indices 4..11) stay
+    assert len(queue) == 8 and sorted(queue.indices.tolist()) == list(range(4, 12))
+
+    index = torch.tensor([4, 100])
+    qa, qb = torch.stack([a[4], torch.randn(6)]), torch.stack([b[4], torch.randn(5)])
+    p, q = queue.query(index, qa, qb)
+    an = torch.nn.functional.normalize(a, dim=1)
+    bn = torch.nn.functional.normalize(b, dim=1)
+    for row, (key_a, key_b) in enumerate(zip(qa, qb)):
+        sa = an[4:12] @ torch.nn.functional.normalize(key_a, dim=0)
+        sb = bn[4:12] @ torch.nn.functional.normalize(key_b, dim=0)
+        if index[row] == 4:  # itself is excluded
+            sa[0] = sb[0] = -float("inf")
+        assert p[row] == 4 + int(sa.argmax()) and q[row] == 4 + int(sb.argmax())
+
+    state = queue.state_dict()
+    other = NeighborQueue(size=8, image_dim=6, text_dim=5, include_batch=False)
+    other.load_state_dict(state)
+    assert torch.equal(other.query(index, qa, qb)[0], p)
+
+
+def test_queue_empty_searches_the_batch():
+    queue = NeighborQueue(size=4, image_dim=3, text_dim=3)
+    keys = torch.tensor([[1.0, 0, 0], [0.9, 0.1, 0], [0, 0, 1.0]])
+    p, q = queue.query(torch.tensor([10, 11, 12]), keys, keys)
+    assert p.tolist() == [11, 10, 10] or p.tolist()[:2] == [11, 10]
+    single, _ = queue.query(torch.tensor([5]), keys[:1], keys[:1])
+    assert single.tolist() == [5]  # nothing else to pick: itself
+
+
+# --------------------------------------------------------------------------- HTML page
+
+
+def make_dataset_with_bank(root: Path, n: int = 24) -> tuple[Path, Path]:
+    """Tiny coloured-square data set (label column 'color') and a bank whose features follow the colour."""
+    from PIL import Image
+
+    from clip_ping.data.pairs import read_pairs
+
+    colors = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+    names = list(colors)
+    (root / "images").mkdir(parents=True)
+    lines = ["filepath,caption,color"]
+    for i in range(n):
+        color = names[i % 3]
+        Image.new("RGB", (20, 20), colors[color]).save(root / "images" / f"img {i}.png")
+        lines.append(f"images/img {i}.png,a {color} square number {i},{color}")
+    (root / "train.csv").write_text("\n".join(lines) + "\n")
+    rng = np.random.default_rng(0)
+    onehot = np.eye(3)[np.arange(n) % 3]
+    bank = make_bank(root / "banks", n=n)
+    for name, d in (("image.npy", 24), ("text.npy", 16)):
+        x = np.concatenate([onehot * 3, rng.standard_normal((n, d - 3))], axis=1)
+        np.save(bank / name, (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16))
+    manifest = {"count": n, "fingerprint": "fp-x", "data_fingerprint": read_pairs(root / "train.csv").fingerprint()}
+    (bank / "manifest.json").write_text(json.dumps(manifest))
+    build_neighbors(NeighborsConfig(banks=str(bank), k=3, method="exact", progress=False))
+    return root / "train.csv", bank
+
+
+@pytest.mark.parametrize("embed", [False, True])
+def test_neighbor_page_is_written_and_references_existing_images(tmp_path, embed):
+    import base64
+    import io
+    import re
+    import urllib.parse
+
+    from PIL import Image
+
+    from clip_ping.neighbors import write_neighbor_page
+
+    csv, bank = make_dataset_with_bank(tmp_path / "data")
+    out = tmp_path / "page" / "neighbors.html"
+    result = write_neighbor_page(csv, bank, out, n=10, seed=0, embed=embed)
+    page = out.read_text()
+    srcs = re.findall(r'<img src="([^"]+)"', page)
+    assert result["shown"] == 10 and len(srcs) == 30  # sample, p and q per row
+    for src in srcs:
+        if embed:
+            assert src.startswith("data:image/jpeg;base64,")
+            Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
+        else:
+            assert (out.parent / urllib.parse.unquote(src)).is_file()
+    assert "a red square number" in page
+    colour = result["label_agreement"]["color"]
+    # features follow the colour, so neighbours share it far above chance (1/3)
+    assert colour["image_side_top1"] > 0.9 and colour["text_side_top1"] > 0.9
+    assert abs(colour["chance"] - 1 / 3) < 0.01
+
+
+def test_show_neighbors_cli_config(tmp_path):
+    from clip_ping.neighbors import ShowConfig, show_neighbors
+
+    csv, bank = make_dataset_with_bank(tmp_path / "data")
+    result = show_neighbors(ShowConfig(data=str(tmp_path / "data"), n=5))
+    assert Path(result["html"]) == bank / "neighbors.html" and (bank / "neighbors.html").is_file()
+    other = tmp_path / "data" / "other.csv"
+    other.write_text(csv.read_text().replace("number 3,", "number three,"))
+    with pytest.raises(DataError, match="another data set"):
+        show_neighbors(ShowConfig(data=str(other), banks=str(bank)))

