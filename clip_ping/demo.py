@@ -48,7 +48,7 @@ def _timed(timings: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
     return result
 
 
-def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+def run_demo(cfg: DemoConfig) -> None:
     from .banks import ExtractConfig, extract_banks
     from .data.synth import SynthConfig, generate_synthetic
     from .evaluation.runner import EvalConfig, evaluate_from_config
@@ -93,4 +93,3 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     print(table)
     print(f"\nstage times (s): {json.dumps(timings)}")
     print(f"report: {report_dir / 'index.html'}")
-    return {"report": str(report_dir), "timings": timings}

@@ -313,22 +313,23 @@ def _table_rows(results: dict[str, Any]) -> list[tuple[str, list[list[str]]]]:
     header = ["metric"] + [f"{n} (n={n_seeds[n]})" for n in names]
     if results["delta"]:
         header.append(f"Δ {results['delta']}")
-    by_group: dict[str, list[list[str]]] = {}
+    by_group: dict[str, list[tuple[bool, list[str]]]] = {}
     for key, m in results["metrics"].items():
         arrow = "↑" if m["higher_is_better"] else "↓"
         row = [f"{m['label']} {arrow}"] + [_cell(m["settings"].get(n), key) for n in names]
         if results["delta"]:
             row.append("–" if m["delta"] is None else ("+" if m["delta"] >= 0 else "-") + format_value(abs(m["delta"]), key))
-        by_group.setdefault(m["group"], []).append(row)
+        by_group.setdefault(m["group"], []).append((key == "train/samples_per_s", row))
     ordered = sorted(by_group, key=lambda g: GROUP_ORDER.index(g) if g in GROUP_ORDER else len(GROUP_ORDER))
-    return [(g, [header] + by_group[g]) for g in ordered]
+    # Stable sort: losses stay in logged order, throughput goes last.
+    return [(g, [header] + [row for _, row in sorted(by_group[g], key=lambda item: item[0])]) for g in ordered]
 
 
 def _markdown(results: dict[str, Any], images: Sequence[str]) -> str:
     lines = ["# clip-ping report", ""]
     for s in results["settings"]:
-        seeds = ", ".join(str(x) for x in s["seeds"])
-        lines.append(f"- **{s['name']}**: {len(s['runs'])} run(s), seeds {seeds}")
+        seeds = ", ".join("?" if x is None else str(x) for x in s["seeds"])
+        lines.append(f"- **{s['name']}**: {len(s['runs'])} run(s), seed(s) {seeds}")
     lines += ["", "Cells are mean ± sample standard deviation over seeds (a single seed shows its value). "
               "↑ higher is better, ↓ lower is better."
               + (f" Δ is {results['delta']} (difference of the means)." if results["delta"] else ""), ""]
@@ -371,6 +372,11 @@ def _y_label(key: str) -> str:
     return "learning rate"
 
 
+def _marker(n_points: int) -> str | None:
+    # A short log (one or two records) would be invisible as a bare line.
+    return "o" if n_points < 20 else None
+
+
 def plot_training_curves(settings: Sequence[Setting], path: Path) -> bool:
     """One panel per logged term; a setting's seeds are averaged (band: ± std). False when nothing was logged."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -397,12 +403,13 @@ def plot_training_curves(settings: Sequence[Setting], path: Path) -> bool:
             if len(series) > 1 and common:
                 values = np.array([[s[t] for t in common] for s in series])
                 mean, std = values.mean(axis=0), values.std(axis=0, ddof=1)
-                ax.plot(common, mean, color=color, label=f"{setting.name} (mean of {len(series)})")
+                ax.plot(common, mean, color=color, marker=_marker(len(common)),
+                        label=f"{setting.name} (mean of {len(series)})")
                 ax.fill_between(common, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
             else:
                 for k, s in enumerate(series):
                     steps = sorted(s)
-                    ax.plot(steps, [s[t] for t in steps], color=color, alpha=1.0 if k == 0 else 0.6,
+                    ax.plot(steps, [s[t] for t in steps], color=color, alpha=1.0 if k == 0 else 0.6, marker=_marker(len(steps)),
                             label=setting.name if k == 0 else None)
         ax.set_title(CURVE_TITLES.get(key, key.replace("_", " ")), fontsize=11)
         ax.set_xlabel("training step")

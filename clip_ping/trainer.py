@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from . import distributed as dist_utils
 from .checkpoints import load_checkpoint, resolve_resume, save_checkpoint
 from .config import option, save_yaml
-from .data.pairs import PairDataset, PairTable, collate_pairs, read_pairs, split_file
+from .data.pairs import PairDataset, PairTable, collate_pairs
+from .data.shards import open_split
 from .errors import ClipPingError, ConfigError
 from .heads import NeighborGuidance
 from .losses import ClipPingLoss
@@ -44,7 +45,7 @@ MAX_LOGIT_SCALE = 100.0
 
 @dataclass
 class TrainConfig:
-    data: str = option("data/synth", "data set folder (with train.csv) or a train CSV/TSV file")
+    data: str = option("data/synth", "data set folder (train.csv or train.shards.json), a CSV/TSV file or a shard descriptor")
     out: str = option("runs/train", "run folder: config, metrics, checkpoints, evaluation")
     banks: str | None = option(None, "feature bank folder with neighbours (default: <data>/banks)")
     method: str = option("clip-ping", "loss: clip-ping, or plain clip (both lambdas 0)", choices=("clip-ping", "clip"))
@@ -208,9 +209,7 @@ class Trainer:
     # -- set-up ---------------------------------------------------------------
 
     def _read_table(self) -> PairTable:
-        data = Path(self.cfg.data)
-        csv = split_file(data, "train") if data.is_dir() else data
-        return read_pairs(csv)
+        return open_split(self.cfg.data, "train")
 
     def _set_up_neighbors(self) -> None:
         from .banks import open_banks
