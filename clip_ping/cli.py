@@ -36,6 +36,8 @@ COMMANDS = [
     Command(("data", "openclipart"), "clip_ping.data.openclipart:OpenClipartConfig",
             "clip_ping.data.openclipart:convert_openclipart",
             "convert Debian's OpenClipart library into a captioned, labelled data set"),
+    Command(("data", "folders"), "clip_ping.data.folders:ImageFolderConfig", "clip_ping.data.folders:image_folder_to_csv",
+            "turn image folders (one per class) into a labelled CSV for classification evaluation"),
     Command(("extract",), "clip_ping.banks:ExtractConfig", "clip_ping.banks:extract_banks",
             "stage 1: run the frozen teachers and write the image and text feature banks"),
     Command(("neighbors",), "clip_ping.neighbors:NeighborsConfig", "clip_ping.neighbors:build_neighbors",

@@ -139,3 +139,29 @@ def test_gradient_accumulation_matches_the_full_batch(tiny_synth, tmp_path, extr
     batch = _first_batch(full)
     for g_full, g_acc in zip(_grads_of_one_step(full, batch), _grads_of_one_step(accum, batch)):
         assert torch.allclose(g_full, g_acc, atol=1e-6, rtol=1e-4)
+
+
+def test_sigterm_to_the_process_saves_a_loadable_checkpoint_and_says_how_to_resume(tiny_synth, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clip_ping.cli", "train", "--data", str(tiny_synth), "--out", str(run), "--method", "clip",
+         "--steps", "100000", "--batch-size", "8", "--workers", "0", "--log-every", "1", "--save-every", "100000",
+         "--no-progress", "--no-tensorboard"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "--resume latest" in err and "Traceback" not in err
+    state = load_checkpoint(run / "checkpoints" / "latest.pt")
+    assert state["step"] >= 2
+    assert json.loads(out)["stopped_by"] == "SIGTERM"
