@@ -381,6 +381,7 @@ def plot_training_curves(settings: Sequence[Setting], path: Path) -> bool:
     """One panel per logged term; a setting's seeds are averaged (band: ± std). False when nothing was logged."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     keys = _curve_keys(settings)
     if not keys:
@@ -415,8 +416,11 @@ def plot_training_curves(settings: Sequence[Setting], path: Path) -> bool:
         ax.set_xlabel("training step")
         ax.set_ylabel(_y_label(key))
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         if key == "lr":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        else:
+            ax.ticklabel_format(axis="y", useOffset=False)  # "1e-5 + 14.28" offsets are hard to read
         ax.legend(fontsize=8)
     fig.suptitle("Training curves (shaded: ± std over seeds)", fontsize=13)
     fig.savefig(path, dpi=110)

@@ -75,6 +75,9 @@ class TrainConfig:
     local_loss: bool = option(False, "with several processes, score local rows against the global batch only")
     seed: int = option(0, "seed of weights, data order, augmentation and neighbour draws")
     workers: int = option(2, "data loader worker processes")
+    data_mode: str = option("random", "random: shuffled random access (CSV or shards, exact resume at any step); "
+                            "stream: read WebDataset shards sequentially with a shuffle buffer", choices=("random", "stream"))
+    shuffle_buffer: int = option(2000, "samples in the shuffle buffer of data_mode=stream")
     device: str = option("cpu", "torch device")
     log_every: int = option(10, "steps between metric log lines")
     save_every: int = option(200, "steps between checkpoints (one is always written at the end)")
@@ -204,6 +207,7 @@ class Trainer:
             raise ConfigError(f"config key 'batch_size': {cfg.batch_size} is larger than the data set ({len(self.table)} pairs)")
         self.total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * self.steps_per_epoch
         self.step = 0
+        self.epoch, self.batch_in_epoch = 0, 0  # data position, saved in checkpoints
         self._stop_signal: str | None = None
 
     # -- set-up ---------------------------------------------------------------
@@ -243,6 +247,8 @@ class Trainer:
             "guidance": self.guidance.state_dict() if self.guidance is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
             "config": dataclasses.asdict(self.cfg),
             "data_fingerprint": self.table.fingerprint(),
             "queue": self.queue.state_dict() if self.queue is not None else None,
@@ -263,6 +269,8 @@ class Trainer:
         if self.queue is not None and state.get("queue") is not None:
             self.queue.load_state_dict(state["queue"])
         self.step = int(state["step"])
+        self.epoch = int(state.get("epoch", self.step // self.steps_per_epoch))
+        self.batch_in_epoch = int(state.get("batch_in_epoch", self.step % self.steps_per_epoch))
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
@@ -390,6 +398,35 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------
 
+    def _batches(self, epoch: int, start_batch: int) -> Iterator[dict[str, Any]]:
+        """The batches of one epoch from ``start_batch`` on; with several processes the
+        epoch ends for all as soon as one runs out (streams may differ in length)."""
+        if self.cfg.data_mode == "random":
+            yield from self._loader(epoch, start_batch)
+            return
+        batches = self._stream_loader(epoch)
+        for b, batch in enumerate(batches):
+            if self.world > 1 and not dist_utils.all_ranks_true(True):
+                return
+            if b >= start_batch:  # resuming mid-epoch replays the same stream up to where it stopped
+                yield batch
+        if self.world > 1:
+            dist_utils.all_ranks_true(False)
+
+    def _stream_loader(self, epoch: int) -> DataLoader:
+        from .data.shards import ShardStream, ShardTable
+
+        if not isinstance(self.table, ShardTable):
+            raise ConfigError("config key 'data_mode': stream needs WebDataset shards (a <split>.shards.json); "
+                              "convert a CSV data set with clip-ping data convert")
+        stream = ShardStream(self.table, self.preprocess_train, self.tokenizer, shuffle_buffer=self.cfg.shuffle_buffer,
+                             shuffle_shards=True, seed=self.cfg.seed)
+        stream.set_epoch(epoch)
+        # the generator fixes each worker's seed, hence its augmentations, for this epoch
+        generator = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+        return DataLoader(stream, batch_size=self.cfg.batch_size // self.world, num_workers=self.cfg.workers,
+                          collate_fn=collate_pairs, drop_last=True, generator=generator)
+
     def _loader(self, epoch: int, start_batch: int) -> DataLoader:
         dataset = SeededAugmentation(PairDataset(self.table, self.preprocess_train, self.tokenizer), self.cfg.seed, epoch)
         sampler = EpochBatchSampler(len(self.table), self.cfg.batch_size, self.cfg.seed, epoch, start_batch,
@@ -426,8 +463,9 @@ class Trainer:
         t_last, samples_since = time.perf_counter(), 0
         try:
             while self.step < self.total_steps and self._stop_signal is None:
-                epoch, start_batch = divmod(self.step, self.steps_per_epoch)
-                for batch in self._loader(epoch, start_batch):
+                epoch = self.epoch
+                for batch in self._batches(epoch, self.batch_in_epoch):
+                    self.batch_in_epoch += 1
                     skipped += batch["n_skipped"]
                     if len(batch["index"]) < 2:
                         self.step += 1  # nothing to contrast; keep the schedule aligned with data order
@@ -445,6 +483,8 @@ class Trainer:
                         self.save()
                     if self.step >= self.total_steps or self._stop_signal is not None:
                         break
+                else:
+                    self.epoch, self.batch_in_epoch = epoch + 1, 0
         finally:
             bar.close()
             if metrics_file:

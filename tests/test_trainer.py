@@ -165,3 +165,35 @@ def test_sigterm_to_the_process_saves_a_loadable_checkpoint_and_says_how_to_resu
     state = load_checkpoint(run / "checkpoints" / "latest.pt")
     assert state["step"] >= 2
     assert json.loads(out)["stopped_by"] == "SIGTERM"
+
+
+def test_streamed_shards_train_and_resume_exactly(tiny_synth, tmp_path):
+    from clip_ping.data.shards import ConvertConfig, convert
+
+    shards = tmp_path / "shards"
+    convert(ConvertConfig(src=str(tiny_synth), out=str(shards), samples_per_shard=12))
+    stream = dict(data_mode="stream", shuffle_buffer=16, workers=1, steps=8, save_every=3)
+    Trainer(_cfg(shards, tmp_path / "straight", **stream)).fit()
+
+    crashing = Trainer(_cfg(shards, tmp_path / "resumed", **stream))
+    real_step = crashing.train_step
+
+    def crash_at_step_7(batch):
+        if crashing.step == 7:  # after the step-6 checkpoint, in the second epoch
+            raise KeyboardInterrupt
+        return real_step(batch)
+
+    crashing.train_step = crash_at_step_7
+    with pytest.raises(KeyboardInterrupt):
+        crashing.fit()
+    Trainer(_cfg(shards, tmp_path / "resumed", resume="latest", **stream)).fit()
+    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "latest.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "latest.pt")
+    assert a["step"] == b["step"] == 8 and a["epoch"] == b["epoch"] >= 1
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_streaming_a_csv_data_set_is_refused(tiny_synth, tmp_path):
+    with pytest.raises(ConfigError, match="shards"):
+        Trainer(_cfg(tiny_synth, tmp_path / "run", data_mode="stream")).fit()

@@ -26,7 +26,7 @@ from torch import Tensor
 def _summary(ranks0: Tensor, ks: Sequence[int]) -> dict[str, float]:
     """R@k (%), mean and median rank from 0-based ranks."""
     r = ranks0.double().numpy()
-    out = {f"R@{k}": 100.0 * float(np.mean(r < k)) for k in ks}
+    out = {f"R@{k}": 100.0 * int(np.sum(r < k)) / len(r) for k in ks}
     out["mean_rank"] = float(r.mean()) + 1.0
     out["median_rank"] = float(math.floor(np.median(r))) + 1.0
     return out

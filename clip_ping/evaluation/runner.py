@@ -52,7 +52,7 @@ class EvalConfig:
     batch_size: int = option(256, "images or captions encoded at once")
     workers: int = option(2, "data loader worker processes for image decoding")
     linear_probe: bool = option(True, "also fit a linear probe per task (train split features, C chosen on val)")
-    probe_max_train: int | None = option(5000, "train images used by the linear probe, sub-sampled at random (none: all)")
+    probe_max_train: int | None = option(2000, "train images used by the linear probe, sub-sampled at random (none: all)")
     probe_cs: list[float] = option(list(DEFAULT_CS), "inverse regularisation strengths C tried by the linear probe")
     tasks_file: str | None = option(None, "JSON/YAML file of zero-shot tasks in dataset.json's format (replaces its tasks)")
     templates_file: str | None = option(None, "text file of prompt templates, one per line with {} (used for every task)")
@@ -253,7 +253,7 @@ def evaluate(
     tasks: dict[str, dict[str, Any]] | None = None,
     templates: Sequence[str] | None = None,
     linear_probe: bool = False,
-    probe_max_train: int | None = 5000,
+    probe_max_train: int | None = 2000,
     probe_cs: Sequence[float] = DEFAULT_CS,
     seed: int = 0,
     device: str = "cpu",
@@ -289,7 +289,10 @@ def evaluate(
             "n_undecodable_images": images.n_decode_errors,
         }
         resolved = resolve_tasks(data_dir, tasks, templates)
-        encode = lambda texts: encode_texts(model, tokenizer, texts, batch_size, device)  # noqa: E731
+
+        def encode(texts: list[str]) -> Tensor:
+            return encode_texts(model, tokenizer, texts, batch_size, device)
+
         result["zeroshot"] = _zero_shot(resolved, table, images, encode)
         result["retrieval"] = retrieval_metrics(images.features, text_features, text_to_image)
         if linear_probe:
@@ -329,6 +332,9 @@ def _linear_probes(model, preprocess, data_dir: Path, split: str, tasks: dict[st
     from ..data.pairs import read_pairs, split_file
 
     rng = np.random.default_rng(seed)
+    if split in ("train", "val"):
+        log.warning("linear probe tested on the %s split, which it also fits or selects C on: "
+                    "its accuracy is optimistic", split)
 
     def sample_rows(table, limit):
         heads, _ = _distinct_image_rows(table.filepaths)

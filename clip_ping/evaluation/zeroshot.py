@@ -74,7 +74,7 @@ def zero_shot_accuracy(
             continue
         top = logits.topk(min(k, n_classes), dim=1).indices
         hit = (top == labels[:, None]).any(dim=1)
-        result[f"top{k}"] = 100.0 * hit.float().mean().item() if labels.numel() else float("nan")
+        result[f"top{k}"] = 100.0 * hit.sum().item() / labels.numel() if labels.numel() else float("nan")
 
     correct = logits.argmax(dim=1) == labels
     per_class: dict[str, float] = {}
@@ -82,7 +82,7 @@ def zero_shot_accuracy(
         members = labels == c
         if members.any():
             name = classnames[c] if classnames is not None else str(c)
-            per_class[name] = 100.0 * correct[members].float().mean().item()
+            per_class[name] = 100.0 * correct[members].sum().item() / members.sum().item()
     result["mean_per_class"] = sum(per_class.values()) / len(per_class) if per_class else float("nan")
     result["per_class"] = per_class
     result["n"] = int(labels.numel())
