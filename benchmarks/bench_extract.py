@@ -15,6 +15,7 @@ average is printed because a busy machine slows every number down.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -65,50 +66,71 @@ def make_captions(n: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS, size=int(rng.integers(8, 21)))) for _ in range(n)]
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def rate(n: int, seconds: float) -> float:
     return n / seconds if seconds > 0 else float("inf")
 
 
-def bench_image_teacher(spec: str, paths: list[Path], batch_size: int) -> dict:
+def bench_image_teacher(spec: str, paths: list[Path], batch_size: int, threads: list[int]) -> dict:
     t0 = time.perf_counter()
     teacher = load_image_teacher(spec)
     load_s = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    x = torch.stack([teacher.transform(load_image(p)) for p in paths])
-    prep_s = time.perf_counter() - t0
+    # One thread, as in a DataLoader worker (tiny tensor ops on 2 threads of a busy machine are very slow).
+    with torch_threads(1):
+        t0 = time.perf_counter()
+        x = torch.stack([teacher.transform(load_image(p)) for p in paths])
+        prep_s = time.perf_counter() - t0
 
-    teacher.encode(x[:batch_size])  # warm-up (allocations, kernel selection)
-    t0 = time.perf_counter()
-    for b in range(0, len(x), batch_size):
-        teacher.encode(x[b : b + batch_size])
-    fwd_s = time.perf_counter() - t0
+    forward = {}
+    for n_threads in threads:
+        with torch_threads(n_threads):
+            teacher.encode(x[:batch_size])  # warm-up (allocations, kernel selection)
+            t0 = time.perf_counter()
+            for b in range(0, len(x), batch_size):
+                teacher.encode(x[b : b + batch_size])
+            forward[n_threads] = round(rate(len(x), time.perf_counter() - t0), 1)
     return {
         "teacher": spec,
         "dim": teacher.dim,
         "input": list(x.shape[1:]),
         "load_s": round(load_s, 2),
-        "forward_images_per_s": round(rate(len(x), fwd_s), 1),
+        "forward_images_per_s_by_threads": forward,
         "decode_transform_images_per_s_1proc": round(rate(len(paths), prep_s), 1),
     }
 
 
-def bench_text_teacher(spec: str, captions: list[str], batch_size: int) -> dict:
+def bench_text_teacher(spec: str, captions: list[str], batch_size: int, threads: list[int]) -> dict:
     t0 = time.perf_counter()
     teacher = load_text_teacher(spec)
     load_s = time.perf_counter() - t0
-    teacher.encode(captions[:batch_size])  # warm-up
-    t0 = time.perf_counter()
-    for b in range(0, len(captions), batch_size):
-        teacher.encode(captions[b : b + batch_size])
-    fwd_s = time.perf_counter() - t0
-    return {"teacher": spec, "dim": teacher.dim, "load_s": round(load_s, 2), "texts_per_s": round(rate(len(captions), fwd_s), 1)}
+    forward = {}
+    for n_threads in threads:
+        with torch_threads(n_threads):
+            teacher.encode(captions[:batch_size])  # warm-up
+            t0 = time.perf_counter()
+            for b in range(0, len(captions), batch_size):
+                teacher.encode(captions[b : b + batch_size])
+            forward[n_threads] = round(rate(len(captions), time.perf_counter() - t0), 1)
+    return {"teacher": spec, "dim": teacher.dim, "load_s": round(load_s, 2), "texts_per_s_by_threads": forward}
 
 
-def bench_end_to_end(paths: list[Path], captions: list[str], root: Path, batch_size: int, workers: int) -> dict:
+def bench_end_to_end(
+    paths: list[Path], captions: list[str], root: Path, batch_size: int, workers: int, threads: int
+) -> dict:
     csv = root / "train.csv"
     csv.write_text("filepath,caption\n" + "".join(f"{p.relative_to(root)},{c}\n" for p, c in zip(paths, captions)))
-    cfg = ExtractConfig(data=str(csv), out=str(root / "bank"), batch_size=batch_size, workers=workers, progress=False)
+    out = root / f"bank_{workers}w_{threads}t"
+    cfg = ExtractConfig(data=str(csv), out=str(out), batch_size=batch_size, workers=workers, threads=threads, progress=False)
     image_teacher, text_teacher = load_image_teacher(cfg.image_teacher), load_text_teacher(cfg.text_teacher)
     t0 = time.perf_counter()
     extract_banks(cfg, image_teacher=image_teacher, text_teacher=text_teacher)
@@ -117,6 +139,7 @@ def bench_end_to_end(paths: list[Path], captions: list[str], root: Path, batch_s
         "teachers": [cfg.image_teacher, cfg.text_teacher],
         "rows": len(paths),
         "workers": workers,
+        "threads": threads or torch.get_num_threads(),
         "seconds": round(seconds, 1),
         "rows_per_s": round(rate(len(paths), seconds), 1),
     }
@@ -131,13 +154,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the end-to-end run")
     parser.add_argument("--image-teachers", nargs="*", default=None, help="default: efficientnet-lite0 (+ lite2 if installed)")
     parser.add_argument("--text-teachers", nargs="*", default=["all-minilm-l6-v2"])
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts to measure")
     parser.add_argument("--no-end-to-end", action="store_true")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     image_teachers = args.image_teachers
     if image_teachers is None:
         image_teachers = ["efficientnet-lite0"]
@@ -152,7 +173,7 @@ def main() -> None:
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
+        "torch_default_threads": torch.get_num_threads(),
         "load_average_start": [round(v, 2) for v in os.getloadavg()],
     }
     print(f"machine: {machine}")
@@ -162,19 +183,23 @@ def main() -> None:
         paths = make_images(root / "images", args.images, tuple(args.image_size))
         captions = make_captions(max(args.texts, args.images))
         for spec in image_teachers:
-            r = bench_image_teacher(spec, paths, args.batch_size)
+            r = bench_image_teacher(spec, paths, args.batch_size, args.threads)
             results["image"].append(r)
-            print(f"image {spec:22s} dim {r['dim']:5d} input {r['input']}: forward {r['forward_images_per_s']:8.1f} images/s, "
-                  f"decode+transform {r['decode_transform_images_per_s_1proc']:8.1f} images/s (1 process)")
+            fwd = ", ".join(f"{v:.1f} ({t} thr)" for t, v in r["forward_images_per_s_by_threads"].items())
+            print(f"image {spec:20s} dim {r['dim']:5d} input {r['input']}: forward images/s {fwd}; "
+                  f"decode+transform {r['decode_transform_images_per_s_1proc']:.1f} images/s (1 process)")
         for spec in args.text_teachers:
-            r = bench_text_teacher(spec, captions[: args.texts], args.batch_size)
+            r = bench_text_teacher(spec, captions[: args.texts], args.batch_size, args.threads)
             results["text"].append(r)
-            print(f"text  {spec:22s} dim {r['dim']:5d}: forward {r['texts_per_s']:8.1f} texts/s")
+            fwd = ", ".join(f"{v:.1f} ({t} thr)" for t, v in r["texts_per_s_by_threads"].items())
+            print(f"text  {spec:20s} dim {r['dim']:5d}: forward texts/s {fwd}")
         if not args.no_end_to_end:
-            r = bench_end_to_end(paths, captions[: len(paths)], root, args.batch_size, args.workers)
-            results["end_to_end"] = r
-            print(f"extract_banks end to end ({' + '.join(r['teachers'])}, {r['workers']} workers): "
-                  f"{r['rows']} rows in {r['seconds']} s = {r['rows_per_s']} rows/s")
+            results["end_to_end"] = []
+            for n_threads in args.threads:
+                r = bench_end_to_end(paths, captions[: len(paths)], root, args.batch_size, args.workers, n_threads)
+                results["end_to_end"].append(r)
+                print(f"extract_banks end to end ({' + '.join(r['teachers'])}, {r['workers']} workers, "
+                      f"{r['threads']} threads): {r['rows']} rows in {r['seconds']} s = {r['rows_per_s']} rows/s")
     machine["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     print(f"load average at the end: {machine['load_average_end']}")
     if args.json:

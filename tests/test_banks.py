@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -239,6 +238,22 @@ def test_resume_after_a_crash_mid_chunk(pairs, reference, tmp_path):
     assert_same_bank(reference, out)
 
 
+def test_resume_after_a_crash_while_finishing(pairs, reference, tmp_path, monkeypatch):
+    import clip_ping.banks as banks_module
+
+    def crash(captions):
+        raise InjectedCrash("crash after the last chunk")
+
+    out = tmp_path / "crash_at_end"
+    with monkeypatch.context() as patched:
+        patched.setattr(banks_module, "duplicate_groups_of_captions", crash)
+        with pytest.raises(InjectedCrash):
+            extract_banks(tiny_cfg(pairs, out))
+    assert len(list((out / ".extract").glob("chunk_*.done"))) == 5 and not (out / "manifest.json").exists()
+    extract_banks(tiny_cfg(pairs, out))  # nothing left to extract: only the groups and the manifest
+    assert_same_bank(reference, out)
+
+
 KILL_SCRIPT = """
 import logging, sys
 sys.path.insert(0, {tests!r})
@@ -253,7 +268,7 @@ def test_resume_after_sigkill(pairs, tmp_path):
     out = tmp_path / "killed"
     script = tmp_path / "extract.py"
     script.write_text(KILL_SCRIPT.format(tests=str(TESTS_DIR), data=str(pairs), out=str(out), workers=1))
-    env = dict(os.environ, TINY_SLEEP="0.15", PYTHONPATH=str(REPO))
+    env = dict(os.environ, TINY_SLEEP="0.15", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     try:

