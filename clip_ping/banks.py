@@ -34,6 +34,7 @@ folder and writes the groups and the manifest.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -50,7 +51,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .config import option
-from .data.pairs import ImageDecodeError, PairTable, load_image, read_pairs, split_file
+from .data.pairs import ImageDecodeError, PairTable, load_image
 from .distributed import init_from_env
 from .errors import ClipPingError, ConfigError, DataError
 from .teachers import (
@@ -119,8 +120,9 @@ class ExtractConfig:
 
 def read_table(cfg: ExtractConfig) -> PairTable:
     """The PairTable that ``cfg.data`` names (a table file, or a data set folder's split)."""
-    path = Path(cfg.data)
-    return read_pairs(split_file(path, cfg.split) if path.is_dir() else path)
+    from .data.shards import open_split
+
+    return open_split(cfg.data, cfg.split)
 
 
 # --------------------------------------------------------------------------- reading banks
@@ -471,25 +473,24 @@ def _done_chunks(work: Path) -> set[int]:
 class _ImageRows(torch.utils.data.Dataset):
     """Row i -> its image through the teacher's transform (or None) and the sha1 of its file bytes."""
 
-    def __init__(self, filepaths: list[str], transform: Callable) -> None:
-        self.filepaths = filepaths
+    def __init__(self, table: PairTable, transform: Callable) -> None:
+        self.table = table  # a CSV table or a shard table: both read image bytes by row
         self.transform = transform
 
     def __len__(self) -> int:
-        return len(self.filepaths)
+        return len(self.table)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        path = self.filepaths[i]
         try:
-            with open(path, "rb") as f:
-                digest = hashlib.sha1(f.read()).digest()
+            data = self.table.read_image_bytes(i)
         except OSError:
-            # Unreadable: a hash no other row can have, so it joins no duplicate group.
-            digest = hashlib.sha1(f"unreadable row {i}".encode()).digest()
+            data = b""
+        # An unreadable row gets a hash no other row can have, so it joins no duplicate group.
+        digest = hashlib.sha1(data).digest() if data else hashlib.sha1(f"unreadable row {i}".encode()).digest()
         try:
-            image, error = self.transform(load_image(path)), None
+            image, error = self.transform(load_image(io.BytesIO(data))), None
         except ImageDecodeError as exc:
-            image, error = None, str(exc)
+            image, error = None, f"row {i}: {exc}"
         return {"index": i, "image": image, "hash": digest, "error": error}
 
 
@@ -545,7 +546,7 @@ def _extract_chunks(
 
     batches = list(_chunk_batches(chunks, n, chunk_size, batch_size))
     loader = torch.utils.data.DataLoader(
-        _ImageRows(table.filepaths, image_teacher.transform),
+        _ImageRows(table, image_teacher.transform),
         batch_sampler=_BatchList(batches),
         num_workers=workers,
         collate_fn=_collate_rows,

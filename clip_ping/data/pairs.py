@@ -113,6 +113,11 @@ class PairTable:
         """Sample i's image as RGB (raises `ImageDecodeError`); shard tables have the same method."""
         return load_image(self.filepaths[i])
 
+    def read_image_bytes(self, i: int) -> bytes:
+        """Sample i's encoded image file (raises OSError); shard tables have the same method."""
+        with open(self.filepaths[i], "rb") as f:
+            return f.read()
+
     @property
     def n_skipped(self) -> int:
         return sum(self.skipped.values())
