@@ -207,6 +207,10 @@ _DIRECTIONS = {"image_to_text": "image→text", "text_to_image": "text→image"}
 def _describe(path: tuple[str, ...]) -> MetricInfo:
     """Readable label, table and direction of an eval.json leaf."""
     key = "/".join(path)
+    if path[0] == "teacher_reference" and len(path) > 1:
+        inner = _describe(path[1:])
+        return MetricInfo(key, f"teachers: {inner.label}", "Teacher reference (frozen teachers)", inner.unit,
+                          inner.higher_is_better)
     head, leaf = path[0], path[-1]
     if head == "zeroshot" and len(path) == 4 and path[2] == "per_class":
         return MetricInfo(key, f"{path[1]}: {leaf}", "Zero-shot accuracy per class (top-1, %)", "%", True)
@@ -290,7 +294,8 @@ def aggregate(settings: Sequence[Setting]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- tables
 
-GROUP_ORDER = ["Zero-shot classification (%)", "Retrieval", "Linear probe (%)", "Training (last logged step)",
+GROUP_ORDER = ["Zero-shot classification (%)", "Retrieval", "Linear probe (%)", "Teacher reference (frozen teachers)",
+               "Training (last logged step)",
                "Zero-shot accuracy per class (top-1, %)", "Other"]
 
 
