@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("PIL", "matplotlib", "urllib3", "httpx", "huggingface_hub", "sentence_transformers", "root"):
+    for noisy in ("PIL", "matplotlib", "urllib3", "httpx", "huggingface_hub", "sentence_transformers", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     command: Command | None = getattr(args, "_command", None)
     if command is None:

@@ -492,10 +492,11 @@ class Trainer:
         path = self.save()
         if writer is not None:
             writer.close()
-        if self._stop_signal is not None:
+        stopped_by = self._stop_signal if self.step < self.total_steps else None  # a finished run is not "stopped"
+        if stopped_by is not None:
             log.warning("stopped by %s at step %d; checkpoint %s. Resume with: clip-ping train --config %s --resume latest",
-                        self._stop_signal, self.step, path, self.run_dir / "config.yaml")
-        return {"step": self.step, "total_steps": self.total_steps, "stopped_by": self._stop_signal,
+                        stopped_by, self.step, path, self.run_dir / "config.yaml")
+        return {"step": self.step, "total_steps": self.total_steps, "stopped_by": stopped_by,
                 "checkpoint": str(path) if path else None, "skipped_images": skipped}
 
     def _tensorboard_writer(self):

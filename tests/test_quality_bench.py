@@ -1,0 +1,126 @@
+"""Smoke test of benchmarks/quality.py: profiles, plan, aggregation, recommendation, markdown.
+
+No training and no OpenClipart: eval results are made up. The end-to-end check
+is `python benchmarks/quality.py --profile tiny --data synth` (a few minutes).
+"""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("quality_bench", ROOT / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("profile", ["quick", "full", "tiny"])
+@pytest.mark.parametrize("data", ["openclipart", "synth"])
+def test_profiles_resolve_and_plan(quality, profile, data, tmp_path):
+    prof = quality.resolve_profile(profile, data)
+    assert len(prof["seeds"]) >= 2 and "clip" in prof["settings"] and "clip-ping" in prof["settings"]
+    assert prof["neighbor_k"] >= 10
+    plan = quality.make_plan(prof, tmp_path)
+    assert len(plan["runs"]) == len(prof["settings"]) * len(prof["seeds"])
+    names = {Path(r["run_dir"]).name for r in plan["runs"]}
+    assert "clip-seed0" in names and "clip-ping-seed0" in names
+    for run in plan["runs"]:
+        assert run["train"]["resume"] == "latest"
+        assert (run["train"]["banks"] is None) == (run["train"].get("method") == "clip")
+    if "teacher-lite2" in prof["settings"]:
+        assert set(plan["banks"]) == {"efficientnet-lite0", "efficientnet-lite2"}
+    if profile in ("quick", "full"):
+        assert len(prof["seeds"]) >= 3
+
+
+def test_quick_and_full_share_training_options(quality):
+    # so that `full` reuses the clip and clip-ping runs of `quick`
+    quick, full = quality.resolve_profile("quick", "openclipart"), quality.resolve_profile("full", "openclipart")
+    assert quick["train"] == full["train"] and quick["seeds"] == full["seeds"]
+    assert set(quick["settings"]) <= set(full["settings"])
+
+
+def test_overrides_and_bad_input(quality):
+    prof = quality.resolve_profile("quick", "synth", seeds=[4, 5], steps=7, settings=["clip", "topk5"], precision="bf16")
+    assert prof["seeds"] == [4, 5] and prof["train"]["steps"] == 7 and prof["train"]["precision"] == "bf16"
+    with pytest.raises(quality.BenchError, match="unknown setting"):
+        quality.resolve_profile("quick", "synth", settings=["clip", "nope"])
+    with pytest.raises(quality.BenchError, match="baseline"):
+        quality.resolve_profile("quick", "synth", settings=["clip-ping"])
+    with pytest.raises(quality.BenchError, match="unknown profile"):
+        quality.resolve_profile("huge", "synth")
+
+
+def _fake_eval(seed: int, boost: float) -> tuple[dict, dict]:
+    def one(offset):
+        return {"zeroshot": {"category": {"top1": 30 + boost + seed + offset}, "subcategory": {"top1": 10 + boost + offset}},
+                "retrieval": {"image_to_text": {"R@1": 5 + boost, "R@5": 15 + boost},
+                              "text_to_image": {"R@1": 4 + boost + 0.1 * seed, "R@5": 14 + boost}}}
+    test = {**one(0), "linear_probe": {"category": {"accuracy": 50 + boost, "val_accuracy": 52 + boost}}}
+    return test, one(1)
+
+
+def test_aggregate_recommend_markdown(quality, tmp_path):
+    prof = quality.resolve_profile("full", "synth", seeds=[0, 1, 2])
+    boosts = {"clip": 0.0, "clip-ping": 1.0, "topk5": 3.0, "queue": 0.5}
+    results = []
+    for seed in prof["seeds"]:
+        for setting, boost in boosts.items():
+            ev_test, ev_val = _fake_eval(seed, boost + (0.3 * seed if setting == "queue" else 0.0))
+            results.append({"setting": setting, "seed": seed, "metrics": quality.run_metrics(ev_test, ev_val),
+                            "timing": {"train_seconds": 100.0 * (1.1 if setting != "clip" else 1.0),
+                                       "train_cpu_seconds": 190.0, "train_steps_timed": 50,
+                                       "train_peak_rss_mb": 1200.0, "eval_val_seconds": 5, "eval_test_seconds": 9},
+                            "samples_per_s": 64.0})
+    m = results[0]["metrics"]
+    assert set(m) == {"test", "val"}
+    assert m["val"]["probe/category"] == 52.0 and m["test"]["probe/category"] == 50.0  # val probe: C-selection accuracy
+    agg = quality.aggregate(results, prof["settings"])
+    clip_ping = agg["test"]["settings"]["clip-ping"]["metrics"]["zs/category/top1"]
+    assert clip_ping["mean"] == pytest.approx(32.0) and clip_ping["std"] == pytest.approx(1.0)
+    assert clip_ping["delta_vs_clip"]["mean"] == pytest.approx(1.0) and clip_ping["delta_vs_clip"]["std"] == pytest.approx(0.0)
+    assert "nn-only" not in agg["test"]["settings"]  # settings without results are left out
+
+    rec = quality.recommend(agg, prof)
+    assert rec["split"] == "val"
+    assert rec["groups"]["lambdas"]["recommended_setting"] == "clip-ping"
+    assert rec["groups"]["neighbor_topk"]["recommended_setting"] == "topk5"  # +2 at every seed: clear
+    assert rec["groups"]["neighbor_topk"]["recommended_value"] == 5
+    queue = rec["groups"]["neighbor_source"]  # below the default on val: the default stays
+    assert queue["best_on_val"] == "clip-ping" and queue["recommended_value"] == "dataset"
+
+    cost = quality.cost_summary(results, {"extract:efficientnet-lite0": {"seconds": 60.0, "peak_rss_mb": 1900.0},
+                                          "neighbors:efficientnet-lite0": {"seconds": 5.0, "peak_rss_mb": 600.0}},
+                                prof["settings"], "efficientnet-lite0")
+    assert cost["step_time_ratio_clip_ping_over_clip"] == pytest.approx(1.1)
+    assert cost["offline_seconds_default_teachers"] == pytest.approx(65.0)
+
+    doc = {"profile": prof, "date": "2026-01-01T00:00:00+00:00", "commands": ["python benchmarks/quality.py"],
+           "machine": {"cpus": 2, "processor": "x86_64", "torch": "2", "load_average_start": [0.1]},
+           "epochs_equivalent": 8.0, "n_train": 6400, "aggregate": agg, "recommendation": rec, "cost": cost,
+           "wall_seconds": 1.0, "notes": ["n"]}
+    text = quality.markdown(doc)
+    assert "VALIDATION split only" in text and "| clip-ping | 3 |" in text and "Δ vs plain CLIP (test)" in text
+    json.dumps(doc, default=str)
+
+
+def test_refuses_run_folder_with_other_options(quality, tmp_path):
+    prof = quality.resolve_profile("tiny", "synth", settings=["clip"], seeds=[0])
+    run = quality.make_plan(prof, tmp_path)["runs"][0]
+    run_dir = Path(run["run_dir"])
+    run_dir.mkdir(parents=True)
+    config = {**run["train"], "steps": 999, "workers": 7}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(quality.BenchError, match="steps"):
+        quality.check_run_folder(run)
+    config["steps"] = run["train"]["steps"]  # bookkeeping keys (workers) may differ
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    quality.check_run_folder(run)
