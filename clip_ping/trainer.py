@@ -75,6 +75,7 @@ class TrainConfig:
     local_loss: bool = option(False, "with several processes, score local rows against the global batch only")
     seed: int = option(0, "seed of weights, data order, augmentation and neighbour draws")
     workers: int = option(2, "data loader worker processes")
+    threads: int = option(0, "torch threads of the training process (0: torch's default)")
     data_mode: str = option("random", "random: shuffled random access (CSV or shards, exact resume at any step); "
                             "stream: read WebDataset shards sequentially with a shuffle buffer", choices=("random", "stream"))
     shuffle_buffer: int = option(2000, "samples in the shuffle buffer of data_mode=stream")
@@ -183,6 +184,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
         self.rank, self.world = dist_utils.init_from_env()
         if cfg.batch_size % self.world:
             raise ConfigError(f"config key 'batch_size': {cfg.batch_size} does not split over {self.world} processes")

@@ -1,0 +1,474 @@
+"""Training throughput: plain CLIP vs CLIP-PING, and clip-ping vs open_clip_train.
+
+    .venv/bin/python benchmarks/bench_train.py --quick           # smoke run (~1-2 min)
+    .venv/bin/python benchmarks/bench_train.py                   # ViT-XXS-8-64 (+ ViT-XS-16 unless --no-xs)
+    .venv/bin/python benchmarks/bench_train.py --vs-open-clip    # clip-ping plain CLIP vs open_clip_train
+
+Default mode, per model and precision (fp32, bf16), in one process:
+
+* compute only: a plain-CLIP and a CLIP-PING `Trainer` (same seed, same student
+  init) run `Trainer.train_step` on the same batches, loaded beforehand, one step
+  of each in turn (ABAB..., warm-up steps discarded); median step time ->
+  samples/s and the CLIP-PING / CLIP step-time ratio (target <= 1.05);
+* a breakdown of CLIP-PING's extra work (neighbour pick, bank gather from the
+  memory maps, heads and the four extra InfoNCE terms forward+backward, the
+  optimiser's extra parameters), each timed alone, interleaved;
+  ``--profile`` adds torch.profiler tables of one step of each;
+* end to end: `Trainer.fit` for N steps (DataLoader with ``--workers``), both
+  methods alternately; the step time is the interval between consecutive step
+  ends (so it includes waiting for data); the median after warm-up is reported.
+
+``--vs-open-clip``: each side in its own process, alternately (A B A B ...):
+clip-ping `Trainer.fit` (method clip) and `open_clip_train.main.main` (through a
+wrapper that only registers clip-ping's model configs), on the same model, CSV
+(an absolute-path copy for open_clip_train), batch size, workers, precision
+(bf16 = open_clip's ``amp_bf16``: autocast, fp32 weights, as clip-ping),
+optimiser settings (AdamW lr/betas/eps/wd, warm-up, grad clip 1.0) and number
+of steps (whole epochs, since open_clip_train counts epochs). Step time is the
+interval between consecutive step ends on both sides (open_clip_train's
+``Batch (t)`` per-step value, parsed from its log with ``--log-every-n-steps 1``;
+for clip-ping a timestamp after each `train_step`), medians after warm-up.
+
+Data: the built-in synthetic set (`clip_ping.data.synth`), banks from the default
+teachers, neighbours k=10; made once into ``benchmarks/work/``. Results:
+``benchmarks/results/train.json`` / ``train_vs_open_clip.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+import torch  # noqa: E402
+
+from clip_ping.trainer import TrainConfig, Trainer  # noqa: E402
+
+TARGET_RATIO = 1.05
+PRECISIONS = ("fp32", "bf16")
+OPEN_CLIP_PRECISION = {"fp32": "fp32", "bf16": "amp_bf16"}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class TimedTrainer(Trainer):
+    """A Trainer that records a timestamp after every step (for end-to-end step intervals)."""
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__(cfg)
+        self.step_ends: list[float] = []
+        self.t_fit_start = 0.0
+
+    def fit(self) -> dict[str, Any]:
+        self.t_fit_start = time.perf_counter()
+        return super().fit()
+
+    def train_step(self, batch):
+        result = super().train_step(batch)
+        self.step_ends.append(time.perf_counter())
+        return result
+
+    def intervals(self) -> list[float]:
+        ends = [self.t_fit_start] + self.step_ends
+        return [b - a for a, b in zip(ends, ends[1:])]
+
+
+def train_config(data: Path, out: Path, method: str, model: str, batch: int, precision: str,
+                 workers: int, steps: int) -> TrainConfig:
+    return TrainConfig(data=str(data), out=str(out), method=method, model=model, batch_size=batch,
+                       precision=precision, workers=workers, steps=steps, warmup_steps=50, lr=1e-3,
+                       save_every=10**9, progress=False, tensorboard=False, seed=0)
+
+
+def sps(batch: int, seconds: float) -> float:
+    return batch / seconds if seconds > 0 else float("nan")
+
+
+def preload_batches(trainer: Trainer, n: int) -> list[dict[str, Any]]:
+    """Up to ``n`` batches of epoch 0 (cycled by the caller when more steps are run)."""
+    batches = []
+    for batch in trainer._loader(0, 0):
+        batches.append(batch)
+        if len(batches) >= n:
+            break
+    return batches
+
+
+# --------------------------------------------------------------------------- compute only
+
+
+def compute_only(data: Path, model: str, batch: int, precision: str, steps: int, warmup: int,
+                 breakdown: bool, profile: bool) -> dict[str, Any]:
+    run_root = C.WORK / "runs"
+    t0 = time.perf_counter()
+    trainers = {m: Trainer(train_config(data, run_root / f"co-{m}", m, model, batch, precision, 2, 10**6))
+                for m in ("clip", "clip-ping")}
+    batches = preload_batches(trainers["clip"], warmup + steps)
+    setup_s = time.perf_counter() - t0
+    times = C.interleaved({m: (lambda r, t=t: t.train_step(batches[r % len(batches)])) for m, t in trainers.items()},
+                          repeats=steps, warmup=warmup)
+    st = {m: C.stats(v) for m, v in times.items()}
+    ratio = st["clip-ping"]["median"] / st["clip"]["median"]
+    out: dict[str, Any] = {
+        "model": model, "precision": precision, "batch_size": batch, "steps": steps, "warmup": warmup,
+        "batches_preloaded": len(batches), "setup_s": round(setup_s, 1),
+        "step_s": st, "samples_per_s": {m: sps(batch, s["median"]) for m, s in st.items()},
+        "ratio_ping_over_clip": ratio,
+        # ratio of per-round pairs: robust to slow drifts of the machine's load
+        "ratio_paired_median": statistics.median(b / a for a, b in zip(times["clip"], times["clip-ping"])),
+    }
+    if breakdown or ratio > TARGET_RATIO:
+        out["breakdown"] = ping_breakdown(trainers, batches, repeats=max(5, steps))
+    if profile:
+        out["profile"] = profile_steps(trainers, batches)
+    return out
+
+
+def ping_breakdown(trainers: dict[str, Trainer], batches: list[dict[str, Any]], repeats: int) -> dict[str, Any]:
+    """Time each extra piece of a CLIP-PING step alone (interleaved), in seconds (median)."""
+    clip, ping = trainers["clip"], trainers["clip-ping"]
+    assert ping.neighbors is not None and ping.banks is not None and ping.guidance is not None
+    prepared = []
+    for batch in batches[: min(len(batches), 4)]:
+        with torch.no_grad():
+            u, v = ping._encode(batch["image"], batch["text"])
+        index = batch["index"]
+        g = torch.Generator().manual_seed(0)
+        p, q = ping.neighbors.pick(index, ping.cfg.neighbor_topk, g)
+        a_p, b_p = ping.banks.gather(p)
+        a_q, b_q = ping.banks.gather(q)
+        prepared.append((index, u, v, p, q, (a_p, b_p, a_q, b_q)))
+
+    def leaf(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().clone().requires_grad_(True)
+
+    def pick(r):
+        index = prepared[r % len(prepared)][0]
+        ping.neighbors.pick(index, ping.cfg.neighbor_topk, torch.Generator().manual_seed(r))
+
+    def gather(r):
+        _, _, _, p, q, _ = prepared[r % len(prepared)]
+        ping.banks.gather(p)
+        ping.banks.gather(q)
+
+    def heads_fwd(r):
+        with torch.no_grad():
+            ping.guidance.targets(*prepared[r % len(prepared)][5])
+
+    def clip_loss_fb(r):
+        _, u, v, *_ = prepared[r % len(prepared)]
+        out = clip.loss_fn(leaf(u), leaf(v), clip.model.logit_scale.exp())
+        out["loss"].backward()
+
+    def ping_loss_fb(r):
+        _, u, v, _, _, feats = prepared[r % len(prepared)]
+        targets = {k: t.float() for k, t in ping.guidance.targets(*feats).items()}
+        out = ping.loss_fn(leaf(u), leaf(v), ping.model.logit_scale.exp(), targets=targets)
+        out["loss"].backward()
+
+    def optim(trainer):
+        def fn(r):
+            params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            trainer.optimizer.step()
+        return fn
+
+    # make sure every parameter has a gradient (left by the last train_step)
+    for t in (clip, ping):
+        t.train_step(batches[0])
+    times = C.interleaved({"pick": pick, "gather": gather, "heads_fwd": heads_fwd, "clip_loss_fwd_bwd": clip_loss_fb,
+                           "ping_loss_fwd_bwd": ping_loss_fb, "optim_clip": optim(clip), "optim_ping": optim(ping)},
+                          repeats=repeats, warmup=2)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    n_guidance = sum(p.numel() for p in ping.guidance.parameters())
+    n_student = sum(p.numel() for p in ping.model.parameters())
+    extra = {
+        "neighbour_pick": med["pick"],
+        "bank_gather_4_rows_sets": med["gather"],
+        "heads_forward": med["heads_fwd"],
+        "heads_and_4_extra_infonce_fwd_bwd": med["ping_loss_fwd_bwd"] - med["clip_loss_fwd_bwd"],
+        "optimizer_and_clip_extra": med["optim_ping"] - med["optim_clip"],
+    }
+    extra["sum"] = sum(v for k, v in extra.items() if k != "heads_forward")
+    return {"median_s": med, "extra_s": extra, "params": {"student": n_student, "guidance": n_guidance}}
+
+
+def profile_steps(trainers: dict[str, Trainer], batches: list[dict[str, Any]], steps: int = 3) -> dict[str, str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    tables = {}
+    for name, trainer in trainers.items():
+        trainer.train_step(batches[0])
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for i in range(steps):
+                trainer.train_step(batches[i % len(batches)])
+        tables[name] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+        print(f"\n[profile] {name}, {steps} steps\n{tables[name]}")
+    return tables
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def end_to_end(data: Path, model: str, batch: int, precision: str, steps: int, warmup: int, workers: int,
+               rounds: int) -> dict[str, Any]:
+    intervals: dict[str, list[float]] = {"clip": [], "clip-ping": []}
+    walls: dict[str, list[float]] = {"clip": [], "clip-ping": []}
+    for r in range(rounds):
+        order = ["clip", "clip-ping"] if r % 2 == 0 else ["clip-ping", "clip"]
+        for m in order:
+            out = C.WORK / "runs" / f"e2e-{m}-{model}-{precision}"
+            shutil.rmtree(out, ignore_errors=True)
+            trainer = TimedTrainer(train_config(data, out, m, model, batch, precision, workers, steps))
+            trainer.fit()
+            iv = trainer.intervals()
+            intervals[m] += iv[warmup:]
+            walls[m].append(sum(iv))
+            del trainer
+            shutil.rmtree(out, ignore_errors=True)
+    st = {m: C.stats(v) for m, v in intervals.items()}
+    return {
+        "model": model, "precision": precision, "batch_size": batch, "steps": steps, "warmup": warmup,
+        "workers": workers, "rounds": rounds, "step_s": st,
+        "samples_per_s": {m: sps(batch, s["median"]) for m, s in st.items()},
+        "samples_per_s_mean": {m: sps(batch, s["mean"]) for m, s in st.items()},
+        "wall_s_all_steps": walls,
+        "ratio_ping_over_clip": st["clip-ping"]["median"] / st["clip"]["median"],
+    }
+
+
+# --------------------------------------------------------------------------- vs open_clip_train
+
+
+def _child_clip_ping(spec: dict[str, Any]) -> None:
+    """Child process: clip-ping plain-CLIP Trainer.fit; prints the step intervals as JSON."""
+    out = Path(spec["out"])
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = train_config(Path(spec["data"]), out, "clip", spec["model"], spec["batch"], spec["precision"],
+                       spec["workers"], spec["steps"])
+    trainer = TimedTrainer(cfg)
+    trainer.fit()
+    shutil.rmtree(out, ignore_errors=True)
+    print("CLIPPING_INTERVALS " + json.dumps(trainer.intervals()), flush=True)
+
+
+def _child_open_clip(argv: list[str]) -> None:
+    """Child process: register clip-ping's model configs, then run open_clip_train unchanged."""
+    import open_clip
+    import open_clip_train.main
+
+    from clip_ping.student import MODEL_CONFIG_DIR
+
+    open_clip.add_model_config(MODEL_CONFIG_DIR)
+    open_clip_train.main.main(argv)
+
+
+_OC_LINE = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+).*?Batch \(t\): [\d.]+, ([\d.]+)/s")
+
+
+def open_clip_argv(csv_path: Path, logs: Path, name: str, model: str, batch: int, precision: str, workers: int,
+                   epochs: int) -> list[str]:
+    return [
+        "--train-data", str(csv_path), "--dataset-type", "csv", "--csv-separator", ",",
+        "--csv-img-key", "filepath", "--csv-caption-key", "caption",
+        "--model", model, "--batch-size", str(batch), "--workers", str(workers),
+        "--precision", OPEN_CLIP_PRECISION[precision], "--epochs", str(epochs),
+        "--lr", "1e-3", "--wd", "0.1", "--warmup", "50", "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6",
+        "--grad-clip-norm", "1.0", "--seed", "0", "--device", "cpu",
+        "--logs", str(logs), "--name", name, "--report-to", "", "--log-every-n-steps", "1",
+        "--save-frequency", "1000000", "--zeroshot-frequency", "0", "--val-frequency", "0",
+    ]
+
+
+def vs_open_clip(data: Path, model: str, batch: int, precision: str, epochs: int, warmup: int, workers: int,
+                 rounds: int) -> dict[str, Any]:
+    from clip_ping.data.pairs import read_pairs
+
+    n = len(read_pairs(data / "train.csv"))
+    steps_per_epoch = n // batch
+    steps = epochs * steps_per_epoch
+    abs_csv = C.absolute_csv(data / "train.csv", C.WORK / f"{data.name}-train-abs.csv")
+    logs = C.WORK / "open_clip_logs"
+    me = str(Path(__file__).resolve())
+    per: dict[str, list[float]] = {"clip-ping": [], "open_clip_train": []}
+    walls: dict[str, list[float]] = {"clip-ping": [], "open_clip_train": []}
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    oc_env = dict(env)
+    try:
+        import pandas  # noqa: F401  open_clip_train's CSV reader needs it; clip-ping does not
+    except ImportError:
+        deps = C.WORK / "pydeps"  # `pip install --no-deps --target benchmarks/work/pydeps pandas`
+        if not (deps / "pandas").is_dir():
+            raise SystemExit("open_clip_train needs pandas: .venv/bin/pip install pandas "
+                             "(or --no-deps --target benchmarks/work/pydeps pandas, used by this script only)")
+        oc_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(deps), env.get("PYTHONPATH")]))
+    for r in range(rounds):
+        order = ["clip-ping", "open_clip_train"] if r % 2 == 0 else ["open_clip_train", "clip-ping"]
+        for side in order:
+            t0 = time.perf_counter()
+            if side == "clip-ping":
+                spec = {"data": str(data), "out": str(C.WORK / "runs" / "vs-clip-ping"), "model": model, "batch": batch,
+                        "precision": precision, "workers": workers, "steps": steps}
+                proc = subprocess.run([sys.executable, me, "--_child-clip-ping", json.dumps(spec)],
+                                      capture_output=True, text=True, env=env)
+                line = next((l for l in proc.stdout.splitlines() if l.startswith("CLIPPING_INTERVALS ")), None)
+                if proc.returncode or line is None:
+                    raise RuntimeError(f"clip-ping child failed:\n{proc.stderr[-3000:]}")
+                iv = json.loads(line.split(" ", 1)[1])
+            else:
+                name = f"bench-{model}-{precision}-{r}-{os.getpid()}"
+                shutil.rmtree(logs / name, ignore_errors=True)
+                argv = open_clip_argv(abs_csv, logs, name, model, batch, precision, workers, epochs)
+                proc = subprocess.run([sys.executable, me, "--_child-open-clip", "--", *argv],
+                                      capture_output=True, text=True, env=oc_env)
+                text = proc.stdout + proc.stderr
+                iv = [batch / float(m.group(4)) for m in _OC_LINE.finditer(text)]
+                shutil.rmtree(logs / name, ignore_errors=True)
+                if proc.returncode or len(iv) != steps:
+                    raise RuntimeError(f"open_clip_train child failed or logged {len(iv)} of {steps} steps:\n{text[-3000:]}")
+            wall = time.perf_counter() - t0
+            per[side] += iv[warmup:]
+            walls[side].append({"process_s": round(wall, 2), "steps_s": round(sum(iv), 2)})
+            print(f"  [{side}] round {r}: {len(iv)} steps, median {statistics.median(iv[warmup:]):.3f} s/step, "
+                  f"process {wall:.1f} s", flush=True)
+    st = {m: C.stats(v) for m, v in per.items()}
+    return {
+        "model": model, "precision": precision, "batch_size": batch, "workers": workers, "epochs": epochs,
+        "steps": steps, "warmup_steps_dropped": warmup, "rounds": rounds, "step_s": st, "walls": walls,
+        "samples_per_s": {m: sps(batch, s["median"]) for m, s in st.items()},
+        "samples_per_s_mean": {m: sps(batch, s["mean"]) for m, s in st.items()},
+        "ratio_clip_ping_over_open_clip_throughput": st["open_clip_train"]["median"] / st["clip-ping"]["median"],
+    }
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] in ("--_child-clip-ping", "--_child-open-clip"):
+        threads = int(os.environ.get("BENCH_TORCH_THREADS", "0"))
+        if threads:
+            torch.set_num_threads(threads)
+        if sys.argv[1] == "--_child-clip-ping":
+            C.quiet_logging()
+            return _child_clip_ping(json.loads(sys.argv[2]))
+        return _child_open_clip(sys.argv[3:])
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="short smoke run: small data, few steps, ViT-XXS only")
+    ap.add_argument("--vs-open-clip", action="store_true", help="compare clip-ping plain CLIP with open_clip_train")
+    ap.add_argument("--xs", dest="xs", action="store_true", default=None, help="also ViT-XS-16 (default on, off with --quick)")
+    ap.add_argument("--no-xs", dest="xs", action="store_false", help="skip ViT-XS-16")
+    ap.add_argument("--n-train", type=int, default=2000, help="synthetic training pairs (default 2000)")
+    ap.add_argument("--batch-size", type=int, default=128, help="batch of ViT-XXS-8-64 (default 128)")
+    ap.add_argument("--xs-batch-size", type=int, default=32, help="batch of ViT-XS-16 (default 32)")
+    ap.add_argument("--steps", type=int, default=20, help="measured compute-only steps per method (default 20)")
+    ap.add_argument("--warmup", type=int, default=3, help="warm-up steps discarded (default 3)")
+    ap.add_argument("--xs-steps", type=int, default=4, help="measured ViT-XS steps per method (default 4)")
+    ap.add_argument("--e2e-steps", type=int, default=30, help="steps of each end-to-end Trainer.fit (default 30)")
+    ap.add_argument("--e2e-rounds", type=int, default=2, help="end-to-end runs per method, alternated (default 2)")
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers end to end (default 2)")
+    ap.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32, bf16 (default both)")
+    ap.add_argument("--breakdown", action="store_true", help="always time CLIP-PING's extra pieces (automatic above the target)")
+    ap.add_argument("--profile", action="store_true", help="print torch.profiler tables of 3 steps of each method")
+    ap.add_argument("--epochs", type=int, default=3, help="--vs-open-clip: epochs of both sides (default 3)")
+    ap.add_argument("--vs-rounds", type=int, default=2, help="--vs-open-clip: runs per side, alternated (default 2)")
+    ap.add_argument("--vs-models", default="ViT-XXS-8-64", help="--vs-open-clip: comma list of models")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch intra-op threads of the training process(es) (default 0: torch's default, one per core)")
+    ap.add_argument("--out", default=None, help="results JSON name (default train / train_vs_open_clip)")
+    args = ap.parse_args()
+    C.quiet_logging()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["BENCH_TORCH_THREADS"] = str(args.threads)
+    precisions = [p for p in args.precisions.split(",") if p]
+    if args.quick:
+        args.n_train, args.batch_size, args.steps, args.warmup = 256, 32, 4, 1
+        args.e2e_steps, args.e2e_rounds, args.epochs, args.vs_rounds = 10, 1, 2, 1
+        args.xs_steps, args.xs_batch_size = 2, 16
+        if args.xs is None:
+            args.xs = False
+    xs = True if args.xs is None else args.xs
+
+    result: dict[str, Any] = {"machine": C.machine_facts(), "args": vars(args), "target_ratio": TARGET_RATIO}
+    print(f"load average at start: {result['machine']['load_avg_start']}  (torch threads {torch.get_num_threads()})")
+    data = C.prepare_data(args.n_train)
+
+    if args.vs_open_clip:
+        rows = []
+        result["vs_open_clip"] = []
+        for model in [m for m in args.vs_models.split(",") if m]:
+            batch = args.batch_size if "XXS" in model else args.xs_batch_size
+            for precision in precisions:
+                print(f"[vs open_clip_train] {model} {precision} batch {batch}", flush=True)
+                res = vs_open_clip(data, model, batch, precision, args.epochs, args.warmup, args.workers, args.vs_rounds)
+                result["vs_open_clip"].append(res)
+                rows.append([model, precision, batch, res["steps"], res["samples_per_s"]["clip-ping"],
+                             res["samples_per_s"]["open_clip_train"], res["ratio_clip_ping_over_open_clip_throughput"]])
+        C.print_table(rows, ["model", "prec", "batch", "steps", "clip-ping sps", "open_clip_train sps", "clip-ping/oc"],
+                      "clip-ping plain CLIP vs open_clip_train (median step, end to end)")
+        path = C.write_json(args.out or ("train_vs_open_clip_quick" if args.quick else "train_vs_open_clip"), result)
+        print(f"\nload average at end: {result['machine']['load_avg_end']}\nwrote {path}")
+        return
+
+    models = [("ViT-XXS-8-64", args.batch_size, args.steps, args.warmup)]
+    if xs:
+        models.append(("ViT-XS-16", args.xs_batch_size, args.xs_steps, 1))
+    result["compute_only"], result["end_to_end"] = [], []
+    rows, brows = [], []
+    for model, batch, steps, warmup in models:
+        for precision in precisions:
+            print(f"[compute only] {model} {precision} batch {batch}: {warmup}+{steps} steps per method", flush=True)
+            res = compute_only(data, model, batch, precision, steps, warmup, args.breakdown, args.profile)
+            result["compute_only"].append(res)
+            rows.append([model, precision, batch, res["samples_per_s"]["clip"], res["samples_per_s"]["clip-ping"],
+                         res["ratio_ping_over_clip"], res["ratio_paired_median"],
+                         "ok" if res["ratio_ping_over_clip"] <= TARGET_RATIO else "ABOVE"])
+            if "breakdown" in res:
+                e = res["breakdown"]["extra_s"]
+                brows.append([model, precision, res["step_s"]["clip-ping"]["median"] - res["step_s"]["clip"]["median"],
+                              e["neighbour_pick"], e["bank_gather_4_rows_sets"], e["heads_forward"],
+                              e["heads_and_4_extra_infonce_fwd_bwd"], e["optimizer_and_clip_extra"], e["sum"]])
+    C.print_table(rows, ["model", "prec", "batch", "CLIP sps", "PING sps", "PING/CLIP step", "paired", f"<= {TARGET_RATIO}"],
+                  "compute only (Trainer.train_step on pre-loaded batches, median)")
+    if brows:
+        C.print_table(brows, ["model", "prec", "step delta s", "pick", "gather", "heads fwd", "heads+4 nce f+b",
+                              "optim extra", "sum"], "CLIP-PING extra time per step, seconds (median of each piece alone)")
+
+    e2e_models = models if xs else models[:1]
+    erows = []
+    for model, batch, _, _ in e2e_models:
+        steps = args.e2e_steps if "XXS" in model else max(4, args.xs_steps + 2)
+        warm = args.warmup if "XXS" in model else 1
+        for precision in precisions:
+            print(f"[end to end] {model} {precision} batch {batch}: Trainer.fit {steps} steps, workers {args.workers}",
+                  flush=True)
+            res = end_to_end(data, model, batch, precision, steps, warm, args.workers,
+                             args.e2e_rounds if "XXS" in model else 1)
+            result["end_to_end"].append(res)
+            erows.append([model, precision, batch, steps, res["samples_per_s"]["clip"], res["samples_per_s"]["clip-ping"],
+                          res["samples_per_s_mean"]["clip"], res["samples_per_s_mean"]["clip-ping"],
+                          res["ratio_ping_over_clip"]])
+    C.print_table(erows, ["model", "prec", "batch", "steps", "CLIP sps", "PING sps", "CLIP sps(mean)", "PING sps(mean)",
+                          "PING/CLIP step"], f"end to end (Trainer.fit, workers {args.workers}, median step after warm-up)")
+    path = C.write_json(args.out or ("train_quick" if args.quick else "train"), result)
+    print(f"\nload average at end: {result['machine']['load_avg_end']}\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
