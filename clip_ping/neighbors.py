@@ -58,8 +58,8 @@ AUTO_EXACT_MAX_ROWS = 500_000
 FAST_TILE_BYTES = 1 << 30
 # Extra candidates re-ranked in fp32 by the fast path, beyond k + exclusions.
 FAST_MARGIN = 32
-# Rows per block of the exact fp32 fallback (each block is rows x N floats).
-_FALLBACK_ROWS = 256
+# Score entries per block of the exact fp32 fallback (rows x N floats, plus masks).
+_FALLBACK_ENTRIES = 1 << 26
 FORMAT_VERSION = 1
 
 NEIGHBOR_FILES = {
@@ -118,8 +118,8 @@ def default_nlist(n_rows: int) -> int:
 
 
 def default_nprobe(nlist: int) -> int:
-    """IVF lists probed per query: 1/16 of the lists, at least 16 (recall@1 ~0.99 on clustered data)."""
-    return int(min(nlist, max(16, nlist // 16)))
+    """IVF lists probed per query: 32 (IVF scans ~32 N / nlist rows per query, so cost grows as N^1.5)."""
+    return int(min(nlist, 32))
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
@@ -211,8 +211,9 @@ class _Problem:
         out_i = torch.empty(len(rows), self.k, dtype=torch.int64)
         out_s = torch.empty(len(rows), self.k, dtype=torch.float32)
         db_groups = self.groups[self.db_rows_t]
-        for start in range(0, len(rows), _FALLBACK_ROWS):
-            r = rows[start:start + _FALLBACK_ROWS]
+        step = max(1, min(1024, _FALLBACK_ENTRIES // self.n_db))
+        for start in range(0, len(rows), step):
+            r = rows[start:start + step]
             s = self.x[r] @ self.x_db.T
             excluded = (db_groups[None, :, :] == self.groups[r][:, None, :]).any(dim=2)
             excluded |= self.db_rows_t[None, :] == r[:, None]
@@ -255,8 +256,8 @@ def _build_ivf(prob: _Problem, nprobe: int | None, seed: int = 0) -> Any:
     nlist = default_nlist(prob.n_db)
     quantizer = faiss.IndexFlatIP(d)
     index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-    # k-means on a sample (64 points per list is plenty; FAISS warns below 39)
-    n_train = min(prob.n_db, 64 * nlist)
+    # k-means on a sample: 40 points per list (FAISS warns below 39) keeps training cheap at 1M rows.
+    n_train = min(prob.n_db, 40 * nlist)
     sample = np.random.default_rng(seed).choice(prob.n_db, n_train, replace=False) if n_train < prob.n_db else None
     train = prob.x_db.numpy() if sample is None else prob.x_db.numpy()[np.sort(sample)]
     index.train(np.ascontiguousarray(train))
@@ -352,6 +353,7 @@ def search_neighbors(
     progress: bool = False,
     desc: str = "neighbours",
     stats: dict[str, Any] | None = None,
+    query_rows: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k inner-product neighbours of every row among the other rows.
 
@@ -360,13 +362,14 @@ def search_neighbors(
     with row i are never its neighbours. ``valid``: N flags; invalid rows are never
     neighbours (they still get neighbours). Returns ``(indices int64 N x k,
     scores float32 N x k)``, best first. ``stats`` (optional) receives the method
-    used and counts of re-searched rows.
+    used and counts of re-searched rows. ``query_rows`` searches only those rows
+    (the result then has one row per query row; e.g. to measure recall on a sample).
     """
     if block_size < 1:
         raise ConfigError(f"block_size must be at least 1, got {block_size}")
     set_faiss_threads()
     dev = _pick_device(device)
-    prob = _Problem(np.asarray(features) if not isinstance(features, np.ndarray) else features, k, groups, valid)
+    prob = _Problem(np.asarray(features), k, groups, valid)
     chosen = resolve_method(method, prob.n_db, dev)
     t0 = time.perf_counter()
 
@@ -384,31 +387,34 @@ def search_neighbors(
         search = lambda rows: prob.keep_first_k(rows, *_search_index(prob, rows, state))  # noqa: E731
     t_index = time.perf_counter() - t0
 
-    out_i = np.empty((prob.n, k), dtype=np.int64)
-    out_s = np.empty((prob.n, k), dtype=np.float32)
-    redo: list[torch.Tensor] = []
-    with _progress(prob.n, desc, progress) as bar:
-        for start in range(0, prob.n, block_size):
-            rows = torch.arange(start, min(start + block_size, prob.n))
+    queries = torch.arange(prob.n) if query_rows is None else torch.from_numpy(np.asarray(query_rows, dtype=np.int64))
+    if len(queries) and (int(queries.min()) < 0 or int(queries.max()) >= prob.n):
+        raise DataError(f"query_rows must lie in [0, {prob.n})")
+    out_i = np.empty((len(queries), k), dtype=np.int64)
+    out_s = np.empty((len(queries), k), dtype=np.float32)
+    redo: list[torch.Tensor] = []  # positions (in queries) of rows to search again
+    with _progress(len(queries), desc, progress) as bar:
+        for start in range(0, len(queries), block_size):
+            rows = queries[start:start + block_size]
             idx, sc, short = search(rows)
             out_i[start:start + len(rows)] = idx.numpy()
             out_s[start:start + len(rows)] = sc.numpy()
             if short.any():
-                redo.append(rows[short])
+                redo.append(start + torch.nonzero(short).flatten())
             bar.update(len(rows))
 
     # Rows that came up short (large duplicate groups, uncertified fast rows, an
     # approximate index that missed): exact fp32 search with the exclusions masked.
     n_redo = 0
     if redo:
-        rows = torch.cat(redo)
-        n_redo = len(rows)
-        idx, sc = prob.exact_rows(rows)
-        out_i[rows.numpy()] = idx.numpy()
-        out_s[rows.numpy()] = sc.numpy()
+        pos = torch.cat(redo)
+        n_redo = len(pos)
+        idx, sc = prob.exact_rows(queries[pos])
+        out_i[pos.numpy()] = idx.numpy()
+        out_s[pos.numpy()] = sc.numpy()
     if stats is not None:
         stats.update({
-            "method": chosen, "rows": prob.n, "database_rows": prob.n_db, "fetch": prob.fetch,
+            "method": chosen, "rows": prob.n, "queries": len(queries), "database_rows": prob.n_db, "fetch": prob.fetch,
             "rows_researched": n_redo, "index_s": round(t_index, 3),
             "search_s": round(time.perf_counter() - t0, 3),
         })
@@ -435,7 +441,7 @@ class NeighborsConfig:
         "both", "duplicates that are never neighbours: both (same image bytes or same caption), "
         "same_side (same image for image-side, same caption for text-side), self (only the sample itself)",
         choices=("both", "same_side", "self"))
-    nprobe: int = option(0, "IVF lists searched per query (0: automatic, nlist/16 and at least 16)")
+    nprobe: int = option(0, "IVF lists searched per query (0: automatic, 32); more is slower and more exact")
     block_size: int = option(16384, "query rows per search block (bounds memory)")
     device: str = option("auto", "device of the fast method: auto, cpu, cuda")
     overwrite: bool = option(False, "rebuild the neighbour files even when up to date")
@@ -536,8 +542,10 @@ def build_neighbors(cfg: NeighborsConfig) -> Path:
 
     n_valid = int(np.asarray(valid).sum())
     method = resolve_method(cfg.method, n_valid, _pick_device(cfg.device))
-    settings = {"k": cfg.k, "method": method, "requested_method": cfg.method, "exclude": cfg.exclude,
-                "nprobe": cfg.nprobe}
+    # What makes a stored table reusable (fast and exact give the same result, so the
+    # requested method is compared, not the one "auto" resolved to).
+    settings = {"k": cfg.k, "requested_method": cfg.method, "exclude": cfg.exclude,
+                "nprobe": cfg.nprobe if method == "ivf" else None}
     json_path = bank_dir / NEIGHBORS_JSON
     old = _read_info(bank_dir)
     if old is not None and not cfg.overwrite:
@@ -547,7 +555,8 @@ def build_neighbors(cfg: NeighborsConfig) -> Path:
             return json_path
         if old.get("bank_fingerprint") == fingerprint:
             raise ConfigError(
-                f"{json_path} holds neighbours with other settings (k={old.get('k')}, method={old.get('method')}, "
+                f"{json_path} holds neighbours with other settings (k={old.get('k')}, "
+                f"method={old.get('requested_method')}, "
                 f"exclude={old.get('exclude')}); use --overwrite to replace them"
             )
         log.info("neighbours in %s belong to an older bank; rebuilding", bank_dir)
@@ -581,6 +590,7 @@ def build_neighbors(cfg: NeighborsConfig) -> Path:
         _save_npy_atomic(bank_dir / name, results[key])
     info = {
         "format": FORMAT_VERSION,
+        "method": method,
         **settings,
         "count": n,
         "bank_fingerprint": fingerprint,
@@ -647,11 +657,14 @@ def load_neighbors(bank_dir: str | Path, expected_fingerprint: str | None = None
     bank_dir = Path(bank_dir)
     info = _read_info(bank_dir)
     if info is None:
-        raise DataError(f"no neighbour table in {bank_dir} (no {NEIGHBORS_JSON}); run clip-ping neighbors --banks {bank_dir}")
+        raise DataError(
+            f"no neighbour table in {bank_dir} (no {NEIGHBORS_JSON}); run clip-ping neighbors --banks {bank_dir}"
+        )
     expected = expected_fingerprint if expected_fingerprint is not None else bank_fingerprint(bank_dir)
     if info.get("bank_fingerprint") != expected:
         raise DataError(
-            f"neighbour table in {bank_dir} was built for another bank (fingerprint {str(info.get('bank_fingerprint'))[:12]}, "
+            f"neighbour table in {bank_dir} was built for another bank "
+            f"(fingerprint {str(info.get('bank_fingerprint'))[:12]}, "
             f"bank {str(expected)[:12]}); re-run clip-ping neighbors --overwrite"
         )
     arrays = {}

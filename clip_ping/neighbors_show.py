@@ -35,7 +35,8 @@ class ShowConfig:
     data: str = option("", "pairs table (CSV/TSV) the bank was built from, or a data set folder (its train table)")
     banks: str | None = option(None, "bank folder with neighbours (default: <data folder>/banks)")
     out: str | None = option(None, "HTML page to write (default: <banks>/neighbors.html)")
-    n: int = option(50, "random samples shown on the page")
+    # not "n": `--n` would be an ambiguous abbreviation of `clip-ping neighbors --nprobe/--no-...`
+    samples: int = option(50, "random samples shown on the page")
     seed: int = option(0, "seed of the random choice of samples")
     embed: bool = option(True, "embed thumbnails in the page (self-contained) instead of linking the image files")
     thumb: int = option(160, "thumbnail size in pixels (embedded images)")
@@ -43,8 +44,8 @@ class ShowConfig:
     def validate(self) -> None:
         if not self.data:
             raise ConfigError("neighbors show needs --data (the pairs CSV/TSV or data set folder of the bank)")
-        if self.n < 1:
-            raise ConfigError("config key 'n' must be at least 1")
+        if self.samples < 1:
+            raise ConfigError("config key 'samples' must be at least 1")
         if self.thumb < 16:
             raise ConfigError("config key 'thumb' must be at least 16 (pixels)")
 
@@ -63,7 +64,7 @@ def show_neighbors(cfg: ShowConfig) -> dict[str, Any]:
         default_banks = data.parent / "banks"
     bank_dir = Path(cfg.banks) if cfg.banks else default_banks
     out = Path(cfg.out) if cfg.out else bank_dir / "neighbors.html"
-    result = write_neighbor_page(csv_path, bank_dir, out, n=cfg.n, seed=cfg.seed, embed=cfg.embed, thumb=cfg.thumb)
+    result = write_neighbor_page(csv_path, bank_dir, out, n=cfg.samples, seed=cfg.seed, embed=cfg.embed, thumb=cfg.thumb)
     for line in format_agreement(result).splitlines():
         log.info(line)
     return result
@@ -156,10 +157,12 @@ def write_neighbor_page(data_csv: str | Path, bank_dir: str | Path, out_html: st
             same = own is not None and values[i] == values[own]
             cls = "same" if same else ("diff" if own is not None else "")
             labels.append(f'<span class="lab {cls}">{html.escape(column)}: {html.escape(values[i])}</span>')
-        score_txt = f'<div class="score">#{i} &middot; cos {score:.3f}</div>' if score is not None else f'<div class="score">#{i}</div>'
+        score_txt = f"#{i} &middot; cos {score:.3f}" if score is not None else f"#{i}"
         src = image_src(i)
-        img = f'<img src="{html.escape(src)}" alt="sample {i}" loading="lazy">' if src else '<div class="noimg">unreadable</div>'
-        return (f"<td>{img}<div class=\"cap\">{html.escape(table.captions[i])}</div>{score_txt}"
+        img = (f'<img src="{html.escape(src)}" alt="sample {i}" loading="lazy">' if src
+               else '<div class="noimg">unreadable</div>')
+        caption = html.escape(table.captions[i])
+        return (f'<td>{img}<div class="cap">{caption}</div><div class="score">{score_txt}</div>'
                 f"<div>{' '.join(labels)}</div></td>")
 
     rows_html = []
