@@ -151,9 +151,17 @@ class SeededAugmentation(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> dict[str, Any] | None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch * 10_007 + int(i)) % (2**63))
+        seed = (self.seed * 1_000_003 + self.epoch * 10_007 + int(i)) % (2**63)
+        rng = torch.default_generator  # only the CPU generator: seeding every device costs more than the sample
+        if torch.utils.data.get_worker_info() is not None:
+            rng.manual_seed(seed)  # a loader worker: nobody else uses its generator
             return self.dataset[i]
+        state = rng.get_state()  # the main process: leave the training RNG as it was
+        try:
+            rng.manual_seed(seed)
+            return self.dataset[i]
+        finally:
+            rng.set_state(state)
 
 
 # --------------------------------------------------------------------------- optimiser
