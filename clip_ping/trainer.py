@@ -56,6 +56,9 @@ class TrainConfig:
     neighbor_source: str = option("dataset", "where neighbours come from: the whole data set (precomputed) or a FIFO queue of recent samples",
                                   choices=("dataset", "queue"))
     queue_size: int = option(4096, "FIFO queue length for neighbor_source=queue")
+    targets: str = option("teacher", "what u and v are pulled to: the neighbours' teacher features through the heads, "
+                          "or (with neighbor_source=queue) the student's own stored embeddings of the neighbours",
+                          choices=("teacher", "student"))
     head: str = option("linear", "teacher-to-student heads h_A, h_B", choices=("linear", "mlp"))
     logit_scales: str = option("shared", "one logit scale for all terms, or one per term", choices=("shared", "per_term"))
     epochs: int = option(5, "passes over the training data (ignored when steps is set)")
@@ -96,6 +99,8 @@ class TrainConfig:
             raise ConfigError("config key 'steps' must be at least 1")
         if self.epochs < 1:
             raise ConfigError("config key 'epochs' must be at least 1")
+        if self.targets == "student" and self.neighbor_source != "queue":
+            raise ConfigError("config key 'targets': student targets need neighbor_source=queue")
         if self.accum_steps < 1 or self.batch_size % self.accum_steps:
             raise ConfigError("config key 'accum_steps' must be >= 1 and divide batch_size")
         if self.lr <= 0:
@@ -242,6 +247,10 @@ class Trainer:
             self.queue = NeighborQueue(self.cfg.queue_size, self.banks.image.shape[1], self.banks.text.shape[1])
         embed_dim = self.model.text_projection.shape[1] if hasattr(self.model, "text_projection") else None
         embed_dim = embed_dim or self.model.visual.output_dim
+        self.student_memory = None
+        if self.cfg.targets == "student":
+            # last detached embeddings (u, v) of every sample; queued neighbours are recent, so theirs are fresh
+            self.student_memory = torch.zeros(2, len(self.table), embed_dim)
         # separate generator: the student's initial weights do not depend on the method
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed + 1)
@@ -263,6 +272,7 @@ class Trainer:
             "config": dataclasses.asdict(self.cfg),
             "data_fingerprint": self.table.fingerprint(),
             "queue": self.queue.state_dict() if self.queue is not None else None,
+            "student_memory": self.student_memory,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
         }
 
@@ -279,6 +289,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.queue is not None and state.get("queue") is not None:
             self.queue.load_state_dict(state["queue"])
+        if self.student_memory is not None and state.get("student_memory") is not None:
+            self.student_memory.copy_(state["student_memory"])
         self.step = int(state["step"])
         self.epoch = int(state.get("epoch", self.step // self.steps_per_epoch))
         self.batch_in_epoch = int(state.get("batch_in_epoch", self.step % self.steps_per_epoch))
@@ -303,10 +315,21 @@ class Trainer:
         else:
             a_self, b_self = self.banks.gather(index)
             p, q = self.queue.query(index, a_self, b_self)
+        if self.student_memory is not None:
+            return self._student_targets(index, image_feats, text_feats, p, q)
         a_p, b_p = self.banks.gather(p)
         a_q, b_q = self.banks.gather(q)
         dev = self.device
         return self.guidance.targets(a_p.to(dev), b_p.to(dev), a_q.to(dev), b_q.to(dev))
+
+    def _student_targets(self, index: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                         p: torch.Tensor, q: torch.Tensor) -> dict[str, torch.Tensor]:
+        """METHOD.md "student targets": the neighbours' stored student embeddings, detached."""
+        memory = self.student_memory
+        memory[0, index], memory[1, index] = u.detach().float().cpu(), v.detach().float().cpu()  # the batch may hold p or q
+        dev = self.device
+        return {"nn_image": memory[0, p].to(dev), "xnn_image": memory[1, p].to(dev),
+                "nn_text": memory[1, q].to(dev), "xnn_text": memory[0, q].to(dev)}
 
     def _encode(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):

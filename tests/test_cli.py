@@ -52,6 +52,18 @@ def test_every_stage_runs_from_the_command_line(pipeline, capsys):
     assert (pipeline / "export" / "open_clip_config.json").is_file()
 
 
+@pytest.mark.parametrize("variant", [["--neighbor-topk", "3", "--head", "mlp", "--logit-scales", "per_term"],
+                                     ["--neighbor-source", "queue", "--queue-size", "16"],
+                                     ["--neighbor-source", "queue", "--targets", "student"]])
+def test_method_variants_train(pipeline, capsys, variant):
+    run = pipeline / ("variant-" + "-".join(v.strip("-") for v in variant))
+    code, _, err = _run(capsys, "train", "--data", pipeline / "data", "--out", run, "--steps", 2, "--batch-size", 8,
+                        "--workers", 0, "--no-progress", "--no-tensorboard", "--log-every", 1, *variant)
+    assert code == 0, err
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 2 and last["loss_nn"] > 0 and last["loss_xnn"] > 0
+
+
 def test_help_of_every_stage(capsys):
     for argv in (["--help"], ["train", "--help"], ["extract", "--help"], ["neighbors", "--help"], ["eval", "--help"],
                  ["data", "synth", "--help"], ["demo", "--help"], ["report", "--help"]):
