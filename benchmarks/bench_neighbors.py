@@ -24,6 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_facts  # noqa: E402
+
 import numpy as np
 import torch
 
@@ -121,25 +124,12 @@ def exact_for_queries(x: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     return best_i.numpy()
 
 
-def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "load_avg_start": os.getloadavg()}
-
-
 def run_default(args: argparse.Namespace) -> dict[str, Any]:
     n, d, k = args.n, args.d, args.k
     print(f"data: {n:,} x {d} clustered, float16; k={k}; {torch.get_num_threads()} threads", flush=True)
     x = synthetic_bank(n, d, args.seed)
     flops = 2.0 * n * n * d
-    res: dict[str, Any] = {"n": n, "d": d, "k": k, "machine": machine()}
+    res: dict[str, Any] = {"n": n, "d": d, "k": k, "machine": machine_facts()}
 
     res["peak_gflops"] = {"fp32": round(matmul_peak(torch.float32), 1), "bf16": round(matmul_peak(torch.bfloat16), 1)}
     print(f"matmul peak: fp32 {res['peak_gflops']['fp32']} GFLOP/s, bf16 {res['peak_gflops']['bf16']} GFLOP/s", flush=True)
@@ -207,7 +197,7 @@ def run_big(args: argparse.Namespace) -> dict[str, Any]:
     n, d, k = args.big_n, args.d, args.k
     print(f"big: {n:,} x {d} clustered, float16; k={k}; IVF nlist {default_nlist(n)}", flush=True)
     x, t_data = timed(lambda: synthetic_bank(n, d, args.seed))
-    res: dict[str, Any] = {"n": n, "d": d, "k": k, "machine": machine(), "data_s": round(t_data, 1)}
+    res: dict[str, Any] = {"n": n, "d": d, "k": k, "machine": machine_facts(), "data_s": round(t_data, 1)}
     rng = np.random.default_rng(1)
     queries = np.sort(rng.choice(n, size=args.big_queries, replace=False)) if args.big_queries else None
     st: dict[str, Any] = {}
