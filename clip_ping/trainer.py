@@ -213,6 +213,7 @@ class Trainer:
         self.loss_fn = ClipPingLoss(lambda_nn, lambda_xnn, local_loss=cfg.local_loss)
         self.guidance: NeighborGuidance | None = None
         self.banks = self.neighbors = self.queue = None
+        self.student_memory: torch.Tensor | None = None
         if self.loss_fn.uses_neighbors:
             self._set_up_neighbors()
         modules = [self.model] + ([self.guidance] if self.guidance is not None else [])
@@ -247,7 +248,6 @@ class Trainer:
             self.queue = NeighborQueue(self.cfg.queue_size, self.banks.image.shape[1], self.banks.text.shape[1])
         embed_dim = self.model.text_projection.shape[1] if hasattr(self.model, "text_projection") else None
         embed_dim = embed_dim or self.model.visual.output_dim
-        self.student_memory = None
         if self.cfg.targets == "student":
             # last detached embeddings (u, v) of every sample; queued neighbours are recent, so theirs are fresh
             self.student_memory = torch.zeros(2, len(self.table), embed_dim)
