@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from open_clip_train.train import get_clip_metrics
 from PIL import Image
 
+from conftest import TINY_CONFIG, TINY_MODEL
 from clip_ping.errors import ConfigError
 from clip_ping.evaluation import linear_probe, retrieval_metrics, zero_shot_accuracy, zero_shot_classifier
 from clip_ping.evaluation.runner import (
@@ -26,12 +27,6 @@ from clip_ping.evaluation.runner import (
 
 # ----------------------------------------------------------------------------- helpers
 
-TINY_MODEL = "clip-ping-test-tiny"
-TINY_CONFIG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 
 
 def _unit(*shape: int, seed: int) -> torch.Tensor:
@@ -46,16 +41,6 @@ def _paired(n: int, d: int, noise: float, seed: int) -> tuple[torch.Tensor, torc
     return images, texts
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A tiny random open_clip model (registered from a config file written here), its tokenizer and transform."""
-    config_dir = tmp_path_factory.mktemp("model_configs")
-    (config_dir / f"{TINY_MODEL}.json").write_text(json.dumps(TINY_CONFIG))
-    open_clip.add_model_config(config_dir)
-    torch.manual_seed(0)
-    model, _, preprocess = open_clip.create_model_and_transforms(TINY_MODEL)
-    model.eval()
-    return model, open_clip.get_tokenizer(TINY_MODEL), preprocess
 
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}

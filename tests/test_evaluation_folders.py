@@ -15,27 +15,12 @@ from clip_ping.data.pairs import DEFAULT_TEMPLATES, load_image
 from clip_ping.errors import DataError
 from clip_ping.evaluation.runner import EvalConfig, evaluate, evaluate_from_config, image_folder_layout
 
-TINY_MODEL = "clip-ping-test-tiny-folders"
-TINY_CONFIG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 # Folder names as a user would have them; class names are the readable forms.
 COLORS = {"dark_red": (150, 20, 20), "Green": (30, 200, 40), "blue-ish": (30, 40, 220),
           "yellow": (230, 220, 30), "cyan": (30, 220, 220), "magenta": (220, 30, 220)}
 READABLE = ["dark red", "green", "blue ish", "yellow", "cyan", "magenta"]
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    config_dir = tmp_path_factory.mktemp("model_configs")
-    (config_dir / f"{TINY_MODEL}.json").write_text(json.dumps(TINY_CONFIG))
-    open_clip.add_model_config(config_dir)
-    torch.manual_seed(0)
-    model, _, preprocess = open_clip.create_model_and_transforms(TINY_MODEL)
-    model.eval()
-    return model, open_clip.get_tokenizer(TINY_MODEL), preprocess
 
 
 def _write_folder(root: Path, per_class: int = 3, seed: int = 0) -> Path:
