@@ -5,7 +5,7 @@
 
 Each reader yields what training consumes: the student's train transform
 (``preprocess_train`` of `create_student`) applied to the decoded image and the
-caption tokenised, batched by `collate_pairs`:
+caption tokenised per batch, batched by `collate_pairs` (as the trainer does):
 
 * ``csv``: `PairDataset` over the `PairTable` of ``train.csv``, wrapped as the
   trainer does (`SeededAugmentation`, `EpochBatchSampler`), DataLoader workers 0/1/2;
@@ -71,18 +71,18 @@ def loaders(data: Path, descriptor: Path, model: str, batch: int, workers: list[
     _, preprocess_train, _, tokenizer = create_student(model, seed=0)
     csv_table = read_pairs(data / "train.csv")
     shard_table = open_shards(descriptor)
-    collate = partial(collate_pairs)
+    collate = partial(collate_pairs, tokenizer=tokenizer)
     out: dict[str, Callable[[int], DataLoader]] = {}
 
     def mapped(table):
         def make(w: int, epoch: int) -> DataLoader:
-            ds = SeededAugmentation(PairDataset(table, preprocess_train, tokenizer), 0, epoch)
+            ds = SeededAugmentation(PairDataset(table, preprocess_train), 0, epoch)
             return DataLoader(ds, batch_sampler=EpochBatchSampler(len(table), batch, 0, epoch), num_workers=w,
                               collate_fn=collate)
         return make
 
     def stream(w: int, epoch: int) -> DataLoader:
-        ds = ShardStream(shard_table, preprocess_train, tokenizer)
+        ds = ShardStream(shard_table, preprocess_train)
         ds.set_epoch(epoch)
         return DataLoader(ds, batch_size=batch, num_workers=w, collate_fn=collate)
 

@@ -181,6 +181,19 @@ def test_load_image_composites_transparency_on_white(tmp_path: Path) -> None:
     assert load_image(tmp_path / "grey.png").getpixel((0, 0)) == (77, 77, 77)
 
 
+def test_load_image_applies_exif_orientation(tmp_path: Path) -> None:
+    im = Image.new("RGB", (16, 8), (0, 0, 255))
+    im.paste((255, 0, 0), (0, 0, 8, 8))  # left half red, right half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    im.save(tmp_path / "rotated.jpg", exif=exif, quality=100)
+    im.save(tmp_path / "plain.png")
+    shown = load_image(tmp_path / "rotated.jpg")
+    assert shown.size == (8, 16)
+    assert shown.getpixel((4, 2))[0] > 200 and shown.getpixel((4, 13))[2] > 200  # red on top, blue below
+    assert load_image(tmp_path / "plain.png").size == (16, 8)  # no EXIF: as stored
+
+
 def test_load_image_raises_on_corrupt_and_truncated(tmp_path: Path) -> None:
     (tmp_path / "junk.png").write_bytes(b"not an image at all")
     with pytest.raises(ImageDecodeError):

@@ -132,6 +132,20 @@ def _first_batch(trainer):
     return next(iter(trainer._loader(epoch=0, start_batch=0)))
 
 
+def test_training_batches_carry_the_tokens_of_their_own_captions(tiny_synth, tmp_path):
+    trainer = Trainer(_cfg(tiny_synth, tmp_path / "run"))
+    batch = _first_batch(trainer)
+    rows = batch["index"].tolist()
+    assert len(set(rows)) == len(rows) == trainer.cfg.batch_size
+    expected = torch.stack([trainer.tokenizer([trainer.table.captions[i]])[0] for i in rows])
+    assert torch.equal(batch["text"], expected)
+
+
+def test_optimizer_uses_the_fused_adamw_kernel(tiny_synth, tmp_path):
+    trainer = Trainer(_cfg(tiny_synth, tmp_path / "run"))
+    assert trainer.optimizer.defaults["fused"] is True
+
+
 @pytest.mark.parametrize("extra", [{}, {"grad_checkpointing": True}])
 def test_gradient_accumulation_matches_the_full_batch(tiny_synth, tmp_path, extra):
     full = Trainer(_cfg(tiny_synth, tmp_path / "a", grad_clip=None))

@@ -335,7 +335,8 @@ def load_image(path: str | Path, background: tuple[int, int, int] = (255, 255, 2
     try:
         with Image.open(path) as im:
             im.load()
-            im = ImageOps.exif_transpose(im) or im
+            if "exif" in im.info or im.format == "TIFF":  # reading absent EXIF costs as much as the RGB conversion
+                im = ImageOps.exif_transpose(im) or im
             return _to_rgb(im, background)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError) as exc:
         raise ImageDecodeError(f"cannot decode image {path}: {exc}") from None
