@@ -142,6 +142,16 @@ class EpochBatchSampler(Sampler[list[int]]):
             yield batch[self.rank * per_rank:(self.rank + 1) * per_rank]
 
 
+def ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader worker init: leave SIGTERM/SIGINT to the training process.
+
+    Schedulers and Ctrl-C signal the whole process group; a worker killed by
+    them would crash the run before it can finish its step and save.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class SeededAugmentation(torch.utils.data.Dataset):
     """Seeds the random image augmentation of sample i from (seed, epoch, i).
 
@@ -461,7 +471,8 @@ class Trainer:
         # the generator fixes each worker's seed, hence its augmentations, for this epoch
         generator = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
         return DataLoader(stream, batch_size=self.cfg.batch_size // self.world, num_workers=self.cfg.workers,
-                          collate_fn=partial(collate_pairs, tokenizer=self.tokenizer), drop_last=True, generator=generator)
+                          collate_fn=partial(collate_pairs, tokenizer=self.tokenizer), drop_last=True, generator=generator,
+                          worker_init_fn=ignore_stop_signals)
 
     def _loader(self, epoch: int, start_batch: int) -> DataLoader:
         # captions are tokenized per batch in collate: one tokenizer call per batch costs less than one per sample
@@ -469,7 +480,7 @@ class Trainer:
         sampler = EpochBatchSampler(len(self.table), self.cfg.batch_size, self.cfg.seed, epoch, start_batch,
                                     self.rank, self.world)
         return DataLoader(dataset, batch_sampler=sampler, num_workers=self.cfg.workers,
-                          collate_fn=partial(collate_pairs, tokenizer=self.tokenizer))
+                          collate_fn=partial(collate_pairs, tokenizer=self.tokenizer), worker_init_fn=ignore_stop_signals)
 
     def _install_signal_handlers(self) -> None:
         def handler(signum, _frame):

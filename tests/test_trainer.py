@@ -155,7 +155,13 @@ def test_gradient_accumulation_matches_the_full_batch(tiny_synth, tmp_path, extr
         assert torch.allclose(g_full, g_acc, atol=1e-6, rtol=1e-4)
 
 
-def test_sigterm_to_the_process_saves_a_loadable_checkpoint_and_says_how_to_resume(tiny_synth, tmp_path):
+@pytest.mark.parametrize("sig, workers, whole_group", [
+    ("SIGTERM", 0, False),
+    # schedulers and Ctrl-C signal the whole process group, the loader workers included
+    ("SIGTERM", 2, True),
+    ("SIGINT", 2, True),
+])
+def test_a_stop_signal_saves_a_loadable_checkpoint_and_says_how_to_resume(tiny_synth, tmp_path, sig, workers, whole_group):
     import os
     import signal
     import subprocess
@@ -165,20 +171,25 @@ def test_sigterm_to_the_process_saves_a_loadable_checkpoint_and_says_how_to_resu
     run = tmp_path / "run"
     proc = subprocess.Popen(
         [sys.executable, "-m", "clip_ping.cli", "train", "--data", str(tiny_synth), "--out", str(run), "--method", "clip",
-         "--steps", "100000", "--batch-size", "8", "--workers", "0", "--log-every", "1", "--save-every", "100000",
-         "--no-progress", "--no-tensorboard"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+         "--steps", "100000", "--batch-size", "8", "--workers", str(workers), "--log-every", "1",
+         "--save-every", "100000", "--no-progress", "--no-tensorboard"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start_new_session=True)
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    signum = getattr(signal, sig)
+    if whole_group:
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "--resume latest" in err and "Traceback" not in err
     state = load_checkpoint(run / "checkpoints" / "latest.pt")
     assert state["step"] >= 2
-    assert json.loads(out)["stopped_by"] == "SIGTERM"
+    assert json.loads(out)["stopped_by"] == sig
 
 
 def test_streamed_shards_train_and_resume_exactly(tiny_synth, tmp_path):
