@@ -304,6 +304,7 @@ def vs_open_clip(data: Path, model: str, batch: int, precision: str, epochs: int
     logs = C.WORK / "open_clip_logs"
     me = str(Path(__file__).resolve())
     per: dict[str, list[float]] = {"clip-ping": [], "open_clip_train": []}
+    round_medians: dict[str, list[float]] = {"clip-ping": [], "open_clip_train": []}
     walls: dict[str, list[float]] = {"clip-ping": [], "open_clip_train": []}
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     oc_env = dict(env)
@@ -341,16 +342,22 @@ def vs_open_clip(data: Path, model: str, batch: int, precision: str, epochs: int
                     raise RuntimeError(f"open_clip_train child failed or logged {len(iv)} of {steps} steps:\n{text[-3000:]}")
             wall = time.perf_counter() - t0
             per[side] += iv[warmup:]
+            round_medians[side].append(statistics.median(iv[warmup:]))
             walls[side].append({"process_s": round(wall, 2), "steps_s": round(sum(iv), 2)})
             print(f"  [{side}] round {r}: {len(iv)} steps, median {statistics.median(iv[warmup:]):.3f} s/step, "
                   f"process {wall:.1f} s", flush=True)
     st = {m: C.stats(v) for m, v in per.items()}
+    # one ratio per round (both sides run back to back), so drift of the machine shows as spread
+    round_ratios = [o / c for o, c in zip(round_medians["open_clip_train"], round_medians["clip-ping"])]
     return {
         "model": model, "precision": precision, "batch_size": batch, "workers": workers, "epochs": epochs,
         "steps": steps, "warmup_steps_dropped": warmup, "rounds": rounds, "step_s": st, "walls": walls,
         "samples_per_s": {m: sps(batch, s["median"]) for m, s in st.items()},
         "samples_per_s_mean": {m: sps(batch, s["mean"]) for m, s in st.items()},
         "ratio_clip_ping_over_open_clip_throughput": st["open_clip_train"]["median"] / st["clip-ping"]["median"],
+        "round_ratios": round_ratios,
+        "round_ratio_mean": statistics.fmean(round_ratios),
+        "round_ratio_std": statistics.stdev(round_ratios) if len(round_ratios) > 1 else 0.0,
     }
 
 
@@ -386,7 +393,7 @@ def main() -> None:
     ap.add_argument("--breakdown", action="store_true", help="always time CLIP-PING's extra pieces (automatic above the target)")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler tables of 3 steps of each method")
     ap.add_argument("--epochs", type=int, default=3, help="--vs-open-clip: epochs of both sides (default 3)")
-    ap.add_argument("--vs-rounds", type=int, default=2, help="--vs-open-clip: runs per side, alternated (default 2)")
+    ap.add_argument("--vs-rounds", type=int, default=4, help="--vs-open-clip: runs per side, alternated (default 4)")
     ap.add_argument("--vs-models", default="ViT-XXS-8-64", help="--vs-open-clip: comma list of models")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch intra-op threads of the training process(es) (default 0: torch's default, one per core)")
@@ -419,8 +426,10 @@ def main() -> None:
                 res = vs_open_clip(data, model, batch, precision, args.epochs, args.warmup, args.workers, args.vs_rounds)
                 result["vs_open_clip"].append(res)
                 rows.append([model, precision, batch, res["steps"], res["samples_per_s"]["clip-ping"],
-                             res["samples_per_s"]["open_clip_train"], res["ratio_clip_ping_over_open_clip_throughput"]])
-        C.print_table(rows, ["model", "prec", "batch", "steps", "clip-ping sps", "open_clip_train sps", "clip-ping/oc"],
+                             res["samples_per_s"]["open_clip_train"], res["ratio_clip_ping_over_open_clip_throughput"],
+                             f"{res['round_ratio_mean']:.3f} ± {res['round_ratio_std']:.3f}"])
+        C.print_table(rows, ["model", "prec", "batch", "steps", "clip-ping sps", "open_clip_train sps", "clip-ping/oc",
+                             "per round"],
                       "clip-ping plain CLIP vs open_clip_train (median step, end to end)")
         path = C.write_json(args.out or ("train_vs_open_clip_quick" if args.quick else "train_vs_open_clip"), result)
         print(f"\nload average at end: {result['machine']['load_avg_end']}\nwrote {path}")
