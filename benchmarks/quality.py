@@ -61,7 +61,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 PROFILES_FILE = Path(__file__).with_name("quality_profiles.yaml")
-WORK = ROOT / "benchmarks" / "work"
+WORK = (ROOT / "benchmarks" / "work").resolve()  # one spelling of every path, also through a symlinked work folder
 RESULTS = ROOT / "benchmarks" / "results"
 BASELINE = "clip"
 REFERENCE = "clip-ping"  # the current defaults; a change is recommended only when it beats them on val
