@@ -29,7 +29,6 @@ Results: ``benchmarks/results/loader.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys

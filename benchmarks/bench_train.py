@@ -344,7 +344,7 @@ def vs_open_clip(data: Path, model: str, batch: int, precision: str, epochs: int
             per[side] += iv[warmup:]
             round_medians[side].append(statistics.median(iv[warmup:]))
             walls[side].append({"process_s": round(wall, 2), "steps_s": round(sum(iv), 2)})
-            print(f"  [{side}] round {r}: {len(iv)} steps, median {statistics.median(iv[warmup:]):.3f} s/step, "
+            print(f"  [{side}] round {r}: {len(iv)} steps, median {round_medians[side][-1]:.3f} s/step, "
                   f"process {wall:.1f} s", flush=True)
     st = {m: C.stats(v) for m, v in per.items()}
     # one ratio per round (both sides run back to back), so drift of the machine shows as spread

@@ -28,7 +28,6 @@ from clip_ping.evaluation.runner import (
 # ----------------------------------------------------------------------------- helpers
 
 
-
 def _unit(*shape: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return F.normalize(torch.randn(*shape, generator=g), dim=-1)
@@ -39,8 +38,6 @@ def _paired(n: int, d: int, noise: float, seed: int) -> tuple[torch.Tensor, torc
     images = _unit(n, d, seed=seed)
     texts = F.normalize(images + noise * _unit(n, d, seed=seed + 1), dim=-1)
     return images, texts
-
-
 
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}

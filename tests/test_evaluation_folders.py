@@ -21,8 +21,6 @@ COLORS = {"dark_red": (150, 20, 20), "Green": (30, 200, 40), "blue-ish": (30, 40
 READABLE = ["dark red", "green", "blue ish", "yellow", "cyan", "magenta"]
 
 
-
-
 def _write_folder(root: Path, per_class: int = 3, seed: int = 0) -> Path:
     """ROOT/<class>/<i>.png: a coloured square on white, with a little noise."""
     rng = np.random.default_rng(seed)
