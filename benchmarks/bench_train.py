@@ -54,6 +54,7 @@ import _common as C  # noqa: E402
 
 import torch  # noqa: E402
 
+from clip_ping.losses import info_nce  # noqa: E402
 from clip_ping.trainer import TrainConfig, Trainer  # noqa: E402
 
 TARGET_RATIO = 1.05
@@ -140,16 +141,17 @@ def compute_only(data: Path, model: str, batch: int, precision: str, steps: int,
 def ping_breakdown(trainers: dict[str, Trainer], batches: list[dict[str, Any]], repeats: int) -> dict[str, Any]:
     """Time each extra piece of a CLIP-PING step alone (interleaved), in seconds (median)."""
     clip, ping = trainers["clip"], trainers["clip-ping"]
-    assert ping.neighbors is not None and ping.banks is not None and ping.guidance is not None
+    objective = ping.objective
+    table, banks, heads = objective.source.table, objective.banks, objective.heads
     prepared = []
     for batch in batches[: min(len(batches), 4)]:
         with torch.no_grad():
             u, v = ping._encode(batch["image"], batch["text"])
         index = batch["index"]
         g = torch.Generator().manual_seed(0)
-        p, q = ping.neighbors.pick(index, ping.cfg.neighbor_topk, g)
-        a_p, b_p = ping.banks.gather(p)
-        a_q, b_q = ping.banks.gather(q)
+        p, q = table.pick(index, ping.cfg.neighbor_topk, g)
+        a_p, b_p = banks.gather(p)
+        a_q, b_q = banks.gather(q)
         prepared.append((index, u, v, p, q, (a_p, b_p, a_q, b_q)))
 
     def leaf(t: torch.Tensor) -> torch.Tensor:
@@ -157,26 +159,25 @@ def ping_breakdown(trainers: dict[str, Trainer], batches: list[dict[str, Any]], 
 
     def pick(r):
         index = prepared[r % len(prepared)][0]
-        ping.neighbors.pick(index, ping.cfg.neighbor_topk, torch.Generator().manual_seed(r))
+        table.pick(index, ping.cfg.neighbor_topk, torch.Generator().manual_seed(r))
 
     def gather(r):
         _, _, _, p, q, _ = prepared[r % len(prepared)]
-        ping.banks.gather(p)
-        ping.banks.gather(q)
+        banks.gather(p)
+        banks.gather(q)
 
     def heads_fwd(r):
         with torch.no_grad():
-            ping.guidance.targets(*prepared[r % len(prepared)][5])
+            heads.targets(*prepared[r % len(prepared)][5])
 
     def clip_loss_fb(r):
         _, u, v, *_ = prepared[r % len(prepared)]
-        out = clip.loss_fn(leaf(u), leaf(v), clip.model.logit_scale.exp())
-        out["loss"].backward()
+        info_nce(leaf(u), leaf(v), clip.model.logit_scale.exp()).backward()
 
     def ping_loss_fb(r):
         _, u, v, _, _, feats = prepared[r % len(prepared)]
-        targets = {k: t.float() for k, t in ping.guidance.targets(*feats).items()}
-        out = ping.loss_fn(leaf(u), leaf(v), ping.model.logit_scale.exp(), targets=targets)
+        targets = {k: t.float() for k, t in heads.targets(*feats).items()}
+        out = objective.criterion(leaf(u), leaf(v), ping.model.logit_scale.exp(), targets=targets)
         out["loss"].backward()
 
     def optim(trainer):
@@ -193,7 +194,7 @@ def ping_breakdown(trainers: dict[str, Trainer], batches: list[dict[str, Any]], 
                            "ping_loss_fwd_bwd": ping_loss_fb, "optim_clip": optim(clip), "optim_ping": optim(ping)},
                           repeats=repeats, warmup=2)
     med = {k: statistics.median(v) for k, v in times.items()}
-    n_guidance = sum(p.numel() for p in ping.guidance.parameters())
+    n_guidance = sum(p.numel() for p in heads.parameters())
     n_student = sum(p.numel() for p in ping.model.parameters())
     extra = {
         "neighbour_pick": med["pick"],

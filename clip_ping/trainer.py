@@ -1,8 +1,10 @@
-"""Stage 2: train a student dual encoder with CLIP or CLIP-PING.
+"""Stage 2: train a student dual encoder with one objective (CLIP, CLIP-PING, ...).
 
 One step: a batch of (image, caption, index) -> student embeddings u, v ->
-for CLIP-PING, neighbour indices p, q of the batch rows -> four rows gathered
-from the memory-mapped banks -> heads -> `ClipPingLoss`.
+``objective.loss(u, v, batch)`` -> backward -> optimiser -> ``objective.after_step``.
+What a method adds beside the student (banks, neighbours, heads, queues) lives
+in its objective (`clip_ping.objectives`); the trainer knows only the loop,
+the schedule, the data order and checkpoints.
 
 Everything random is derived from (seed, epoch, step, sample index) rather
 than carried as state, so a run stopped at any step and resumed from its
@@ -34,13 +36,12 @@ from .config import option, save_yaml
 from .data.pairs import PairDataset, PairTable, collate_pairs
 from .data.shards import open_split
 from .errors import ClipPingError, ConfigError
-from .heads import NeighborGuidance
-from .losses import ClipPingLoss
+from .objectives import OBJECTIVES, ObjectiveSetup, StepContext, build_objective
 from .schedule import warmup_cosine_lr
 from .student import create_student
 
 log = logging.getLogger(__name__)
-MAX_LOGIT_SCALE = 100.0
+MAX_LOGIT_SCALE = 100.0  # CLIP's clamp of the learnable logit scale
 
 
 @dataclass
@@ -48,7 +49,7 @@ class TrainConfig:
     data: str = option("data/synth", "data set folder (train.csv or train.shards.json), a CSV/TSV file or a shard descriptor")
     out: str = option("runs/train", "run folder: config, metrics, checkpoints, evaluation")
     banks: str | None = option(None, "feature bank folder with neighbours (default: <data>/banks)")
-    method: str = option("clip-ping", "loss: clip-ping, or plain clip (both lambdas 0)", choices=("clip-ping", "clip"))
+    method: str = option("clip-ping", "training objective: clip-ping, or plain clip (the baseline)", choices=tuple(OBJECTIVES))
     model: str = option("ViT-XXS-8-64", "student: an open_clip model name (shipped: ViT-XXS-8-64, ViT-XS-16)")
     lambda_nn: float = option(0.5, "weight of the NN (intra-modal) terms")
     lambda_xnn: float = option(0.5, "weight of the XNN (cross-modal) terms")
@@ -203,7 +204,7 @@ class StepResult:
 
 
 class Trainer:
-    """Owns the student, the guidance heads, the optimiser, data and neighbour sources."""
+    """The loop: owns the student, the objective, the optimiser, the data order and checkpoints."""
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -219,16 +220,9 @@ class Trainer:
         self.model.to(self.device)
         if cfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
-        lambda_nn, lambda_xnn = cfg.effective_lambdas
-        self.loss_fn = ClipPingLoss(lambda_nn, lambda_xnn, local_loss=cfg.local_loss)
-        self.guidance: NeighborGuidance | None = None
-        self.banks = self.neighbors = self.queue = None
-        self.student_memory: torch.Tensor | None = None
-        if self.loss_fn.uses_neighbors:
-            self._set_up_neighbors()
-        modules = [self.model] + ([self.guidance] if self.guidance is not None else [])
+        self.objective = build_objective(ObjectiveSetup(cfg, self.table, self._embed_dim(), self.device))
         # the fused kernel updates all tensors in one pass: 3x faster than the per-tensor loop on CPU
-        self.optimizer = torch.optim.AdamW(parameter_groups(modules, cfg.weight_decay), lr=cfg.lr,
+        self.optimizer = torch.optim.AdamW(parameter_groups([self.model, self.objective], cfg.weight_decay), lr=cfg.lr,
                                            betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                            fused=self.device.type in ("cpu", "cuda"))
         self.steps_per_epoch = len(self.table) // cfg.batch_size
@@ -244,31 +238,10 @@ class Trainer:
     def _read_table(self) -> PairTable:
         return open_split(self.cfg.data, "train")
 
-    def _set_up_neighbors(self) -> None:
-        from .banks import open_banks
-        from .neighbors import NeighborQueue, load_neighbors
-
-        data = Path(self.cfg.data)
-        bank_dir = Path(self.cfg.banks) if self.cfg.banks else (data if data.is_dir() else data.parent) / "banks"
-        self.banks = open_banks(bank_dir, self.table)
-        if self.cfg.neighbor_source == "dataset":
-            self.neighbors = load_neighbors(bank_dir, expected_fingerprint=self.banks.fingerprint())
-            if self.cfg.neighbor_topk > self.neighbors.k:
-                raise ConfigError(f"config key 'neighbor_topk': {self.cfg.neighbor_topk} exceeds the k={self.neighbors.k} "
-                                  f"neighbours stored in {bank_dir}; re-run clip-ping neighbors with a larger --k")
-        else:
-            self.queue = NeighborQueue(self.cfg.queue_size, self.banks.image.shape[1], self.banks.text.shape[1])
-        embed_dim = self.model.text_projection.shape[1] if hasattr(self.model, "text_projection") else None
-        embed_dim = embed_dim or self.model.visual.output_dim
-        if self.cfg.targets == "student":
-            # last detached embeddings (u, v) of every sample; queued neighbours are recent, so theirs are fresh
-            self.student_memory = torch.zeros(2, len(self.table), embed_dim)
-        # separate generator: the student's initial weights do not depend on the method
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.cfg.seed + 1)
-            self.guidance = NeighborGuidance(self.banks.image.shape[1], self.banks.text.shape[1], embed_dim,
-                                             kind=self.cfg.head, per_term_scales=self.cfg.logit_scales == "per_term")
-        self.guidance.to(self.device)
+    def _embed_dim(self) -> int:
+        if hasattr(self.model, "text_projection"):
+            return int(self.model.text_projection.shape[1])
+        return int(self.model.visual.output_dim)
 
     # -- checkpoints ------------------------------------------------------------
 
@@ -276,15 +249,14 @@ class Trainer:
         return {
             "model": self.model.state_dict(),
             "model_name": self.cfg.model,
-            "guidance": self.guidance.state_dict() if self.guidance is not None else None,
+            "method": self.cfg.method,
+            "objective": self.objective.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "config": dataclasses.asdict(self.cfg),
             "data_fingerprint": self.table.fingerprint(),
-            "queue": self.queue.state_dict() if self.queue is not None else None,
-            "student_memory": self.student_memory,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
         }
 
@@ -293,16 +265,13 @@ class Trainer:
             raise ConfigError(f"checkpoint is of model {state.get('model_name')}, this run trains {self.cfg.model}")
         if state.get("data_fingerprint") != self.table.fingerprint():
             raise ConfigError("checkpoint was trained on another data set (fingerprint differs); refusing to resume")
+        method = state.get("method", "clip-ping" if state.get("guidance") is not None else "clip")
+        if method != self.cfg.method:
+            raise ConfigError(f"checkpoint was trained with --method {method}, this run is --method {self.cfg.method}; "
+                              "resume with the same method or start a new run folder")
         self.model.load_state_dict(state["model"])
-        if self.guidance is not None:
-            if state.get("guidance") is None:
-                raise ConfigError("checkpoint has no CLIP-PING heads (it is a plain CLIP run); cannot resume as clip-ping")
-            self.guidance.load_state_dict(state["guidance"])
+        self.objective.load_state_dict(state.get("objective") or _objective_state_of_v1(state))
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.queue is not None and state.get("queue") is not None:
-            self.queue.load_state_dict(state["queue"])
-        if self.student_memory is not None and state.get("student_memory") is not None:
-            self.student_memory.copy_(state["student_memory"])
         self.step = int(state["step"])
         self.epoch = int(state.get("epoch", self.step // self.steps_per_epoch))
         self.batch_in_epoch = int(state.get("batch_in_epoch", self.step % self.steps_per_epoch))
@@ -317,52 +286,15 @@ class Trainer:
 
     # -- one step ---------------------------------------------------------------
 
-    def _neighbor_targets(self, index: torch.Tensor, image_feats: torch.Tensor,
-                          text_feats: torch.Tensor) -> dict[str, torch.Tensor]:
-        assert self.banks is not None and self.guidance is not None
-        if self.neighbors is not None:
-            # one generator per step: draws are the same after a resume
-            g = torch.Generator().manual_seed(self.cfg.seed * 7_919 + self.step)
-            p, q = self.neighbors.pick(index, self.cfg.neighbor_topk, g)
-        else:
-            a_self, b_self = self.banks.gather(index)
-            p, q = self.queue.query(index, a_self, b_self)
-        if self.student_memory is not None:
-            return self._student_targets(index, image_feats, text_feats, p, q)
-        a_p, b_p = self.banks.gather(p)
-        a_q, b_q = self.banks.gather(q)
-        dev = self.device
-        return self.guidance.targets(a_p.to(dev), b_p.to(dev), a_q.to(dev), b_q.to(dev))
-
-    def _student_targets(self, index: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
-                         p: torch.Tensor, q: torch.Tensor) -> dict[str, torch.Tensor]:
-        """METHOD.md "student targets": the neighbours' stored student embeddings, detached."""
-        memory = self.student_memory
-        memory[0, index], memory[1, index] = u.detach().float().cpu(), v.detach().float().cpu()  # the batch may hold p or q
-        dev = self.device
-        return {"nn_image": memory[0, p].to(dev), "xnn_image": memory[1, p].to(dev),
-                "nn_text": memory[1, q].to(dev), "xnn_text": memory[0, q].to(dev)}
-
     def _encode(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
             u = self.model.encode_image(images, normalize=True)
             v = self.model.encode_text(texts, normalize=True)
         return u.float(), v.float()
 
-    def _loss(self, u: torch.Tensor, v: torch.Tensor, index: torch.Tensor, grad_share: float = 1.0) -> dict[str, torch.Tensor]:
-        """The loss of a batch of embeddings. ``grad_share`` scales the gradient (not the
-        value) of parameters used by every micro-batch, so accumulation sums to the full gradient."""
-        def share(t: torch.Tensor) -> torch.Tensor:
-            return t if grad_share == 1.0 else t.detach() + (t - t.detach()) * grad_share
-
-        targets = None
-        if self.loss_fn.uses_neighbors:
-            targets = {k: share(t.float()) for k, t in self._neighbor_targets(index, u, v).items()}
-        extra = {}
-        if self.guidance is not None and self.guidance.logit_scale_nn is not None:
-            extra = {"logit_scale_nn": share(self.guidance.logit_scale_nn.exp()),
-                     "logit_scale_xnn": share(self.guidance.logit_scale_xnn.exp())}
-        return self.loss_fn(u, v, share(self.model.logit_scale.exp()), targets=targets, **extra)
+    def _loss(self, u: torch.Tensor, v: torch.Tensor, batch: dict[str, Any], grad_share: float = 1.0) -> dict[str, torch.Tensor]:
+        ctx = StepContext(step=self.step, logit_scale=self.model.logit_scale.exp(), grad_share=grad_share)
+        return self.objective.loss(u, v, batch, ctx)
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):
@@ -377,15 +309,14 @@ class Trainer:
             group["lr"] = lr
         images = batch["image"].to(self.device, non_blocking=True)
         texts = batch["text"].to(self.device, non_blocking=True)
-        index = batch["index"]
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         if cfg.accum_steps == 1:
-            out = self._loss(*self._encode(images, texts), index)
+            out = self._loss(*self._encode(images, texts), batch)
             self._check_finite(out["loss"])
             out["loss"].backward()
         else:
-            out = self._accumulate(images, texts, index)
+            out = self._accumulate(images, texts, batch)
         if self.world > 1:
             self._average_gradients()
         if cfg.grad_clip:
@@ -394,11 +325,7 @@ class Trainer:
         self.optimizer.step()
         with torch.no_grad():
             self.model.logit_scale.clamp_(max=math.log(MAX_LOGIT_SCALE))
-            if self.guidance is not None and self.guidance.logit_scale_nn is not None:
-                self.guidance.logit_scale_nn.clamp_(max=math.log(MAX_LOGIT_SCALE))
-                self.guidance.logit_scale_xnn.clamp_(max=math.log(MAX_LOGIT_SCALE))
-        if self.queue is not None:
-            self.queue.push(index, *self.banks.gather(index))
+        self.objective.after_step(batch)
         self.step += 1
         terms = {k: float(v.detach()) for k, v in out.items()}
         if self.world > 1:  # with --local-loss each process saw a different share
@@ -408,7 +335,7 @@ class Trainer:
         terms["logit_scale"] = float(self.model.logit_scale.detach().exp())
         return StepResult(loss_value, terms)
 
-    def _accumulate(self, images: torch.Tensor, texts: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _accumulate(self, images: torch.Tensor, texts: torch.Tensor, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Gradient accumulation that keeps the contrastive batch whole.
 
         First every micro-batch is embedded without gradients; then each is
@@ -417,7 +344,7 @@ class Trainer:
         gradient of the full-batch loss while holding the activations of one
         micro-batch at a time.
         """
-        chunks = torch.arange(len(index)).chunk(self.cfg.accum_steps)
+        chunks = torch.arange(len(batch["index"])).chunk(self.cfg.accum_steps)
         with torch.no_grad():
             cached = [self._encode(images[c], texts[c]) for c in chunks]
         out: dict[str, torch.Tensor] = {}
@@ -425,7 +352,7 @@ class Trainer:
             u_j, v_j = self._encode(images[c], texts[c])
             u = torch.cat([u_j if i == j else cu for i, (cu, _) in enumerate(cached)])
             v = torch.cat([v_j if i == j else cv for i, (_, cv) in enumerate(cached)])
-            out = self._loss(u, v, index, grad_share=1.0 / len(chunks))
+            out = self._loss(u, v, batch, grad_share=1.0 / len(chunks))
             self._check_finite(out["loss"])
             out["loss"].backward()
         return out
@@ -568,6 +495,15 @@ class Trainer:
         shown = {k.replace("loss_", ""): f"{record[k]:.3f}" for k in ("loss", "loss_clip", "loss_nn", "loss_xnn") if k in record}
         shown["sps"] = f"{record['samples_per_s']:.0f}"
         bar.set_postfix(shown, refresh=False)
+
+
+def _objective_state_of_v1(state: dict[str, Any]) -> dict[str, Any]:
+    """The objective state of a checkpoint written before objectives existed (heads, queue and memory at top level)."""
+    if state.get("guidance") is None:
+        return {}
+    converted: dict[str, Any] = {f"heads.{k}": t for k, t in state["guidance"].items()}
+    converted["_extra_state"] = {"source": state.get("queue"), "targets": state.get("student_memory")}
+    return converted
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:

@@ -224,15 +224,12 @@ def test_streaming_a_csv_data_set_is_refused(tiny_synth, tmp_path):
         Trainer(_cfg(tiny_synth, tmp_path / "run", data_mode="stream")).fit()
 
 
-def test_student_targets_come_from_the_stored_embeddings_of_queued_neighbours(tmp_path):
-    class Stub:
-        pass
+def test_student_targets_come_from_the_stored_embeddings_of_queued_neighbours():
+    from clip_ping.objectives.targets import StudentTargets
 
-    trainer = Stub()
-    trainer.student_memory = torch.zeros(2, 6, 3)
-    trainer.device = torch.device("cpu")
+    student = StudentTargets(n_samples=6, embed_dim=3)
     u, v = torch.eye(3)[[0, 1]], torch.eye(3)[[2, 0]]
-    targets = Trainer._student_targets(trainer, torch.tensor([4, 5]), u, v, p=torch.tensor([5, 4]), q=torch.tensor([4, 4]))
+    targets = student(torch.tensor([4, 5]), u, v, p=torch.tensor([5, 4]), q=torch.tensor([4, 4]))
     # p of row 0 is sample 5 (row 1 of this batch): its u is pulled to u_5 and across to v_5
     assert torch.equal(targets["nn_image"][0], u[1]) and torch.equal(targets["xnn_image"][0], v[1])
     assert torch.equal(targets["nn_text"][1], v[0]) and torch.equal(targets["xnn_text"][1], u[0])

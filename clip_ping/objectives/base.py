@@ -1,0 +1,78 @@
+"""What every training method implements: the `Objective` interface.
+
+The trainer knows a loop, a schedule, checkpoints and one objective. An
+objective is a small `nn.Module` that owns everything its method adds beside
+the student (heads, feature banks, neighbour source, memories) and turns a
+batch of student embeddings into a loss. Its learnable parameters are
+optimised with the student's; its state (parameters and any queue or memory,
+through ``get_extra_state``) goes into the checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from ..data.pairs import PairTable
+    from ..trainer import TrainConfig
+
+
+@dataclass
+class StepContext:
+    """What a loss needs from the trainer at one step.
+
+    ``logit_scale`` is the student's (already exponentiated). ``grad_share``
+    scales the gradient, not the value, of tensors every micro-batch of a
+    gradient-accumulation step uses, so the micro-batches sum to the full gradient.
+    """
+
+    step: int
+    logit_scale: torch.Tensor
+    grad_share: float = 1.0
+
+    def share(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.grad_share == 1.0 else t.detach() + (t - t.detach()) * self.grad_share
+
+
+@dataclass
+class ObjectiveSetup:
+    """What an objective is built from: the run's config, its training table and student."""
+
+    cfg: TrainConfig
+    table: PairTable
+    embed_dim: int
+    device: torch.device
+
+    @property
+    def bank_dir(self) -> Path:
+        """The feature banks of the run: ``--banks``, else ``<data>/banks``."""
+        if self.cfg.banks:
+            return Path(self.cfg.banks)
+        data = Path(self.cfg.data)
+        return (data if data.is_dir() else data.parent) / "banks"
+
+
+class Objective(nn.Module):
+    """One training method. Subclasses implement `loss`; the rest is optional."""
+
+    #: the ``--method`` name it is registered under
+    name: str = ""
+
+    def loss(self, u: torch.Tensor, v: torch.Tensor, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
+        """``{"loss": what to backpropagate, "loss_<term>": each term, detached}`` for
+        normalised student image embeddings ``u`` and text embeddings ``v`` (B x d)
+        of the batch's rows (``batch["index"]``: their sample indices)."""
+        raise NotImplementedError
+
+    def after_step(self, batch: dict[str, Any]) -> None:
+        """Called once after each optimiser step (clamp own scales, update queues)."""
+
+    @property
+    def uses_banks(self) -> bool:
+        """Whether the method reads teacher feature banks (they must exist before training)."""
+        return False

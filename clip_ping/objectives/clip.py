@@ -1,0 +1,26 @@
+"""Plain CLIP: the symmetric InfoNCE of image and text embeddings, the baseline of every comparison."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..losses import info_nce
+from .base import Objective, ObjectiveSetup, StepContext
+
+
+class ClipObjective(Objective):
+    name = "clip"
+
+    def __init__(self, local_loss: bool = False):
+        super().__init__()
+        self.local_loss = local_loss
+
+    @classmethod
+    def from_setup(cls, setup: ObjectiveSetup) -> "ClipObjective":
+        return cls(local_loss=setup.cfg.local_loss)
+
+    def loss(self, u: torch.Tensor, v: torch.Tensor, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
+        loss_clip = info_nce(u, v, ctx.share(ctx.logit_scale), self.local_loss)
+        return {"loss": loss_clip, "loss_clip": loss_clip.detach()}

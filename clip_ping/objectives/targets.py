@@ -1,0 +1,62 @@
+"""What the student embeddings of a batch are pulled to, given its neighbours p and q.
+
+Both providers return the four targets of METHOD.md's table:
+``nn_image`` (u_i <-> image of p_i), ``xnn_image`` (u_i <-> caption of p_i),
+``nn_text`` (v_i <-> caption of q_i), ``xnn_text`` (v_i <-> image of q_i).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..banks import FeatureBanks
+from ..heads import NeighborGuidance
+
+
+class TeacherTargets:
+    """The neighbours' teacher features, read from the banks and carried into the
+    student space by the learnable heads h_A, h_B (the default)."""
+
+    def __init__(self, banks: FeatureBanks, heads: NeighborGuidance):
+        self.banks, self.heads = banks, heads
+
+    def __call__(self, index: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                 p: torch.Tensor, q: torch.Tensor) -> dict[str, torch.Tensor]:
+        a_p, b_p = self.banks.gather(p)
+        a_q, b_q = self.banks.gather(q)
+        dev = u.device
+        return self.heads.targets(a_p.to(dev), b_p.to(dev), a_q.to(dev), b_q.to(dev))
+
+    def state_dict(self) -> None:
+        return None
+
+    def load_state_dict(self, state: Any) -> None:
+        pass
+
+
+class StudentTargets:
+    """METHOD.md "student targets": the neighbours' last stored student embeddings, detached.
+
+    The memory holds the latest (u, v) of every sample; this batch's rows are
+    written first, since a row's neighbour may be in the same batch.
+    """
+
+    def __init__(self, n_samples: int, embed_dim: int):
+        self.memory = torch.zeros(2, n_samples, embed_dim)
+
+    def __call__(self, index: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                 p: torch.Tensor, q: torch.Tensor) -> dict[str, torch.Tensor]:
+        memory = self.memory
+        memory[0, index], memory[1, index] = u.detach().float().cpu(), v.detach().float().cpu()
+        dev = u.device
+        return {"nn_image": memory[0, p].to(dev), "xnn_image": memory[1, p].to(dev),
+                "nn_text": memory[1, q].to(dev), "xnn_text": memory[0, q].to(dev)}
+
+    def state_dict(self) -> torch.Tensor:
+        return self.memory
+
+    def load_state_dict(self, state: torch.Tensor | None) -> None:
+        if state is not None:
+            self.memory.copy_(state)
