@@ -1,5 +1,10 @@
-"""torch.distributed helpers: process group set-up from torchrun's environment
-and a gather that keeps gradients (so contrastive logits span the global batch)."""
+"""torch.distributed helpers: the device and process group that torchrun describes,
+and a gather that keeps gradients (so contrastive logits span the global batch).
+
+Every process picks its own device from ``LOCAL_RANK`` (``cuda:LOCAL_RANK``);
+the process group uses NCCL on CUDA and gloo on the CPU, and collectives are
+built on the device that backend expects.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,9 @@ import os
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+
+from .errors import ConfigError
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -19,45 +27,61 @@ def is_main_process() -> bool:
     return rank_and_world()[0] == 0
 
 
-def init_from_env() -> tuple[int, int]:
-    """Join the process group torchrun describes (gloo on CPU); a no-op for one process."""
+def local_rank() -> int:
+    """This process's index on its node (torchrun's ``LOCAL_RANK``; 0 without torchrun)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device of this process for a ``--device`` value.
+
+    ``auto`` is this process's GPU when CUDA is present, else the CPU; ``cuda``
+    without an index is ``cuda:LOCAL_RANK``, so every rank of a node gets its own GPU.
+    """
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"config key 'device': {name!r} is not a torch device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"config key 'device': {name!r} asked for, but no CUDA GPU is visible (use auto or cpu)")
+        if device.index is None:
+            device = torch.device("cuda", local_rank())
+        if device.index >= torch.cuda.device_count():
+            raise ConfigError(f"config key 'device': {device} does not exist; this machine has "
+                              f"{torch.cuda.device_count()} GPU(s) (LOCAL_RANK={local_rank()})")
+        torch.cuda.set_device(device)
+    elif device.type not in ("cpu", "mps", "xpu"):
+        raise ConfigError(f"config key 'device': {name!r} is not supported (auto, cpu, cuda, cuda:N)")
+    return device
+
+
+def init_from_env(device: torch.device | None = None) -> tuple[int, int]:
+    """Join the process group torchrun describes: NCCL for a CUDA device, gloo otherwise.
+    A no-op for one process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
+        backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
     return rank_and_world()
 
 
-class _GatherRows(torch.autograd.Function):
-    """All-gather along dim 0 whose backward sums the gradients of every
-    process's copy and returns this process's rows (a reduce-scatter)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        rank, world = rank_and_world()
-        ctx.rank, ctx.rows = rank, x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts, dim=0)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+def collective_device() -> torch.device:
+    """Where collective tensors must live: this process's GPU under NCCL, else the CPU."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """All rows of ``x`` from every process, in rank order, differentiable.
+    """All rows of ``x`` from every process, in rank order, differentiable
+    (the backward sums every process's gradient and returns this process's rows).
 
     Every process must pass the same number of rows.
     """
-    return _GatherRows.apply(x)
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    return torch.cat(dist_nn.all_gather(x.contiguous()), dim=0)
 
 
 def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
@@ -65,7 +89,7 @@ def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     if not (dist.is_available() and dist.is_initialized()) or not values:
         return values
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t)
     t /= dist.get_world_size()
     return dict(zip(keys, t.tolist()))
@@ -73,8 +97,13 @@ def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
 
 def all_ranks_true(flag: bool) -> bool:
     """True when ``flag`` is true on every process (a MIN all-reduce; every process must call it)."""
+    return all_reduce_min(1 if flag else 0) == 1
+
+
+def all_reduce_min(value: int) -> int:
+    """The smallest ``value`` over processes (every process must call it)."""
     if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
+    return int(t.item())

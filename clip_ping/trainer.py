@@ -20,6 +20,7 @@ import math
 import random
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -73,17 +74,20 @@ class TrainConfig:
     beta2: float = option(0.98, "AdamW beta2")
     eps: float = option(1e-6, "AdamW epsilon")
     grad_clip: float | None = option(1.0, "clip the gradient norm to this value (none to disable)")
-    precision: str = option("fp32", "fp32, or bf16 autocast (also on CPU)", choices=("fp32", "bf16"))
+    precision: str = option("fp32", "fp32; bf16 autocast (also on CPU); or fp16 autocast with a gradient scaler",
+                            choices=("fp32", "bf16", "fp16"))
+    compile: bool = option(False, "torch.compile the student's forward (pays off on long GPU runs)")
     grad_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory, slower)")
     accum_steps: int = option(1, "split each batch into this many micro-batches (same contrastive batch, less memory)")
     local_loss: bool = option(False, "with several processes, score local rows against the global batch only")
     seed: int = option(0, "seed of weights, data order, augmentation and neighbour draws")
     workers: int = option(2, "data loader worker processes")
+    prefetch_batches: int = option(2, "batches each loader worker prepares ahead")
     threads: int = option(0, "torch threads of the training process (0: torch's default)")
     data_mode: str = option("random", "random: shuffled random access (CSV or shards, exact resume at any step); "
                             "stream: read WebDataset shards sequentially with a shuffle buffer", choices=("random", "stream"))
     shuffle_buffer: int = option(2000, "samples in the shuffle buffer of data_mode=stream")
-    device: str = option("cpu", "torch device")
+    device: str = option("auto", "torch device: auto (this process's GPU under torchrun, else the CPU), cpu, cuda, cuda:N")
     log_every: int = option(10, "steps between metric log lines")
     save_every: int = option(200, "steps between checkpoints (one is always written at the end)")
     keep_checkpoints: int = option(2, "step checkpoints kept besides latest.pt")
@@ -110,6 +114,18 @@ class TrainConfig:
     @property
     def effective_lambdas(self) -> tuple[float, float]:
         return (0.0, 0.0) if self.method == "clip" else (self.lambda_nn, self.lambda_xnn)
+
+
+class StudentEncoders(torch.nn.Module):
+    """The student and the objective as one module, so that DDP synchronises the
+    gradients of both and torch.compile sees the student's forward."""
+
+    def __init__(self, model: torch.nn.Module, objective: torch.nn.Module):
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.encode_image(images, normalize=True), self.model.encode_text(texts, normalize=True)
 
 
 class TrainingDiverged(ClipPingError):
@@ -210,17 +226,21 @@ class Trainer:
         self.cfg = cfg
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
-        self.rank, self.world = dist_utils.init_from_env()
+        self.device = dist_utils.resolve_device(cfg.device)
+        self.rank, self.world = dist_utils.init_from_env(self.device)
         if cfg.batch_size % self.world:
             raise ConfigError(f"config key 'batch_size': {cfg.batch_size} does not split over {self.world} processes")
         self.run_dir = Path(cfg.out)
-        self.device = torch.device(cfg.device)
         self.table = self._read_table()
+        self.data_fingerprint = self.table.fingerprint()  # once: it reads every row's file size
         self.model, self.preprocess_train, _, self.tokenizer = create_student(cfg.model, seed=cfg.seed)
         self.model.to(self.device)
         if cfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.objective = build_objective(ObjectiveSetup(cfg, self.table, self._embed_dim(), self.device))
+        self.encoders = self._wrap(StudentEncoders(self.model, self.objective))
+        # fp16 needs loss scaling; bf16 has fp32's range and needs none
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         # the fused kernel updates all tensors in one pass: 3x faster than the per-tensor loop on CPU
         self.optimizer = torch.optim.AdamW(parameter_groups([self.model, self.objective], cfg.weight_decay), lr=cfg.lr,
                                            betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
@@ -238,6 +258,20 @@ class Trainer:
     def _read_table(self) -> PairTable:
         return open_split(self.cfg.data, "train")
 
+    def _wrap(self, encoders: "StudentEncoders") -> torch.nn.Module:
+        """DDP over several processes (bucketed gradient all-reduce overlapped with the
+        backward pass), and torch.compile when asked."""
+        wrapped: torch.nn.Module = encoders
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            wrapped = DistributedDataParallel(
+                encoders, device_ids=[self.device] if self.device.type == "cuda" else None, broadcast_buffers=False,
+                find_unused_parameters=self.objective.has_unused_parameters)
+        if self.cfg.compile:
+            wrapped = torch.compile(wrapped)
+        return wrapped
+
     def _embed_dim(self) -> int:
         if hasattr(self.model, "text_projection"):
             return int(self.model.text_projection.shape[1])
@@ -252,18 +286,19 @@ class Trainer:
             "method": self.cfg.method,
             "objective": self.objective.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "step": self.step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "config": dataclasses.asdict(self.cfg),
-            "data_fingerprint": self.table.fingerprint(),
+            "data_fingerprint": self.data_fingerprint,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("model_name") != self.cfg.model:
             raise ConfigError(f"checkpoint is of model {state.get('model_name')}, this run trains {self.cfg.model}")
-        if state.get("data_fingerprint") != self.table.fingerprint():
+        if state.get("data_fingerprint") != self.data_fingerprint:
             raise ConfigError("checkpoint was trained on another data set (fingerprint differs); refusing to resume")
         method = state.get("method", "clip-ping" if state.get("guidance") is not None else "clip")
         if method != self.cfg.method:
@@ -272,6 +307,8 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.objective.load_state_dict(state.get("objective") or _objective_state_of_v1(state))
         self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.epoch = int(state.get("epoch", self.step // self.steps_per_epoch))
         self.batch_in_epoch = int(state.get("batch_in_epoch", self.step % self.steps_per_epoch))
@@ -287,9 +324,10 @@ class Trainer:
     # -- one step ---------------------------------------------------------------
 
     def _encode(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
-            u = self.model.encode_image(images, normalize=True)
-            v = self.model.encode_text(texts, normalize=True)
+        precision = self.cfg.precision
+        dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+        with torch.autocast(self.device.type, dtype=dtype, enabled=precision != "fp32"):
+            u, v = self.encoders(images, texts)
         return u.float(), v.float()
 
     def _loss(self, u: torch.Tensor, v: torch.Tensor, batch: dict[str, Any], grad_share: float = 1.0) -> dict[str, torch.Tensor]:
@@ -314,15 +352,15 @@ class Trainer:
         if cfg.accum_steps == 1:
             out = self._loss(*self._encode(images, texts), batch)
             self._check_finite(out["loss"])
-            out["loss"].backward()
+            self.scaler.scale(out["loss"]).backward()
         else:
             out = self._accumulate(images, texts, batch)
-        if self.world > 1:
-            self._average_gradients()
         if cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         with torch.no_grad():
             self.model.logit_scale.clamp_(max=math.log(MAX_LOGIT_SCALE))
         self.objective.after_step(batch)
@@ -349,25 +387,16 @@ class Trainer:
             cached = [self._encode(images[c], texts[c]) for c in chunks]
         out: dict[str, torch.Tensor] = {}
         for j, c in enumerate(chunks):
-            u_j, v_j = self._encode(images[c], texts[c])
-            u = torch.cat([u_j if i == j else cu for i, (cu, _) in enumerate(cached)])
-            v = torch.cat([v_j if i == j else cv for i, (_, cv) in enumerate(cached)])
-            out = self._loss(u, v, batch, grad_share=1.0 / len(chunks))
-            self._check_finite(out["loss"])
-            out["loss"].backward()
+            # DDP all-reduces the gradients once, after the last micro-batch
+            last = j == len(chunks) - 1
+            with nullcontext() if last or self.world == 1 else self.encoders.no_sync():
+                u_j, v_j = self._encode(images[c], texts[c])
+                u = torch.cat([u_j if i == j else cu for i, (cu, _) in enumerate(cached)])
+                v = torch.cat([v_j if i == j else cv for i, (_, cv) in enumerate(cached)])
+                out = self._loss(u, v, batch, grad_share=1.0 / len(chunks))
+                self._check_finite(out["loss"])
+                self.scaler.scale(out["loss"]).backward()
         return out
-
-    def _average_gradients(self) -> None:
-        # The gathers' backward already sums the feature gradients over processes,
-        # so the mean (not the sum) of the parameter gradients is the gradient of
-        # the global-batch loss.
-        import torch.distributed as dist
-
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= self.world
 
     # -- the loop ---------------------------------------------------------------
 
@@ -397,17 +426,38 @@ class Trainer:
         stream.set_epoch(epoch)
         # the generator fixes each worker's seed, hence its augmentations, for this epoch
         generator = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
-        return DataLoader(stream, batch_size=self.cfg.batch_size // self.world, num_workers=self.cfg.workers,
-                          collate_fn=partial(collate_pairs, tokenizer=self.tokenizer), drop_last=True, generator=generator,
-                          worker_init_fn=ignore_stop_signals)
+        return DataLoader(stream, batch_size=self.cfg.batch_size // self.world, drop_last=True, generator=generator,
+                          **self._loader_options())
 
     def _loader(self, epoch: int, start_batch: int) -> DataLoader:
         # captions are tokenized per batch in collate: one tokenizer call per batch costs less than one per sample
         dataset = SeededAugmentation(PairDataset(self.table, self.preprocess_train), self.cfg.seed, epoch)
         sampler = EpochBatchSampler(len(self.table), self.cfg.batch_size, self.cfg.seed, epoch, start_batch,
                                     self.rank, self.world)
-        return DataLoader(dataset, batch_sampler=sampler, num_workers=self.cfg.workers,
-                          collate_fn=partial(collate_pairs, tokenizer=self.tokenizer), worker_init_fn=ignore_stop_signals)
+        return DataLoader(dataset, batch_sampler=sampler, **self._loader_options())
+
+    def _loader_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"num_workers": self.cfg.workers, "worker_init_fn": ignore_stop_signals,
+                                   "collate_fn": partial(collate_pairs, tokenizer=self.tokenizer),
+                                   # page-locked batches copy to the GPU asynchronously (non_blocking)
+                                   "pin_memory": self.device.type == "cuda"}
+        if self.cfg.workers > 0:
+            options["prefetch_factor"] = self.cfg.prefetch_batches
+        return options
+
+    def _same_rows_on_every_process(self, batch: dict[str, Any]) -> tuple[dict[str, Any], int]:
+        """Trim every process's batch to the smallest one (rows dropped for undecodable images
+        differ between processes): the gathers of the loss need equal rows, and a process that
+        skipped a step alone would leave the others waiting forever. Returns (batch, rows trimmed)."""
+        if self.world == 1:
+            return batch, 0
+        rows = len(batch["index"])
+        common = dist_utils.all_reduce_min(rows)
+        if common == rows:
+            return batch, 0
+        trimmed = {k: v[:common] if isinstance(v, (torch.Tensor, list)) and len(v) == rows else v
+                   for k, v in batch.items()}
+        return trimmed, rows - common
 
     def _install_signal_handlers(self) -> None:
         def handler(signum, _frame):
@@ -442,7 +492,9 @@ class Trainer:
                 for batch in self._batches(epoch, self.batch_in_epoch):
                     self.batch_in_epoch += 1
                     skipped += batch["n_skipped"]
-                    if len(batch["index"]) < 2:
+                    batch, dropped = self._same_rows_on_every_process(batch)
+                    skipped += dropped
+                    if len(batch["index"]) * self.world < 2:
                         self.step += 1  # nothing to contrast; keep the schedule aligned with data order
                         continue
                     result = self.train_step(batch)

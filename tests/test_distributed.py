@@ -54,3 +54,36 @@ def test_two_processes_match_one_process(tiny_synth, tmp_path, local_loss):
         assert r["grads"].keys() == single["grads"].keys()
         for name, g in single["grads"].items():
             assert torch.allclose(r["grads"][name], g, atol=1e-5), name
+
+
+def _fit_worker(rank: int, world: int, port: int, cfg: TrainConfig, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    summary = Trainer(cfg).fit()
+    torch.save(summary, os.path.join(out_dir, f"fit{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_an_undecodable_image_on_one_process_does_not_hang_the_others(tiny_synth, tmp_path):
+    import shutil
+    import time
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_synth, data)
+    rows = (data / "train.csv").read_text().splitlines()
+    broken = data / rows[5].split(",")[0]  # one image of the first epoch, on one process only
+    broken.write_bytes(b"not a png")
+    cfg = _config(data, tmp_path / "run", steps=6, batch_size=8, save_every=100, log_every=1)
+    ctx = mp.start_processes(_fit_worker, args=(2, _free_port(), cfg, str(tmp_path)), nprocs=2, start_method="spawn",
+                             join=False)
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the processes hung on a batch with an undecodable image")
+    summaries = [torch.load(tmp_path / f"fit{r}.pt") for r in (0, 1)]
+    assert all(s["step"] == 6 for s in summaries)
+    # the bad row is counted where it fell; the other process trimmed one row to keep the batches equal
+    assert sorted(s["skipped_images"] for s in summaries) == [1, 1]

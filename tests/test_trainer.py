@@ -241,3 +241,35 @@ def test_student_targets_without_the_queue_are_refused():
 
     with pytest.raises(ConfigError, match="neighbor_source=queue"):
         from_dict(TrainConfig, {"targets": "student"})
+
+
+def test_device_auto_is_the_cpu_without_a_gpu_and_bad_devices_are_refused(monkeypatch):
+    from clip_ping.distributed import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert TrainConfig().device == "auto"
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        resolve_device("cuda")
+    with pytest.raises(ConfigError, match="not a torch device"):
+        resolve_device("foo")
+
+
+def test_fp16_trains_with_a_gradient_scaler_that_is_checkpointed(tiny_synth, tmp_path):
+    summary = Trainer(_cfg(tiny_synth, tmp_path / "run", precision="fp16", steps=3)).fit()
+    assert summary["step"] == 3
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")
+    assert state["scaler"]["scale"] > 0
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+
+
+def test_a_gpu_loader_pins_memory_and_yields_the_same_batches(tiny_synth, tmp_path):
+    trainer = Trainer(_cfg(tiny_synth, tmp_path / "run"))
+    plain = list(trainer._loader(epoch=1, start_batch=0))
+    trainer.device = torch.device("cuda")  # only the loader options read it here
+    assert trainer._loader_options()["pin_memory"] is True
+    pinned = list(trainer._loader(epoch=1, start_batch=0))
+    assert len(plain) == len(pinned)
+    for a, b in zip(plain, pinned):
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["image"], b["image"])
+        assert torch.equal(a["text"], b["text"])

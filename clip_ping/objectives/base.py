@@ -73,6 +73,11 @@ class Objective(nn.Module):
         """Called once after each optimiser step (clamp own scales, update queues)."""
 
     @property
+    def has_unused_parameters(self) -> bool:
+        """True when some parameters may get no gradient in a step (DDP must then look for them)."""
+        return False
+
+    @property
     def uses_banks(self) -> bool:
         """Whether the method reads teacher feature banks (they must exist before training)."""
         return False

@@ -70,6 +70,10 @@ class ClipPingObjective(Objective):
     def uses_banks(self) -> bool:
         return True
 
+    @property
+    def has_unused_parameters(self) -> bool:
+        return isinstance(self.targets, StudentTargets)  # the heads then carry no target
+
     def loss(self, u: torch.Tensor, v: torch.Tensor, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
         index = batch["index"]
         p, q = self.source.pick(index, ctx.step)
