@@ -33,6 +33,8 @@ folder and writes the groups and the manifest.
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import io
 import json
@@ -52,7 +54,7 @@ from tqdm import tqdm
 
 from .config import option
 from .data.pairs import ImageDecodeError, PairTable, load_image
-from .distributed import init_from_env
+from .distributed import init_from_env, resolve_device
 from .errors import ClipPingError, ConfigError, DataError
 from .teachers import (
     DEFAULT_IMAGE_TEACHER,
@@ -93,7 +95,7 @@ class ExtractConfig:
     chunk_size: int = option(1024, "rows per resumable unit of work (a finished chunk is never recomputed)")
     dtype: str = option("float16", "storage type of the feature banks", choices=("float16", "float32"))
     workers: int = option(2, "DataLoader processes decoding and preprocessing images (0: in the main process)")
-    device: str = option("cpu", "device of the teachers (cpu, cuda, cuda:1, ...)")
+    device: str = option("auto", "device of the teachers: auto (this process's GPU under torchrun, else the CPU), cpu, cuda, cuda:N")
     threads: int = option(0, "torch threads of the teacher forward passes (0: torch's default, one per core)")
     progress: bool = option(True, "show a progress bar")
     overwrite: bool = option(
@@ -258,6 +260,7 @@ def extract_banks(
     ``cfg.overwrite``.
     """
     cfg.validate()
+    cfg = dataclasses.replace(cfg, device=str(resolve_device(cfg.device)))  # each torchrun process its own GPU
     joined_here = dist.is_available() and not dist.is_initialized()
     rank, world = init_from_env()
     threads_before = torch.get_num_threads()

@@ -26,6 +26,7 @@ class Command:
     config: str                  # "module:ConfigClass"
     run: str                     # "module:function" taking the config
     help: str
+    plan: str = "clip_ping.plan:plan_config_only"  # what --dry-run prints
 
 
 COMMANDS = [
@@ -39,13 +40,13 @@ COMMANDS = [
     Command(("data", "folders"), "clip_ping.data.folders:ImageFolderConfig", "clip_ping.data.folders:image_folder_to_csv",
             "turn image folders (one per class) into a labelled CSV for classification evaluation"),
     Command(("extract",), "clip_ping.banks:ExtractConfig", "clip_ping.banks:extract_banks",
-            "stage 1: run the frozen teachers and write the image and text feature banks"),
+            "stage 1: run the frozen teachers and write the image and text feature banks", "clip_ping.plan:plan_extract"),
     Command(("neighbors",), "clip_ping.neighbors:NeighborsConfig", "clip_ping.neighbors:build_neighbors",
-            "find each sample's image-side and text-side nearest neighbours (FAISS)"),
+            "find each sample's image-side and text-side nearest neighbours (FAISS)", "clip_ping.plan:plan_neighbors"),
     Command(("neighbors", "show"), "clip_ping.neighbors:ShowConfig", "clip_ping.neighbors:show_neighbors",
             "write an HTML page of samples with their NN and XNN, print label agreement"),
     Command(("train",), "clip_ping.trainer:TrainConfig", "clip_ping.trainer:train",
-            "stage 2: train a student with CLIP-PING (or plain CLIP with --method clip)"),
+            "stage 2: train a student with CLIP-PING (or plain CLIP with --method clip)", "clip_ping.plan:plan_train"),
     Command(("eval",), "clip_ping.evaluation.runner:EvalConfig", "clip_ping.evaluation.runner:evaluate_from_config",
             "zero-shot classification, retrieval and linear probe of a checkpoint"),
     Command(("export",), "clip_ping.export:ExportConfig", "clip_ping.export:export_open_clip",
@@ -96,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub = groups[parent].add_parser(command.path[-1], help=command.help, description=command.help)
         sub.set_defaults(_command=command)
         add_config_arguments(sub, _load(command.config))
+        sub.add_argument("--dry-run", action="store_true",
+                         help="validate the configuration, open the data and print the plan (rows, steps, memory, disk); do no work")
         parsers[command.path] = sub
     return parser
 
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         cfg = config_from_args(_load(command.config), args)
-        run: Callable[[Any], Any] = _load(command.run)
+        run: Callable[[Any], Any] = _load(command.plan if args.dry_run else command.run)
         _print_result(run(cfg))
     except ClipPingError as exc:
         print(f"clip-ping {' '.join(command.path)}: error: {exc}", file=sys.stderr)

@@ -76,7 +76,7 @@ class EvalConfig:
     text_teacher: str = option(DEFAULT_TEXT_TEACHER, "text teacher of the reference; zero-shot and retrieval need "
                                                      "the same open_clip:<model>:<weights> spec as the image teacher")
     seed: int = option(0, "seed of the linear probe's train sub-sample")
-    device: str = option("cpu", "torch device")
+    device: str = option("auto", "torch device: auto (the GPU when there is one, else the CPU), cpu, cuda, cuda:N")
     progress: bool = option(True, "show progress bars")
 
     def validate(self) -> None:
@@ -530,6 +530,11 @@ def default_output_path(checkpoint: str | Path) -> Path:
 
 def evaluate_from_config(cfg: EvalConfig) -> dict[str, Any]:
     """Load the checkpoint, evaluate it, write the JSON; returns the results."""
+    from dataclasses import replace
+
+    from ..distributed import resolve_device
+
+    cfg = replace(cfg, device=str(resolve_device(cfg.device)))
     from ..student import load_student  # imported here so the metrics do not need the student module
 
     tasks = read_tasks_file(cfg.tasks_file) if cfg.tasks_file else None
