@@ -182,8 +182,16 @@ class SeededAugmentation(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i: int) -> dict[str, Any] | None:
-        seed = (self.seed * 1_000_003 + self.epoch * 10_007 + int(i)) % (2**63)
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | None:
+        """Sample ``i``, or for ``(i, step)`` sample ``i`` tagged with the step that will train on it."""
+        i, step = key if isinstance(key, tuple) else (key, None)
+        sample = self._seeded(int(i))
+        if sample is not None and step is not None:
+            sample["step"] = step
+        return sample
+
+    def _seeded(self, i: int) -> dict[str, Any] | None:
+        seed = (self.seed * 1_000_003 + self.epoch * 10_007 + i) % (2**63)
         rng = torch.default_generator  # only the CPU generator: seeding every device costs more than the sample
         if torch.utils.data.get_worker_info() is not None:
             rng.manual_seed(seed)  # a loader worker: nobody else uses its generator
@@ -194,6 +202,31 @@ class SeededAugmentation(torch.utils.data.Dataset):
             return self.dataset[i]
         finally:
             rng.set_state(state)
+
+
+class StepTaggedBatches(Sampler[list[tuple[int, int]]]):
+    """The batches of a batch sampler as ``(sample index, step)`` pairs, the first batch at ``first_step``,
+    so that work for a step (the objective's `batch_preparer`) can run in the loader workers."""
+
+    def __init__(self, batches: Sampler[list[int]], first_step: int):
+        self.batches, self.first_step = batches, first_step
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for b, batch in enumerate(self.batches):
+            yield [(i, self.first_step + b) for i in batch]
+
+
+def collate_and_prepare(samples: list[dict[str, Any] | None], tokenizer: Any = None,
+                        prepare: Any = None) -> dict[str, Any]:
+    """`collate_pairs`, then the objective's preparation of the batch for its step (in the worker)."""
+    batch = collate_pairs(samples, tokenizer=tokenizer)
+    steps = {s["step"] for s in samples if s is not None and "step" in s}
+    if prepare is not None and len(steps) == 1 and len(batch["index"]) > 0:
+        batch["prepared"] = prepare(batch["index"], steps.pop())
+    return batch
 
 
 # --------------------------------------------------------------------------- optimiser
@@ -434,11 +467,13 @@ class Trainer:
         dataset = SeededAugmentation(PairDataset(self.table, self.preprocess_train), self.cfg.seed, epoch)
         sampler = EpochBatchSampler(len(self.table), self.cfg.batch_size, self.cfg.seed, epoch, start_batch,
                                     self.rank, self.world)
-        return DataLoader(dataset, batch_sampler=sampler, **self._loader_options())
+        # every batch of the epoch trains one step, skipped ones included: batch b is step self.step + b
+        return DataLoader(dataset, batch_sampler=StepTaggedBatches(sampler, self.step), **self._loader_options(
+            prepare=self.objective.batch_preparer()))
 
-    def _loader_options(self) -> dict[str, Any]:
+    def _loader_options(self, prepare: Any = None) -> dict[str, Any]:
         options: dict[str, Any] = {"num_workers": self.cfg.workers, "worker_init_fn": ignore_stop_signals,
-                                   "collate_fn": partial(collate_pairs, tokenizer=self.tokenizer),
+                                   "collate_fn": partial(collate_and_prepare, tokenizer=self.tokenizer, prepare=prepare),
                                    # page-locked batches copy to the GPU asynchronously (non_blocking)
                                    "pin_memory": self.device.type == "cuda"}
         if self.cfg.workers > 0:
@@ -456,7 +491,7 @@ class Trainer:
         if common == rows:
             return batch, 0
         trimmed = {k: v[:common] if isinstance(v, (torch.Tensor, list)) and len(v) == rows else v
-                   for k, v in batch.items()}
+                   for k, v in batch.items() if k != "prepared"}  # the objective prepares trimmed rows itself
         return trimmed, rows - common
 
     def _install_signal_handlers(self) -> None:

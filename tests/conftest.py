@@ -40,3 +40,38 @@ def tiny_model(tmp_path_factory):
     model, _, preprocess = open_clip.create_model_and_transforms(TINY_MODEL)
     model.eval()
     return model, open_clip.get_tokenizer(TINY_MODEL), preprocess
+
+
+def write_random_bank(data_dir, split: str = "train", k: int = 3, seed: int = 0):
+    """A bank of random unit features for ``data_dir``'s split (right count and data fingerprint) and its
+    neighbour tables: enough for CLIP-PING to train without running the teachers."""
+    import numpy as np
+
+    from clip_ping.data.shards import open_split
+    from clip_ping.neighbors import NeighborsConfig, build_neighbors
+
+    table = open_split(data_dir, split)
+    n, rng = len(table), np.random.default_rng(seed)
+    bank = data_dir / "banks"
+    bank.mkdir()
+    for name, d in (("image", 24), ("text", 16)):
+        x = rng.standard_normal((n, d))
+        np.save(bank / f"{name}.npy", (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16))
+        np.save(bank / f"{name}_group.npy", np.arange(n, dtype=np.int64))
+    np.save(bank / "valid.npy", np.ones(n, dtype=bool))
+    manifest = {"count": n, "dims": {"image": 24, "text": 16}, "fingerprint": f"random-bank-{seed}",
+                "data_fingerprint": table.fingerprint()}
+    (bank / "manifest.json").write_text(json.dumps(manifest))
+    build_neighbors(NeighborsConfig(banks=str(bank), k=k, method="exact", progress=False))
+    return bank
+
+
+@pytest.fixture(scope="session")
+def tiny_banked(tiny_synth, tmp_path_factory):
+    """The tiny data set with a random bank and neighbour tables (k=3) in ``banks/``."""
+    import shutil
+
+    data = tmp_path_factory.mktemp("banked") / "data"
+    shutil.copytree(tiny_synth, data)
+    write_random_bank(data)
+    return data

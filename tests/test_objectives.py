@@ -74,3 +74,36 @@ def test_checkpoints_written_before_objectives_map_onto_the_heads():
     assert converted["heads.image_head.weight"] is weight
     assert converted["_extra_state"] == {"source": {"ptr": 1}, "targets": None}
     assert _objective_state_of_v1({"guidance": None}) == {}
+
+
+def _banked_cfg(data, out, **kw):
+    base = dict(data=str(data), out=str(out), method="clip-ping", batch_size=8, steps=5, warmup_steps=1, workers=0,
+                log_every=1, save_every=100, progress=False, tensorboard=False, neighbor_topk=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_rows_prepared_in_the_loader_give_the_loss_of_rows_read_in_the_step(tiny_banked, tmp_path):
+    trainer = Trainer(_banked_cfg(tiny_banked, tmp_path / "run"))
+    trainer.step = 4  # a step whose top-3 draw is not the first neighbour
+    batch = next(iter(trainer._loader(epoch=0, start_batch=0)))
+    assert batch["prepared"]["step"] == 4 and torch.equal(batch["prepared"]["index"], batch["index"])
+    u, v = trainer._encode(batch["image"], batch["text"])
+    with_prepared = trainer._loss(u, v, batch)
+    inline = trainer._loss(u, v, {k: t for k, t in batch.items() if k != "prepared"})
+    for key in ("loss", "loss_nn", "loss_xnn"):
+        assert torch.equal(with_prepared[key], inline[key]), key
+
+
+def test_loader_workers_preparing_neighbour_rows_train_the_same_weights(tiny_banked, tmp_path):
+    from clip_ping.checkpoints import load_checkpoint
+
+    Trainer(_banked_cfg(tiny_banked, tmp_path / "main", workers=0)).fit()
+    Trainer(_banked_cfg(tiny_banked, tmp_path / "workers", workers=2)).fit()
+    a = load_checkpoint(tmp_path / "main" / "checkpoints" / "latest.pt")
+    b = load_checkpoint(tmp_path / "workers" / "checkpoints" / "latest.pt")
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key, t in a["objective"].items():
+        if isinstance(t, torch.Tensor):
+            assert torch.equal(t, b["objective"][key]), key

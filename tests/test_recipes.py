@@ -4,10 +4,11 @@ and the mistakes that must stop a run before any work starts."""
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from clip_ping.cli import main
+
+from conftest import write_random_bank
 
 RECIPES = Path(__file__).resolve().parent.parent / "configs"
 
@@ -21,24 +22,9 @@ def _run(capsys, *argv):
 @pytest.fixture(scope="module")
 def shards(tiny_synth, tmp_path_factory):
     """The tiny data set as WebDataset shards, with a bank (random features) and neighbour tables."""
-    from clip_ping.data.shards import open_split
-    from clip_ping.neighbors import NeighborsConfig, build_neighbors
-
     out = tmp_path_factory.mktemp("shards") / "data"
     assert main(["data", "convert", "--src", str(tiny_synth), "--out", str(out), "--samples-per-shard", "16"]) == 0
-    table = open_split(out, "train")
-    n, rng = len(table), np.random.default_rng(0)
-    bank = out / "banks"
-    bank.mkdir()
-    for name, d in (("image", 24), ("text", 16)):
-        x = rng.standard_normal((n, d))
-        np.save(bank / f"{name}.npy", (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16))
-        np.save(bank / f"{name}_group.npy", np.arange(n, dtype=np.int64))
-    np.save(bank / "valid.npy", np.ones(n, dtype=bool))
-    manifest = {"count": n, "dims": {"image": 24, "text": 16}, "fingerprint": "bank-1",
-                "data_fingerprint": table.fingerprint()}
-    (bank / "manifest.json").write_text(json.dumps(manifest))
-    build_neighbors(NeighborsConfig(banks=str(bank), k=3, method="exact", progress=False))
+    write_random_bank(out)
     return out
 
 

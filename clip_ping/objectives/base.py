@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
@@ -71,6 +71,12 @@ class Objective(nn.Module):
 
     def after_step(self, batch: dict[str, Any]) -> None:
         """Called once after each optimiser step (clamp own scales, update queues)."""
+
+    def batch_preparer(self) -> Callable[[torch.Tensor, int], dict[str, Any]] | None:
+        """Work on a batch that needs no model state, done in the loader workers so it stays
+        off the training step's critical path: a picklable ``fn(index, step) -> dict``
+        whose result reaches `loss` as ``batch["prepared"]``. None: nothing to prepare."""
+        return None
 
     @property
     def has_unused_parameters(self) -> bool:

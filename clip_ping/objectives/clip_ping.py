@@ -20,7 +20,7 @@ from ..heads import NeighborGuidance
 from ..losses import ClipPingLoss
 from ..neighbors import NeighborQueue, load_neighbors
 from .base import Objective, ObjectiveSetup, StepContext
-from .sources import DatasetNeighbors, NeighborSource, QueueNeighbors
+from .sources import DatasetNeighbors, NeighborSource, PrefetchNeighborRows, QueueNeighbors
 from .targets import StudentTargets, TeacherTargets
 
 MAX_LOGIT_SCALE = 100.0
@@ -74,10 +74,23 @@ class ClipPingObjective(Objective):
     def has_unused_parameters(self) -> bool:
         return isinstance(self.targets, StudentTargets)  # the heads then carry no target
 
+    def batch_preparer(self) -> PrefetchNeighborRows | None:
+        """With data-set neighbours and teacher targets, the loader workers pick p, q and read their rows."""
+        if isinstance(self.source, DatasetNeighbors) and isinstance(self.targets, TeacherTargets):
+            return PrefetchNeighborRows(str(self.banks.path), self.banks.fingerprint(), self.source.top_k,
+                                        self.source.seed)
+        return None
+
     def loss(self, u: torch.Tensor, v: torch.Tensor, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
         index = batch["index"]
-        p, q = self.source.pick(index, ctx.step)
-        targets = {k: ctx.share(t.float()) for k, t in self.targets(index, u, v, p, q).items()}
+        prepared = batch.get("prepared")
+        if (prepared is not None and prepared["step"] == ctx.step and torch.equal(prepared["index"], index)
+                and isinstance(self.targets, TeacherTargets)):
+            found = self.targets.from_rows(*prepared["rows"], device=u.device)
+        else:
+            p, q = self.source.pick(index, ctx.step)
+            found = self.targets(index, u, v, p, q)
+        targets = {k: ctx.share(t.float()) for k, t in found.items()}
         scales = {}
         if self.heads.logit_scale_nn is not None:
             scales = {"logit_scale_nn": ctx.share(self.heads.logit_scale_nn.exp()),

@@ -46,6 +46,33 @@ class DatasetNeighbors:
         pass
 
 
+class PrefetchNeighborRows:
+    """Runs in the loader workers: picks a batch's p and q from the data-set table exactly as
+    `DatasetNeighbors` does at that step, and reads their bank rows.
+
+    It pickles as paths and reopens the memory maps in each worker (pickling a
+    memory map would copy the whole table or bank into every worker).
+    """
+
+    def __init__(self, bank_dir: str, bank_fingerprint: str, top_k: int, seed: int):
+        self.bank_dir, self.bank_fingerprint, self.top_k, self.seed = bank_dir, bank_fingerprint, top_k, seed
+        self._opened: tuple[DatasetNeighbors, FeatureBanks] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_opened": None}
+
+    def __call__(self, index: torch.Tensor, step: int) -> dict[str, Any]:
+        if self._opened is None:
+            from ..banks import open_banks
+            from ..neighbors import load_neighbors
+
+            table = load_neighbors(self.bank_dir, expected_fingerprint=self.bank_fingerprint)
+            self._opened = DatasetNeighbors(table, self.top_k, self.seed), open_banks(self.bank_dir)
+        source, banks = self._opened
+        p, q = source.pick(index, step)
+        return {"step": step, "index": index, "p": p, "q": q, "rows": (*banks.gather(p), *banks.gather(q))}
+
+
 class QueueNeighbors:
     """METHOD.md "queue neighbours": p and q searched among a FIFO of recent samples,
     keyed by their teacher features from the banks."""

@@ -24,10 +24,15 @@ class TeacherTargets:
 
     def __call__(self, index: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
                  p: torch.Tensor, q: torch.Tensor) -> dict[str, torch.Tensor]:
-        a_p, b_p = self.banks.gather(p)
-        a_q, b_q = self.banks.gather(q)
-        dev = u.device
-        return self.heads.targets(a_p.to(dev), b_p.to(dev), a_q.to(dev), b_q.to(dev))
+        return self.from_rows(*self.banks.gather(p), *self.banks.gather(q), device=u.device)
+
+    def from_rows(self, a_p: torch.Tensor, b_p: torch.Tensor, a_q: torch.Tensor, b_q: torch.Tensor,
+                  device: torch.device) -> dict[str, torch.Tensor]:
+        """The targets from bank rows already read (e.g. by the loader workers)."""
+        def to(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=True)
+
+        return self.heads.targets(to(a_p), to(b_p), to(a_q), to(b_q))
 
     def state_dict(self) -> None:
         return None
