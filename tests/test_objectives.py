@@ -107,3 +107,59 @@ def test_loader_workers_preparing_neighbour_rows_train_the_same_weights(tiny_ban
     for key, t in a["objective"].items():
         if isinstance(t, torch.Tensor):
             assert torch.equal(t, b["objective"][key]), key
+
+
+TRAIN_SCRIPT = """
+import sys
+from clip_ping.trainer import TrainConfig, Trainer
+Trainer(TrainConfig(**{cfg!r})).fit()
+"""
+
+
+def test_kill_9_mid_run_then_resume_gives_the_weights_of_an_unbroken_run(tiny_banked, tmp_path):
+    """CLIP-PING with loader workers preparing neighbour rows: SIGKILL to the whole process group after a
+    checkpoint, resume, and every tensor of model and heads equals the uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from clip_ping.checkpoints import load_checkpoint
+
+    import dataclasses
+
+    repo = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=repo, OMP_NUM_THREADS="1")  # both runs in the same kind of process
+    kw = dict(steps=10, save_every=2, workers=2)
+    straight = tmp_path / "straight.py"
+    straight.write_text(TRAIN_SCRIPT.format(cfg=dataclasses.asdict(_banked_cfg(tiny_banked, tmp_path / "straight", **kw))))
+    subprocess.run([sys.executable, str(straight)], env=env, check=True, stdout=subprocess.DEVNULL)
+    cfg = _banked_cfg(tiny_banked, tmp_path / "killed", **kw)
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN_SCRIPT.format(cfg=dataclasses.asdict(cfg)))
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "killed" / "checkpoints" / "step_0000004.pt").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "the run made no progress"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its loader workers, mid-run
+        proc.wait()
+    killed_at = load_checkpoint(tmp_path / "killed" / "checkpoints" / "latest.pt")["step"]
+    assert 2 <= killed_at < 10  # latest.pt is written after the step file: either may be the newest
+    resume = tmp_path / "resume.py"
+    resume.write_text(TRAIN_SCRIPT.format(cfg=dataclasses.asdict(dataclasses.replace(cfg, resume="latest"))))
+    subprocess.run([sys.executable, str(resume)], env=env, check=True, stdout=subprocess.DEVNULL)
+    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "latest.pt")
+    b = load_checkpoint(tmp_path / "killed" / "checkpoints" / "latest.pt")
+    assert a["step"] == b["step"] == 10
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key, t in a["objective"].items():
+        if isinstance(t, torch.Tensor):
+            assert torch.equal(t, b["objective"][key]), key
