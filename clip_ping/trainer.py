@@ -176,22 +176,23 @@ class SeededAugmentation(torch.utils.data.Dataset):
     or on whether the run was resumed.
     """
 
-    def __init__(self, dataset: PairDataset, seed: int, epoch: int):
+    def __init__(self, dataset: PairDataset, seed: int, epoch: int = 0):
         self.dataset, self.seed, self.epoch = dataset, seed, epoch
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | None:
-        """Sample ``i``, or for ``(i, step)`` sample ``i`` tagged with the step that will train on it."""
-        i, step = key if isinstance(key, tuple) else (key, None)
-        sample = self._seeded(int(i))
+    def __getitem__(self, key: int | tuple[int, int, int]) -> dict[str, Any] | None:
+        """Sample ``i`` of this dataset's epoch, or for ``(i, epoch, step)`` sample ``i`` of that
+        epoch, tagged with the step that will train on it."""
+        i, epoch, step = key if isinstance(key, tuple) else (key, self.epoch, None)
+        sample = self._seeded(int(i), int(epoch))
         if sample is not None and step is not None:
             sample["step"] = step
         return sample
 
-    def _seeded(self, i: int) -> dict[str, Any] | None:
-        seed = (self.seed * 1_000_003 + self.epoch * 10_007 + i) % (2**63)
+    def _seeded(self, i: int, epoch: int) -> dict[str, Any] | None:
+        seed = (self.seed * 1_000_003 + epoch * 10_007 + i) % (2**63)
         rng = torch.default_generator  # only the CPU generator: seeding every device costs more than the sample
         if torch.utils.data.get_worker_info() is not None:
             rng.manual_seed(seed)  # a loader worker: nobody else uses its generator
@@ -204,19 +205,32 @@ class SeededAugmentation(torch.utils.data.Dataset):
             rng.set_state(state)
 
 
-class StepTaggedBatches(Sampler[list[tuple[int, int]]]):
-    """The batches of a batch sampler as ``(sample index, step)`` pairs, the first batch at ``first_step``,
-    so that work for a step (the objective's `batch_preparer`) can run in the loader workers."""
+class RunBatches(Sampler[list[tuple[int, int, int]]]):
+    """Every remaining batch of a run, epoch after epoch, as ``(sample index, epoch, step)`` triples.
 
-    def __init__(self, batches: Sampler[list[int]], first_step: int):
-        self.batches, self.first_step = batches, first_step
+    One loader then serves the whole run: its workers live across epochs and
+    prefetch over epoch boundaries, and work for a step (the objective's
+    `batch_preparer`) can run in them. Each epoch's batches are those of
+    `EpochBatchSampler`; every batch trains one step, skipped ones included.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start_batch: int, first_step: int,
+                 total_steps: int, rank: int = 0, world: int = 1):
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.epoch, self.start_batch, self.first_step, self.total_steps = epoch, start_batch, first_step, total_steps
 
     def __len__(self) -> int:
-        return len(self.batches)  # type: ignore[arg-type]
+        return max(0, self.total_steps - self.first_step)
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for b, batch in enumerate(self.batches):
-            yield [(i, self.first_step + b) for i in batch]
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        epoch, start, step = self.epoch, self.start_batch, self.first_step
+        while step < self.total_steps:
+            for batch in EpochBatchSampler(self.n, self.batch_size, self.seed, epoch, start, self.rank, self.world):
+                yield [(i, epoch, step) for i in batch]
+                step += 1
+                if step >= self.total_steps:
+                    return
+            epoch, start = epoch + 1, 0
 
 
 def collate_and_prepare(samples: list[dict[str, Any] | None], tokenizer: Any = None,
@@ -285,6 +299,8 @@ class Trainer:
         self.step = 0
         self.epoch, self.batch_in_epoch = 0, 0  # data position, saved in checkpoints
         self._stop_signal: str | None = None
+        self._run_batches: Iterator[dict[str, Any]] | None = None  # the random-mode loader, kept across epochs
+        self._run_next: tuple[int, int] = (-1, -1)  # (epoch, batch) it yields next
 
     # -- set-up ---------------------------------------------------------------
 
@@ -437,7 +453,15 @@ class Trainer:
         """The batches of one epoch from ``start_batch`` on; with several processes the
         epoch ends for all as soon as one runs out (streams may differ in length)."""
         if self.cfg.data_mode == "random":
-            yield from self._loader(epoch, start_batch)
+            # one loader for the rest of the run, continued from epoch to epoch
+            if self._run_batches is None or self._run_next != (epoch, start_batch):
+                self._run_batches = iter(self._loader(epoch, start_batch))
+            for b in range(start_batch, self.steps_per_epoch):
+                batch = next(self._run_batches, None)
+                if batch is None:  # the run's last step
+                    return
+                self._run_next = (epoch, b + 1) if b + 1 < self.steps_per_epoch else (epoch + 1, 0)
+                yield batch
             return
         batches = self._stream_loader(epoch)
         for b, batch in enumerate(batches):
@@ -463,13 +487,12 @@ class Trainer:
                           **self._loader_options())
 
     def _loader(self, epoch: int, start_batch: int) -> DataLoader:
+        """The batches of the rest of the run, from batch ``start_batch`` of ``epoch`` (at step ``self.step``)."""
         # captions are tokenized per batch in collate: one tokenizer call per batch costs less than one per sample
-        dataset = SeededAugmentation(PairDataset(self.table, self.preprocess_train), self.cfg.seed, epoch)
-        sampler = EpochBatchSampler(len(self.table), self.cfg.batch_size, self.cfg.seed, epoch, start_batch,
-                                    self.rank, self.world)
-        # every batch of the epoch trains one step, skipped ones included: batch b is step self.step + b
-        return DataLoader(dataset, batch_sampler=StepTaggedBatches(sampler, self.step), **self._loader_options(
-            prepare=self.objective.batch_preparer()))
+        dataset = SeededAugmentation(PairDataset(self.table, self.preprocess_train), self.cfg.seed)
+        sampler = RunBatches(len(self.table), self.cfg.batch_size, self.cfg.seed, epoch, start_batch, self.step,
+                             self.total_steps, self.rank, self.world)
+        return DataLoader(dataset, batch_sampler=sampler, **self._loader_options(prepare=self.objective.batch_preparer()))
 
     def _loader_options(self, prepare: Any = None) -> dict[str, Any]:
         options: dict[str, Any] = {"num_workers": self.cfg.workers, "worker_init_fn": ignore_stop_signals,
@@ -549,6 +572,7 @@ class Trainer:
                     self.epoch, self.batch_in_epoch = epoch + 1, 0
         finally:
             bar.close()
+            self._run_batches = None  # its loader workers end here
             if metrics_file:
                 metrics_file.close()
         path = self.save()

@@ -273,3 +273,16 @@ def test_a_gpu_loader_pins_memory_and_yields_the_same_batches(tiny_synth, tmp_pa
     for a, b in zip(plain, pinned):
         assert torch.equal(a["index"], b["index"]) and torch.equal(a["image"], b["image"])
         assert torch.equal(a["text"], b["text"])
+
+
+def test_one_run_loader_continues_epoch_after_epoch_with_steps_tagged():
+    from clip_ping.trainer import RunBatches
+
+    run = list(RunBatches(40, 8, seed=1, epoch=2, start_batch=3, first_step=13, total_steps=20))
+    expected = [(e, b) for e, b in [(2, 3), (2, 4)] + [(3, b) for b in range(5)]]
+    assert len(run) == 7 == len(expected)
+    for batch, (epoch, b) in zip(run, expected):
+        indices = [i for i, _, _ in batch]
+        assert indices == list(EpochBatchSampler(40, 8, seed=1, epoch=epoch))[b]
+        assert {e for _, e, _ in batch} == {epoch}
+    assert [batch[0][2] for batch in run] == list(range(13, 20))
