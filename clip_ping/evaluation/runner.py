@@ -6,7 +6,9 @@ What is measured (METHOD.md, "Evaluation protocol"):
   or one task per label column), prompts from the task's templates;
 - image-to-text and text-to-image retrieval on the split. Rows that share an
   image file are several captions of one image: the image is encoded once and
-  a hit on any of its captions counts;
+  a hit on any of its captions counts; identical caption texts are one text
+  (`retrieval`); clip_benchmark's per-row figure is reported beside it
+  (``retrieval_per_row``);
 - optionally a linear probe per task: logistic regression on the frozen image
   features of the train split (sub-sampled), C chosen on the val split.
 
@@ -50,7 +52,7 @@ from ..config import option
 from ..errors import ConfigError, DataError
 from ..teachers import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
 from .linear_probe import DEFAULT_CS, linear_probe as fit_linear_probe
-from .retrieval import retrieval_metrics
+from .retrieval import caption_ids, retrieval_metrics, retrieval_metrics_per_row
 from .zeroshot import zero_shot_accuracy, zero_shot_classifier
 
 log = logging.getLogger(__name__)
@@ -369,7 +371,9 @@ def evaluate(
             texts = encode_texts(model, tokenizer, [table.captions[r] for r in text_rows], batch_size, device, progress)
             text_to_image = torch.tensor([images.row_to_image[r] for r in text_rows], dtype=torch.long)
             result["n_texts"] = len(text_rows)
-            result["retrieval"] = retrieval_metrics(images.features, texts, text_to_image)
+            result["retrieval"] = retrieval_metrics(images.features, texts, text_to_image,
+                                                    text_ids=caption_ids([table.captions[r] for r in text_rows]))
+            result["retrieval_per_row"] = retrieval_metrics_per_row(images.features, texts, text_to_image)
         if linear_probe and "linear_probe" not in skipped:
             result["linear_probe"] = _linear_probes(
                 model, preprocess, lambda s: read_split(data_dir, s, layout, names_file), split, resolved, table,
