@@ -160,7 +160,8 @@ def data_dir_for(prof: dict[str, Any]) -> Path:
     opts = prof["data_options"]
     if prof["data_name"] == "openclipart":
         size = int(opts.get("image_size", 128))
-        return WORK / ("openclipart" if size == 128 else f"openclipart-{size}px")
+        # v2: captions without boilerplate, splits by caption and image group (no test caption in train)
+        return WORK / ("openclipart-v2" if size == 128 else f"openclipart-v2-{size}px")
     return WORK / (f"synth-{opts['n_train']}-{opts['n_val']}-{opts['n_test']}-{opts['image_size']}px"
                    f"-seed{opts.get('seed', 0)}")
 

@@ -84,6 +84,13 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(dist_nn.all_gather(x.contiguous()), dim=0)
 
 
+def gather_ints(x: torch.Tensor) -> torch.Tensor:
+    """All rows of an integer tensor from every process, in rank order (no gradient)."""
+    parts = [torch.empty_like(x, device=collective_device()) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.to(collective_device()).contiguous())
+    return torch.cat(parts).to(x.device)
+
+
 def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     """Mean over processes of each value (for logging)."""
     if not (dist.is_available() and dist.is_initialized()) or not values:

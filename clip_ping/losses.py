@@ -16,27 +16,58 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import gather_with_grad, rank_and_world
+from .distributed import gather_ints, gather_with_grad, rank_and_world
+
+DUPLICATE_RULES = ("none", "mask", "positives")
 
 
-def info_nce(x: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tensor,
-             local_loss: bool = False) -> torch.Tensor:
-    """Symmetric InfoNCE ``1/2 [CE(s x y^T, I) + CE(s y x^T, I)]``; row i of x pairs with row i of y."""
+def info_nce(x: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tensor, local_loss: bool = False,
+             groups: torch.Tensor | None = None, duplicates: str = "none") -> torch.Tensor:
+    """Symmetric InfoNCE ``1/2 [CE(s x y^T, I) + CE(s y x^T, I)]``; row i of x pairs with row i of y.
+
+    ``groups`` (LongTensor B, optional) marks rows that are duplicates of each other
+    (e.g. identical captions). ``duplicates`` says what they are to each other:
+    ``none``, negatives as in CLIP; ``mask``, neither negatives nor positives (left
+    out of the softmax); ``positives``, extra positives: the loss of a row is the
+    mean of ``-log p`` over all columns of its group (multi-positive InfoNCE).
+    """
+    if duplicates not in DUPLICATE_RULES:
+        raise ValueError(f"duplicates must be one of {DUPLICATE_RULES}, got {duplicates!r}")
     rank, world = rank_and_world()
+    rows_groups = col_groups = groups
     if world > 1:
         all_x, all_y = gather_with_grad(x), gather_with_grad(y)
+        if groups is not None and duplicates != "none":
+            col_groups = gather_ints(groups)
         if local_loss:
             logits_xy = logit_scale * x @ all_y.T
             logits_yx = logit_scale * y @ all_x.T
             labels = torch.arange(x.shape[0], device=x.device) + rank * x.shape[0]
-            return (F.cross_entropy(logits_xy, labels) + F.cross_entropy(logits_yx, labels)) / 2
-        x, y = all_x, all_y
+            return _symmetric(logits_xy, logits_yx, labels, rows_groups, col_groups, duplicates)
+        x, y, rows_groups = all_x, all_y, col_groups
     # both directions as separate matmuls (not a transpose), as open_clip does,
     # so plain CLIP here is bitwise the same computation as open_clip's ClipLoss
     logits_xy = logit_scale * x @ y.T
     logits_yx = logit_scale * y @ x.T
     labels = torch.arange(x.shape[0], device=x.device)
-    return (F.cross_entropy(logits_xy, labels) + F.cross_entropy(logits_yx, labels)) / 2
+    return _symmetric(logits_xy, logits_yx, labels, rows_groups, col_groups, duplicates)
+
+
+def _symmetric(logits_xy: torch.Tensor, logits_yx: torch.Tensor, labels: torch.Tensor,
+               row_groups: torch.Tensor | None, col_groups: torch.Tensor | None, duplicates: str) -> torch.Tensor:
+    if row_groups is None or col_groups is None or duplicates == "none":
+        return (F.cross_entropy(logits_xy, labels) + F.cross_entropy(logits_yx, labels)) / 2
+    same = row_groups.to(labels.device)[:, None] == col_groups.to(labels.device)[None, :]
+    return (_with_duplicates(logits_xy, labels, same, duplicates)
+            + _with_duplicates(logits_yx, labels, same, duplicates)) / 2
+
+
+def _with_duplicates(logits: torch.Tensor, labels: torch.Tensor, same: torch.Tensor, duplicates: str) -> torch.Tensor:
+    own = F.one_hot(labels, logits.shape[1]).bool()
+    if duplicates == "mask":
+        return F.cross_entropy(logits.masked_fill(same & ~own, float("-inf")), labels)
+    log_p = F.log_softmax(logits, dim=1)
+    return -((log_p * same).sum(dim=1) / same.sum(dim=1)).mean()
 
 
 class ClipPingLoss(nn.Module):
@@ -46,11 +77,13 @@ class ClipPingLoss(nn.Module):
     term (``loss_clip``, ``loss_nn``, ``loss_xnn``) detached for logging.
     """
 
-    def __init__(self, lambda_nn: float = 0.5, lambda_xnn: float = 0.5, local_loss: bool = False):
+    def __init__(self, lambda_nn: float = 0.5, lambda_xnn: float = 0.5, local_loss: bool = False,
+                 duplicates: str = "none"):
         super().__init__()
         self.lambda_nn = float(lambda_nn)
         self.lambda_xnn = float(lambda_xnn)
         self.local_loss = local_loss
+        self.duplicates = duplicates  # rule for rows with identical captions, in the CLIP term
 
     @property
     def uses_neighbors(self) -> bool:
@@ -59,9 +92,10 @@ class ClipPingLoss(nn.Module):
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                 targets: dict[str, torch.Tensor] | None = None,
                 logit_scale_nn: torch.Tensor | None = None,
-                logit_scale_xnn: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                logit_scale_xnn: torch.Tensor | None = None,
+                groups: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         u, v = image_features, text_features
-        loss_clip = info_nce(u, v, logit_scale, self.local_loss)
+        loss_clip = info_nce(u, v, logit_scale, self.local_loss, groups, self.duplicates)
         out = {"loss": loss_clip, "loss_clip": loss_clip.detach()}
         if not self.uses_neighbors:
             return out

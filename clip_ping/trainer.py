@@ -63,6 +63,10 @@ class TrainConfig:
                           choices=("teacher", "student"))
     head: str = option("linear", "teacher-to-student heads h_A, h_B", choices=("linear", "mlp"))
     logit_scales: str = option("shared", "one logit scale for all terms, or one per term", choices=("shared", "per_term"))
+    duplicate_captions: str = option("none", "rows of a batch with identical captions, in the CLIP term of every method: "
+                                     "none (negatives of each other, as in CLIP), mask (not negatives), "
+                                     "positives (extra positives, multi-positive InfoNCE)",
+                                     choices=("none", "mask", "positives"))
     epochs: int = option(5, "passes over the training data (ignored when steps is set)")
     steps: int | None = option(None, "total optimisation steps (overrides epochs)")
     batch_size: int = option(128, "global batch size (split over processes)")

@@ -41,10 +41,11 @@ def _worker(rank: int, world: int, port: int, cfg: TrainConfig, out_dir: str) ->
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("local_loss", [False, True])
-def test_two_processes_match_one_process(tiny_synth, tmp_path, local_loss):
-    single = _one_step(_config(tiny_synth, tmp_path / "single"))
-    cfg = _config(tiny_synth, tmp_path / "multi", local_loss=local_loss)
+@pytest.mark.parametrize("extra", [{}, {"local_loss": True}, {"duplicate_captions": "positives"},
+                                   {"duplicate_captions": "mask", "local_loss": True}])
+def test_two_processes_match_one_process(tiny_synth, tmp_path, extra):
+    single = _one_step(_config(tiny_synth, tmp_path / "single", **{k: v for k, v in extra.items() if k != "local_loss"}))
+    cfg = _config(tiny_synth, tmp_path / "multi", **extra)
     mp.start_processes(_worker, args=(2, _free_port(), cfg, str(tmp_path)), nprocs=2, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     # each process saw its half of the same global batch

@@ -88,3 +88,43 @@ def test_guidance_targets_follow_the_method_table():
     assert torch.allclose(t["xnn_text"], g.project_image(a_q))
     for value in t.values():
         assert torch.allclose(value.norm(dim=-1), torch.ones(2), atol=1e-5)
+
+
+def _direct_duplicate_loss(x, y, scale, groups, rule):
+    """The two rules written out row by row, for a direct comparison."""
+    import math
+
+    total = 0.0
+    for a, b in ((x, y), (y, x)):
+        logits = (scale * a @ b.T).tolist()
+        rows = []
+        for i, row in enumerate(logits):
+            same = [j for j in range(len(row)) if groups[j] == groups[i]]
+            if rule == "mask":
+                kept = [j for j in range(len(row)) if j == i or j not in same]
+                rows.append(-(row[i] - math.log(sum(math.exp(row[j]) for j in kept))))
+            else:
+                log_z = math.log(sum(math.exp(v) for v in row))
+                rows.append(-sum(row[j] - log_z for j in same) / len(same))
+        total += sum(rows) / len(rows)
+    return total / 2
+
+
+@pytest.mark.parametrize("rule", ["mask", "positives"])
+def test_duplicate_captions_rules_match_a_direct_computation(rule):
+    torch.manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(6, 5, dtype=torch.float64), dim=1)
+    y = torch.nn.functional.normalize(torch.randn(6, 5, dtype=torch.float64), dim=1)
+    groups = torch.tensor([0, 1, 0, 2, 1, 0])
+    got = info_nce(x, y, torch.tensor(7.0, dtype=torch.float64), groups=groups, duplicates=rule)
+    assert float(got) == pytest.approx(_direct_duplicate_loss(x, y, 7.0, groups.tolist(), rule), rel=1e-10)
+
+
+def test_duplicate_rules_without_duplicates_or_with_none_are_plain_clip():
+    torch.manual_seed(1)
+    x, y = torch.randn(5, 4), torch.randn(5, 4)
+    plain = info_nce(x, y, torch.tensor(3.0))
+    assert torch.equal(info_nce(x, y, torch.tensor(3.0), groups=torch.tensor([0, 0, 1, 1, 2]), duplicates="none"), plain)
+    for rule in ("mask", "positives"):
+        distinct = info_nce(x, y, torch.tensor(3.0), groups=torch.arange(5), duplicates=rule)
+        assert torch.allclose(distinct, plain)

@@ -163,3 +163,40 @@ def test_kill_9_mid_run_then_resume_gives_the_weights_of_an_unbroken_run(tiny_ba
     for key, t in a["objective"].items():
         if isinstance(t, torch.Tensor):
             assert torch.equal(t, b["objective"][key]), key
+
+
+@pytest.fixture(scope="module")
+def repeated_captions(tiny_synth, tmp_path_factory):
+    """The tiny data set with every caption used by several rows, and a random bank for it."""
+    import csv
+    import shutil
+
+    from conftest import write_random_bank
+
+    data = tmp_path_factory.mktemp("repeated") / "data"
+    shutil.copytree(tiny_synth, data)
+    with open(data / "train.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    for i, row in enumerate(rows[1:]):
+        row[1] = f"caption number {i % 5}"
+    with open(data / "train.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    write_random_bank(data)
+    return data
+
+
+@pytest.mark.parametrize("method", ["clip", "clip-ping"])
+def test_duplicate_caption_rules_change_the_loss_of_a_batch_with_duplicates(repeated_captions, tmp_path, method):
+    losses = {}
+    for rule in ("none", "mask", "positives"):
+        trainer = Trainer(_banked_cfg(repeated_captions, tmp_path / rule, method=method, duplicate_captions=rule))
+        batch = next(iter(trainer._loader(epoch=0, start_batch=0)))
+        captions = [trainer.table.captions[i] for i in batch["index"].tolist()]
+        assert len(set(captions)) < len(captions)
+        # embeddings that differ row by row (an untrained tiny student gives nearly equal ones)
+        g = torch.Generator().manual_seed(0)
+        u, v = (torch.nn.functional.normalize(torch.randn(len(captions), trainer._embed_dim(), generator=g), dim=1)
+                for _ in range(2))
+        losses[rule] = float(trainer._loss(u, v, batch)["loss_clip"])
+    # masking removes negatives that are really the same caption; counting them as positives changes the target
+    assert losses["mask"] < losses["none"] and losses["positives"] != losses["none"]

@@ -111,3 +111,47 @@ def test_missing_library_explains_install(tmp_path: Path) -> None:
         convert_openclipart(OpenClipartConfig(root=str(tmp_path / "none"), out=str(tmp_path / "o")))
     with pytest.raises(ConfigError):
         OpenClipartConfig(caption_fields=["author"]).validate()
+
+
+def coloured_picture(root: Path, rel: str, colour: tuple[int, int, int], size: int = 20, **meta) -> None:
+    picture(root, rel, **meta)
+    Image.new("RGB", (size, size), colour).save(root / "png" / f"{rel}.png")
+
+
+def test_boilerplate_is_dropped_and_linked_groups_never_straddle_splits(tmp_path: Path) -> None:
+    root = tmp_path / "openclipart"
+    stamp = "Part of the Flat Icon Collection (Wed Aug 25 23:{:02d}:46 2004)"
+    things = ["save", "open", "print", "copy", "paste", "undo", "redo", "close"]
+    for k, thing in enumerate(things):  # a collection: date-stamped boilerplate title, one shared description sentence
+        coloured_picture(root, f"computer/icons/flat_{k}_{thing}_button", (10 * k, 200, 30), title=stamp.format(k),
+                         description=f"EPS converted from http://example.org. Shows the {thing} action.",
+                         keywords=["icon"])
+    for k in range(6):  # a repeated title with identical keywords: one caption group
+        coloured_picture(root, f"shapes/stars/star_{k}", (200, 10 * k, 90), title="gramastar", keywords=["stars"])
+    for k in range(12):  # ordinary, distinct pictures
+        coloured_picture(root, f"animals/pet_{k}", (5 * k, 5 * k, 250), title=f"Pet animal {chr(97 + k)}",
+                         keywords=["pet"])
+    coloured_picture(root, "animals/pet_twin", (0, 0, 250), size=40, title="A twin of pet a, twice the size")
+    out = tmp_path / "out"
+    cfg = OpenClipartConfig(root=str(root), out=str(out), image_size=16, workers=1, min_class_size=2,
+                            val_fraction=0.3, test_fraction=0.3, boilerplate_min_files=5, max_eval_group=10)
+    convert_openclipart(cfg)
+    rows = {}
+    for split in ("train", "val", "test"):
+        table = read_pairs(out / f"{split}.csv")
+        for path, caption in zip(table.filepaths, table.captions):
+            rows[Path(path).stem] = (caption, split)
+    # the collection title and the shared sentence are gone; the title comes from the file name
+    assert rows["flat_3_copy_button"][0] == "flat copy button. Shows the copy action. icon"
+    assert not any("Flat Icon" in c or "EPS converted" in c for c, _ in rows.values())
+    # captions that are still identical are one group, in one split
+    stars = {rows[f"star_{k}"] for k in range(6)}
+    assert len({c for c, _ in stars}) == 1 and len({s for _, s in stars}) == 1
+    # the same image at twice the size stays with its original
+    assert rows["pet_twin"][1] == rows["pet_0"][1]
+    info = read_dataset_info(out)
+    stats = info["statistics"]
+    assert stats["test"]["rows_whose_caption_is_in_train"] == 0 and stats["val"]["rows_whose_caption_is_in_train"] == 0
+    assert stats["test"]["images_also_in_train"] == 0
+    assert sum(stats[s]["rows"] for s in ("train", "val", "test")) == 27
+    assert max(stats[s]["largest_caption_group"] for s in ("train", "val", "test")) == 6

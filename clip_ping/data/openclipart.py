@@ -10,14 +10,23 @@ One pair per picture:
 
 * caption: built from title, description and keywords (``caption_fields``), with
   noise removed: empty and duplicate keywords, words such as "unsorted" or
-  "clip art", hashes, numbers, URLs and file-name debris. A picture without a
-  usable title gets one from its file name.
+  "clip art", hashes, numbers, URLs and file-name debris. Boilerplate is found
+  from the data: a title or a description sentence that more than
+  ``boilerplate_min_files`` pictures share (compared with digits masked, so
+  date-stamped collection lines count as one) says which series a picture
+  belongs to, not what it shows; it is dropped. A picture without a usable
+  title gets one from its file name.
 * labels: ``category`` (top-level folder, e.g. "animals") and ``subcategory``
   (second level, e.g. "birds"; empty for pictures directly in a top folder),
   as readable class names. A class with fewer than ``min_class_size`` pictures is
   left out of its task (its rows get an empty label, which evaluation ignores).
-* split: train/val/test from a hash of the path (and ``seed``): deterministic, and
-  a picture keeps its split when the library grows.
+* split: by group. Pictures with the same cleaned caption, the same image bytes
+  or the same image after shrinking to a 16 x 16 thumbnail are linked; each
+  linked group goes whole to one split, from a hash of its first path (and
+  ``seed``), so no test caption or image occurs in train. Groups larger than
+  ``max_eval_group`` pictures (series) go to train.
+* statistics: rows, distinct captions, shared captions, the largest group and
+  the leakage between splits (0 by construction) go into ``dataset.json``.
 * image: composited on ``background`` (the PNGs are transparent), padded to a
   square and resized to ``image_size`` pixels, written to ``OUT/images/``
   (``image_size=0`` keeps the original files and only writes the tables).
@@ -84,6 +93,9 @@ class OpenClipartConfig:
     image_size: int = option(128, "side of the written square images (0 = keep the original files)")
     background: str = option("white", "colour transparent pixels are composited on")
     min_class_size: int = option(10, "smallest class kept in a zero-shot task")
+    boilerplate_min_files: int = option(10, "a title or description sentence shared by at least this many pictures is "
+                                             "boilerplate and dropped (0: keep everything)")
+    max_eval_group: int = option(25, "linked groups (same caption or image) larger than this go to train only")
     exclude: list[str] = option(["unsorted/duplicates", "special/gradients"], "folders (relative to png/) left out")
     workers: int = option(0, "processes for decoding and resizing (0 = one per CPU core)")
     overwrite: bool = option(False, "write into a non-empty output folder")
@@ -94,6 +106,8 @@ class OpenClipartConfig:
             raise ConfigError(f"config key 'caption_fields': use title, description and/or keywords (got {bad or 'none'})")
         if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
             raise ConfigError("config keys 'val_fraction' and 'test_fraction' must be in [0, 1) and sum to less than 1")
+        if self.boilerplate_min_files < 0 or self.max_eval_group < 1:
+            raise ConfigError("config keys 'boilerplate_min_files' (>= 0) and 'max_eval_group' (>= 1) are out of range")
         if self.image_size < 0 or self.max_keywords < 0 or self.min_class_size < 1:
             raise ConfigError("config keys 'image_size', 'max_keywords' (>= 0) and 'min_class_size' (>= 1) are out of range")
         try:
@@ -174,13 +188,43 @@ def _shorten(text: str, limit: int) -> str:
     return cut.rstrip(" ,;:.")
 
 
-def make_caption(meta: dict[str, Any], stem: str, cfg: OpenClipartConfig) -> tuple[str, str]:
-    """(caption, where the title came from: 'svg' | 'filename')."""
-    title = clean_phrase(meta.get("title", "")) or clean_phrase(meta.get("svg_title", ""))
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_DIGITS = re.compile(r"\d+")
+
+
+def boilerplate_key(text: str) -> str:
+    """What two copies of a boilerplate line have in common: lower case, digit runs masked."""
+    return _DIGITS.sub("#", _SPACES.sub(" ", text).strip(" .,;:-").lower())
+
+
+def description_sentences(description: str) -> list[str]:
+    return [s for s in _SENTENCE_END.split(_SPACES.sub(" ", description).strip()) if s.strip()]
+
+
+def find_boilerplate(metas: list[dict[str, Any]], min_files: int) -> set[str]:
+    """Keys (`boilerplate_key`) of titles and description sentences that at least ``min_files`` pictures share."""
+    if min_files <= 0:
+        return set()
+    counts: Counter[str] = Counter()
+    for meta in metas:
+        keys = {boilerplate_key(meta.get("title", "")), boilerplate_key(meta.get("svg_title", ""))}
+        keys.update(boilerplate_key(s) for s in description_sentences(meta.get("description", "")))
+        counts.update(k for k in keys if k)
+    return {k for k, n in counts.items() if n >= min_files}
+
+
+def make_caption(meta: dict[str, Any], stem: str, cfg: OpenClipartConfig,
+                 boilerplate: set[str] | frozenset[str] = frozenset()) -> tuple[str, str]:
+    """(caption, where the title came from: 'svg' | 'filename'); ``boilerplate`` lines are left out."""
+    def specific(text: str) -> str:
+        return "" if boilerplate_key(text) in boilerplate else clean_phrase(text)
+
+    title = specific(meta.get("title", "")) or specific(meta.get("svg_title", ""))
     source = "svg"
     if not title:
         title, source = title_from_filename(stem), "filename"
-    description = clean_phrase(meta.get("description", ""))
+    kept = [s for s in description_sentences(meta.get("description", "")) if boilerplate_key(s) not in boilerplate]
+    description = clean_phrase(" ".join(kept))
     if description.lower() == title.lower():
         description = ""
     keywords = clean_keywords(meta.get("keywords", []), title, cfg.max_keywords)
@@ -193,6 +237,48 @@ def make_caption(meta: dict[str, Any], stem: str, cfg: OpenClipartConfig) -> tup
         elif name == "keywords" and keywords:
             parts.append(", ".join(keywords))
     return _shorten(". ".join(parts), cfg.max_caption_chars), source
+
+
+def assign_splits_by_group(rows: list[dict[str, Any]], cfg: OpenClipartConfig) -> None:
+    """Set ``row["split"]`` so that rows linked by caption, image bytes or thumbnail share a split."""
+    parent = list(range(len(rows)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_of: dict[tuple[str, str], int] = {}
+    for i, row in enumerate(rows):
+        for key in (("caption", row["caption"]), ("bytes", row["image_sha"]), ("thumbnail", row["thumbnail"])):
+            j = first_of.setdefault(key, i)
+            parent[find(i)] = find(j)
+    members: dict[int, list[int]] = {}
+    for i in range(len(rows)):
+        members.setdefault(find(i), []).append(i)
+    for group in members.values():
+        name = min(rows[i]["rel"] for i in group)  # stable as the library grows
+        split = "train" if len(group) > cfg.max_eval_group else split_of(name, cfg)
+        for i in group:
+            rows[i]["split"] = split
+            rows[i]["group_size"] = len(group)
+
+
+def split_statistics(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rows, distinct captions, shared captions and the largest caption group per split, and leakage."""
+    stats: dict[str, Any] = {}
+    captions = {s: Counter(r["caption"] for r in rows if r["split"] == s) for s in ("train", "val", "test")}
+    images = {s: {r["image_sha"] for r in rows if r["split"] == s} | {r["thumbnail"] for r in rows if r["split"] == s}
+              for s in ("train", "val", "test")}
+    for split, counts in captions.items():
+        stats[split] = {"rows": sum(counts.values()), "distinct_captions": len(counts),
+                        "rows_with_shared_caption": sum(n for n in counts.values() if n > 1),
+                        "largest_caption_group": max(counts.values(), default=0)}
+    for split in ("val", "test"):
+        stats[split]["rows_whose_caption_is_in_train"] = sum(n for c, n in captions[split].items() if c in captions["train"])
+        stats[split]["images_also_in_train"] = len(images[split] & images["train"])
+    return stats
 
 
 def split_of(rel: str, cfg: OpenClipartConfig) -> str:
@@ -217,12 +303,17 @@ def _square_on_background(image: Image.Image, side: int, background: tuple[int, 
     return canvas.resize((side, side), Image.BICUBIC) if big != side else canvas
 
 
+def thumbnail_key(image: Image.Image) -> str:
+    """The same for an image and its resized copies: a 16 x 16 thumbnail, 5 bits per channel."""
+    thumb = image.convert("RGB").resize((16, 16), Image.BILINEAR)
+    return hashlib.sha256(bytes(v >> 3 for v in thumb.tobytes())).hexdigest()
+
+
 def _process(job: tuple[str, str, str, OpenClipartConfig]) -> dict[str, Any]:
-    """One picture: metadata, caption, and (optionally) the resized copy. Runs in a worker."""
+    """One picture: metadata, image keys, and (optionally) the resized copy. Runs in a worker."""
     png, svg, rel, cfg = job
     meta = read_svg_metadata(svg) if os.path.isfile(svg) else {"missing": True}
-    caption, source = make_caption(meta, Path(rel).stem, cfg)
-    row: dict[str, Any] = {"rel": rel, "caption": caption, "title_source": source,
+    row: dict[str, Any] = {"rel": rel, "meta": meta,
                            "svg": "missing" if meta.get("missing") else ("unreadable" if meta.get("unreadable") else "ok")}
     background = ImageColor.getrgb(cfg.background)[:3]
     try:
@@ -233,6 +324,8 @@ def _process(job: tuple[str, str, str, OpenClipartConfig]) -> dict[str, Any]:
     except ImageDecodeError:
         row["error"] = "undecodable_image"
         return row
+    row["image_sha"] = hashlib.sha256(Path(png).read_bytes()).hexdigest()
+    row["thumbnail"] = thumbnail_key(_square_on_background(image, max(image.size), background))
     if cfg.image_size:
         target = Path(cfg.out) / "images" / Path(rel).with_suffix(".png")
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -287,20 +380,21 @@ def convert_openclipart(cfg: OpenClipartConfig) -> dict[str, Any]:
     skipped: Counter[str] = Counter()
     if n_excluded:
         skipped["excluded_folder"] = n_excluded
-    seen_captions: dict[tuple[str, str], str] = {}
+    boilerplate = find_boilerplate([r["meta"] for r in rows], cfg.boilerplate_min_files)
     kept = []
     for row in rows:
         if "error" in row:
             skipped[row["error"]] += 1
             continue
+        row["caption"], row["title_source"] = make_caption(row["meta"], Path(row["rel"]).stem, cfg, boilerplate)
         if not row["caption"]:
             skipped["empty_caption"] += 1
             continue
         parts = row["rel"].split("/")[:-1]
         row["category"] = readable_name(parts[0]) if parts else ""
         row["subcategory"] = readable_name(parts[1]) if len(parts) > 1 else ""
-        row["split"] = split_of(row["rel"], cfg)
         kept.append(row)
+    assign_splits_by_group(kept, cfg)
 
     # Classes: enough pictures in the whole set (so each split's labels share one class list).
     tasks: dict[str, Any] = {}
@@ -324,7 +418,9 @@ def convert_openclipart(cfg: OpenClipartConfig) -> dict[str, Any]:
             writer.writerow(["filepath", "caption", "category", "subcategory"])
             for r in split_rows:
                 writer.writerow([r["filepath"], r["caption"], r["category"], r["subcategory"]])
-    info = {"name": "openclipart", "description": f"OpenClipart pictures from {root}", "tasks": tasks}
+    statistics = split_statistics(kept)
+    info = {"name": "openclipart", "description": f"OpenClipart pictures from {root}", "tasks": tasks,
+            "statistics": statistics, "boilerplate_lines_dropped": len(boilerplate)}
     (out / "dataset.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
     summary = {
@@ -337,6 +433,7 @@ def convert_openclipart(cfg: OpenClipartConfig) -> dict[str, Any]:
         "svg_metadata": dict(Counter(r["svg"] for r in rows)),
         "title_from": dict(Counter(r["title_source"] for r in kept)),
         "classes": {level: len(c) for level, c in classes_per_level.items()},
+        "statistics": statistics,
         "class_sizes": classes_per_level,
         "seconds": round(time.perf_counter() - started, 1),
     }

@@ -48,6 +48,14 @@ class ObjectiveSetup:
     embed_dim: int
     device: torch.device
 
+    def caption_groups(self) -> torch.Tensor | None:
+        """Per sample, the id of its caption text (identical captions share one), when the
+        config asks the CLIP term to treat duplicates specially (``duplicate_captions``)."""
+        if self.cfg.duplicate_captions == "none":
+            return None
+        ids: dict[str, int] = {}
+        return torch.tensor([ids.setdefault(c.strip(), len(ids)) for c in self.table.captions], dtype=torch.long)
+
     @property
     def bank_dir(self) -> Path:
         """The feature banks of the run: ``--banks``, else ``<data>/banks``."""
@@ -62,6 +70,14 @@ class Objective(nn.Module):
 
     #: the ``--method`` name it is registered under
     name: str = ""
+    #: per sample, its caption group (``ObjectiveSetup.caption_groups``), or None
+    caption_groups: torch.Tensor | None = None
+
+    def groups_of(self, batch: dict[str, Any], device: torch.device) -> torch.Tensor | None:
+        """The caption groups of a batch's rows, for the duplicate rule of the CLIP term."""
+        if self.caption_groups is None:
+            return None
+        return self.caption_groups[batch["index"].cpu()].to(device)
 
     def loss(self, u: torch.Tensor, v: torch.Tensor, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
         """``{"loss": what to backpropagate, "loss_<term>": each term, detached}`` for

@@ -31,11 +31,12 @@ class ClipPingObjective(Objective):
 
     def __init__(self, banks: FeatureBanks, source: NeighborSource, heads: NeighborGuidance,
                  targets: TeacherTargets | StudentTargets, lambda_nn: float = 0.5, lambda_xnn: float = 0.5,
-                 local_loss: bool = False):
+                 local_loss: bool = False, duplicates: str = "none", caption_groups: torch.Tensor | None = None):
         super().__init__()
         self.banks, self.source, self.targets = banks, source, targets
         self.heads = heads  # h_A, h_B and the optional per-term logit scales: the learnable part
-        self.criterion = ClipPingLoss(lambda_nn, lambda_xnn, local_loss=local_loss)
+        self.criterion = ClipPingLoss(lambda_nn, lambda_xnn, local_loss=local_loss, duplicates=duplicates)
+        self.caption_groups = caption_groups
 
     @classmethod
     def from_setup(cls, setup: ObjectiveSetup) -> "ClipPingObjective":
@@ -64,7 +65,8 @@ class ClipPingObjective(Objective):
         else:
             targets = TeacherTargets(banks, heads)
         lambda_nn, lambda_xnn = cfg.effective_lambdas
-        return cls(banks, source, heads, targets, lambda_nn, lambda_xnn, cfg.local_loss)
+        return cls(banks, source, heads, targets, lambda_nn, lambda_xnn, cfg.local_loss, cfg.duplicate_captions,
+                   setup.caption_groups())
 
     @property
     def uses_banks(self) -> bool:
@@ -95,7 +97,8 @@ class ClipPingObjective(Objective):
         if self.heads.logit_scale_nn is not None:
             scales = {"logit_scale_nn": ctx.share(self.heads.logit_scale_nn.exp()),
                       "logit_scale_xnn": ctx.share(self.heads.logit_scale_xnn.exp())}
-        return self.criterion(u, v, ctx.share(ctx.logit_scale), targets=targets, **scales)
+        return self.criterion(u, v, ctx.share(ctx.logit_scale), targets=targets, groups=self.groups_of(batch, u.device),
+                              **scales)
 
     @torch.no_grad()
     def after_step(self, batch: dict[str, Any]) -> None:
