@@ -91,6 +91,14 @@ def gather_ints(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts).to(x.device)
 
 
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """All rows of ``x`` (any dtype, no gradient) from every process, in rank order; ``x`` itself
+    for one process. For state every process must hold alike, e.g. queues of embeddings."""
+    if rank_and_world()[1] == 1:
+        return x
+    return gather_ints(x.detach())
+
+
 def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     """Mean over processes of each value (for logging)."""
     if not (dist.is_available() and dist.is_initialized()) or not values:

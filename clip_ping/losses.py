@@ -22,7 +22,8 @@ DUPLICATE_RULES = ("none", "mask", "positives")
 
 
 def info_nce(x: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tensor, local_loss: bool = False,
-             groups: torch.Tensor | None = None, duplicates: str = "none") -> torch.Tensor:
+             groups: torch.Tensor | None = None, duplicates: str = "none",
+             collisions: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Symmetric InfoNCE ``1/2 [CE(s x y^T, I) + CE(s y x^T, I)]``; row i of x pairs with row i of y.
 
     ``groups`` (LongTensor B, optional) marks rows that are duplicates of each other
@@ -30,36 +31,57 @@ def info_nce(x: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tensor, local_
     ``none``, negatives as in CLIP; ``mask``, neither negatives nor positives (left
     out of the softmax); ``positives``, extra positives: the loss of a row is the
     mean of ``-log p`` over all columns of its group (multi-positive InfoNCE).
+
+    ``collisions`` = (own, of), two LongTensors B: the sample each x row is, and the
+    sample its y row stems from (a neighbour's target). A y column is then a false
+    negative of an x row when both stem from the same sample (``of_r == of_c``) or
+    when it stems from the row's own sample (``own_r == of_c``); ``duplicates``
+    says what such columns are, as for ``groups``.
     """
     if duplicates not in DUPLICATE_RULES:
         raise ValueError(f"duplicates must be one of {DUPLICATE_RULES}, got {duplicates!r}")
     rank, world = rank_and_world()
-    rows_groups = col_groups = groups
+    related = duplicates != "none" and (groups is not None or collisions is not None)
+    rows_ids = col_ids = groups if collisions is None else torch.stack(collisions)
     if world > 1:
         all_x, all_y = gather_with_grad(x), gather_with_grad(y)
-        if groups is not None and duplicates != "none":
-            col_groups = gather_ints(groups)
+        if related:
+            col_ids = gather_ints(rows_ids) if collisions is None else gather_ints(rows_ids.T).T  # (own, of) by row
         if local_loss:
             logits_xy = logit_scale * x @ all_y.T
             logits_yx = logit_scale * y @ all_x.T
             labels = torch.arange(x.shape[0], device=x.device) + rank * x.shape[0]
-            return _symmetric(logits_xy, logits_yx, labels, rows_groups, col_groups, duplicates)
-        x, y, rows_groups = all_x, all_y, col_groups
+            return _symmetric(logits_xy, logits_yx, labels, *_related(rows_ids, col_ids, related, collisions is not None),
+                              duplicates)
+        x, y, rows_ids = all_x, all_y, col_ids
     # both directions as separate matmuls (not a transpose), as open_clip does,
     # so plain CLIP here is bitwise the same computation as open_clip's ClipLoss
     logits_xy = logit_scale * x @ y.T
     logits_yx = logit_scale * y @ x.T
     labels = torch.arange(x.shape[0], device=x.device)
-    return _symmetric(logits_xy, logits_yx, labels, rows_groups, col_groups, duplicates)
+    return _symmetric(logits_xy, logits_yx, labels, *_related(rows_ids, col_ids, related, collisions is not None),
+                      duplicates)
+
+
+def _related(rows: torch.Tensor | None, cols: torch.Tensor | None, related: bool, collisions: bool
+             ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The (x->y, y->x) matrices of columns related to each row: same caption group, or colliding targets."""
+    if not related or rows is None or cols is None:
+        return None, None
+    if not collisions:
+        same = rows[:, None] == cols[None, :]
+        return same, same
+    (own_r, of_r), (own_c, of_c) = rows, cols
+    same_target = of_r[:, None] == of_c[None, :]
+    return same_target | (own_r[:, None] == of_c[None, :]), same_target | (of_r[:, None] == own_c[None, :])
 
 
 def _symmetric(logits_xy: torch.Tensor, logits_yx: torch.Tensor, labels: torch.Tensor,
-               row_groups: torch.Tensor | None, col_groups: torch.Tensor | None, duplicates: str) -> torch.Tensor:
-    if row_groups is None or col_groups is None or duplicates == "none":
+               same_xy: torch.Tensor | None, same_yx: torch.Tensor | None, duplicates: str) -> torch.Tensor:
+    if same_xy is None or same_yx is None or duplicates == "none":
         return (F.cross_entropy(logits_xy, labels) + F.cross_entropy(logits_yx, labels)) / 2
-    same = row_groups.to(labels.device)[:, None] == col_groups.to(labels.device)[None, :]
-    return (_with_duplicates(logits_xy, labels, same, duplicates)
-            + _with_duplicates(logits_yx, labels, same, duplicates)) / 2
+    return (_with_duplicates(logits_xy, labels, same_xy.to(labels.device), duplicates)
+            + _with_duplicates(logits_yx, labels, same_yx.to(labels.device), duplicates)) / 2
 
 
 def _with_duplicates(logits: torch.Tensor, labels: torch.Tensor, same: torch.Tensor, duplicates: str) -> torch.Tensor:
@@ -78,12 +100,14 @@ class ClipPingLoss(nn.Module):
     """
 
     def __init__(self, lambda_nn: float = 0.5, lambda_xnn: float = 0.5, local_loss: bool = False,
-                 duplicates: str = "none"):
+                 duplicates: str = "none", collisions: str = "leave"):
         super().__init__()
         self.lambda_nn = float(lambda_nn)
         self.lambda_xnn = float(lambda_xnn)
         self.local_loss = local_loss
         self.duplicates = duplicates  # rule for rows with identical captions, in the CLIP term
+        # rule for colliding neighbour targets in the NN/XNN terms (`info_nce`'s ``collisions``)
+        self.collisions = "none" if collisions == "leave" else collisions
 
     @property
     def uses_neighbors(self) -> bool:
@@ -93,7 +117,10 @@ class ClipPingLoss(nn.Module):
                 targets: dict[str, torch.Tensor] | None = None,
                 logit_scale_nn: torch.Tensor | None = None,
                 logit_scale_xnn: torch.Tensor | None = None,
-                groups: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                groups: torch.Tensor | None = None, index: torch.Tensor | None = None,
+                target_ids: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """``index`` (the rows' samples) and ``target_ids`` (per target, the sample each row's
+        target stems from) are needed only when colliding targets are masked or made positives."""
         u, v = image_features, text_features
         loss_clip = info_nce(u, v, logit_scale, self.local_loss, groups, self.duplicates)
         out = {"loss": loss_clip, "loss_clip": loss_clip.detach()}
@@ -104,14 +131,20 @@ class ClipPingLoss(nn.Module):
         s_nn = logit_scale if logit_scale_nn is None else logit_scale_nn
         s_xnn = logit_scale if logit_scale_xnn is None else logit_scale_xnn
         loss = loss_clip
+        def term(x: torch.Tensor, key: str, scale: torch.Tensor) -> torch.Tensor:
+            if self.collisions == "none":
+                return info_nce(x, targets[key], scale, self.local_loss)
+            if index is None or target_ids is None:
+                raise ValueError("colliding targets can only be found with the rows' index and target ids")
+            return info_nce(x, targets[key], scale, self.local_loss, duplicates=self.collisions,
+                            collisions=(index.to(x.device), target_ids[key].to(x.device)))
+
         if self.lambda_nn != 0:
-            loss_nn = (info_nce(u, targets["nn_image"], s_nn, self.local_loss)
-                       + info_nce(v, targets["nn_text"], s_nn, self.local_loss)) / 2
+            loss_nn = (term(u, "nn_image", s_nn) + term(v, "nn_text", s_nn)) / 2
             loss = loss + self.lambda_nn * loss_nn
             out["loss_nn"] = loss_nn.detach()
         if self.lambda_xnn != 0:
-            loss_xnn = (info_nce(u, targets["xnn_image"], s_xnn, self.local_loss)
-                        + info_nce(v, targets["xnn_text"], s_xnn, self.local_loss)) / 2
+            loss_xnn = (term(u, "xnn_image", s_xnn) + term(v, "xnn_text", s_xnn)) / 2
             loss = loss + self.lambda_xnn * loss_xnn
             out["loss_xnn"] = loss_xnn.detach()
         out["loss"] = loss

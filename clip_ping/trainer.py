@@ -58,9 +58,17 @@ class TrainConfig:
     neighbor_source: str = option("dataset", "where neighbours come from: the whole data set (precomputed) or a FIFO queue of recent samples",
                                   choices=("dataset", "queue"))
     queue_size: int = option(4096, "FIFO queue length for neighbor_source=queue")
-    targets: str = option("teacher", "what u and v are pulled to: the neighbours' teacher features through the heads, "
-                          "or (with neighbor_source=queue) the student's own stored embeddings of the neighbours",
-                          choices=("teacher", "student"))
+    targets: str = option("teacher", "what u and v are pulled to: the neighbours' teacher features through the heads; "
+                          "student (with neighbor_source=queue): the student's own stored embeddings of the neighbours; "
+                          "student_table: the student's stored embeddings from a table over the whole data set, "
+                          "the teacher target for neighbours not embedded yet in this run",
+                          choices=("teacher", "student", "student_table"))
+    xnn_pairing: str = option("own", "XNN targets: own (u_i to the caption of p_i, v_i to the image of q_i) or other "
+                              "(through the other modality's neighbour: u_i to the caption of q_i, v_i to the image of p_i)",
+                              choices=("own", "other"))
+    collisions: str = option("leave", "NN/XNN targets that collide in a batch (two rows share a neighbour, or a row's "
+                             "neighbour is itself in the batch): leave (negatives), mask (not negatives), "
+                             "positives (extra positives, multi-positive InfoNCE)", choices=("leave", "mask", "positives"))
     head: str = option("linear", "teacher-to-student heads h_A, h_B", choices=("linear", "mlp"))
     logit_scales: str = option("shared", "one logit scale for all terms, or one per term", choices=("shared", "per_term"))
     duplicate_captions: str = option("none", "rows of a batch with identical captions, in the CLIP term of every method: "

@@ -22,9 +22,12 @@ class TeacherTargets:
     def __init__(self, banks: FeatureBanks, heads: NeighborGuidance):
         self.banks, self.heads = banks, heads
 
-    def __call__(self, index: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
-                 p: torch.Tensor, q: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.from_rows(*self.banks.gather(p), *self.banks.gather(q), device=u.device)
+    def __call__(self, index: torch.Tensor, u: torch.Tensor, v: torch.Tensor, p: torch.Tensor, q: torch.Tensor,
+                 rows: tuple[torch.Tensor, ...] | None = None) -> dict[str, torch.Tensor]:
+        """``rows``: the bank rows (a_p, b_p, a_q, b_q) when already read, e.g. by the loader workers."""
+        if rows is None:
+            rows = (*self.banks.gather(p), *self.banks.gather(q))
+        return self.from_rows(*rows, device=u.device)
 
     def from_rows(self, a_p: torch.Tensor, b_p: torch.Tensor, a_q: torch.Tensor, b_q: torch.Tensor,
                   device: torch.device) -> dict[str, torch.Tensor]:
@@ -51,8 +54,8 @@ class StudentTargets:
     def __init__(self, n_samples: int, embed_dim: int):
         self.memory = torch.zeros(2, n_samples, embed_dim)
 
-    def __call__(self, index: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
-                 p: torch.Tensor, q: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(self, index: torch.Tensor, u: torch.Tensor, v: torch.Tensor, p: torch.Tensor, q: torch.Tensor,
+                 rows: tuple[torch.Tensor, ...] | None = None) -> dict[str, torch.Tensor]:
         memory = self.memory
         memory[0, index], memory[1, index] = u.detach().float().cpu(), v.detach().float().cpu()
         dev = u.device
@@ -65,3 +68,49 @@ class StudentTargets:
     def load_state_dict(self, state: torch.Tensor | None) -> None:
         if state is not None:
             self.memory.copy_(state)
+
+
+class StudentTableTargets:
+    """``--targets student_table``: for data-set-wide neighbours, the neighbours' latest student
+    embeddings (detached) from a table over the whole training set.
+
+    Rule for a neighbour the student has not embedded yet in this run (the table
+    is in the checkpoint, so a resumed run is the same run): its teacher target
+    through the heads, as in the default reading. The rows of the current
+    (global) batch are written first, so a neighbour in the batch is never stale.
+    """
+
+    def __init__(self, n_samples: int, embed_dim: int, teacher: TeacherTargets):
+        self.memory = torch.zeros(2, n_samples, embed_dim)
+        self.seen = torch.zeros(n_samples, dtype=torch.bool)
+        self.teacher = teacher
+
+    @torch.no_grad()
+    def write(self, index: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the embeddings of the rows of every process (each holds the same table)."""
+        from ..distributed import gather_rows
+
+        index = gather_rows(index.cpu())
+        self.memory[0, index] = gather_rows(u.detach().float()).cpu()
+        self.memory[1, index] = gather_rows(v.detach().float()).cpu()
+        self.seen[index] = True
+
+    def __call__(self, index: torch.Tensor, u: torch.Tensor, v: torch.Tensor, p: torch.Tensor, q: torch.Tensor,
+                 rows: tuple[torch.Tensor, ...] | None = None) -> dict[str, torch.Tensor]:
+        self.write(index, u, v)
+        fallback = self.teacher(index, u, v, p, q, rows)
+        p, q, dev = p.cpu(), q.cpu(), u.device
+        stored = {"nn_image": (0, p), "xnn_image": (1, p), "nn_text": (1, q), "xnn_text": (0, q)}
+        out = {}
+        for key, (side, rows_of) in stored.items():
+            seen = self.seen[rows_of].to(dev)[:, None]
+            out[key] = torch.where(seen, self.memory[side, rows_of].to(dev), fallback[key])
+        return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"memory": self.memory, "seen": self.seen}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor] | None) -> None:
+        if state is not None:
+            self.memory.copy_(state["memory"])
+            self.seen.copy_(state["seen"])
