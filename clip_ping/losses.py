@@ -149,3 +149,47 @@ class ClipPingLoss(nn.Module):
             out["loss_xnn"] = loss_xnn.detach()
         out["loss"] = loss
         return out
+
+
+# --------------------------------------------------------------------------- terms of the peer methods
+
+
+def one_way_nce(x: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tensor, local_loss: bool = False) -> torch.Tensor:
+    """``CE(s x y^T, I)``: each x row picks its own y row among all y rows (one direction only),
+    over the global batch with several processes."""
+    rank, world = rank_and_world()
+    labels = torch.arange(x.shape[0], device=x.device)
+    if world > 1:
+        all_y = gather_with_grad(y)
+        if local_loss:
+            return F.cross_entropy(logit_scale * x @ all_y.T, labels + rank * x.shape[0])
+        x, y = gather_with_grad(x), all_y
+        labels = torch.arange(x.shape[0], device=x.device)
+    return F.cross_entropy(logit_scale * x @ y.T, labels)
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's NT-Xent over the global batch: among the other 2N - 1 views, each view picks the
+    other view of its own image. ``z1``, ``z2``: B x d projections of two views (normalised here)."""
+    z = F.normalize(torch.cat([gather_with_grad(z1), gather_with_grad(z2)]) if rank_and_world()[1] > 1
+                    else torch.cat([z1, z2]), dim=1)
+    n = z.shape[0] // 2
+    logits = (z @ z.T / temperature).fill_diagonal_(float("-inf"))
+    labels = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(logits, labels)
+
+
+def relational_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) of in-batch similarity distributions, over the global batch: row i's
+    distribution is the softmax over j != i of ``x_i . x_j / temperature``. ``student``: B x d
+    (normalised, with gradient); ``teacher``: B x d_t normalised teacher features (no gradient)."""
+    if rank_and_world()[1] > 1:
+        from .distributed import gather_rows
+
+        student, teacher = gather_with_grad(student), gather_rows(teacher)
+    n = student.shape[0]
+    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=student.device)
+    log_p_student = F.log_softmax((student @ student.T / temperature)[off_diagonal].view(n, n - 1), dim=1)
+    teacher = teacher.to(student.device, student.dtype)
+    p_teacher = F.softmax((teacher @ teacher.T / temperature)[off_diagonal].view(n, n - 1), dim=1)
+    return F.kl_div(log_p_student, p_teacher, reduction="batchmean")

@@ -74,9 +74,9 @@ def plan_train(cfg: Any) -> dict[str, Any]:
     if steps_per_epoch == 0:
         raise ConfigError(f"config key 'batch_size': {cfg.batch_size} is larger than the data set ({n} pairs)")
     total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
-    model, _, _, _ = create_student(cfg.model, seed=cfg.seed)
+    model, transform, _, _ = create_student(cfg.model, seed=cfg.seed)
     embed_dim = int(model.text_projection.shape[1]) if hasattr(model, "text_projection") else int(model.visual.output_dim)
-    objective = OBJECTIVES[cfg.method](ObjectiveSetup(cfg, table, embed_dim, torch.device("cpu")))  # opens and checks banks
+    objective = OBJECTIVES[cfg.method](ObjectiveSetup(cfg, table, embed_dim, torch.device("cpu"), transform))  # opens and checks banks
     params = sum(p.numel() for p in model.parameters())
     extra = sum(p.numel() for p in objective.parameters())
     flop_per_sample, activation_bytes = student_cost_per_sample(model, cfg.precision)

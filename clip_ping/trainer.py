@@ -50,14 +50,18 @@ class TrainConfig:
     data: str = option("data/synth", "data set folder (train.csv or train.shards.json), a CSV/TSV file or a shard descriptor")
     out: str = option("runs/train", "run folder: config, metrics, checkpoints, evaluation")
     banks: str | None = option(None, "feature bank folder with neighbours (default: <data>/banks)")
-    method: str = option("clip-ping", "training objective: clip-ping, or plain clip (the baseline)", choices=tuple(OBJECTIVES))
+    method: str = option("clip-ping", "training objective: clip-ping; a-clip-ping (online teachers); plain clip (the "
+                         "baseline); the peers declip-nns, slip, relational (docs/METHOD.md has one row per method)",
+                         choices=tuple(OBJECTIVES))
     model: str = option("ViT-XXS-8-64", "student: an open_clip model name (shipped: ViT-XXS-8-64, ViT-XS-16)")
     lambda_nn: float = option(0.5, "weight of the NN (intra-modal) terms")
     lambda_xnn: float = option(0.5, "weight of the XNN (cross-modal) terms")
     neighbor_topk: int = option(1, "use the nearest neighbour (1) or draw one of the k nearest each step")
     neighbor_source: str = option("dataset", "where neighbours come from: the whole data set (precomputed) or a FIFO queue of recent samples",
                                   choices=("dataset", "queue"))
-    queue_size: int = option(4096, "FIFO queue length for neighbor_source=queue")
+    queue_size: int = option(4096, "FIFO queue length for neighbor_source=queue and for declip-nns")
+    teacher_image_size: int | None = option(None, "a-clip-ping: run the online image teacher at this resolution "
+                                            "(none: the teacher's own)")
     targets: str = option("teacher", "what u and v are pulled to: the neighbours' teacher features through the heads; "
                           "student (with neighbor_source=queue): the student's own stored embeddings of the neighbours; "
                           "student_table: the student's stored embeddings from a table over the whole data set, "
@@ -69,6 +73,10 @@ class TrainConfig:
     collisions: str = option("leave", "NN/XNN targets that collide in a batch (two rows share a neighbour, or a row's "
                              "neighbour is itself in the batch): leave (negatives), mask (not negatives), "
                              "positives (extra positives, multi-positive InfoNCE)", choices=("leave", "mask", "positives"))
+    peer_weight: float | None = option(None, "weight of a peer method's extra term (declip-nns, slip, relational; "
+                                       "none: the paper's, see docs/METHOD.md)")
+    peer_temperature: float | None = option(None, "temperature of slip's SimCLR term and of relational's similarity "
+                                            "distributions (none: 0.1)")
     head: str = option("linear", "teacher-to-student heads h_A, h_B", choices=("linear", "mlp"))
     logit_scales: str = option("shared", "one logit scale for all terms, or one per term", choices=("shared", "per_term"))
     duplicate_captions: str = option("none", "rows of a batch with identical captions, in the CLIP term of every method: "
@@ -120,6 +128,8 @@ class TrainConfig:
             raise ConfigError("config key 'targets': student targets need neighbor_source=queue")
         if self.accum_steps < 1 or self.batch_size % self.accum_steps:
             raise ConfigError("config key 'accum_steps' must be >= 1 and divide batch_size")
+        if self.peer_temperature is not None and self.peer_temperature <= 0:
+            raise ConfigError("config key 'peer_temperature' must be positive")
         if self.lr <= 0:
             raise ConfigError("config key 'lr' must be positive")
 
@@ -136,8 +146,15 @@ class StudentEncoders(torch.nn.Module):
         super().__init__()
         self.model, self.objective = model, objective
 
-    def forward(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.encode_image(images, normalize=True), self.model.encode_text(texts, normalize=True)
+    def forward(self, images: torch.Tensor, texts: torch.Tensor, views: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, ...]:
+        """(u, v), then the embeddings of each extra view when ``views`` (B x V x C x H x W) is given:
+        all views go through the image tower in one pass."""
+        if views is None:
+            return self.model.encode_image(images, normalize=True), self.model.encode_text(texts, normalize=True)
+        n = len(images)
+        every = self.model.encode_image(torch.cat([images, views.transpose(0, 1).flatten(0, 1)]), normalize=True)
+        return (every[:n], self.model.encode_text(texts, normalize=True), *every[n:].split(n))
 
 
 class TrainingDiverged(ClipPingError):
@@ -249,6 +266,11 @@ def collate_and_prepare(samples: list[dict[str, Any] | None], tokenizer: Any = N
                         prepare: Any = None) -> dict[str, Any]:
     """`collate_pairs`, then the objective's preparation of the batch for its step (in the worker)."""
     batch = collate_pairs(samples, tokenizer=tokenizer)
+    kept = [s for s in samples if s is not None]
+    if kept and isinstance(kept[0]["text"], str):
+        batch["caption"] = [s["text"] for s in kept]  # raw captions, for objectives that run a text teacher
+    if kept and "views" in kept[0]:
+        batch["image_views"] = torch.stack([torch.stack(s["views"]) for s in kept])  # B x V x C x H x W
     steps = {s["step"] for s in samples if s is not None and "step" in s}
     if prepare is not None and len(steps) == 1 and len(batch["index"]) > 0:
         batch["prepared"] = prepare(batch["index"], steps.pop())
@@ -296,7 +318,8 @@ class Trainer:
         self.model.to(self.device)
         if cfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
-        self.objective = build_objective(ObjectiveSetup(cfg, self.table, self._embed_dim(), self.device))
+        self.objective = build_objective(ObjectiveSetup(cfg, self.table, self._embed_dim(), self.device,
+                                                        self.preprocess_train))
         self.encoders = self._wrap(StudentEncoders(self.model, self.objective))
         # fp16 needs loss scaling; bf16 has fp32's range and needs none
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
@@ -385,14 +408,21 @@ class Trainer:
     # -- one step ---------------------------------------------------------------
 
     def _encode(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        u, v, *_ = self._encode_all(images, texts)
+        return u, v
+
+    def _encode_all(self, images: torch.Tensor, texts: torch.Tensor, views: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, ...]:
+        """(u, v, embeddings of each extra view) in fp32."""
         precision = self.cfg.precision
         dtype = torch.float16 if precision == "fp16" else torch.bfloat16
         with torch.autocast(self.device.type, dtype=dtype, enabled=precision != "fp32"):
-            u, v = self.encoders(images, texts)
-        return u.float(), v.float()
+            out = self.encoders(images, texts) if views is None else self.encoders(images, texts, views)
+        return tuple(t.float() for t in out)
 
-    def _loss(self, u: torch.Tensor, v: torch.Tensor, batch: dict[str, Any], grad_share: float = 1.0) -> dict[str, torch.Tensor]:
-        ctx = StepContext(step=self.step, logit_scale=self.model.logit_scale.exp(), grad_share=grad_share)
+    def _loss(self, u: torch.Tensor, v: torch.Tensor, batch: dict[str, Any], grad_share: float = 1.0,
+              views: tuple[torch.Tensor, ...] = ()) -> dict[str, torch.Tensor]:
+        ctx = StepContext(step=self.step, logit_scale=self.model.logit_scale.exp(), grad_share=grad_share, views=views)
         return self.objective.loss(u, v, batch, ctx)
 
     def _check_finite(self, loss: torch.Tensor) -> None:
@@ -408,14 +438,18 @@ class Trainer:
             group["lr"] = lr
         images = batch["image"].to(self.device, non_blocking=True)
         texts = batch["text"].to(self.device, non_blocking=True)
+        views = batch.get("image_views")
+        if views is not None:
+            views = views.to(self.device, non_blocking=True)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         if cfg.accum_steps == 1:
-            out = self._loss(*self._encode(images, texts), batch)
+            u, v, *view_embeddings = self._encode_all(images, texts, views)
+            out = self._loss(u, v, batch, views=tuple(view_embeddings))
             self._check_finite(out["loss"])
             self.scaler.scale(out["loss"]).backward()
         else:
-            out = self._accumulate(images, texts, batch)
+            out = self._accumulate(images, texts, batch, views)
         if cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -434,7 +468,8 @@ class Trainer:
         terms["logit_scale"] = float(self.model.logit_scale.detach().exp())
         return StepResult(loss_value, terms)
 
-    def _accumulate(self, images: torch.Tensor, texts: torch.Tensor, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def _accumulate(self, images: torch.Tensor, texts: torch.Tensor, batch: dict[str, Any],
+                    views: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Gradient accumulation that keeps the contrastive batch whole.
 
         First every micro-batch is embedded without gradients; then each is
@@ -444,17 +479,21 @@ class Trainer:
         micro-batch at a time.
         """
         chunks = torch.arange(len(batch["index"])).chunk(self.cfg.accum_steps)
+        def encode(c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return self._encode_all(images[c], texts[c], None if views is None else views[c])
+
         with torch.no_grad():
-            cached = [self._encode(images[c], texts[c]) for c in chunks]
+            cached = [encode(c) for c in chunks]
         out: dict[str, torch.Tensor] = {}
         for j, c in enumerate(chunks):
             # DDP all-reduces the gradients once, after the last micro-batch
             last = j == len(chunks) - 1
             with nullcontext() if last or self.world == 1 else self.encoders.no_sync():
-                u_j, v_j = self._encode(images[c], texts[c])
-                u = torch.cat([u_j if i == j else cu for i, (cu, _) in enumerate(cached)])
-                v = torch.cat([v_j if i == j else cv for i, (_, cv) in enumerate(cached)])
-                out = self._loss(u, v, batch, grad_share=1.0 / len(chunks))
+                live = encode(c)
+                # per output (u, v, each view): the live micro-batch between the cached ones
+                u, v, *view_embeddings = (torch.cat([live[k] if i == j else cached_i[k] for i, cached_i in enumerate(cached)])
+                                          for k in range(len(live)))
+                out = self._loss(u, v, batch, grad_share=1.0 / len(chunks), views=tuple(view_embeddings))
                 self._check_finite(out["loss"])
                 self.scaler.scale(out["loss"]).backward()
         return out
@@ -490,6 +529,9 @@ class Trainer:
         if not isinstance(self.table, ShardTable):
             raise ConfigError("config key 'data_mode': stream needs WebDataset shards (a <split>.shards.json); "
                               "convert a CSV data set with clip-ping data convert")
+        if self.objective.view_transforms(self.preprocess_train):
+            raise ConfigError(f"config key 'data_mode': --method {self.cfg.method} needs extra views of each image, "
+                              "which only data_mode=random provides")
         stream = ShardStream(self.table, self.preprocess_train, shuffle_buffer=self.cfg.shuffle_buffer,
                              shuffle_shards=True, seed=self.cfg.seed)
         stream.set_epoch(epoch)
@@ -501,7 +543,8 @@ class Trainer:
     def _loader(self, epoch: int, start_batch: int) -> DataLoader:
         """The batches of the rest of the run, from batch ``start_batch`` of ``epoch`` (at step ``self.step``)."""
         # captions are tokenized per batch in collate: one tokenizer call per batch costs less than one per sample
-        dataset = SeededAugmentation(PairDataset(self.table, self.preprocess_train), self.cfg.seed)
+        views = self.objective.view_transforms(self.preprocess_train)
+        dataset = SeededAugmentation(PairDataset(self.table, self.preprocess_train, view_transforms=views), self.cfg.seed)
         sampler = RunBatches(len(self.table), self.cfg.batch_size, self.cfg.seed, epoch, start_batch, self.step,
                              self.total_steps, self.rank, self.world)
         return DataLoader(dataset, batch_sampler=sampler, **self._loader_options(prepare=self.objective.batch_preparer()))

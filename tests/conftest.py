@@ -42,9 +42,11 @@ def tiny_model(tmp_path_factory):
     return model, open_clip.get_tokenizer(TINY_MODEL), preprocess
 
 
-def write_random_bank(data_dir, split: str = "train", k: int = 3, seed: int = 0):
+def write_random_bank(data_dir, split: str = "train", k: int = 3, seed: int = 0, dims=(24, 16),
+                      teachers=("test-tiny-image", "test-tiny-text")):
     """A bank of random unit features for ``data_dir``'s split (right count and data fingerprint) and its
-    neighbour tables: enough for CLIP-PING to train without running the teachers."""
+    neighbour tables: enough for CLIP-PING to train without running the teachers. The manifest names
+    ``teachers`` (the tiny test teachers by default, whose dims are the default ``dims``)."""
     import numpy as np
 
     from clip_ping.data.shards import open_split
@@ -54,13 +56,14 @@ def write_random_bank(data_dir, split: str = "train", k: int = 3, seed: int = 0)
     n, rng = len(table), np.random.default_rng(seed)
     bank = data_dir / "banks"
     bank.mkdir()
-    for name, d in (("image", 24), ("text", 16)):
+    for name, d in (("image", dims[0]), ("text", dims[1])):
         x = rng.standard_normal((n, d))
         np.save(bank / f"{name}.npy", (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16))
         np.save(bank / f"{name}_group.npy", np.arange(n, dtype=np.int64))
     np.save(bank / "valid.npy", np.ones(n, dtype=bool))
-    manifest = {"count": n, "dims": {"image": 24, "text": 16}, "fingerprint": f"random-bank-{seed}",
-                "data_fingerprint": table.fingerprint()}
+    manifest = {"count": n, "dims": {"image": dims[0], "text": dims[1]}, "fingerprint": f"random-bank-{seed}",
+                "data_fingerprint": table.fingerprint(),
+                "teachers": {"image": {"name": teachers[0], "dim": dims[0]}, "text": {"name": teachers[1], "dim": dims[1]}}}
     (bank / "manifest.json").write_text(json.dumps(manifest))
     build_neighbors(NeighborsConfig(banks=str(bank), k=k, method="exact", progress=False))
     return bank
@@ -75,3 +78,45 @@ def tiny_banked(tiny_synth, tmp_path_factory):
     shutil.copytree(tiny_synth, data)
     write_random_bank(data)
     return data
+
+
+# --------------------------------------------------------------------------- tiny teachers
+
+def _register_tiny_teachers():
+    """Two tiny deterministic teachers (24-d image, 16-d text, the random bank's dims) for A-CLIP-PING tests:
+    a strided convolution with mean pooling at 40 px, and a fixed embedding of character codes."""
+    import torch
+    from torchvision import transforms as T
+
+    from clip_ping.teachers import _IMAGE_TEACHERS, _TEXT_TEACHERS, ImageTeacher, TextTeacher
+
+    class TinyImageTeacher(ImageTeacher):
+        def __init__(self, device="cpu"):
+            self.name, self.dim, self.device = "test-tiny-image", 24, device
+            g = torch.Generator().manual_seed(0)
+            self.model = torch.nn.Conv2d(3, 24, 8, stride=8)
+            with torch.no_grad():
+                self.model.weight.copy_(torch.randn(self.model.weight.shape, generator=g) * 0.1)
+                self.model.bias.zero_()
+            self.model.requires_grad_(False)
+            self._transform = T.Compose([T.Resize(40), T.CenterCrop(40), T.ToTensor(), T.Normalize([0.5] * 3, [0.25] * 3)])
+
+        def transform(self, img):
+            return self._transform(img)
+
+        def _forward(self, images):
+            return self.model(images).mean(dim=(2, 3))
+
+    class TinyTextTeacher(TextTeacher):
+        def __init__(self, device="cpu"):
+            self.name, self.dim, self.device = "test-tiny-text", 16, device
+            self.table = torch.randn(128, 16, generator=torch.Generator().manual_seed(1))
+
+        def _forward(self, texts):
+            return torch.stack([self.table[torch.tensor([ord(c) % 128 for c in t])].mean(0) for t in texts])
+
+    _IMAGE_TEACHERS.setdefault("test-tiny-image", TinyImageTeacher)
+    _TEXT_TEACHERS.setdefault("test-tiny-text", TinyTextTeacher)
+
+
+_register_tiny_teachers()

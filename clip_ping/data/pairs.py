@@ -378,9 +378,12 @@ class PairDataset(torch.utils.data.Dataset):
         table: PairTable,
         image_transform: Callable[[Image.Image], torch.Tensor],
         tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
+        view_transforms: Sequence[Callable[[Image.Image], torch.Tensor]] = (),
     ) -> None:
         self.table = table
         self.image_transform = image_transform
+        # extra augmented views of the same decoded image (``sample["views"]``), drawn after the main one
+        self.view_transforms = tuple(view_transforms)
         self.tokenizer = tokenizer
         # Counted in the process that decodes (a worker's count stays in that worker);
         # batches carry their own ``n_skipped`` for totals across workers.
@@ -400,7 +403,10 @@ class PairDataset(torch.utils.data.Dataset):
         text: Any = self.table.captions[i]
         if self.tokenizer is not None:
             text = self.tokenizer([text])[0]
-        return {"index": i, "image": self.image_transform(image), "text": text}
+        sample = {"index": i, "image": self.image_transform(image), "text": text}
+        if self.view_transforms:
+            sample["views"] = [t(image) for t in self.view_transforms]
+        return sample
 
 
 def collate_pairs(

@@ -9,13 +9,21 @@ from __future__ import annotations
 
 from typing import Callable
 
+from .active import ActiveClipPingObjective
 from .base import Objective, ObjectiveSetup, StepContext
 from .clip import ClipObjective
 from .clip_ping import ClipPingObjective
+from .declip import DeclipNnsObjective
+from .relational import RelationalObjective
+from .slip import SlipObjective
 
 OBJECTIVES: dict[str, Callable[[ObjectiveSetup], Objective]] = {
     "clip": ClipObjective.from_setup,
     "clip-ping": ClipPingObjective.from_setup,
+    "a-clip-ping": ActiveClipPingObjective.from_setup,
+    "declip-nns": DeclipNnsObjective.from_setup,
+    "slip": SlipObjective.from_setup,
+    "relational": RelationalObjective.from_setup,
 }
 
 
@@ -24,5 +32,5 @@ def build_objective(setup: ObjectiveSetup) -> Objective:
     return OBJECTIVES[setup.cfg.method](setup)
 
 
-__all__ = ["OBJECTIVES", "ClipObjective", "ClipPingObjective", "Objective", "ObjectiveSetup", "StepContext",
-           "build_objective"]
+__all__ = ["OBJECTIVES", "ActiveClipPingObjective", "ClipObjective", "ClipPingObjective", "DeclipNnsObjective", "Objective", "ObjectiveSetup",
+           "RelationalObjective", "SlipObjective", "StepContext", "build_objective"]

@@ -34,6 +34,8 @@ class StepContext:
     step: int
     logit_scale: torch.Tensor
     grad_share: float = 1.0
+    #: normalised student embeddings (B x d) of the extra image views the objective asked for (`view_transforms`)
+    views: tuple[torch.Tensor, ...] = ()
 
     def share(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.grad_share == 1.0 else t.detach() + (t - t.detach()) * self.grad_share
@@ -47,6 +49,8 @@ class ObjectiveSetup:
     table: PairTable
     embed_dim: int
     device: torch.device
+    #: the student's training transform (PIL image -> augmented view), for methods that load or convert views
+    image_transform: Callable[..., torch.Tensor] | None = None
 
     def caption_groups(self) -> torch.Tensor | None:
         """Per sample, the id of its caption text (identical captions share one), when the
@@ -87,6 +91,12 @@ class Objective(nn.Module):
 
     def after_step(self, batch: dict[str, Any]) -> None:
         """Called once after each optimiser step (clamp own scales, update queues)."""
+
+    def view_transforms(self, student_transform: Callable[..., torch.Tensor]) -> tuple[Callable[..., torch.Tensor], ...]:
+        """Transforms of extra augmented views of each image that the loader must provide (seeded
+        like the main view, so a resumed run sees the same ones); their student embeddings reach
+        `loss` as ``ctx.views``. Empty: the student's one view is enough."""
+        return ()
 
     def batch_preparer(self) -> Callable[[torch.Tensor, int], dict[str, Any]] | None:
         """Work on a batch that needs no model state, done in the loader workers so it stays

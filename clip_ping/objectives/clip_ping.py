@@ -91,8 +91,9 @@ class ClipPingObjective(Objective):
 
     @property
     def has_unused_parameters(self) -> bool:
-        # the heads carry no target with student targets, and only unseen rows' with the table
-        return isinstance(self.targets, (StudentTargets, StudentTableTargets))
+        # the heads carry no target with student targets; with the table they always do (the
+        # teacher fallback is in the graph, its gradient zero on rows already seen)
+        return isinstance(self.targets, StudentTargets)
 
     def batch_preparer(self) -> PrefetchNeighborRows | None:
         """With data-set neighbours and bank rows to read, the loader workers pick p, q and read their rows."""

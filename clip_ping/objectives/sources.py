@@ -28,13 +28,27 @@ class DatasetNeighbors:
     """Neighbours precomputed over the whole data set (`clip-ping neighbors`):
     the nearest, or one of the ``top_k`` nearest drawn at each step."""
 
-    def __init__(self, table: NeighborTable, top_k: int = 1, seed: int = 0):
+    def __init__(self, table: NeighborTable, top_k: int = 1, seed: int = 0, rank: int | None = None,
+                 world: int | None = None):
+        from ..distributed import rank_and_world
+
         self.table, self.top_k, self.seed = table, top_k, seed
+        # the process's slice of the global batch (given explicitly in loader workers, which have no process group)
+        self.rank, self.world = rank_and_world() if rank is None or world is None else (rank, world)
 
     def pick(self, index: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         # one generator per step: the draws are the same after a resume
         g = torch.Generator().manual_seed(self.seed * 7_919 + step)
-        return self.table.pick(index, self.top_k, g)
+        if self.world == 1 or self.top_k == 1:
+            return self.table.pick(index, self.top_k, g)
+        # draw for the whole global batch and keep this process's rows, so every row gets the
+        # draw it gets on one process (the draws depend on positions only; other rows stand in as 0)
+        n = len(index)
+        pad = lambda k: torch.zeros(k * n, dtype=index.dtype, device=index.device)  # noqa: E731
+        padded = torch.cat([pad(self.rank), index, pad(self.world - self.rank - 1)])
+        p, q = self.table.pick(padded, self.top_k, g)
+        own = slice(self.rank * n, (self.rank + 1) * n)
+        return p[own], q[own]
 
     def after_step(self, index: torch.Tensor) -> None:
         pass
@@ -55,7 +69,10 @@ class PrefetchNeighborRows:
     """
 
     def __init__(self, bank_dir: str, bank_fingerprint: str, top_k: int, seed: int):
+        from ..distributed import rank_and_world
+
         self.bank_dir, self.bank_fingerprint, self.top_k, self.seed = bank_dir, bank_fingerprint, top_k, seed
+        self.rank, self.world = rank_and_world()  # of the training process that builds it
         self._opened: tuple[DatasetNeighbors, FeatureBanks] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -67,7 +84,8 @@ class PrefetchNeighborRows:
             from ..neighbors import load_neighbors
 
             table = load_neighbors(self.bank_dir, expected_fingerprint=self.bank_fingerprint)
-            self._opened = DatasetNeighbors(table, self.top_k, self.seed), open_banks(self.bank_dir)
+            self._opened = (DatasetNeighbors(table, self.top_k, self.seed, self.rank, self.world),
+                            open_banks(self.bank_dir))
         source, banks = self._opened
         p, q = source.pick(index, step)
         return {"step": step, "index": index, "p": p, "q": q, "rows": (*banks.gather(p), *banks.gather(q))}
