@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_train.py --quick           # smoke run (~1-2 min)
     .venv/bin/python benchmarks/bench_train.py                   # ViT-XXS-8-64 (+ ViT-XS-16 unless --no-xs)
     .venv/bin/python benchmarks/bench_train.py --vs-open-clip    # clip-ping plain CLIP vs open_clip_train
+    .venv/bin/python benchmarks/bench_train.py --methods         # step time of every method vs CLIP-PING
 
 Default mode, per model and precision (fp32, bf16), in one process:
 
@@ -29,6 +30,14 @@ interval between consecutive step ends on both sides (open_clip_train's
 ``Batch (t)`` per-step value, parsed from its log with ``--log-every-n-steps 1``;
 for clip-ping a timestamp after each `train_step`), medians after warm-up.
 
+``--methods``: compute only, one `Trainer` per method setting of `METHOD_SETTINGS`
+(A-CLIP-PING's two readings, the other readings of CLIP-PING, the peers),
+each on batches from its own loader (so A-CLIP-PING's batches carry the
+neighbours' views and SLIP's its extra views, prepared by the loader workers as
+in training), one step of each in turn per round; the median step time and the
+paired per-round ratio to CLIP-PING and to CLIP. The loader work itself
+(A-CLIP-PING decodes two neighbour images per row) is not in these step times.
+
 Data: the built-in synthetic set (`clip_ping.data.synth`), banks from the default
 teachers, neighbours k=10; made once into ``benchmarks/work/``. Results:
 ``benchmarks/results/train.json`` / ``train_vs_open_clip.json``.
@@ -37,6 +46,7 @@ teachers, neighbours k=10; made once into ``benchmarks/work/``. Results:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -251,6 +261,44 @@ def end_to_end(data: Path, model: str, batch: int, precision: str, steps: int, w
     }
 
 
+# --------------------------------------------------------------------------- every method vs CLIP-PING
+
+METHOD_SETTINGS: dict[str, dict[str, Any]] = {
+    "clip": {"method": "clip"},
+    "clip-ping": {"method": "clip-ping"},
+    "a-clip-ping": {"method": "a-clip-ping"},
+    "a-clip-ping-queue": {"method": "a-clip-ping", "neighbor_source": "queue"},
+    "xnn-other": {"method": "clip-ping", "xnn_pairing": "other"},
+    "student-table": {"method": "clip-ping", "targets": "student_table"},
+    "collisions-positives": {"method": "clip-ping", "collisions": "positives"},
+    "declip-nns": {"method": "declip-nns"},
+    "slip": {"method": "slip"},
+    "relational": {"method": "relational"},
+}
+
+
+def methods_cost(data: Path, model: str, batch: int, precision: str, steps: int, warmup: int,
+                 settings: list[str]) -> dict[str, Any]:
+    """Median step time of each method setting, interleaved, and its paired ratio to CLIP-PING and CLIP."""
+    trainers, batches = {}, {}
+    for name in settings:
+        cfg = dataclasses.replace(train_config(data, C.WORK / "runs" / f"methods-{name}", "clip", model, batch,
+                                               precision, 2, 10**6), **METHOD_SETTINGS[name])
+        trainers[name] = Trainer(cfg)
+        batches[name] = preload_batches(trainers[name], min(warmup + steps, 6))
+    times = C.interleaved({n: (lambda r, n=n: trainers[n].train_step(batches[n][r % len(batches[n])]))
+                           for n in settings}, repeats=steps, warmup=warmup)
+    st = {n: C.stats(v) for n, v in times.items()}
+
+    def paired(n: str, ref: str) -> float | None:
+        return statistics.median(b / a for a, b in zip(times[ref], times[n])) if ref in times else None
+
+    return {"model": model, "precision": precision, "batch_size": batch, "steps": steps, "warmup": warmup,
+            "step_s": st, "samples_per_s": {n: sps(batch, s["median"]) for n, s in st.items()},
+            "ratio_over_clip_ping": {n: paired(n, "clip-ping") for n in settings},
+            "ratio_over_clip": {n: paired(n, "clip") for n in settings}}
+
+
 # --------------------------------------------------------------------------- vs open_clip_train
 
 
@@ -379,6 +427,9 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short smoke run: small data, few steps, ViT-XXS only")
     ap.add_argument("--vs-open-clip", action="store_true", help="compare clip-ping plain CLIP with open_clip_train")
+    ap.add_argument("--methods", action="store_true", help="step time of every method setting vs CLIP-PING")
+    ap.add_argument("--method-settings", default=",".join(METHOD_SETTINGS),
+                    help=f"--methods: comma list of {', '.join(METHOD_SETTINGS)}")
     ap.add_argument("--xs", dest="xs", action="store_true", default=None, help="also ViT-XS-16 (default on, off with --quick)")
     ap.add_argument("--no-xs", dest="xs", action="store_false", help="skip ViT-XS-16")
     ap.add_argument("--n-train", type=int, default=2000, help="synthetic training pairs (default 2000)")
@@ -416,6 +467,25 @@ def main() -> None:
     result: dict[str, Any] = {"machine": C.machine_facts(), "args": vars(args), "target_ratio": TARGET_RATIO}
     print(f"load average at start: {result['machine']['load_avg_start']}  (torch threads {torch.get_num_threads()})")
     data = C.prepare_data(args.n_train)
+
+    if args.methods:
+        settings = [n for n in args.method_settings.split(",") if n]
+        unknown = sorted(set(settings) - set(METHOD_SETTINGS))
+        if unknown:
+            raise SystemExit(f"unknown method setting(s) {', '.join(unknown)}; known: {', '.join(METHOD_SETTINGS)}")
+        result["methods"] = []
+        for precision in precisions:
+            print(f"[methods] ViT-XXS-8-64 {precision} batch {args.batch_size}: {args.warmup}+{args.steps} steps each",
+                  flush=True)
+            res = methods_cost(data, "ViT-XXS-8-64", args.batch_size, precision, args.steps, args.warmup, settings)
+            result["methods"].append(res)
+            C.print_table([[n, precision, res["step_s"][n]["median"], res["samples_per_s"][n],
+                            res["ratio_over_clip_ping"][n], res["ratio_over_clip"][n]] for n in settings],
+                          ["setting", "prec", "step s", "sps", "/ CLIP-PING", "/ CLIP"],
+                          "every method, compute only (median step; paired per-round ratios)")
+        path = C.write_json(args.out or ("train_methods_quick" if args.quick else "train_methods"), result)
+        print(f"\nload average at end: {result['machine']['load_avg_end']}\nwrote {path}")
+        return
 
     if args.vs_open_clip:
         rows = []

@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/quality.py --profile quick                 # OpenClipart, CLIP vs CLIP-PING, 3 seeds
     .venv/bin/python benchmarks/quality.py --profile full                  # + NN/XNN, top-k, queue, lambdas, heads, teacher
     .venv/bin/python benchmarks/quality.py --profile tiny --data synth     # minutes: every code path on tiny data
+    .venv/bin/python benchmarks/quality.py --profile methods               # every method, paired vs CLIP and CLIP-PING
     .venv/bin/python benchmarks/quality.py --profile quick --dry-run       # print the plan only
 
 Pipeline (every step is skipped when its output is complete, so an interrupted
@@ -61,6 +62,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 PROFILES_FILE = Path(__file__).with_name("quality_profiles.yaml")
+NO_BANK_METHODS = ("clip", "declip-nns", "slip")  # methods that read no teacher bank
+SECOND_BASELINE = "clip-ping"  # profiles that hold it also get paired deltas against it
 WORK = (ROOT / "benchmarks" / "work").resolve()  # one spelling of every path, also through a symlinked work folder
 RESULTS = ROOT / "benchmarks" / "results"
 BASELINE = "clip"
@@ -182,7 +185,7 @@ def make_plan(prof: dict[str, Any], out: Path) -> dict[str, Any]:
             over = dict(prof["setting_specs"][setting])
             teacher = over.pop("teacher", default_teacher)
             bank = bank_dir_for(data_dir, teacher, default_teacher)
-            uses_bank = over.get("method", "clip-ping") != "clip"
+            uses_bank = over.get("method", "clip-ping") not in NO_BANK_METHODS
             if uses_bank:
                 banks.setdefault(teacher, str(bank))
             run_dir = out / "runs" / f"{setting}-seed{seed}"
@@ -692,6 +695,16 @@ def markdown(doc: dict[str, Any]) -> str:
                 continue
             lines.append(f"| {setting} | " + " | ".join(
                 _cell((entry["metrics"].get(k) or {}).get("delta_vs_clip"), delta=True) for k in keys) + " |")
+        vs_ping = (doc.get("aggregate_vs_clip_ping") or {}).get(split)
+        if vs_ping:
+            lines += [f"Δ vs CLIP-PING defaults ({split}):", "",
+                      "| setting | " + " | ".join(metric_label(k) for k in keys) + " |", "|---|" + "---|" * len(keys)]
+            for setting, entry in vs_ping["settings"].items():
+                if setting in (BASELINE, SECOND_BASELINE):
+                    continue
+                lines.append(f"| {setting} | " + " | ".join(
+                    _cell((entry["metrics"].get(k) or {}).get("delta_vs_clip"), delta=True) for k in keys) + " |")
+            lines.append("")
         lines.append("")
     if split_note := doc.get("notes"):
         lines += ["Notes:", ""] + [f"- {n}" for n in split_note] + [""]
@@ -830,6 +843,9 @@ def main(argv: list[str] | None = None) -> int:
         ],
         "results": results,
         "aggregate": agg,
+        # the same paired deltas against the CLIP-PING defaults (key "delta_vs_clip" holds the delta to that baseline)
+        "aggregate_vs_clip_ping": (aggregate(results, prof["settings"], baseline=SECOND_BASELINE)
+                                   if SECOND_BASELINE in prof["settings"] else None),
         "recommendation": recommend(agg, prof),
         "cost": cost_summary(results, records, prof["settings"], prof["image_teacher"]),
         "wall_seconds": time.perf_counter() - started,

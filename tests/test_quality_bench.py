@@ -124,3 +124,35 @@ def test_refuses_run_folder_with_other_options(quality, tmp_path):
     config["steps"] = run["train"]["steps"]  # bookkeeping keys (workers) may differ
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     quality.check_run_folder(run)
+
+
+def test_methods_profile_resolves_to_valid_runs_of_every_method(quality, tmp_path):
+    from clip_ping.config import from_dict
+    from clip_ping.trainer import TrainConfig
+
+    prof = quality.resolve_profile("methods", "openclipart")
+    expected = {"clip", "clip-ping", "a-clip-ping", "a-clip-ping-queue", "xnn-other", "student-table",
+                "collisions-mask", "collisions-positives", "declip-nns", "slip", "relational"}
+    assert set(prof["settings"]) == expected and prof["seeds"] == [0, 1, 2]
+    assert prof["train"]["model"] == "ViT-XXS-8-64" and prof["train"]["steps"] == 400
+    plan = quality.make_plan(prof, tmp_path)
+    assert plan["data_dir"].endswith("openclipart-v2")  # the rebuilt benchmark: deduplicated, split by caption
+    assert len(plan["runs"]) == len(expected) * 3
+    for run in plan["runs"]:
+        cfg = from_dict(TrainConfig, {k: v for k, v in run["train"].items() if k != "progress"})  # validates every key
+        assert (cfg.banks is None) == (cfg.method in ("clip", "declip-nns", "slip"))
+    # the paired deltas against the CLIP-PING defaults reach the report
+    results = []
+    for seed in prof["seeds"]:
+        for setting, boost in {"clip": 0.0, "clip-ping": 1.0, "slip": 0.5}.items():
+            ev_test, ev_val = _fake_eval(seed, boost)
+            results.append({"setting": setting, "seed": seed, "metrics": quality.run_metrics(ev_test, ev_val)})
+    vs_ping = quality.aggregate(results, prof["settings"], baseline="clip-ping")
+    slip = vs_ping["val"]["settings"]["slip"]["metrics"]["i2t/R@1"]
+    assert slip["delta_vs_clip"]["mean"] == pytest.approx(-0.5)
+    doc = {"profile": prof, "date": "d", "commands": ["c"], "epochs_equivalent": 8.0, "n_train": 6400,
+           "machine": {"cpus": 2, "processor": "x", "torch": "2", "load_average_start": [0.1]},
+           "aggregate": quality.aggregate(results, prof["settings"]), "aggregate_vs_clip_ping": vs_ping,
+           "recommendation": quality.recommend(quality.aggregate(results, prof["settings"]), prof),
+           "cost": {"stages": {}, "training": {}}, "wall_seconds": 1.0}
+    assert "Δ vs CLIP-PING defaults (val)" in quality.markdown(doc)
