@@ -15,7 +15,7 @@ benchmark is resumed by running the same command again):
    default teachers; a second bank per extra image teacher) and neighbour
    tables (``build_neighbors``, k >= 10).
 2. training: every setting of the profile x every seed, same student, data,
-   steps and batch, into ``OUT/runs/<setting>-seed<k>`` with ``resume="latest"``;
+   steps and batch, into ``OUT/runs/<setting>-seed<k>`` with ``resume="auto"``;
    a run folder holding ``eval.json`` is complete and skipped.
 3. evaluation of every run on the test split (``eval.json``: zero-shot top-1/5
    on the taxonomy labels, I2T/T2I recall, linear probe) and on the val split
@@ -71,7 +71,7 @@ REFERENCE = "clip-ping"  # the current defaults; a change is recommended only wh
 APT_PACKAGES = ("openclipart-png", "openclipart-svg")
 # TrainConfig keys that do not change what a run computes (a finished run may differ here).
 BOOKKEEPING = {"out", "resume", "workers", "progress", "tensorboard", "device", "log_every", "save_every",
-               "keep_checkpoints"}
+               "keep_checkpoints", "overwrite", "prefetch_batches", "max_skipped_fraction"}
 STAGE_TIMINGS = "quality_timing.json"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -190,7 +190,7 @@ def make_plan(prof: dict[str, Any], out: Path) -> dict[str, Any]:
                 banks.setdefault(teacher, str(bank))
             run_dir = out / "runs" / f"{setting}-seed{seed}"
             train = {**prof["train"], **over, "data": str(data_dir), "out": str(run_dir), "seed": seed,
-                     "resume": "latest", "tensorboard": False, "progress": sys.stderr.isatty(),
+                     "resume": "auto", "tensorboard": False, "progress": sys.stderr.isatty(),
                      "banks": str(bank) if uses_bank else None}
             runs.append({"setting": setting, "seed": seed, "run_dir": str(run_dir), "teacher": teacher,
                          "train": train})

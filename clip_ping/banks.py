@@ -56,6 +56,7 @@ from .config import option
 from .data.pairs import ImageDecodeError, PairTable, load_image
 from .distributed import init_from_env, resolve_device
 from .errors import ClipPingError, ConfigError, DataError
+from .io import atomic_save_npy, atomic_write_json
 from .teachers import (
     DEFAULT_IMAGE_TEACHER,
     DEFAULT_TEXT_TEACHER,
@@ -428,7 +429,7 @@ def _start_or_resume(
         _create_array(out / "text.npy", (n, dims["text"]), dtype)
         _create_array(out / "valid.npy", (n,), np.dtype(bool))
         _create_array(work / "image_hash.npy", (n, _HASH_BYTES), np.dtype(np.uint8))
-        _write_json_atomic(work / "run.json", run)
+        atomic_write_json(work / "run.json", run)
     done = _done_chunks(work)
     run["pending"] = [c for c in range(run["n_chunks"]) if c not in done]
     if done:
@@ -437,11 +438,15 @@ def _start_or_resume(
 
 
 def _create_array(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-    arr.flush()
-    del arr
-    os.replace(tmp, path)
+    tmp = path.with_name(path.name + ".tmp")  # a preallocated memory map, filled chunk by chunk later
+    try:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        arr.flush()
+        del arr
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"cannot create {path}: {exc.strerror or exc}") from None
 
 
 def _check_arrays(out: Path, run: dict[str, Any]) -> None:
@@ -586,7 +591,7 @@ def _extract_chunks(
             if stop == min((chunk + 1) * chunk_size, n):  # the chunk's last batch
                 for arr in (image_bank, text_bank, valid, hashes):
                     arr.flush()  # rows on disk first ...
-                _write_json_atomic(_chunk_marker(work, chunk), {"rows": [chunk * chunk_size, stop]})  # ... then the marker
+                atomic_write_json(_chunk_marker(work, chunk), {"rows": [chunk * chunk_size, stop]})  # ... then the marker
     if decode_warnings > _MAX_DECODE_WARNINGS:
         log.warning("%d more images could not be decoded", decode_warnings - _MAX_DECODE_WARNINGS)
 
@@ -611,8 +616,8 @@ def _finish(out: Path, run: dict[str, Any], table: PairTable, world: int) -> Non
     hashes = np.load(work / "image_hash.npy")
     image_group = duplicate_groups_of_hashes(hashes)
     text_group = duplicate_groups_of_captions(table.captions)
-    _save_atomic(out / "image_group.npy", image_group)
-    _save_atomic(out / "text_group.npy", text_group)
+    atomic_save_npy(out / "image_group.npy", image_group)
+    atomic_save_npy(out / "text_group.npy", text_group)
 
     valid = np.load(out / "valid.npy", mmap_mode="r")
     n_invalid = int(len(valid) - valid.sum())
@@ -644,7 +649,7 @@ def _finish(out: Path, run: dict[str, Any], table: PairTable, world: int) -> Non
     }
     # The bank's identity for the tables built on it (neighbours): new at every rebuild.
     manifest["fingerprint"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
-    _write_json_atomic(out / MANIFEST, manifest)
+    atomic_write_json(out / MANIFEST, manifest)
     shutil.rmtree(work, ignore_errors=True)
     log.info("bank %s complete: %d rows, image %d-d, text %d-d", out, manifest["count"], *run["dims"].values())
 
@@ -681,17 +686,4 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise DataError(f"cannot read {path}: {exc}") from None
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _save_atomic(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npy")  # np.save would append .npy to another suffix
-    np.save(tmp, arr)
-    os.replace(tmp, path)
 

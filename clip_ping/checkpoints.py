@@ -7,7 +7,6 @@ checkpoint, whatever moment the process is killed at.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -15,29 +14,27 @@ from typing import Any
 import torch
 
 from .errors import DataError
+from .io import atomic_torch_save, atomic_write_text, remove_stale_temporaries
+
+__all__ = ["atomic_torch_save", "atomic_write_text", "load_checkpoint", "resolve_resume", "save_checkpoint"]
 
 _STEP_FILE = re.compile(r"step_(\d+)\.pt$")
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(state: dict[str, Any], folder: Path, step: int, keep: int = 2) -> Path:
-    """Write ``step_<step>.pt`` and ``latest.pt``; keep the newest ``keep`` step files."""
+    """Write ``latest.pt`` and, with ``keep`` > 0, ``step_<step>.pt``, keeping the newest ``keep`` step files.
+
+    Returns the path of the checkpoint of this step (``latest.pt`` when no step files are kept).
+    """
+    remove_stale_temporaries(folder) if folder.is_dir() else None  # left by a process killed mid-save
     step_path = folder / f"step_{step:07d}.pt"
-    atomic_torch_save(state, step_path)
+    if keep > 0:
+        atomic_torch_save(state, step_path)
     atomic_torch_save(state, folder / "latest.pt")
     step_files = sorted(folder.glob("step_*.pt"), key=lambda p: int(_STEP_FILE.search(p.name).group(1)))
-    for old in step_files[:-keep] if keep > 0 else []:
+    for old in step_files[:-keep] if keep > 0 else step_files:
         old.unlink(missing_ok=True)
-    return step_path
+    return step_path if keep > 0 else folder / "latest.pt"
 
 
 def resolve_resume(resume: str, run_dir: Path) -> Path | None:

@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--dry-run", action="store_true",
                          help="validate the configuration, open the data and print the plan (rows, steps, memory, disk); do no work")
         parsers[command.path] = sub
+    parser.set_defaults(_groups=parsers)
     return parser
 
 
@@ -123,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("PIL", "matplotlib", "urllib3", "httpx", "huggingface_hub", "sentence_transformers", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     command: Command | None = getattr(args, "_command", None)
-    if command is None:
-        parser.print_help()
+    if command is None:  # a group without its action, e.g. `clip-ping data`: show the group's actions
+        group = getattr(args, "_groups", {}).get((args.command,)) if getattr(args, "command", None) else None
+        (group or parser).print_help()
         return 1
     try:
         cfg = config_from_args(_load(command.config), args)

@@ -139,7 +139,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         help_text = f.metadata.get("help", "")
-        help_text = f"{help_text} (default: {default})" if help_text else f"(default: {default})"
+        if default not in (None, "") and "default" not in help_text.lower():  # no default to show, or said already
+            help_text = f"{help_text} (default: {default})" if help_text else f"(default: {default})"
         if f.metadata.get("positional"):
             parser.add_argument(f.name, nargs="*", default=argparse.SUPPRESS, help=f.metadata.get("help", ""),
                                 metavar=f.name.upper().rstrip("S"))
@@ -168,7 +169,9 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
     for f in dataclasses.fields(cls):
         if hasattr(args, f.name):
             values[f.name] = getattr(args, f.name)
-    return from_dict(cls, values, where=where)
+    cfg = from_dict(cls, values, where=where)
+    located = getattr(cfg, "with_config_file", None)  # a config that depends on where its file lies
+    return located(Path(args.config)) if callable(located) and getattr(args, "config", None) else cfg
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

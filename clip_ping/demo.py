@@ -80,7 +80,7 @@ def run_demo(cfg: DemoConfig) -> None:
             train_cfg = TrainConfig(data=str(data_dir), banks=str(bank_dir), out=str(run_dir), method=method,
                                     model=cfg.model, lambda_nn=cfg.lambda_nn, lambda_xnn=cfg.lambda_xnn,
                                     epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed,
-                                    precision=cfg.precision, workers=cfg.workers, resume="latest",
+                                    precision=cfg.precision, workers=cfg.workers, resume="auto",
                                     progress=cfg.progress, tensorboard=False)
             _timed(timings, f"train {method}", lambda: train(train_cfg))
             eval_cfg = EvalConfig(checkpoint=str(run_dir), data=str(data_dir), split="test",

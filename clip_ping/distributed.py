@@ -110,6 +110,15 @@ def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
+def all_reduce_sum(values: list[int]) -> list[int]:
+    """The sums over processes of a few integers (every process must call it)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.int64, device=collective_device())
+    dist.all_reduce(t)
+    return [int(v) for v in t.tolist()]
+
+
 def all_ranks_true(flag: bool) -> bool:
     """True when ``flag`` is true on every process (a MIN all-reduce; every process must call it)."""
     return all_reduce_min(1 if flag else 0) == 1

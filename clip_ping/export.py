@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from .config import option
-from .errors import ConfigError
+from .errors import ConfigError, DataError
+from .io import atomic_torch_save, atomic_write, atomic_write_json
 from .student import load_checkpoint_file, register_model_configs
 
 
@@ -27,11 +28,12 @@ from .student import load_checkpoint_file, register_model_configs
 class ExportConfig:
     checkpoint: str = option("runs/train", "checkpoint file, or a run folder (its latest checkpoint)")
     out: str = option("runs/export", "folder to write the open_clip model into")
+    overwrite: bool = option(False, "replace an export already in --out instead of refusing")
 
 
 def export_open_clip(cfg: ExportConfig) -> dict[str, str]:
     import open_clip
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     register_model_configs()
     state = load_checkpoint_file(cfg.checkpoint)
@@ -40,7 +42,14 @@ def export_open_clip(cfg: ExportConfig) -> dict[str, str]:
     if model_cfg is None:
         raise ConfigError(f"checkpoint {cfg.checkpoint} names no known student model ({model_name!r})")
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"config key 'out': {out} is a file, not a folder")
+    if (out / "open_clip_config.json").is_file() and not cfg.overwrite:
+        raise ConfigError(f"{out} already holds an exported model; pass --overwrite to replace it, or another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"config key 'out': cannot create {out} ({exc.strerror})") from None
     image_size = model_cfg["vision_cfg"]["image_size"]
     preprocess_cfg = {
         "size": [image_size, image_size] if isinstance(image_size, int) else list(image_size),
@@ -49,10 +58,15 @@ def export_open_clip(cfg: ExportConfig) -> dict[str, str]:
         "interpolation": "bicubic",
         "resize_mode": "shortest",
     }
-    (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2))
-    (out / f"{model_name}.json").write_text(json.dumps(model_cfg, indent=2))
     weights = {k: v.contiguous() for k, v in state["model"].items()}
-    save_file(weights, str(out / "open_clip_model.safetensors"))
-    torch.save(weights, out / "open_clip_pytorch_model.bin")
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise DataError(f"checkpoint {cfg.checkpoint} holds NaN or infinite weights ({len(bad)} tensors, e.g. {bad[0]}); "
+                        "export an earlier checkpoint of the run")
+    atomic_write(out / "open_clip_model.safetensors", lambda f: f.write(save(weights)))
+    atomic_torch_save(weights, out / "open_clip_pytorch_model.bin")
+    atomic_write_json(out / f"{model_name}.json", model_cfg)
+    # written last: its presence means a complete export
+    atomic_write_json(out / "open_clip_config.json", {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg})
     return {"exported": str(out), "model": model_name,
             "load_with": f"open_clip.create_model_and_transforms('local-dir:{out}')"}

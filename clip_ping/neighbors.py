@@ -34,7 +34,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -46,6 +45,7 @@ import torch
 
 from .config import option
 from .errors import ConfigError, DataError
+from .io import atomic_save_npy, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -487,22 +487,6 @@ def _load_bank_array(bank_dir: Path, name: str) -> np.ndarray:
         raise DataError(f"cannot read {path}: {exc}") from None
 
 
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _read_info(bank_dir: Path) -> dict[str, Any] | None:
@@ -587,7 +571,7 @@ def build_neighbors(cfg: NeighborsConfig) -> Path:
     # neighbors.json goes first (removed) and last (written): arrays without it are never trusted.
     json_path.unlink(missing_ok=True)
     for key, name in NEIGHBOR_FILES.items():
-        _save_npy_atomic(bank_dir / name, results[key])
+        atomic_save_npy(bank_dir / name, results[key])
     info = {
         "format": FORMAT_VERSION,
         "method": method,
@@ -599,7 +583,7 @@ def build_neighbors(cfg: NeighborsConfig) -> Path:
         "mean_top1_score": {side: float(results[f"{side}_scores"][:, 0].mean()) for side in ("image", "text")},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    _write_json_atomic(json_path, info)
+    atomic_write_json(json_path, info)
     return json_path
 
 

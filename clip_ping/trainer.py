@@ -18,6 +18,8 @@ import json
 import logging
 import math
 import random
+import os
+import shutil
 import signal
 import time
 from contextlib import nullcontext
@@ -32,7 +34,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from . import distributed as dist_utils
-from .checkpoints import load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoints import atomic_write_text, load_checkpoint, resolve_resume, save_checkpoint
 from .config import option, save_yaml
 from .data.pairs import PairDataset, PairTable, collate_pairs
 from .data.shards import open_split
@@ -111,7 +113,10 @@ class TrainConfig:
     log_every: int = option(10, "steps between metric log lines")
     save_every: int = option(200, "steps between checkpoints (one is always written at the end)")
     keep_checkpoints: int = option(2, "step checkpoints kept besides latest.pt")
-    resume: str | None = option(None, "'latest' to continue this run folder, or a checkpoint path")
+    resume: str | None = option(None, "'latest': continue the run in --out (an error when it has no checkpoint); "
+                                "'auto': continue it when it has one, else start; or a checkpoint path")
+    overwrite: bool = option(False, "replace a run already in --out (its checkpoints, metrics and config) instead of refusing")
+    max_skipped_fraction: float = option(0.1, "stop when more than this share of the loaded images could not be decoded")
     progress: bool = option(True, "show a progress bar")
     tensorboard: bool = option(True, "write TensorBoard event files under <out>/tensorboard")
 
@@ -130,8 +135,28 @@ class TrainConfig:
             raise ConfigError("config key 'accum_steps' must be >= 1 and divide batch_size")
         if self.peer_temperature is not None and self.peer_temperature <= 0:
             raise ConfigError("config key 'peer_temperature' must be positive")
-        if self.lr <= 0:
-            raise ConfigError("config key 'lr' must be positive")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"config key 'lr' must be a positive number, got {self.lr}")
+        for key in ("save_every", "log_every", "prefetch_batches"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key '{key}' must be at least 1, got {getattr(self, key)}")
+        for key in ("workers", "threads", "warmup_steps", "keep_checkpoints"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"config key '{key}' must be 0 or more, got {getattr(self, key)}")
+        if not 0 <= self.max_skipped_fraction <= 1:
+            raise ConfigError("config key 'max_skipped_fraction' must lie in [0, 1]")
+        if self.resume is not None and self.overwrite:
+            raise ConfigError("config keys 'resume' and 'overwrite' contradict each other: continue a run or replace it")
+        if self.steps is not None and self.warmup_steps > self.steps:
+            log.warning("warmup_steps (%d) is longer than the run (%d steps): the rate never reaches lr",
+                        self.warmup_steps, self.steps)
+
+    def with_config_file(self, path: Path) -> "TrainConfig":
+        """Resuming from a run's own config.yaml continues that run folder, wherever it was copied to."""
+        folder = path.resolve().parent
+        if self.resume is not None and ((folder / "checkpoints").is_dir() or (folder / "metrics.jsonl").is_file()):
+            return dataclasses.replace(self, out=str(folder))
+        return self
 
     @property
     def effective_lambdas(self) -> tuple[float, float]:
@@ -334,6 +359,7 @@ class Trainer:
         self.step = 0
         self.epoch, self.batch_in_epoch = 0, 0  # data position, saved in checkpoints
         self._stop_signal: str | None = None
+        self._warned_skips = False
         self._run_batches: Iterator[dict[str, Any]] | None = None  # the random-mode loader, kept across epochs
         self._run_next: tuple[int, int] = (-1, -1)  # (epoch, batch) it yields next
 
@@ -401,9 +427,21 @@ class Trainer:
         random.setstate(state["rng"]["python"])
 
     def save(self) -> Path | None:
+        """Write a checkpoint of this step; a state that is no longer finite is never written."""
+        bad = [name for name, t in list(self.model.state_dict().items()) + list(self.objective.state_dict().items())
+               if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise TrainingDiverged(f"the weights became NaN or infinite by step {self.step} ({len(bad)} tensors, e.g. "
+                                   f"{bad[0]}); {self._last_good()} (try a lower --lr or --precision fp32)")
         if not dist_utils.is_main_process():
             return None
         return save_checkpoint(self.state_dict(), self.run_dir / "checkpoints", self.step, keep=self.cfg.keep_checkpoints)
+
+    def _last_good(self) -> str:
+        latest = self.run_dir / "checkpoints" / "latest.pt"
+        if latest.is_file():
+            return f"the last good checkpoint, {latest}, is kept"
+        return "no checkpoint was written"
 
     # -- one step ---------------------------------------------------------------
 
@@ -427,9 +465,8 @@ class Trainer:
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):
-            raise TrainingDiverged(
-                f"loss became {loss.item()} at step {self.step}; the last good checkpoint is kept in "
-                f"{self.run_dir / 'checkpoints'} (try a lower --lr or --precision fp32)")
+            raise TrainingDiverged(f"loss became {loss.item()} at step {self.step}; {self._last_good()} "
+                                   "(try a lower --lr or --precision fp32)")
 
     def train_step(self, batch: dict[str, Any]) -> StepResult:
         cfg = self.cfg
@@ -558,6 +595,67 @@ class Trainer:
             options["prefetch_factor"] = self.cfg.prefetch_batches
         return options
 
+    def _prepare_run_folder(self) -> None:
+        """Refuse to mix two runs in one folder; continue or replace a run only when asked.
+        Process 0 decides for all, before anything is written."""
+        cfg, run = self.cfg, self.run_dir
+        problem = self._run_folder_problem() if dist_utils.is_main_process() else None
+        if self.world > 1 and not dist_utils.all_ranks_true(problem is None):
+            raise ConfigError(problem or f"process 0 refused the run folder {run}")
+        if problem:
+            raise ConfigError(problem)
+        if cfg.resume is None or cfg.overwrite:
+            return
+        path = resolve_resume(cfg.resume if cfg.resume != "auto" else "latest", run)
+        if path is None:
+            if cfg.resume == "latest":
+                raise ConfigError(f"--resume latest: no checkpoint to continue in {run / 'checkpoints' / 'latest.pt'}; "
+                                  "start the run without --resume (or with --resume auto)")
+            return
+        self.load_state_dict(load_checkpoint(path))
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def _run_folder_problem(self) -> str | None:
+        """Why the run folder cannot take this run (None when it can); clears it for --overwrite."""
+        cfg, run = self.cfg, self.run_dir
+        try:
+            run.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return f"config key 'out': cannot create the run folder {run} ({exc.strerror})"
+        if not os.access(run, os.W_OK):
+            return f"config key 'out': the run folder {run} is not writable"
+        if cfg.overwrite:
+            for name in ("checkpoints", "tensorboard"):
+                shutil.rmtree(run / name, ignore_errors=True)
+            for name in ("metrics.jsonl", "config.yaml", "eval.json"):
+                (run / name).unlink(missing_ok=True)
+            return None
+        holds_run = (run / "config.yaml").is_file() or (run / "checkpoints").is_dir() or (run / "metrics.jsonl").is_file()
+        if cfg.resume is None and holds_run:
+            return (f"{run} already holds a run; continue it with --resume latest, replace it with --overwrite, "
+                    "or choose another --out")
+        return None
+
+    def _config_to_record(self) -> TrainConfig:
+        """The config as config.yaml records it: paths absolute, so resuming works from any directory."""
+        absolute = {key: str(Path(value).resolve()) for key in ("data", "out", "banks")
+                    if (value := getattr(self.cfg, key))}
+        return dataclasses.replace(self.cfg, **absolute)
+
+    def _check_skipped(self, skipped: int, loaded: int) -> None:
+        """Stop when too many images could not be decoded; warn once when some could not.
+        With several processes the counts of all are used, so all stop together."""
+        if self.world > 1:
+            skipped, loaded = dist_utils.all_reduce_sum([skipped, loaded])
+        if loaded and skipped / loaded > self.cfg.max_skipped_fraction and loaded >= self.cfg.batch_size:
+            raise ClipPingError(f"{skipped} of the {loaded} images loaded so far could not be decoded "
+                                f"({100 * skipped / loaded:.1f} %, more than --max-skipped-fraction "
+                                f"{self.cfg.max_skipped_fraction}); the log names them. Fix the data or raise the limit")
+        if skipped and not self._warned_skips:
+            self._warned_skips = True
+            log.warning("%d of %d images could not be decoded and were left out of their batches (the log names them)",
+                        skipped, loaded)
+
     def _same_rows_on_every_process(self, batch: dict[str, Any]) -> tuple[dict[str, Any], int]:
         """Trim every process's batch to the smallest one (rows dropped for undecodable images
         differ between processes): the gathers of the loss need equal rows, and a process that
@@ -584,39 +682,38 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.resume:
-            path = resolve_resume(cfg.resume, self.run_dir)
-            if path is not None:
-                self.load_state_dict(load_checkpoint(path))
-                log.info("resumed from %s at step %d", path, self.step)
+        self._prepare_run_folder()
         if dist_utils.is_main_process():
-            save_yaml(cfg, self.run_dir / "config.yaml")
+            save_yaml(self._config_to_record(), self.run_dir / "config.yaml")
+            _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)  # steps after the checkpoint are trained again
         metrics_file = open(self.run_dir / "metrics.jsonl", "a") if dist_utils.is_main_process() else None
         writer = self._tensorboard_writer()
         self._install_signal_handlers()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.progress and dist_utils.is_main_process()),
                    desc=f"train {cfg.method}", unit="step", dynamic_ncols=True)
-        skipped = 0
+        undecodable = loaded = trimmed = trained_steps = 0
         t_last, samples_since = time.perf_counter(), 0
         try:
             while self.step < self.total_steps and self._stop_signal is None:
                 epoch = self.epoch
                 for batch in self._batches(epoch, self.batch_in_epoch):
                     self.batch_in_epoch += 1
-                    skipped += batch["n_skipped"]
+                    undecodable += batch["n_skipped"]
+                    loaded += batch["n_skipped"] + len(batch["index"])
+                    self._check_skipped(undecodable, loaded)
                     batch, dropped = self._same_rows_on_every_process(batch)
-                    skipped += dropped
+                    trimmed += dropped
                     if len(batch["index"]) * self.world < 2:
                         self.step += 1  # nothing to contrast; keep the schedule aligned with data order
                         continue
                     result = self.train_step(batch)
+                    trained_steps += 1
                     samples_since += len(batch["index"]) * self.world
                     bar.update(1)
                     if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                         now = time.perf_counter()
                         record = {"step": self.step, "epoch": epoch, "loss": result.loss, **result.terms,
-                                  "samples_per_s": samples_since / max(now - t_last, 1e-9), "skipped_images": skipped}
+                                  "samples_per_s": samples_since / max(now - t_last, 1e-9), "skipped_images": undecodable + trimmed}
                         t_last, samples_since = now, 0
                         self._log(record, metrics_file, writer, bar)
                     if self.step % cfg.save_every == 0:
@@ -630,6 +727,9 @@ class Trainer:
             self._run_batches = None  # its loader workers end here
             if metrics_file:
                 metrics_file.close()
+        skipped = undecodable + trimmed
+        if trained_steps == 0 and self.step >= self.total_steps and undecodable:
+            raise ClipPingError(f"no step could be trained: {undecodable} of {loaded} images could not be decoded")
         path = self.save()
         if writer is not None:
             writer.close()
@@ -661,6 +761,16 @@ class Trainer:
         shown = {k.replace("loss_", ""): f"{record[k]:.3f}" for k in ("loss", "loss_clip", "loss_nn", "loss_xnn") if k in record}
         shown["sps"] = f"{record['samples_per_s']:.0f}"
         bar.set_postfix(shown, refresh=False)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metric lines of steps up to ``step`` (a resumed run trains the later ones again)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(kept))
 
 
 def _objective_state_of_v1(state: dict[str, Any]) -> dict[str, Any]:

@@ -353,3 +353,34 @@ def test_synth_config_validation() -> None:
         SynthConfig(min_objects=3, max_objects=2).validate()
     with pytest.raises(ConfigError):
         SynthConfig(image_size=8).validate()
+
+
+def test_an_unclosed_quote_is_one_malformed_row_and_the_rows_after_it_keep_their_own_captions(tiny_synth, tmp_path):
+    """A caption that opens a quote and never closes it once swallowed the next line: its image got the
+    next row's caption and labels, and that row vanished uncounted."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_synth, data)
+    lines = (data / "train.csv").read_text().splitlines()
+    original = read_pairs(data / "train.csv")
+    path, rest = lines[4].split(",", 1)
+    lines[4] = f'{path},"a green star,star,green,one'  # row 3: the quote is never closed
+    (data / "train.csv").write_text("\n".join(lines) + "\n")
+    table = read_pairs(data / "train.csv")
+    assert table.skipped == {"malformed_line": 1}
+    assert len(table) == len(original) - 1
+    kept = [i for i in range(len(original)) if i != 3]
+    assert table.filepaths == [original.filepaths[i] for i in kept]
+    assert table.captions == [original.captions[i] for i in kept]
+    for key in original.labels:
+        assert table.labels[key] == [original.labels[key][i] for i in kept]
+
+
+def test_a_quoted_caption_with_a_line_break_is_still_one_row(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    (tmp_path / "pairs.csv").write_text('filepath,caption\na.png,"first line\nsecond line"\na.png,plain\n')
+    table = read_pairs(tmp_path / "pairs.csv")
+    assert table.captions == ["first line\nsecond line", "plain"] and table.skipped == {}

@@ -75,7 +75,7 @@ def test_an_undecodable_image_on_one_process_does_not_hang_the_others(tiny_synth
     rows = (data / "train.csv").read_text().splitlines()
     broken = data / rows[5].split(",")[0]  # one image of the first epoch, on one process only
     broken.write_bytes(b"not a png")
-    cfg = _config(data, tmp_path / "run", steps=6, batch_size=8, save_every=100, log_every=1)
+    cfg = _config(data, tmp_path / "run", steps=6, batch_size=8, save_every=100, log_every=1, max_skipped_fraction=0.5)
     ctx = mp.start_processes(_fit_worker, args=(2, _free_port(), cfg, str(tmp_path)), nprocs=2, start_method="spawn",
                              join=False)
     deadline = time.monotonic() + 120

@@ -33,7 +33,7 @@ def test_profiles_resolve_and_plan(quality, profile, data, tmp_path):
     names = {Path(r["run_dir"]).name for r in plan["runs"]}
     assert "clip-seed0" in names and "clip-ping-seed0" in names
     for run in plan["runs"]:
-        assert run["train"]["resume"] == "latest"
+        assert run["train"]["resume"] == "auto"  # continue a run when it has a checkpoint, else start
         assert (run["train"]["banks"] is None) == (run["train"].get("method") == "clip")
     if "teacher-lite2" in prof["settings"]:
         assert set(plan["banks"]) == {"efficientnet-lite0", "efficientnet-lite2"}

@@ -51,6 +51,7 @@ import logging
 import os
 import stat
 import sys
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -179,6 +180,46 @@ def _has_surrogates(text: str) -> bool:
     return any("\udc80" <= ch <= "\udcff" for ch in text)
 
 
+MAX_RECORD_LINES = 8  # a caption may hold line breaks; a record longer than this is a quote left open
+
+
+class _Lines:
+    """The physical lines a `csv.reader` consumes, with their numbers, and lines to read again."""
+
+    def __init__(self, f: Any):
+        self.f, self.line_no = f, 1  # the header is line 1
+        self.again: deque[tuple[int, str]] = deque()
+        self.taken: list[tuple[int, str]] = []  # the lines of the current record
+
+    def __iter__(self) -> "_Lines":
+        return self
+
+    def __next__(self) -> str:
+        if self.again:
+            number, line = self.again.popleft()
+        else:
+            line = next(self.f)
+            self.line_no += 1
+            number = self.line_no
+        self.taken.append((number, line))
+        return line
+
+    def read_again(self, lines: list[tuple[int, str]]) -> None:
+        self.again.extendleft(reversed(lines))
+
+
+def _holds_rows(lines: list[tuple[int, str]], sep: str, n_cols: int) -> bool:
+    """Whether any of these lines is a complete row on its own."""
+    for _, line in lines:
+        try:
+            fields = next(csv.reader([line], delimiter=sep), [])
+        except csv.Error:
+            continue
+        if len(fields) == n_cols:
+            return True
+    return False
+
+
 def read_pairs(
     path: str | Path,
     image_key: str = "filepath",
@@ -218,9 +259,11 @@ def read_pairs(
         log.debug("%s line %d (row %d): skipped, %s %s", path.name, line_no, row_no, reason, detail)
 
     with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-        reader = csv.reader(f, delimiter=sep)
+        first_line = f.readline()
         try:
-            header = next(reader)
+            if not first_line.strip():
+                raise StopIteration
+            header = next(csv.reader([first_line], delimiter=sep))
         except StopIteration:
             raise DataError(f"pairs file {path} is empty (no header row)") from None
         except csv.Error as exc:
@@ -228,7 +271,8 @@ def read_pairs(
         header = [h.strip() for h in header]
         for key, what in ((image_key, "image"), (caption_key, "caption")):
             if key not in header:
-                hint = " (is the separator right? use separator='\\t' for TSV)" if len(header) == 1 else ""
+                hint = (" (is the separator right? tab-separated tables need a .tsv suffix)"
+                        if len(header) == 1 else "")
                 raise DataError(
                     f"pairs file {path} has no {what} column '{key}'; columns are: {', '.join(header)}{hint}"
                 )
@@ -241,19 +285,29 @@ def read_pairs(
         label_cols = {k: header.index(k) for k in label_keys}
         labels: dict[str, list[str]] = {k: [] for k in label_keys}
         n_cols = len(header)
+        lines = _Lines(f)
+        reader = csv.reader(lines, delimiter=sep)
 
         row_no = -1
         while True:
-            line_no = reader.line_num + 1
+            lines.taken = []
             try:
                 row = next(reader)
             except StopIteration:
                 break
             except csv.Error as exc:
                 row_no += 1
-                skip(SKIP_MALFORMED, row_no, line_no, str(exc))
+                skip(SKIP_MALFORMED, row_no, lines.taken[0][0] if lines.taken else lines.line_no, str(exc))
                 continue
             row_no += 1
+            line_no = lines.taken[0][0]
+            if len(lines.taken) > 1 and (len(lines.taken) > MAX_RECORD_LINES
+                                         or _holds_rows(lines.taken[1:], sep, n_cols)):
+                # A quote left open swallowed the lines after it: this record is malformed, and
+                # the swallowed lines are rows of their own, read again so nothing shifts.
+                skip(SKIP_MALFORMED, row_no, line_no, "a quote opened and never closed")
+                lines.read_again(lines.taken[1:])
+                continue
             if not row or (len(row) == 1 and not row[0].strip()):
                 continue  # blank line: not a row at all
             if len(row) != n_cols:
