@@ -669,7 +669,7 @@ def markdown(doc: dict[str, Any]) -> str:
     prof = doc["profile"]
     lines = [f"# Quality benchmark: profile `{prof['name']}`, data `{prof['data_name']}`", "",
              f"- date: {doc['date']}",
-             f"- command(s): " + "; ".join(f"`{c}`" for c in doc["commands"]),
+             "- command(s): " + "; ".join(f"`{c}`" for c in doc["commands"]),
              f"- machine: {doc['machine']['cpus']} CPUs ({doc['machine']['processor']}), torch "
              f"{doc['machine']['torch']}, load average at start {doc['machine']['load_average_start']}",
              f"- student {prof['train']['model']}, {prof['train'].get('steps')} steps x batch "

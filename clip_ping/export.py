@@ -12,7 +12,6 @@ it without clip-ping installed::
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
