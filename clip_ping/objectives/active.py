@@ -41,10 +41,10 @@ from ..banks import FeatureBanks, open_banks
 from ..distributed import gather_rows
 from ..errors import ConfigError
 from ..heads import NeighborGuidance
-from ..neighbors import NeighborQueue, load_neighbors
+from ..neighbors import NeighborQueue
 from ..teachers import ImageTeacher, TextTeacher, load_image_teacher, load_text_teacher
 from .base import ObjectiveSetup, StepContext
-from .clip_ping import ClipPingObjective
+from .clip_ping import ClipPingObjective, make_heads
 from .sources import DatasetNeighbors, PrefetchNeighborRows
 from .targets import TeacherTargets
 from .views import ImageGeometry, geometry_of, to_teacher_input
@@ -160,19 +160,11 @@ class ActiveClipPingObjective(ClipPingObjective):
         if (teachers.image.dim, teachers.text.dim) != (banks.image_dim, banks.text_dim):
             raise ConfigError(f"the teachers named by bank {bank_dir} give {teachers.image.dim}/{teachers.text.dim}-d "
                               f"features, the bank holds {banks.image_dim}/{banks.text_dim}-d")
-        with torch.random.fork_rng(devices=[]):  # the same heads as CLIP-PING's at this seed
-            torch.manual_seed(cfg.seed + 1)
-            heads = NeighborGuidance(banks.image_dim, banks.text_dim, setup.embed_dim,
-                                     kind=cfg.head, per_term_scales=cfg.logit_scales == "per_term")
-        heads.to(setup.device)
+        heads = make_heads(setup, banks)  # the same heads as CLIP-PING's at this seed
         source: DatasetNeighbors | OnlineFeatureQueue
         preparer = None
         if cfg.neighbor_source == "dataset":
-            table = load_neighbors(bank_dir, expected_fingerprint=banks.fingerprint())
-            if cfg.neighbor_topk > table.k:
-                raise ConfigError(f"config key 'neighbor_topk': {cfg.neighbor_topk} exceeds the k={table.k} "
-                                  f"neighbours stored in {bank_dir}")
-            source = DatasetNeighbors(table, cfg.neighbor_topk, cfg.seed)
+            source = DatasetNeighbors.open(bank_dir, banks, cfg.neighbor_topk, cfg.seed)
             preparer = NeighbourViews(str(bank_dir), banks.fingerprint(), cfg.neighbor_topk, cfg.seed, setup.table,
                                       setup.image_transform, len(setup.table) // cfg.batch_size)
         else:

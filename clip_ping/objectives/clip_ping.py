@@ -15,10 +15,9 @@ from typing import Any
 import torch
 
 from ..banks import FeatureBanks, open_banks
-from ..errors import ConfigError
 from ..heads import NeighborGuidance
 from ..losses import ClipPingLoss
-from ..neighbors import NeighborQueue, load_neighbors
+from ..neighbors import NeighborQueue
 from .base import Objective, ObjectiveSetup, StepContext
 from .sources import DatasetNeighbors, NeighborSource, PrefetchNeighborRows, QueueNeighbors
 from .targets import StudentTableTargets, StudentTargets, TeacherTargets
@@ -31,6 +30,17 @@ def pair_xnn_through_other_modality(found: dict[str, torch.Tensor]) -> dict[str,
     """``--xnn-pairing other``: u_i is pulled to the caption of q_i and v_i to the image of p_i.
     Those are exactly the NN targets of the other side, so no new target is computed."""
     return {**found, "xnn_image": found["nn_text"], "xnn_text": found["nn_image"]}
+
+
+def make_heads(setup: ObjectiveSetup, banks: FeatureBanks) -> NeighborGuidance:
+    """h_A, h_B (and per-term scales) on the setup's device, from a generator of their own:
+    the student's initial weights do not depend on the method, and every method gets the same heads."""
+    cfg = setup.cfg
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 1)
+        heads = NeighborGuidance(banks.image_dim, banks.text_dim, setup.embed_dim,
+                                 kind=cfg.head, per_term_scales=cfg.logit_scales == "per_term")
+    return heads.to(setup.device)
 
 
 class ClipPingObjective(Objective):
@@ -55,19 +65,10 @@ class ClipPingObjective(Objective):
         banks = open_banks(bank_dir, setup.table)
         source: NeighborSource
         if cfg.neighbor_source == "dataset":
-            table = load_neighbors(bank_dir, expected_fingerprint=banks.fingerprint())
-            if cfg.neighbor_topk > table.k:
-                raise ConfigError(f"config key 'neighbor_topk': {cfg.neighbor_topk} exceeds the k={table.k} "
-                                  f"neighbours stored in {bank_dir}; re-run clip-ping neighbors with a larger --k")
-            source = DatasetNeighbors(table, cfg.neighbor_topk, cfg.seed)
+            source = DatasetNeighbors.open(bank_dir, banks, cfg.neighbor_topk, cfg.seed)
         else:
             source = QueueNeighbors(NeighborQueue(cfg.queue_size, banks.image_dim, banks.text_dim), banks)
-        # a generator of its own: the student's initial weights do not depend on the method
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed + 1)
-            heads = NeighborGuidance(banks.image_dim, banks.text_dim, setup.embed_dim,
-                                     kind=cfg.head, per_term_scales=cfg.logit_scales == "per_term")
-        heads.to(setup.device)
+        heads = make_heads(setup, banks)
         targets: Targets
         if cfg.targets == "student":
             # with queue neighbours, the neighbours are recent, so their stored embeddings are fresh

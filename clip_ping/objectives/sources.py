@@ -6,11 +6,13 @@ keep state (a queue) that it updates in ``after_step`` and saves in checkpoints.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from ..banks import FeatureBanks
+from ..errors import ConfigError
 from ..neighbors import NeighborQueue, NeighborTable
 
 
@@ -35,6 +37,17 @@ class DatasetNeighbors:
         self.table, self.top_k, self.seed = table, top_k, seed
         # the process's slice of the global batch (given explicitly in loader workers, which have no process group)
         self.rank, self.world = rank_and_world() if rank is None or world is None else (rank, world)
+
+    @classmethod
+    def open(cls, bank_dir: Path, banks: FeatureBanks, top_k: int, seed: int) -> "DatasetNeighbors":
+        """The neighbour table stored with ``banks``, checked to hold at least ``top_k`` neighbours."""
+        from ..neighbors import load_neighbors
+
+        table = load_neighbors(bank_dir, expected_fingerprint=banks.fingerprint())
+        if top_k > table.k:
+            raise ConfigError(f"config key 'neighbor_topk': {top_k} exceeds the k={table.k} "
+                              f"neighbours stored in {bank_dir}; re-run clip-ping neighbors with a larger --k")
+        return cls(table, top_k, seed)
 
     def pick(self, index: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         # one generator per step: the draws are the same after a resume
