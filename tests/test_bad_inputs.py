@@ -246,3 +246,21 @@ def test_export_refuses_a_file_and_another_export_and_a_nan_checkpoint(data, tmp
                   "--no-progress"]):
         code, _, err = _run(capsys, *argv)
         assert code == 2 and "NaN or infinite" in _one_clear_line(err)
+
+
+def test_a_decode_error_names_the_file_and_row_never_an_in_memory_buffer(tmp_path, caplog):
+    from clip_ping.data.pairs import ImageDecodeError, PairDataset
+    from clip_ping.data.shards import decode_image_bytes
+
+    with pytest.raises(ImageDecodeError) as info:
+        decode_image_bytes(b"not an image", "train-000000.tar:000019")
+    assert "train-000000.tar:000019" in str(info.value) and "BytesIO" not in str(info.value)
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "good.png")
+    (tmp_path / "bad.png").write_bytes(b"broken")
+    path = _write_csv(tmp_path, ["filepath,caption", "good.png,first", "bad.png,second"])
+    dataset = PairDataset(read_pairs(path), lambda im: im)
+    with caplog.at_level("WARNING"):
+        assert dataset[1] is None
+    assert "bad.png" in caplog.text and "row 2" in caplog.text

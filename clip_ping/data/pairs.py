@@ -452,7 +452,8 @@ class PairDataset(torch.utils.data.Dataset):
             image = self.table.open_image(i)
         except ImageDecodeError as exc:
             self.n_decode_errors += 1
-            log.debug("sample %d dropped: %s", i, exc)
+            log.warning("sample %d (table row %d) dropped: %s", i, self.table.source_rows[i] + 1
+                        if getattr(self.table, "source_rows", None) else i + 1, exc)
             return None
         text: Any = self.table.captions[i]
         if self.tokenizer is not None:

@@ -47,6 +47,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tarfile
@@ -155,7 +156,11 @@ def decode_image_bytes(data: bytes, name: str = "image", background: tuple[int, 
             im.load()
             return _to_rgb(im, background)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError) as exc:
-        raise ImageDecodeError(f"cannot decode image {name}: {exc}") from None
+        why = _BYTES_OBJECT.sub("the bytes", str(exc))  # PIL names the in-memory buffer, not the file
+        raise ImageDecodeError(f"cannot decode image {name}: {why}") from None
+
+
+_BYTES_OBJECT = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 
 # --------------------------------------------------------------------------- indexing
@@ -563,7 +568,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 image = decode_image_bytes(data, sample["__key__"])
             except ImageDecodeError as exc:
                 self.n_decode_errors += 1
-                log.debug("sample %d dropped: %s", index, exc)
+                log.warning("sample %d (row %d of the index) dropped: %s", index, index, exc)
                 yield None
                 continue
             text: Any = self.table.captions[index]
