@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .config import option
-from .data.pairs import ImageDecodeError, PairTable, load_image
+from .data.pairs import ImageDecodeError, PairTable, data_fingerprint, load_image
 from .distributed import init_from_env, resolve_device
 from .errors import ClipPingError, ConfigError, DataError
 from .io import atomic_save_npy, atomic_write_json
@@ -95,6 +95,10 @@ class ExtractConfig:
     batch_size: int = option(64, "rows per teacher forward pass")
     chunk_size: int = option(1024, "rows per resumable unit of work (a finished chunk is never recomputed)")
     dtype: str = option("float16", "storage type of the feature banks", choices=("float16", "float32"))
+    fingerprint: str = option("size", "how the bank recognises its data: size (paths, captions and file sizes: "
+                              "instant) or content (also every image's bytes: reads the whole data set once more, at "
+                              "each check; catches an image replaced by another of the same size)",
+                              choices=("size", "content"))
     workers: int = option(2, "DataLoader processes decoding and preprocessing images (0: in the main process)")
     device: str = option("auto", "device of the teachers: auto (this process's GPU under torchrun, else the CPU), cpu, cuda, cuda:N")
     threads: int = option(0, "torch threads of the teacher forward passes (0: torch's default, one per core)")
@@ -234,8 +238,8 @@ def open_banks(bank_dir: str | Path, table: PairTable | None = None) -> FeatureB
 
 
 def check_table(manifest: dict[str, Any], table: PairTable, bank_dir: str | Path) -> None:
-    """Refuse a bank whose rows do not belong to ``table`` (count and data fingerprint)."""
-    fingerprint = table.fingerprint()
+    """Refuse a bank whose rows do not belong to ``table`` (count and data fingerprint, of the kind the bank used)."""
+    fingerprint = data_fingerprint(table, manifest.get("data_fingerprint_kind", "size"))
     if int(manifest.get("count", -1)) != len(table) or manifest.get("data_fingerprint") != fingerprint:
         raise DataError(
             f"bank {bank_dir} was built for another data set (fingerprint {str(manifest.get('data_fingerprint'))[:12]}, "
@@ -293,7 +297,8 @@ def _extract(
     if table is None:
         table = read_table(cfg)
     identity = {
-        "data_fingerprint": table.fingerprint(),
+        "data_fingerprint": data_fingerprint(table, cfg.fingerprint),
+        "data_fingerprint_kind": cfg.fingerprint,
         "count": len(table),
         "image_teacher": image_teacher.name if image_teacher is not None else cfg.image_teacher,
         "text_teacher": text_teacher.name if text_teacher is not None else cfg.text_teacher,
@@ -372,6 +377,7 @@ def _short(value: Any) -> str:
 def _identity_of(manifest: dict[str, Any]) -> dict[str, Any]:
     return {
         "data_fingerprint": manifest.get("data_fingerprint"),
+        "data_fingerprint_kind": manifest.get("data_fingerprint_kind", "size"),
         "count": manifest.get("count"),
         "image_teacher": manifest.get("teachers", {}).get("image", {}).get("name"),
         "text_teacher": manifest.get("teachers", {}).get("text", {}).get("name"),
@@ -635,6 +641,7 @@ def _finish(out: Path, run: dict[str, Any], table: PairTable, world: int) -> Non
         },
         "dims": dict(run["dims"]),
         "data_fingerprint": identity["data_fingerprint"],
+        "data_fingerprint_kind": identity["data_fingerprint_kind"],
         "data": {"source": str(table.source), "kept": len(table), "skipped": dict(table.skipped)},
         "skipped": {"undecodable_images": n_invalid},
         "duplicates": {

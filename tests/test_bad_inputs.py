@@ -264,3 +264,23 @@ def test_a_decode_error_names_the_file_and_row_never_an_in_memory_buffer(tmp_pat
     with caplog.at_level("WARNING"):
         assert dataset[1] is None
     assert "bad.png" in caplog.text and "row 2" in caplog.text
+
+
+def test_an_image_replaced_by_another_of_the_same_size_is_caught_by_the_content_fingerprint(tmp_path):
+    from PIL import Image
+
+    from clip_ping.banks import check_table
+    from clip_ping.data.pairs import data_fingerprint
+    from clip_ping.errors import DataError
+
+    for name, colour in (("a", (255, 0, 0)), ("b", (0, 0, 255))):
+        Image.new("RGB", (8, 8), colour).save(tmp_path / f"{name}.bmp")  # BMP: the size depends on the shape only
+    path = _write_csv(tmp_path, ["filepath,caption", "a.bmp,red", "b.bmp,blue"])
+    before = read_pairs(path)
+    manifest = {"count": 2, "data_fingerprint": data_fingerprint(before, "content"), "data_fingerprint_kind": "content"}
+    size_only = data_fingerprint(before)
+    Image.new("RGB", (8, 8), (0, 255, 0)).save(tmp_path / "a.bmp")  # another picture, the same byte size
+    after = read_pairs(path)
+    assert data_fingerprint(after) == size_only  # the cheap default cannot see it
+    with pytest.raises(DataError, match="another data set"):
+        check_table(manifest, after, tmp_path)

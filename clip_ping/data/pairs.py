@@ -366,6 +366,22 @@ def read_pairs(
     )
 
 
+def data_fingerprint(table: Any, kind: str = "size") -> str:
+    """``table.fingerprint()`` (paths, captions, file sizes), or with ``kind="content"`` that and
+    a hash of every image's bytes: it also tells apart an image replaced by another of the same size."""
+    if kind == "size":
+        return table.fingerprint()
+    if kind != "content":
+        raise ValueError(f"fingerprint kind must be size or content, got {kind!r}")
+    h = hashlib.sha256(table.fingerprint().encode())
+    for i in range(len(table)):
+        try:
+            h.update(hashlib.sha256(table.read_image_bytes(i)).digest())
+        except OSError:
+            h.update(b"missing")
+    return h.hexdigest()
+
+
 def split_file(data_dir: str | Path, split: str) -> Path:
     """The table of one split in a data set folder: ``DIR/<split>.csv`` or ``.tsv``."""
     data_dir = Path(data_dir)
