@@ -8,11 +8,12 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-# torch and torchvision must be a matching pair (see DEVELOPERS.md)
+# The tested torch/torchvision pair is installed first (pyproject.toml only states
+# ranges), so the editable install below finds it in place (see DEVELOPERS.md).
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
-	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test,bench]"
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e ".[all,test,bench]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -11,12 +11,12 @@ import argparse
 import importlib
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from .config import add_config_arguments, config_from_args
+from .environment import check_environment, require
 from .errors import ClipPingError
 
 
@@ -27,6 +27,7 @@ class Command:
     run: str                     # "module:function" taking the config
     help: str
     plan: str = "clip_ping.plan:plan_config_only"  # what --dry-run prints
+    needs: tuple[str, ...] = ()  # extras (clip_ping.environment.EXTRAS) the command cannot run without
 
 
 COMMANDS = [
@@ -42,7 +43,8 @@ COMMANDS = [
     Command(("extract",), "clip_ping.banks:ExtractConfig", "clip_ping.banks:extract_banks",
             "stage 1: run the frozen teachers and write the image and text feature banks", "clip_ping.plan:plan_extract"),
     Command(("neighbors",), "clip_ping.neighbors:NeighborsConfig", "clip_ping.neighbors:build_neighbors",
-            "find each sample's image-side and text-side nearest neighbours (FAISS)", "clip_ping.plan:plan_neighbors"),
+            "find each sample's image-side and text-side nearest neighbours (FAISS)", "clip_ping.plan:plan_neighbors",
+            needs=("faiss-cpu",)),
     Command(("neighbors", "show"), "clip_ping.neighbors:ShowConfig", "clip_ping.neighbors:show_neighbors",
             "write an HTML page of samples with their NN and XNN, print label agreement"),
     Command(("train",), "clip_ping.trainer:TrainConfig", "clip_ping.trainer:train",
@@ -52,9 +54,10 @@ COMMANDS = [
     Command(("export",), "clip_ping.export:ExportConfig", "clip_ping.export:export_open_clip",
             "write a checkpoint as an open_clip model folder (config JSON + weights)"),
     Command(("report",), "clip_ping.report:ReportConfig", "clip_ping.report:report_from_config",
-            "compare runs: markdown table, training curves, bar charts, index.html"),
+            "compare runs: markdown table, training curves, bar charts, index.html", needs=("report",)),
     Command(("demo",), "clip_ping.demo:DemoConfig", "clip_ping.demo:run_demo",
-            "the whole pipeline on the built-in data: CLIP vs CLIP-PING, with a report"),
+            "the whole pipeline on the built-in data: CLIP vs CLIP-PING, with a report",
+            needs=("teachers", "faiss-cpu", "probe", "report")),
 ]
 
 
@@ -114,9 +117,6 @@ def _print_result(result: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # teachers and tokenizers load from installed packages only, never from a hub
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -129,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         (group or parser).print_help()
         return 1
     try:
+        check_environment()
+        if not args.dry_run:
+            for extra in command.needs:
+                require(extra)
         cfg = config_from_args(_load(command.config), args)
         run: Callable[[Any], Any] = _load(command.plan if args.dry_run else command.run)
         _print_result(run(cfg))

