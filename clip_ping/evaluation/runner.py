@@ -73,6 +73,8 @@ class EvalConfig:
     tasks_file: str | None = option(None, "JSON/YAML file of zero-shot tasks in dataset.json's format (replaces its tasks)")
     templates_file: str | None = option(None, "text file of prompt templates, one per line with {} (used for every task)")
     names_file: str | None = option(None, "image-folder data: JSON or text file mapping folder names to class names")
+    suite: str | None = option(None, "YAML list of tasks on the field's layouts (class folders, Karpathy JSON, "
+                                     "clip_benchmark WebDataset, data folders); writes one table (replaces --data)")
     teacher_reference: bool = option(False, "also score the frozen teacher pair as a reference (under teacher_reference)")
     image_teacher: str = option(DEFAULT_IMAGE_TEACHER, "image teacher of the reference (name or spec, see clip_ping.teachers)")
     text_teacher: str = option(DEFAULT_TEXT_TEACHER, "text teacher of the reference; zero-shot and retrieval need "
@@ -541,6 +543,8 @@ def evaluate_from_config(cfg: EvalConfig) -> dict[str, Any]:
     cfg = replace(cfg, device=str(resolve_device(cfg.device)))
     from ..student import load_student  # imported here so the metrics do not need the student module
 
+    if cfg.suite:
+        return _suite_from_config(cfg)
     tasks = read_tasks_file(cfg.tasks_file) if cfg.tasks_file else None
     templates = read_templates_file(cfg.templates_file) if cfg.templates_file else None
     if not Path(cfg.data).is_dir():
@@ -563,3 +567,25 @@ def evaluate_from_config(cfg: EvalConfig) -> dict[str, Any]:
     out.write_text(json.dumps(result, indent=2))
     log.info("evaluation written to %s", out)
     return result
+
+
+def _suite_from_config(cfg: EvalConfig) -> dict[str, Any]:
+    """``--suite``: run every task of the file; writes the JSON and a markdown table beside it."""
+    from ..student import load_student
+    from .suite import read_suite, run_suite, suite_markdown
+
+    tasks = read_suite(cfg.suite)  # a mistake in the file fails before the model loads
+    model, tokenizer, preprocess = load_student(cfg.checkpoint)
+    model.to(cfg.device)
+    result = run_suite(model, tokenizer, preprocess, tasks, batch_size=cfg.batch_size, workers=cfg.workers,
+                       device=cfg.device, progress=cfg.progress, probe_max_train=cfg.probe_max_train,
+                       probe_cs=cfg.probe_cs, seed=cfg.seed)
+    result = {"checkpoint": str(cfg.checkpoint), "suite": str(cfg.suite), **result}
+    out = Path(cfg.out) if cfg.out else default_output_path(cfg.checkpoint).with_name("suite.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    table = suite_markdown(result["table"])
+    out.with_suffix(".md").write_text(table)
+    log.info("suite results written to %s and %s", out, out.with_suffix(".md"))
+    print(table)
+    return {"results": str(out), "table": str(out.with_suffix(".md"))}

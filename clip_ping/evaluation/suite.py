@@ -1,0 +1,296 @@
+"""`clip-ping eval --suite FILE.yaml`: a list of evaluation tasks on the field's layouts, one table.
+
+A suite file::
+
+    tasks:
+      - name: imagenet            # zero-shot on ImageNet-style class folders
+        kind: zeroshot
+        layout: folders
+        path: /data/imagenet      # /data/imagenet/val/<synset>/<image>
+        split: val
+        classnames: imagenet      # open_clip's ImageNet names; or a file; default: the folders'
+        templates: openai         # OpenAI's 80 prompts; simple; a file; default: the layout's own
+      - name: flickr30k
+        kind: retrieval
+        layout: karpathy
+        path: /data/flickr30k/dataset_flickr30k.json
+        images: /data/flickr30k/flickr30k-images
+      - name: cifar10
+        kind: zeroshot
+        layout: wds               # clip_benchmark's WebDataset eval shards
+        path: /data/wds_cifar10
+      - name: pets-probe
+        kind: linear_probe        # train split features, C chosen on val (or 20% of train)
+        layout: folders
+        path: /data/pets
+
+``layout: data`` is a clip-ping data set folder (tables or image folders, as
+`clip-ping eval --data`). Relative paths are relative to the suite file.
+Layouts are read by `clip_ping.evaluation.layouts`; the metric definitions are
+the ones of `zeroshot`, `retrieval` and `linear_probe` (retrieval reports both
+the project's figure and clip_benchmark's per-row figure).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor
+
+from ..errors import ConfigError, DataError
+from .layouts import ClassificationSet, RetrievalSet, read_class_folders, read_karpathy_json, read_wds
+from .linear_probe import DEFAULT_CS, linear_probe as fit_linear_probe
+from .retrieval import caption_ids, retrieval_metrics, retrieval_metrics_per_row
+from .zeroshot import zero_shot_accuracy, zero_shot_classifier
+
+log = logging.getLogger(__name__)
+
+KINDS = ("zeroshot", "retrieval", "linear_probe")
+LAYOUTS = {"folders": ("zeroshot", "linear_probe"), "karpathy": ("retrieval",),
+           "wds": ("zeroshot", "retrieval", "linear_probe"), "data": KINDS}
+
+
+@dataclass
+class SuiteTask:
+    name: str
+    kind: str
+    layout: str
+    path: str
+    split: str = "test"
+    images: str | None = None        # karpathy: the image folder
+    classnames: str | None = None
+    templates: str | None = None
+    train_split: str = "train"       # linear probe
+    val_split: str = "val"           # linear probe; absent: 20% of the train sample
+
+
+def read_suite(path: str | Path) -> list[SuiteTask]:
+    """The tasks of a suite file; every mistake is one `ConfigError` line naming the task and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"suite file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"suite file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    entries = data.get("tasks") if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"suite file {path} must hold a non-empty 'tasks' list")
+    known = {f.name for f in fields(SuiteTask)}
+    tasks, names = [], set()
+    for i, entry in enumerate(entries):
+        label = f"suite file {path}, task {entry.get('name', i + 1) if isinstance(entry, dict) else i + 1}"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{label}: must be a mapping of {sorted(known)}")
+        unknown = sorted(set(entry) - known)
+        if unknown:
+            raise ConfigError(f"{label}: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
+        for key in ("kind", "layout", "path"):
+            if not entry.get(key):
+                raise ConfigError(f"{label}: key '{key}' is required")
+        entry = {k: (str(v) if v is not None else None) for k, v in entry.items()}
+        entry.setdefault("name", f"{entry['layout']}-{entry['kind']}-{i + 1}")
+        if entry["layout"] not in LAYOUTS:
+            raise ConfigError(f"{label}: layout '{entry['layout']}' is not one of {', '.join(LAYOUTS)}")
+        if entry["kind"] not in LAYOUTS[entry["layout"]]:
+            raise ConfigError(f"{label}: kind '{entry['kind']}' is not one of {', '.join(LAYOUTS[entry['layout']])} "
+                              f"for layout '{entry['layout']}'")
+        if entry["name"] in names:
+            raise ConfigError(f"{label}: the name '{entry['name']}' is used twice")
+        names.add(entry["name"])
+        named = {"classnames": ("imagenet",), "templates": ("openai", "simple")}  # not files
+        for key in ("path", "images", "classnames", "templates"):  # files relative to the suite file
+            value = entry.get(key)
+            if value and value not in named.get(key, ()) and not Path(value).is_absolute():
+                entry[key] = str(path.parent / value)
+        tasks.append(SuiteTask(**entry))
+    return tasks
+
+
+# --------------------------------------------------------------------------- running
+
+
+@dataclass
+class _Encoder:
+    """The model and its settings, shared by every task of a suite."""
+
+    model: torch.nn.Module
+    tokenizer: Callable[[list[str]], Tensor]
+    preprocess: Callable
+    batch_size: int = 256
+    workers: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+    def images(self, table: Any, desc: str, rows: Sequence[int] | None = None) -> tuple[Tensor, list[int], int]:
+        """(unit-length features, the rows that decoded, in feature order, how many did not)."""
+        from .runner import encode_images
+
+        rows = range(len(table)) if rows is None else rows
+        return encode_images(self.model, table, self.preprocess, rows, self.batch_size,
+                             self.workers, self.device, self.progress, desc)
+
+    def texts(self, texts: Sequence[str]) -> Tensor:
+        from .runner import encode_texts
+
+        return encode_texts(self.model, self.tokenizer, texts, self.batch_size, self.device)
+
+
+def _classification(task: SuiteTask, split: str) -> ClassificationSet:
+    if task.layout == "folders":
+        return read_class_folders(task.path, split, task.classnames, task.templates)
+    result = read_wds(task.path, split, task.templates, task.classnames)
+    if not isinstance(result, ClassificationSet):
+        raise DataError(f"task '{task.name}': {task.path} is a retrieval data set (dataset_type.txt), not classification")
+    return result
+
+
+def _retrieval(task: SuiteTask) -> RetrievalSet:
+    result = (read_karpathy_json(task.path, task.images, task.split) if task.layout == "karpathy"
+              else read_wds(task.path, task.split))
+    if not isinstance(result, RetrievalSet):
+        raise DataError(f"task '{task.name}': {task.path} is a classification data set; "
+                        "a retrieval one has dataset_type.txt saying 'retrieval'")
+    return result
+
+
+def zeroshot_task(enc: _Encoder, data: ClassificationSet, name: str = "zeroshot") -> dict[str, Any]:
+    features, kept, n_errors = enc.images(data.images, f"{name} images")
+    classifier = zero_shot_classifier(enc.texts, data.classnames, data.templates, enc.batch_size)
+    scores = zero_shot_accuracy(features, torch.from_numpy(data.labels[kept]), classifier, topk=(1, 5),
+                                classnames=data.classnames)
+    scores.pop("per_class")
+    return {**scores, "n_classes": len(data.classnames), "n_templates": len(data.templates),
+            "n_undecodable_images": n_errors, "skipped": data.skipped}
+
+
+def retrieval_task(enc: _Encoder, data: RetrievalSet, name: str = "retrieval") -> dict[str, Any]:
+    features, kept, n_errors = enc.images(data.images, f"{name} images")
+    position = {row: i for i, row in enumerate(kept)}
+    # Captions of images that did not decode cannot be retrieved correctly: left out, like their images.
+    rows = [j for j, image in enumerate(data.text_to_image) if image in position]
+    captions = [data.captions[j] for j in rows]
+    texts = enc.texts(captions)
+    text_to_image = torch.tensor([position[data.text_to_image[j]] for j in rows], dtype=torch.long)
+    return {"retrieval": retrieval_metrics(features, texts, text_to_image, text_ids=caption_ids(captions)),
+            "retrieval_per_row": retrieval_metrics_per_row(features, texts, text_to_image),
+            "n_images": int(features.shape[0]), "n_texts": len(rows),
+            "n_undecodable_images": n_errors, "skipped": data.skipped}
+
+
+def linear_probe_task(enc: _Encoder, task: SuiteTask, max_train: int | None, cs: Sequence[float],
+                      seed: int) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+
+    def features(split: str, limit: int | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        data = _classification(task, split)
+        rows = None
+        if limit is not None and len(data.images) > limit:  # a seeded sub-sample, kept in file order
+            rows = np.sort(rng.choice(len(data.images), size=limit, replace=False)).tolist()
+        x, kept, _ = enc.images(data.images, f"{task.name} {split} images (probe)", rows)
+        return x.numpy(), data.labels[kept], data.classnames
+
+    xtr, ytr, names = features(task.train_split, max_train)
+    xte, yte, test_names = features(task.split, None)
+    if test_names != names:
+        raise DataError(f"task '{task.name}': the {task.train_split} and {task.split} splits have different classes")
+    try:
+        xva, yva, _ = features(task.val_split, max_train)
+    except DataError as exc:
+        log.info("task '%s': no %s split (%s); holding out 20%% of the train sample", task.name, task.val_split, exc)
+        mask = np.zeros(len(ytr), dtype=bool)
+        mask[rng.permutation(len(ytr))[: max(1, len(ytr) // 5)]] = True
+        xtr, xva, ytr, yva = xtr[~mask], xtr[mask], ytr[~mask], ytr[mask]
+    return fit_linear_probe(xtr, ytr, xva, yva, xte, yte, Cs=cs, seed=seed)
+
+
+def _data_folder_task(enc: _Encoder, task: SuiteTask, max_train: int | None, cs: Sequence[float],
+                      seed: int) -> dict[str, Any]:
+    """A clip-ping data set folder, scored by the runner (``layout: data``)."""
+    from .runner import evaluate
+
+    result = evaluate(enc.model, enc.tokenizer, enc.preprocess, task.path, task.split, batch_size=enc.batch_size,
+                      workers=enc.workers, linear_probe=task.kind == "linear_probe", probe_max_train=max_train,
+                      probe_cs=cs, seed=seed, device=enc.device, progress=enc.progress)
+    if task.kind == "retrieval":
+        if "retrieval" not in result:
+            raise DataError(f"task '{task.name}': {task.path} has no captions to retrieve")
+        return {k: result[k] for k in ("retrieval", "retrieval_per_row", "n_images", "n_texts")}
+    part = result.get("zeroshot" if task.kind == "zeroshot" else "linear_probe") or {}
+    if not part:
+        raise DataError(f"task '{task.name}': {task.path} has no classification task to score ({task.kind})")
+    return {sub: {k: v for k, v in scores.items() if k != "per_class"} for sub, scores in part.items()}
+
+
+@torch.inference_mode()
+def run_suite(model: torch.nn.Module, tokenizer: Callable[[list[str]], Tensor], preprocess: Callable,
+              tasks: Sequence[SuiteTask], *, batch_size: int = 256, workers: int = 0, device: str = "cpu",
+              progress: bool = True, probe_max_train: int | None = 2000, probe_cs: Sequence[float] = DEFAULT_CS,
+              seed: int = 0) -> dict[str, Any]:
+    """Every task's results, plus ``table``: one row per (task, metric), see `suite_table`."""
+    enc = _Encoder(model, tokenizer, preprocess, batch_size, workers, device, progress)
+    was_training = model.training
+    model.eval()
+    results: dict[str, Any] = {}
+    try:
+        for task in tasks:
+            log.info("suite task '%s': %s on %s (%s)", task.name, task.kind, task.path, task.layout)
+            if task.layout == "data":
+                results[task.name] = _data_folder_task(enc, task, probe_max_train, probe_cs, seed)
+            elif task.kind == "zeroshot":
+                results[task.name] = zeroshot_task(enc, _classification(task, task.split), task.name)
+            elif task.kind == "retrieval":
+                results[task.name] = retrieval_task(enc, _retrieval(task), task.name)
+            else:
+                results[task.name] = linear_probe_task(enc, task, probe_max_train, probe_cs, seed)
+    finally:
+        model.train(was_training)
+    return {"tasks": results, "table": suite_table(tasks, results)}
+
+
+# --------------------------------------------------------------------------- the table
+
+_HEADLINES = {
+    "zeroshot": [("top1", "top-1 %"), ("top5", "top-5 %"), ("mean_per_class", "mean per-class %")],
+    "linear_probe": [("accuracy", "accuracy %")],
+}
+_RECALL = [("image_to_text", "R@1"), ("image_to_text", "R@5"), ("image_to_text", "R@10"),
+           ("text_to_image", "R@1"), ("text_to_image", "R@5"), ("text_to_image", "R@10")]
+
+
+def suite_table(tasks: Sequence[SuiteTask], results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows ``{"task", "kind", "metric", "value", "n"}`` in suite order."""
+    rows = []
+    for task in tasks:
+        result = results[task.name]
+        if task.kind == "retrieval":
+            n = result.get("n_images")
+            for key, label in (("retrieval", ""), ("retrieval_per_row", " (per row)")):
+                for direction, k in _RECALL:
+                    value = result.get(key, {}).get(direction, {}).get(k)
+                    if value is not None:
+                        arrow = "image->text" if direction == "image_to_text" else "text->image"
+                        rows.append({"task": task.name, "kind": task.kind, "metric": f"{arrow} {k}{label}",
+                                     "value": value, "n": n})
+            continue
+        # data-folder tasks hold one result per label task; the others are one result
+        parts = result.items() if task.layout == "data" else [(None, result)]
+        for sub, scores in parts:
+            for key, label in _HEADLINES[task.kind]:
+                if key in scores:
+                    rows.append({"task": task.name if sub is None else f"{task.name}/{sub}", "kind": task.kind,
+                                 "metric": label, "value": scores[key], "n": scores.get("n", scores.get("n_test"))})
+    return rows
+
+
+def suite_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    lines = ["| task | kind | metric | value | n |", "|---|---|---|---:|---:|"]
+    for row in rows:
+        lines.append(f"| {row['task']} | {row['kind']} | {row['metric']} | {row['value']:.2f} | {row['n'] or ''} |")
+    return "\n".join(lines) + "\n"
