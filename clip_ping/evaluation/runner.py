@@ -75,6 +75,8 @@ class EvalConfig:
     names_file: str | None = option(None, "image-folder data: JSON or text file mapping folder names to class names")
     suite: str | None = option(None, "YAML list of tasks on the field's layouts (class folders, Karpathy JSON, "
                                      "clip_benchmark WebDataset, data folders); writes one table (replaces --data)")
+    with_clip_benchmark: bool = option(False, "with --suite: also run clip_benchmark's zero-shot classification and "
+                                              "retrieval on the exported model (the clip-benchmark extra)")
     teacher_reference: bool = option(False, "also score the frozen teacher pair as a reference (under teacher_reference)")
     image_teacher: str = option(DEFAULT_IMAGE_TEACHER, "image teacher of the reference (name or spec, see clip_ping.teachers)")
     text_teacher: str = option(DEFAULT_TEXT_TEACHER, "text teacher of the reference; zero-shot and retrieval need "
@@ -84,6 +86,8 @@ class EvalConfig:
     progress: bool = option(True, "show progress bars")
 
     def validate(self) -> None:
+        if self.with_clip_benchmark and not self.suite:
+            raise ConfigError("config key 'with_clip_benchmark' needs 'suite' (the tasks clip_benchmark runs)")
         if self.batch_size < 1:
             raise ConfigError("config key 'batch_size' must be at least 1")
         if self.probe_max_train is not None and self.probe_max_train < 2:
@@ -575,14 +579,23 @@ def _suite_from_config(cfg: EvalConfig) -> dict[str, Any]:
     from .suite import read_suite, run_suite, suite_markdown
 
     tasks = read_suite(cfg.suite)  # a mistake in the file fails before the model loads
-    model, tokenizer, preprocess = load_student(cfg.checkpoint)
+    out = Path(cfg.out) if cfg.out else default_output_path(cfg.checkpoint).with_name("suite.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint = Path(cfg.checkpoint)
+    if cfg.with_clip_benchmark and not (checkpoint / "open_clip_config.json").is_file():
+        # clip_benchmark scores the exported model (as open_clip loads it); so does clip-ping, for a like comparison
+        from ..environment import require
+        from ..export import ExportConfig, export_open_clip
+
+        require("clip-benchmark")
+        checkpoint = out.with_name(out.stem + "-export")
+        export_open_clip(ExportConfig(checkpoint=cfg.checkpoint, out=str(checkpoint)))
+    model, tokenizer, preprocess = load_student(checkpoint)
     model.to(cfg.device)
     result = run_suite(model, tokenizer, preprocess, tasks, batch_size=cfg.batch_size, workers=cfg.workers,
                        device=cfg.device, progress=cfg.progress, probe_max_train=cfg.probe_max_train,
-                       probe_cs=cfg.probe_cs, seed=cfg.seed)
-    result = {"checkpoint": str(cfg.checkpoint), "suite": str(cfg.suite), **result}
-    out = Path(cfg.out) if cfg.out else default_output_path(cfg.checkpoint).with_name("suite.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
+                       probe_cs=cfg.probe_cs, seed=cfg.seed, with_clip_benchmark=cfg.with_clip_benchmark)
+    result = {"checkpoint": str(cfg.checkpoint), "model": str(checkpoint), "suite": str(cfg.suite), **result}
     out.write_text(json.dumps(result, indent=2))
     table = suite_markdown(result["table"])
     out.with_suffix(".md").write_text(table)

@@ -232,8 +232,15 @@ def _data_folder_task(enc: _Encoder, task: SuiteTask, max_train: int | None, cs:
 def run_suite(model: torch.nn.Module, tokenizer: Callable[[list[str]], Tensor], preprocess: Callable,
               tasks: Sequence[SuiteTask], *, batch_size: int = 256, workers: int = 0, device: str = "cpu",
               progress: bool = True, probe_max_train: int | None = 2000, probe_cs: Sequence[float] = DEFAULT_CS,
-              seed: int = 0) -> dict[str, Any]:
-    """Every task's results, plus ``table``: one row per (task, metric), see `suite_table`."""
+              seed: int = 0, with_clip_benchmark: bool = False) -> dict[str, Any]:
+    """Every task's results, plus ``table``: one row per (task, metric), see `suite_table`.
+
+    ``with_clip_benchmark``: also clip_benchmark's figures of every zero-shot and retrieval task
+    (under the task's ``"clip_benchmark"``; `clip_ping.evaluation.clip_benchmark_run`)."""
+    if with_clip_benchmark:
+        from ..environment import require
+
+        require("clip-benchmark")
     enc = _Encoder(model, tokenizer, preprocess, batch_size, workers, device, progress)
     was_training = model.training
     model.eval()
@@ -249,6 +256,11 @@ def run_suite(model: torch.nn.Module, tokenizer: Callable[[list[str]], Tensor], 
                 results[task.name] = retrieval_task(enc, _retrieval(task), task.name)
             else:
                 results[task.name] = linear_probe_task(enc, task, probe_max_train, probe_cs, seed)
+            if with_clip_benchmark and task.kind != "linear_probe" and task.layout != "data":
+                from . import clip_benchmark_run
+
+                results[task.name]["clip_benchmark"] = clip_benchmark_run.run_task(
+                    model, tokenizer, preprocess, task, batch_size, device)
     finally:
         model.train(was_training)
     return {"tasks": results, "table": suite_table(tasks, results)}
@@ -271,7 +283,8 @@ def suite_table(tasks: Sequence[SuiteTask], results: dict[str, Any]) -> list[dic
         result = results[task.name]
         if task.kind == "retrieval":
             n = result.get("n_images")
-            for key, label in (("retrieval", ""), ("retrieval_per_row", " (per row)")):
+            for key, label in (("retrieval", ""), ("retrieval_per_row", " (per row)"),
+                               ("clip_benchmark", " (clip_benchmark)")):
                 for direction, k in _RECALL:
                     value = result.get(key, {}).get(direction, {}).get(k)
                     if value is not None:
@@ -281,11 +294,14 @@ def suite_table(tasks: Sequence[SuiteTask], results: dict[str, Any]) -> list[dic
             continue
         # data-folder tasks hold one result per label task; the others are one result
         parts = result.items() if task.layout == "data" else [(None, result)]
+        if "clip_benchmark" in result:
+            parts = [(None, result), (None, {**result["clip_benchmark"], "n": result.get("n"), "_by": " (clip_benchmark)"})]
         for sub, scores in parts:
             for key, label in _HEADLINES[task.kind]:
-                if key in scores:
+                if key in scores and scores[key] == scores[key]:  # NaN: not defined (clip_benchmark's top-5 < 5 classes)
                     rows.append({"task": task.name if sub is None else f"{task.name}/{sub}", "kind": task.kind,
-                                 "metric": label, "value": scores[key], "n": scores.get("n", scores.get("n_test"))})
+                                 "metric": label + scores.get("_by", ""), "value": scores[key],
+                                 "n": scores.get("n", scores.get("n_test"))})
     return rows
 
 
