@@ -37,7 +37,7 @@ from .errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 # Config keys that do not change what a run computes: runs differing only here are seeds of one setting.
-BOOKKEEPING_KEYS = {"seed", "out", "resume", "workers", "progress", "tensorboard", "device",
+BOOKKEEPING_KEYS = {"seed", "out", "resume", "workers", "progress", "tensorboard", "log_to", "run_name", "device",
                     "log_every", "save_every", "keep_checkpoints"}
 # eval.json leaves that are counts, settings or timings rather than metrics.
 NOT_METRICS = {"n", "n_images", "n_texts", "n_train", "n_val", "n_test", "n_classes", "n_unknown_label",

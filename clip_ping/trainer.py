@@ -40,6 +40,7 @@ from .data.pairs import PairDataset, PairTable, collate_pairs
 from .data.shards import open_split
 from .errors import ClipPingError, ConfigError
 from .objectives import OBJECTIVES, ObjectiveSetup, StepContext, build_objective
+from .run_logs import RunLogs, parse_log_to
 from .schedule import warmup_cosine_lr
 from .student import create_student
 
@@ -118,9 +119,13 @@ class TrainConfig:
     overwrite: bool = option(False, "replace a run already in --out (its checkpoints, metrics and config) instead of refusing")
     max_skipped_fraction: float = option(0.1, "stop when more than this share of the loaded images could not be decoded")
     progress: bool = option(True, "show a progress bar")
-    tensorboard: bool = option(True, "write TensorBoard event files under <out>/tensorboard")
+    tensorboard: bool = option(True, "write TensorBoard event files under <out>/tensorboard (false: drop it from log_to)")
+    log_to: str = option("auto", "where metrics go, comma-separated: jsonl, tensorboard, wandb (WANDB_MODE=offline "
+                                 "works); auto: jsonl + tensorboard when installed; none (see clip_ping.run_logs)")
+    run_name: str | None = option(None, "the run's name in W&B (default: the run folder's name)")
 
     def validate(self) -> None:
+        parse_log_to(self.log_to)
         if self.batch_size < 2:
             raise ConfigError("config key 'batch_size': contrastive training needs at least 2 samples per batch")
         if self.neighbor_topk < 1:
@@ -686,8 +691,8 @@ class Trainer:
         if dist_utils.is_main_process():
             save_yaml(self._config_to_record(), self.run_dir / "config.yaml")
             _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)  # steps after the checkpoint are trained again
-        metrics_file = open(self.run_dir / "metrics.jsonl", "a") if dist_utils.is_main_process() else None
-        writer = self._tensorboard_writer()
+        run_logs = RunLogs(self.run_dir, cfg.log_to, cfg.run_name or self.run_dir.resolve().name,
+                           dataclasses.asdict(cfg), cfg.tensorboard) if dist_utils.is_main_process() else None
         self._install_signal_handlers()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.progress and dist_utils.is_main_process()),
                    desc=f"train {cfg.method}", unit="step", dynamic_ncols=True)
@@ -715,7 +720,7 @@ class Trainer:
                         record = {"step": self.step, "epoch": epoch, "loss": result.loss, **result.terms,
                                   "samples_per_s": samples_since / max(now - t_last, 1e-9), "skipped_images": undecodable + trimmed}
                         t_last, samples_since = now, 0
-                        self._log(record, metrics_file, writer, bar)
+                        self._log(record, run_logs, bar)
                     if self.step % cfg.save_every == 0:
                         self.save()
                     if self.step >= self.total_steps or self._stop_signal is not None:
@@ -725,14 +730,12 @@ class Trainer:
         finally:
             bar.close()
             self._run_batches = None  # its loader workers end here
-            if metrics_file:
-                metrics_file.close()
+            if run_logs:
+                run_logs.close()
         skipped = undecodable + trimmed
         if trained_steps == 0 and self.step >= self.total_steps and undecodable:
             raise ClipPingError(f"no step could be trained: {undecodable} of {loaded} images could not be decoded")
         path = self.save()
-        if writer is not None:
-            writer.close()
         stopped_by = self._stop_signal if self.step < self.total_steps else None  # a finished run is not "stopped"
         if stopped_by is not None:
             log.warning("stopped by %s at step %d; checkpoint %s. Resume with: clip-ping train --config %s --resume latest",
@@ -740,24 +743,9 @@ class Trainer:
         return {"step": self.step, "total_steps": self.total_steps, "stopped_by": stopped_by,
                 "checkpoint": str(path) if path else None, "skipped_images": skipped}
 
-    def _tensorboard_writer(self):
-        if not (self.cfg.tensorboard and dist_utils.is_main_process()):
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            log.warning("tensorboard is not installed; metrics go to metrics.jsonl only")
-            return None
-        return SummaryWriter(str(self.run_dir / "tensorboard"))
-
-    def _log(self, record: dict[str, Any], metrics_file, writer, bar) -> None:
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-        if writer is not None:
-            for key, value in record.items():
-                if key not in ("step", "epoch"):
-                    writer.add_scalar(f"train/{key}", value, record["step"])
+    def _log(self, record: dict[str, Any], run_logs: RunLogs | None, bar) -> None:
+        if run_logs is not None:
+            run_logs.log(record)
         shown = {k.replace("loss_", ""): f"{record[k]:.3f}" for k in ("loss", "loss_clip", "loss_nn", "loss_xnn") if k in record}
         shown["sps"] = f"{record['samples_per_s']:.0f}"
         bar.set_postfix(shown, refresh=False)
