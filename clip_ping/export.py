@@ -1,9 +1,12 @@
-"""Export a trained student as an ordinary open_clip model folder.
+"""Export a trained student as an open_clip model folder in the Hugging Face hub layout.
 
 The folder holds ``open_clip_config.json`` (model and preprocessing config),
 ``open_clip_model.safetensors`` and ``open_clip_pytorch_model.bin`` (the same
-weights), and ``<model>.json`` (the bare model config). Either of these loads
-it without clip-ping installed::
+weights), ``README.md`` (the model card, generated from the run: data, method
+and settings, evaluation table; `clip_ping.model_card`) and ``<model>.json``
+(the bare model config). Uploaded as is, it is a hub repository that
+``open_clip.create_model_and_transforms("hf-hub:USER/REPO")`` loads; locally,
+either of these loads it without clip-ping installed::
 
     open_clip.create_model_and_transforms("local-dir:EXPORT_DIR")
     open_clip.add_model_config("EXPORT_DIR/<model>.json")
@@ -14,12 +17,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .config import option
 from .errors import ConfigError, DataError
-from .io import atomic_torch_save, atomic_write, atomic_write_json
+from .io import atomic_torch_save, atomic_write, atomic_write_json, atomic_write_text
 from .student import load_checkpoint_file, register_model_configs
 
 
@@ -33,6 +37,8 @@ class ExportConfig:
 def export_open_clip(cfg: ExportConfig) -> dict[str, str]:
     import open_clip
     from safetensors.torch import save
+
+    from .model_card import model_card
 
     register_model_configs()
     state = load_checkpoint_file(cfg.checkpoint)
@@ -65,7 +71,43 @@ def export_open_clip(cfg: ExportConfig) -> dict[str, str]:
     atomic_write(out / "open_clip_model.safetensors", lambda f: f.write(save(weights)))
     atomic_torch_save(weights, out / "open_clip_pytorch_model.bin")
     atomic_write_json(out / f"{model_name}.json", model_cfg)
+    atomic_write_text(out / "README.md", model_card(model_name, state, _run_folder(cfg.checkpoint)))
     # written last: its presence means a complete export
     atomic_write_json(out / "open_clip_config.json", {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg})
+    verify_export(out)  # what open_clip loads is what was trained
     return {"exported": str(out), "model": model_name,
             "load_with": f"open_clip.create_model_and_transforms('local-dir:{out}')"}
+
+
+def _run_folder(checkpoint: str | Path) -> Path | None:
+    """The run folder of a checkpoint (``RUN`` or ``RUN/checkpoints/x.pt``), where eval.json lives."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        return path
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+
+def load_export(folder: str | Path) -> tuple[torch.nn.Module, Any]:
+    """(model, eval transform) of an export folder, loaded by open_clip (``local-dir:``).
+
+    Raises `DataError` in one line when the folder is not an export or its config
+    does not fit its weights (e.g. an edited ``open_clip_config.json``).
+    """
+    import open_clip
+
+    folder = Path(folder)
+    if not (folder / "open_clip_config.json").is_file():
+        raise DataError(f"{folder} is not an exported model: expected {folder / 'open_clip_config.json'}")
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        detail = next((line for line in lines if "size mismatch" in line or "Missing" in line), lines[0])
+        raise DataError(f"{folder / 'open_clip_config.json'} does not match its weights: {detail}") from None
+    return model, preprocess
+
+
+def verify_export(folder: str | Path) -> dict[str, int]:
+    """Check that open_clip loads ``folder`` (see `load_export`); returns the count of weight tensors."""
+    model, _ = load_export(folder)
+    return {"tensors": len(model.state_dict())}

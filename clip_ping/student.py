@@ -95,7 +95,9 @@ def load_student(checkpoint: str | Path) -> tuple[torch.nn.Module, Callable, Cal
 
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir() and (checkpoint / "open_clip_config.json").is_file():
-        model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{checkpoint}")
+        from .export import load_export
+
+        model, preprocess = load_export(checkpoint)  # a config that does not fit its weights: one line
         tokenizer = open_clip.get_tokenizer(f"local-dir:{checkpoint}")
         model.eval()
         return model, tokenizer, preprocess
