@@ -420,7 +420,12 @@ class Trainer:
             raise ConfigError(f"checkpoint was trained with --method {method}, this run is --method {self.cfg.method}; "
                               "resume with the same method or start a new run folder")
         self.model.load_state_dict(state["model"])
-        self.objective.load_state_dict(state.get("objective") or _objective_state_of_v1(state))
+        try:
+            self.objective.load_state_dict(state.get("objective") or _objective_state_of_v1(state))
+        except (RuntimeError, KeyError, ValueError):
+            raise ConfigError(f"the checkpoint's {self.cfg.method} state does not fit this run: "
+                              f"{_settings_that_differ(state.get('config') or {}, self.cfg) or 'its heads differ'}; "
+                              "resume with the run's own settings (its config.yaml)") from None
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -759,6 +764,15 @@ def _truncate_metrics(path: Path, step: int) -> None:
     kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
     if len(kept) != len(lines):
         atomic_write_text(path, "".join(kept))
+
+
+def _settings_that_differ(saved: dict[str, Any], cfg: TrainConfig) -> str:
+    """'key: saved -> now' for the settings that shape an objective's state."""
+    keys = [f.name for f in dataclasses.fields(cfg) if f.name not in
+            ("out", "resume", "overwrite", "steps", "epochs", "workers", "threads", "progress", "tensorboard", "device",
+             "log_every", "save_every", "keep_checkpoints", "prefetch_batches", "max_skipped_fraction", "data", "banks")]
+    return ", ".join(f"--{k.replace('_', '-')} {saved[k]} -> {getattr(cfg, k)}" for k in keys
+                     if k in saved and saved[k] != getattr(cfg, k))
 
 
 def _objective_state_of_v1(state: dict[str, Any]) -> dict[str, Any]:

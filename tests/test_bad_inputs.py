@@ -284,3 +284,11 @@ def test_an_image_replaced_by_another_of_the_same_size_is_caught_by_the_content_
     assert data_fingerprint(after) == size_only  # the cheap default cannot see it
     with pytest.raises(DataError, match="another data set"):
         check_table(manifest, after, tmp_path)
+
+
+def test_resuming_with_other_heads_names_the_setting_that_differs(tiny_banked, tmp_path, capsys):
+    run = tmp_path / "run"
+    common = ["--data", tiny_banked, "--out", run, "--method", "clip-ping"]
+    assert _run(capsys, *TRAIN, *common)[0] == 0
+    code, _, err = _run(capsys, *TRAIN, *common, "--resume", "latest", "--head", "mlp", "--steps", "3")
+    assert code == 2 and "--head linear -> mlp" in _one_clear_line(err)
