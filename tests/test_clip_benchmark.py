@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from clip_ping.evaluation import clip_benchmark_run as cb
-from clip_ping.evaluation.layouts import read_class_folders, read_karpathy_json, read_wds
+from clip_ping.evaluation.layouts import read_class_folders, read_karpathy_json
 from clip_ping.evaluation.suite import read_suite, run_suite
 from clip_ping.export import ExportConfig, export_open_clip
 from test_eval_suite import COLORS, NAMES, _class_folders, _png, _suite, _wds

@@ -34,7 +34,6 @@ The result is one JSON-serialisable dict::
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -50,6 +49,7 @@ from tqdm import tqdm
 
 from ..config import option
 from ..errors import ConfigError, DataError
+from ..io import atomic_write_json, atomic_write_text
 from ..teachers import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
 from .linear_probe import DEFAULT_CS, linear_probe as fit_linear_probe
 from .retrieval import caption_ids, retrieval_metrics, retrieval_metrics_per_row
@@ -568,7 +568,7 @@ def evaluate_from_config(cfg: EvalConfig) -> dict[str, Any]:
         result["teacher_reference"] = evaluate_teachers(*teachers, cfg.data, cfg.split, **common)
     out = Path(cfg.out) if cfg.out else default_output_path(cfg.checkpoint)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    atomic_write_json(out, result)
     log.info("evaluation written to %s", out)
     return result
 
@@ -596,9 +596,9 @@ def _suite_from_config(cfg: EvalConfig) -> dict[str, Any]:
                        device=cfg.device, progress=cfg.progress, probe_max_train=cfg.probe_max_train,
                        probe_cs=cfg.probe_cs, seed=cfg.seed, with_clip_benchmark=cfg.with_clip_benchmark)
     result = {"checkpoint": str(cfg.checkpoint), "model": str(checkpoint), "suite": str(cfg.suite), **result}
-    out.write_text(json.dumps(result, indent=2))
+    atomic_write_json(out, result)
     table = suite_markdown(result["table"])
-    out.with_suffix(".md").write_text(table)
+    atomic_write_text(out.with_suffix(".md"), table)
     log.info("suite results written to %s and %s", out, out.with_suffix(".md"))
     print(table)
     return {"results": str(out), "table": str(out.with_suffix(".md"))}
