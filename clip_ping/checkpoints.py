@@ -21,6 +21,12 @@ __all__ = ["atomic_torch_save", "atomic_write_text", "load_checkpoint", "resolve
 _STEP_FILE = re.compile(r"step_(\d+)\.pt$")
 
 
+def nonfinite_tensors(state: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of a state dict that hold NaN or infinite values."""
+    return [k for k, t in state.items()
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all()]
+
+
 def save_checkpoint(state: dict[str, Any], folder: Path, step: int, keep: int = 2) -> Path:
     """Write ``latest.pt`` and, with ``keep`` > 0, ``step_<step>.pt``, keeping the newest ``keep`` step files.
 

@@ -24,6 +24,7 @@ import torch
 from .config import option
 from .errors import ConfigError, DataError
 from .io import atomic_torch_save, atomic_write, atomic_write_json, atomic_write_text
+from .checkpoints import nonfinite_tensors
 from .student import load_checkpoint_file, register_model_configs
 
 
@@ -64,7 +65,7 @@ def export_open_clip(cfg: ExportConfig) -> dict[str, str]:
         "resize_mode": "shortest",
     }
     weights = {k: v.contiguous() for k, v in state["model"].items()}
-    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = nonfinite_tensors(weights)
     if bad:
         raise DataError(f"checkpoint {cfg.checkpoint} holds NaN or infinite weights ({len(bad)} tensors, e.g. {bad[0]}); "
                         "export an earlier checkpoint of the run")

@@ -102,7 +102,9 @@ def load_student(checkpoint: str | Path) -> tuple[torch.nn.Module, Callable, Cal
         model.eval()
         return model, tokenizer, preprocess
     state = load_checkpoint_file(checkpoint)
-    bad = [k for k, v in state["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    from .checkpoints import nonfinite_tensors
+
+    bad = nonfinite_tensors(state["model"])
     if bad:
         raise DataError(f"checkpoint {checkpoint} holds NaN or infinite weights ({len(bad)} tensors, e.g. {bad[0]}); "
                         "the run diverged: evaluate an earlier checkpoint")

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from . import distributed as dist_utils
-from .checkpoints import atomic_write_text, load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoints import atomic_write_text, load_checkpoint, nonfinite_tensors, resolve_resume, save_checkpoint
 from .config import option, save_yaml
 from .data.pairs import PairDataset, PairTable, collate_pairs
 from .data.shards import open_split
@@ -438,8 +438,7 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Write a checkpoint of this step; a state that is no longer finite is never written."""
-        bad = [name for name, t in list(self.model.state_dict().items()) + list(self.objective.state_dict().items())
-               if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all()]
+        bad = nonfinite_tensors(self.model.state_dict()) + nonfinite_tensors(self.objective.state_dict())
         if bad:
             raise TrainingDiverged(f"the weights became NaN or infinite by step {self.step} ({len(bad)} tensors, e.g. "
                                    f"{bad[0]}); {self._last_good()} (try a lower --lr or --precision fp32)")

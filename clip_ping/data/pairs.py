@@ -366,6 +366,12 @@ def read_pairs(
     )
 
 
+def caption_ids(captions: Sequence[str]) -> torch.Tensor:
+    """One id per distinct caption text (surrounding spaces ignored): identical captions share one."""
+    ids: dict[str, int] = {}
+    return torch.tensor([ids.setdefault(c.strip(), len(ids)) for c in captions], dtype=torch.long)
+
+
 def data_fingerprint(table: Any, kind: str = "size") -> str:
     """``table.fingerprint()`` (paths, captions, file sizes), or with ``kind="content"`` that and
     a hash of every image's bytes: it also tells apart an image replaced by another of the same size."""

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..data.pairs import caption_ids  # noqa: F401  (re-exported: evaluation's name for it)
+
 
 def _summary(ranks0: Tensor, ks: Sequence[int]) -> dict[str, float]:
     """R@k (%), mean and median rank from 0-based ranks."""
@@ -43,12 +45,6 @@ def _summary(ranks0: Tensor, ks: Sequence[int]) -> dict[str, float]:
     out["mean_rank"] = float(r.mean()) + 1.0
     out["median_rank"] = float(math.floor(np.median(r))) + 1.0
     return out
-
-
-def caption_ids(captions: Sequence[str]) -> Tensor:
-    """One id per distinct caption text (surrounding spaces ignored), for ``text_ids``."""
-    ids: dict[str, int] = {}
-    return torch.tensor([ids.setdefault(c.strip(), len(ids)) for c in captions], dtype=torch.long)
 
 
 def _ranks(queries: Tensor, gallery: Tensor, query_of_pair: Tensor, item_of_pair: Tensor,

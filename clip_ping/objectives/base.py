@@ -57,8 +57,9 @@ class ObjectiveSetup:
         config asks the CLIP term to treat duplicates specially (``duplicate_captions``)."""
         if self.cfg.duplicate_captions == "none":
             return None
-        ids: dict[str, int] = {}
-        return torch.tensor([ids.setdefault(c.strip(), len(ids)) for c in self.table.captions], dtype=torch.long)
+        from ..data.pairs import caption_ids
+
+        return caption_ids(self.table.captions)
 
     @property
     def bank_dir(self) -> Path:
