@@ -1,8 +1,9 @@
 """`clip-ping demo`: every stage on the built-in data, CLIP against CLIP-PING.
 
 data synth -> extract -> neighbors -> train (clip and clip-ping, same data,
-steps, student and seeds) -> eval -> report. Each stage is skipped when its
-output is already complete, so an interrupted demo picks up where it stopped.
+steps, student and seeds) -> eval -> report, whose index.html links the
+neighbour page (`neighbors show`) written beside it. Each stage is skipped when
+its output is already complete, so an interrupted demo picks up where it stopped.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import option
+from .report import NEIGHBOR_PAGE
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +90,20 @@ def run_demo(cfg: DemoConfig) -> None:
             _timed(timings, f"eval {method}", lambda: evaluate_from_config(eval_cfg))
 
     report_dir = out / "report"
+    _timed(timings, "neighbour page", lambda: write_demo_neighbor_page(data_dir, bank_dir, report_dir))
     _timed(timings, "report", lambda: build_report(run_dirs, report_dir))
     (out / "timings.json").write_text(json.dumps(timings, indent=2))
     table = (report_dir / "report.md").read_text()
     print(table)
     print(f"\nstage times (s): {json.dumps(timings)}")
-    print(f"report: {report_dir / 'index.html'}")
+    print(f"report: {report_dir / 'index.html'} (neighbour page: {report_dir / NEIGHBOR_PAGE})")
+
+
+def write_demo_neighbor_page(data_dir: Path, bank_dir: Path, report_dir: Path) -> dict[str, Any]:
+    """The neighbour page, self-contained (embedded thumbnails), in the report folder that links it.
+
+    In the report folder rather than the bank's, so the report and its neighbour page move together.
+    """
+    from .neighbors_show import ShowConfig, show_neighbors
+
+    return show_neighbors(ShowConfig(data=str(data_dir), banks=str(bank_dir), out=str(report_dir / NEIGHBOR_PAGE)))

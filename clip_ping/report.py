@@ -12,8 +12,9 @@ Output folder::
     results.json         the same numbers, unrounded, with the per-seed values
     training_curves.png  every loss term (and logit scale, lr) against the step
     metrics_bar.png      headline metrics with error bars over seeds
-    index.html           all of the above on one page, with links to the runs
-                         and to neighbour pages (``neighbors.html``) where they exist
+    index.html           all of the above on one page, with relative links to the runs
+                         and to neighbour pages (``neighbors.html``): the report folder's
+                         own (``clip-ping demo`` writes one there), and the runs' bank folders
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import logging
 import math
 import os
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -330,11 +332,13 @@ def _table_rows(results: dict[str, Any]) -> list[tuple[str, list[list[str]]]]:
     return [(g, [header] + [row for _, row in sorted(by_group[g], key=lambda item: item[0])]) for g in ordered]
 
 
-def _markdown(results: dict[str, Any], images: Sequence[str]) -> str:
+def _markdown(results: dict[str, Any], images: Sequence[str], own_neighbor_page: bool = False) -> str:
     lines = ["# clip-ping report", ""]
     for s in results["settings"]:
         seeds = ", ".join("?" if x is None else str(x) for x in s["seeds"])
         lines.append(f"- **{s['name']}**: {len(s['runs'])} run(s), seed(s) {seeds}")
+    if own_neighbor_page:
+        lines += ["", f"What the guidance pulls toward: [neighbour page]({NEIGHBOR_PAGE})"]
     lines += ["", "Cells are mean ± sample standard deviation over seeds (a single seed shows its value). "
               "↑ higher is better, ↓ lower is better."
               + (f" Δ is {results['delta']} (difference of the means)." if results["delta"] else ""), ""]
@@ -501,11 +505,27 @@ def neighbor_pages(run: Run) -> list[Path]:
     return found
 
 
+def report_neighbor_pages(settings: Sequence[Setting], out_dir: Path) -> list[Path]:
+    """The report folder's own neighbours.html (where `clip-ping demo` writes it), then the runs' pages."""
+    own = out_dir / NEIGHBOR_PAGE
+    pages = [own.resolve()] if own.is_file() else []
+    for setting in settings:
+        for run in setting.runs:
+            pages += [p for p in neighbor_pages(run) if p not in pages]
+    return pages
+
+
+def _page_label(page: Path, out_dir: Path) -> str:
+    return "neighbour page" if page.parent == out_dir.resolve() else f"{page.parent.name}/{page.name}"
+
+
 def _html(results: dict[str, Any], settings: Sequence[Setting], images: Sequence[str], out_dir: Path) -> str:
     esc = html.escape
 
     def link(target: Path, text: str) -> str:
-        return f'<a href="{esc(os.path.relpath(target, out_dir))}">{esc(text)}</a>'
+        # relative (the folder can be moved with its runs), in URL form (spaces, '#' in folder names)
+        rel = os.path.relpath(Path(target).resolve(), out_dir.resolve()).replace(os.sep, "/")
+        return f'<a href="{esc(urllib.parse.quote(rel))}">{esc(text)}</a>'
 
     parts = ["<!doctype html>", '<html lang="en"><head><meta charset="utf-8"><title>clip-ping report</title>',
              "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}"
@@ -515,10 +535,16 @@ def _html(results: dict[str, Any], settings: Sequence[Setting], images: Sequence
              "<h1>clip-ping report</h1>", "<h2>Settings</h2>", "<ul>"]
     for setting in settings:
         runs = ", ".join(link(r.path, r.path.name) + f" (seed {esc(str(r.seed))})" for r in setting.runs)
-        pages = sorted({p for r in setting.runs for p in neighbor_pages(r)})
-        neighbours = (" — neighbours: " + ", ".join(link(p, p.parent.name + "/" + p.name) for p in pages)) if pages else ""
-        parts.append(f"<li><b>{esc(setting.name)}</b>: {runs}{neighbours}</li>")
-    parts += ["</ul>", "<p>Cells are mean ± sample standard deviation over seeds. ↑ higher is better, ↓ lower is better."
+        parts.append(f"<li><b>{esc(setting.name)}</b>: {runs}</li>")
+    parts.append("</ul>")
+    pages = report_neighbor_pages(settings, out_dir)
+    if pages:
+        parts += ["<h2>What the guidance pulls toward</h2>",
+                  "<p>CLIP-PING pulls each image and caption toward its nearest neighbours in the frozen teachers' "
+                  "feature banks. The neighbour page shows random samples beside those neighbours, and how often a "
+                  "neighbour shares the sample's labels: "
+                  + ", ".join(link(p, _page_label(p, out_dir)) for p in pages) + "</p>"]
+    parts += ["<p>Cells are mean ± sample standard deviation over seeds. ↑ higher is better, ↓ lower is better."
               + (f" Δ is {esc(results['delta'])}." if results["delta"] else "") + "</p>"]
     for image in images:
         parts.append(f'<img src="{esc(image)}" alt="{esc(image)}">')
@@ -555,7 +581,8 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, names: Seq
     if plot_metric_bars(results, out_dir / "metrics_bar.png"):
         images.append("metrics_bar.png")
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    (out_dir / "report.md").write_text(_markdown(results, images), encoding="utf-8")
+    own_page = (out_dir / NEIGHBOR_PAGE).is_file()
+    (out_dir / "report.md").write_text(_markdown(results, images, own_page), encoding="utf-8")
     index = out_dir / "index.html"
     index.write_text(_html(results, settings, images, out_dir), encoding="utf-8")
     log.info("report written to %s", index)

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import re
+import shutil
+import urllib.parse
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
+from clip_ping.demo import write_demo_neighbor_page
 from clip_ping.errors import ConfigError, DataError
 from clip_ping.report import ReportConfig, build_report, format_value, report_from_config
 
@@ -179,3 +186,67 @@ def test_value_format():
     assert format_value(12.3456, "zeroshot/shape/top1") == "12.35"
     assert format_value(0.123456, "train/loss_clip") == "0.1235"
     assert re.fullmatch(r"\d+\.\d\d", format_value(3.0, "retrieval/image_to_text/mean_rank"))
+
+
+class _Refs(HTMLParser):
+    """Every <img src> and <a href> of a page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[str] = []
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs.get("src") or "")
+        elif tag == "a" and attrs.get("href") is not None:
+            self.links.append(attrs["href"])
+
+
+def _refs(page: Path) -> _Refs:
+    parser = _Refs()
+    parser.feed(page.read_text(encoding="utf-8"))
+    return parser
+
+
+def _assert_refs_resolve(page: Path) -> _Refs:
+    """Every image and link of ``page`` is relative and names a file (or run folder) on disk; data: images decode."""
+    refs = _refs(page)
+    for ref in refs.images + refs.links:
+        assert ref, f"empty reference in {page}"
+        if ref.startswith("data:image/"):
+            Image.open(io.BytesIO(base64.b64decode(ref.split(",", 1)[1]))).verify()
+            continue
+        parts = urllib.parse.urlsplit(ref)
+        assert not parts.scheme and not parts.netloc and not ref.startswith("/"), f"{ref} is not a relative link"
+        assert (page.parent / urllib.parse.unquote(parts.path)).exists(), f"{page.name} -> {ref}: not on disk"
+    return refs
+
+
+def test_demo_report_links_its_neighbour_page(tmp_path, tiny_banked):
+    """The demo's last stage: the neighbour page beside the report, linked relatively, every reference on disk."""
+    demo = tmp_path / "demo out"          # a space: links must be URL-quoted
+    runs = [_write_run(demo / "runs" / "clip-seed0", "clip", 0, 0.0),
+            _write_run(demo / "runs" / "clip-ping-seed0", "clip-ping", 0, 3.0)]
+    page = write_demo_neighbor_page(tiny_banked, tiny_banked / "banks", demo / "report")
+    index = build_report(runs, demo / "report")
+
+    refs = _assert_refs_resolve(index)
+    assert "neighbors.html" in refs.links
+    assert sorted(refs.images) == ["metrics_bar.png", "training_curves.png"]
+    assert {"../runs/clip-seed0", "../runs/clip-ping-seed0"} <= set(refs.links)
+    assert "[neighbour page](neighbors.html)" in (demo / "report" / "report.md").read_text()
+    neighbour_refs = _assert_refs_resolve(demo / "report" / "neighbors.html")
+    assert page["shown"] == 48 and len(neighbour_refs.images) == 3 * 48  # sample, p and q per row, all embedded
+
+    # the folder moves as a whole: every reference still resolves
+    moved = tmp_path / "elsewhere" / "demo#2"
+    moved.parent.mkdir()
+    shutil.move(demo, moved)
+    for name in ("index.html", "neighbors.html"):
+        _assert_refs_resolve(moved / "report" / name)
+    # and a missing target is caught (the check can fail)
+    (moved / "report" / "metrics_bar.png").unlink()
+    with pytest.raises(AssertionError, match="metrics_bar.png"):
+        _assert_refs_resolve(moved / "report" / "index.html")
