@@ -14,7 +14,7 @@ caption tokenised per batch, batched by `collate_pairs` (as the trainer does):
 * ``shards-stream``: `ShardStream` (webdataset, tars read sequentially, split
   over the workers), DataLoader batch_size B.
 
-The shards are written once by `clip_ping.data.shards.convert` into
+The shards are written once by `clip_ping.data.convert.convert` into
 ``benchmarks/work/``. Every configuration is timed over one pass of
 ``--batches`` batches, configurations alternated over ``--repeats`` rounds;
 reported: samples/s after the first batch (steady) and including it (with the
@@ -44,7 +44,9 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from clip_ping.data.pairs import PairDataset, collate_pairs, read_pairs  # noqa: E402
-from clip_ping.data.shards import ConvertConfig, ShardStream, convert, open_shards  # noqa: E402
+from clip_ping.data.convert import ConvertConfig, convert  # noqa: E402
+from clip_ping.data.shards import open_shards  # noqa: E402
+from clip_ping.data.stream import ShardStream  # noqa: E402
 from clip_ping.student import create_student  # noqa: E402
 from clip_ping.trainer import EpochBatchSampler, SeededAugmentation, Trainer  # noqa: E402
 

@@ -54,6 +54,7 @@ from tqdm import tqdm
 
 from .config import option
 from .data.pairs import ImageDecodeError, PairTable, data_fingerprint, load_image
+from .data.table import open_table
 from .distributed import init_from_env, resolve_device
 from .errors import ClipPingError, ConfigError, DataError
 from .io import atomic_save_npy, atomic_write_json
@@ -123,13 +124,6 @@ class ExtractConfig:
             raise ConfigError("config key 'workers' must be 0 or more")
         if self.dtype not in ("float16", "float32"):
             raise ConfigError(f"config key 'dtype': {self.dtype!r} is not one of float16, float32")
-
-
-def read_table(cfg: ExtractConfig) -> PairTable:
-    """The PairTable that ``cfg.data`` names (a table file, or a data set folder's split)."""
-    from .data.shards import open_split
-
-    return open_split(cfg.data, cfg.split)
 
 
 # --------------------------------------------------------------------------- reading banks
@@ -295,7 +289,7 @@ def _extract(
     if text_teacher is None:
         text_teacher_factory(cfg.text_teacher)
     if table is None:
-        table = read_table(cfg)
+        table = open_table(cfg.data, cfg.split)
     identity = {
         "data_fingerprint": data_fingerprint(table, cfg.fingerprint),
         "data_fingerprint_kind": cfg.fingerprint,

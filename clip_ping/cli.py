@@ -33,7 +33,7 @@ class Command:
 COMMANDS = [
     Command(("data", "synth"), "clip_ping.data.synth:SynthConfig", "clip_ping.data.synth:generate_synthetic",
             "write the built-in procedural image-text data set (train/val/test CSVs + images)"),
-    Command(("data", "convert"), "clip_ping.data.shards:ConvertConfig", "clip_ping.data.shards:convert",
+    Command(("data", "convert"), "clip_ping.data.convert:ConvertConfig", "clip_ping.data.convert:convert",
             "convert a data set between CSV and WebDataset shards"),
     Command(("data", "openclipart"), "clip_ping.data.openclipart:OpenClipartConfig",
             "clip_ping.data.openclipart:convert_openclipart",

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .data.table import open_table
 from .errors import ConfigError
 
 GB = 1e9
@@ -27,10 +28,10 @@ def _gb(n_bytes: float) -> str:
 
 
 def plan_extract(cfg: Any) -> dict[str, Any]:
-    from .banks import MANIFEST, WORK_DIR, read_table
+    from .banks import MANIFEST, WORK_DIR
     from .teachers import load_image_teacher, load_text_teacher
 
-    table = read_table(cfg)
+    table = open_table(cfg.data, cfg.split)
     image_dim = load_image_teacher(cfg.image_teacher, "cpu").dim
     text_dim = load_text_teacher(cfg.text_teacher, "cpu").dim
     n = len(table)
@@ -59,7 +60,6 @@ def plan_neighbors(cfg: Any) -> dict[str, Any]:
 
 
 def plan_train(cfg: Any) -> dict[str, Any]:
-    from .data.shards import open_split
     from .distributed import resolve_device
     from .objectives import OBJECTIVES, ObjectiveSetup
     from .student import create_student
@@ -68,7 +68,7 @@ def plan_train(cfg: Any) -> dict[str, Any]:
     if cfg.batch_size % world:
         raise ConfigError(f"config key 'batch_size': {cfg.batch_size} does not split over {world} processes")
     device = resolve_device(cfg.device) if world == 1 else torch.device(cfg.device if cfg.device != "auto" else "cpu")
-    table = open_split(cfg.data, "train")
+    table = open_table(cfg.data, "train")
     n = len(table)
     steps_per_epoch = n // cfg.batch_size
     if steps_per_epoch == 0:

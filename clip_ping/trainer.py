@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 from . import distributed as dist_utils
 from .checkpoints import atomic_write_text, load_checkpoint, nonfinite_tensors, resolve_resume, save_checkpoint
 from .config import option, save_yaml
-from .data.pairs import PairDataset, PairTable, collate_pairs
-from .data.shards import open_split
+from .data.pairs import PairDataset, collate_pairs
+from .data.table import open_table
 from .errors import ClipPingError, ConfigError
 from .objectives import OBJECTIVES, ObjectiveSetup, StepContext, build_objective
 from .run_logs import RunLogs, parse_log_to
@@ -342,7 +342,7 @@ class Trainer:
         if cfg.batch_size % self.world:
             raise ConfigError(f"config key 'batch_size': {cfg.batch_size} does not split over {self.world} processes")
         self.run_dir = Path(cfg.out)
-        self.table = self._read_table()
+        self.table = open_table(cfg.data, "train")
         self.data_fingerprint = self.table.fingerprint()  # once: it reads every row's file size
         self.model, self.preprocess_train, _, self.tokenizer = create_student(cfg.model, seed=cfg.seed)
         self.model.to(self.device)
@@ -369,9 +369,6 @@ class Trainer:
         self._run_next: tuple[int, int] = (-1, -1)  # (epoch, batch) it yields next
 
     # -- set-up ---------------------------------------------------------------
-
-    def _read_table(self) -> PairTable:
-        return open_split(self.cfg.data, "train")
 
     def _wrap(self, encoders: "StudentEncoders") -> torch.nn.Module:
         """DDP over several processes (bucketed gradient all-reduce overlapped with the
@@ -570,7 +567,8 @@ class Trainer:
             dist_utils.all_ranks_true(False)
 
     def _stream_loader(self, epoch: int) -> DataLoader:
-        from .data.shards import ShardStream, ShardTable
+        from .data.shards import ShardTable
+        from .data.stream import ShardStream
 
         if not isinstance(self.table, ShardTable):
             raise ConfigError("config key 'data_mode': stream needs WebDataset shards (a <split>.shards.json); "

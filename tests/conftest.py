@@ -49,10 +49,10 @@ def write_random_bank(data_dir, split: str = "train", k: int = 3, seed: int = 0,
     ``teachers`` (the tiny test teachers by default, whose dims are the default ``dims``)."""
     import numpy as np
 
-    from clip_ping.data.shards import open_split
+    from clip_ping.data.table import open_table
     from clip_ping.neighbors import NeighborsConfig, build_neighbors
 
-    table = open_split(data_dir, split)
+    table = open_table(data_dir, split)
     n, rng = len(table), np.random.default_rng(seed)
     bank = data_dir / "banks"
     bank.mkdir()

@@ -390,7 +390,7 @@ def test_two_processes_equal_one(pairs, reference, tmp_path):
 
 def test_banks_of_shards_equal_banks_of_the_same_csv(tmp_path):
     """The same pairs stored as CSV + files or as WebDataset shards give the same bank rows."""
-    from clip_ping.data.shards import ConvertConfig, convert
+    from clip_ping.data.convert import ConvertConfig, convert
     from clip_ping.data.synth import SynthConfig, generate_synthetic
 
     data = tmp_path / "csv"

@@ -13,7 +13,8 @@ from PIL import Image
 
 from clip_ping.data.pairs import DEFAULT_TEMPLATES, load_image
 from clip_ping.errors import DataError
-from clip_ping.evaluation.runner import EvalConfig, evaluate, evaluate_from_config, image_folder_layout
+from clip_ping.data.table import folder_layout as image_folder_layout
+from clip_ping.evaluation.runner import EvalConfig, evaluate, evaluate_from_config
 
 # Folder names as a user would have them; class names are the readable forms.
 COLORS = {"dark_red": (150, 20, 20), "Green": (30, 200, 40), "blue-ish": (30, 40, 220),
@@ -112,5 +113,5 @@ def test_eval_config_on_split_folders_with_names_and_templates_files(tiny_model,
 def test_a_folder_with_neither_tables_nor_class_folders_is_refused(tiny_model, tmp_path):
     model, tokenizer, preprocess = tiny_model
     (tmp_path / "data" / "images").mkdir(parents=True)
-    with pytest.raises(DataError, match="no test.csv or test.tsv table and is not an image folder"):
+    with pytest.raises(DataError, match="no test.csv, test.tsv or test.shards.json, and is not an image folder"):
         evaluate(model, tokenizer, preprocess, tmp_path / "data", workers=0, progress=False)

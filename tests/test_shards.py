@@ -14,17 +14,10 @@ from PIL import Image
 
 from clip_ping.data.folders import ImageFolderConfig, image_folder_to_csv, read_image_folder
 from clip_ping.data.pairs import PairDataset, collate_pairs, load_image, read_dataset_info, read_pairs
-from clip_ping.data.shards import (
-    ConvertConfig,
-    ShardStream,
-    ShardTable,
-    convert,
-    expand_shards,
-    index_shards,
-    open_shards,
-    open_split,
-    write_shards,
-)
+from clip_ping.data.convert import ConvertConfig, convert, write_shards
+from clip_ping.data.shards import ShardTable, expand_shards, index_shards, open_shards
+from clip_ping.data.stream import ShardStream
+from clip_ping.data.table import open_table
 from clip_ping.errors import ConfigError, DataError
 
 
@@ -159,7 +152,7 @@ def test_convert_round_trip(csv_data: Path, tmp_path: Path) -> None:
     assert summary["splits"]["train"]["kept"] == 9 and summary["splits"]["train"]["skipped"] == {"missing_image": 1}
     assert set(summary["splits"]) == {"train", "val"}
     assert (tmp_path / "sh" / "dataset.json").is_file() and (tmp_path / "sh" / "convert_summary.json").is_file()
-    assert isinstance(open_split(tmp_path / "sh", "val"), ShardTable)
+    assert isinstance(open_table(tmp_path / "sh", "val"), ShardTable)
 
     convert(ConvertConfig(src=str(tmp_path / "sh"), out=str(tmp_path / "back"), to="csv"))
     original, back = read_pairs(csv_data / "train.csv"), read_pairs(tmp_path / "back" / "train.csv")
@@ -169,7 +162,7 @@ def test_convert_round_trip(csv_data: Path, tmp_path: Path) -> None:
 
     # Foreign shards indexed in place, then used as a split.
     convert(ConvertConfig(src=str(tmp_path / "sh" / "train-*.tar"), out=str(tmp_path / "idx"), to="index"))
-    assert open_split(tmp_path / "idx", "train").captions == original.captions
+    assert open_table(tmp_path / "idx", "train").captions == original.captions
 
     with pytest.raises(DataError, match="not empty"):
         convert(ConvertConfig(src=str(csv_data), out=str(tmp_path / "sh"), to="shards"))

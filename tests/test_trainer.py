@@ -193,7 +193,7 @@ def test_a_stop_signal_saves_a_loadable_checkpoint_and_says_how_to_resume(tiny_s
 
 
 def test_streamed_shards_train_and_resume_exactly(tiny_synth, tmp_path):
-    from clip_ping.data.shards import ConvertConfig, convert
+    from clip_ping.data.convert import ConvertConfig, convert
 
     shards = tmp_path / "shards"
     convert(ConvertConfig(src=str(tiny_synth), out=str(shards), samples_per_shard=12))

@@ -57,14 +57,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image
 
 from ..errors import DataError
+from .images import ImageDecodeError, load_image
 
 log = logging.getLogger(__name__)
-
-# Truncated files must fail loudly (and be counted), not decode half-grey.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 SPLITS = ("train", "val", "test")
 TABLE_SUFFIXES = (".csv", ".tsv")
@@ -81,10 +79,6 @@ SKIP_EMPTY_CAPTION = "empty_caption"
 SKIP_BAD_ENCODING = "bad_encoding"
 SKIP_MALFORMED = "malformed_line"
 SKIP_DUPLICATE = "duplicate"
-
-
-class ImageDecodeError(DataError):
-    """An image file exists but cannot be decoded (corrupt, truncated, unknown format)."""
 
 
 # --------------------------------------------------------------------------- table
@@ -109,6 +103,11 @@ class PairTable:
 
     def image_path(self, i: int) -> Path:
         return Path(self.filepaths[i])
+
+    @property
+    def image_ids(self) -> list[str]:
+        """One id per row's image: rows sharing an image file share it."""
+        return self.filepaths
 
     def open_image(self, i: int) -> Image.Image:
         """Sample i's image as RGB (raises `ImageDecodeError`); shard tables have the same method."""
@@ -398,42 +397,6 @@ def split_file(data_dir: str | Path, split: str) -> Path:
     if not data_dir.is_dir():
         raise DataError(f"data set folder not found: {data_dir}")
     raise DataError(f"data set folder {data_dir} has no {split}.csv or {split}.tsv")
-
-
-# --------------------------------------------------------------------------- images
-
-
-def load_image(path: str | Path, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """Decode an image as RGB; transparent pixels are composited on ``background`` (white).
-
-    Raises `ImageDecodeError` when the file cannot be decoded, so callers can count it.
-    """
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if "exif" in im.info or im.format == "TIFF":  # reading absent EXIF costs as much as the RGB conversion
-                im = ImageOps.exif_transpose(im) or im
-            return _to_rgb(im, background)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError) as exc:
-        raise ImageDecodeError(f"cannot decode image {path}: {exc}") from None
-
-
-def _to_rgb(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
-    # Palette images may carry a transparent colour index; make that real alpha first.
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    elif im.mode in ("L", "RGB") and "transparency" in im.info:
-        im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = im.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, background + (255,))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit greyscale: scale to 8 bits instead of clipping everything to white.
-        im = im.point(lambda v: v / 256).convert("L")
-    if im.mode != "RGB":
-        im = im.convert("RGB")
-    return im
 
 
 # --------------------------------------------------------------------------- torch

@@ -43,36 +43,25 @@ from __future__ import annotations
 import csv
 import glob
 import hashlib
-import io
 import json
 import logging
 import os
-import re
-import shutil
 import sys
 import tarfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
-from ..config import option
-from ..errors import ConfigError, DataError
+from ..errors import DataError
 from .pairs import (
     SKIP_BAD_ENCODING,
     SKIP_EMPTY_CAPTION,
     SKIP_MISSING_IMAGE,
-    SPLITS,
-    ImageDecodeError,
-    PairTable,
-    _to_rgb,
-    read_pairs,
-    split_file,
 )
+from .images import load_image
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +126,12 @@ class ShardTable:
 
     def open_image(self, i: int) -> Image.Image:
         """Sample i's image as RGB (raises `ImageDecodeError`)."""
-        return decode_image_bytes(self.read_image_bytes(i), f"{self.shards[int(self.shard_ids[i])]}:{self.keys[i]}")
+        return load_image(self.read_image_bytes(i), f"{self.shards[int(self.shard_ids[i])]}:{self.keys[i]}")
+
+    @property
+    def image_ids(self) -> list[str]:
+        """One id per row's image (keys are unique in an index, so no two rows share one)."""
+        return self.keys
 
     def summary(self) -> dict[str, Any]:
         return {"source": str(self.source), "kept": len(self), "skipped": dict(self.skipped), "shards": len(self.shards)}
@@ -147,20 +141,6 @@ class ShardTable:
         state = dict(self.__dict__)
         state["_fds"], state["_pid"] = {}, -1
         return state
-
-
-def decode_image_bytes(data: bytes, name: str = "image", background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """Decode encoded image bytes to RGB, transparency composited on ``background``."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return _to_rgb(im, background)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError) as exc:
-        why = _BYTES_OBJECT.sub("the bytes", str(exc))  # PIL names the in-memory buffer, not the file
-        raise ImageDecodeError(f"cannot decode image {name}: {why}") from None
-
-
-_BYTES_OBJECT = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 
 # --------------------------------------------------------------------------- indexing
@@ -414,283 +394,3 @@ def open_shards(descriptor: str | Path) -> ShardTable:
         exts=exts,
         skipped=dict(info.get("skipped", {})),
     )
-
-
-# --------------------------------------------------------------------------- writing
-
-
-def _tar_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
-    # Fixed metadata: the same samples give byte-identical shards.
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info, io.BytesIO(data)
-
-
-def write_shards(table: PairTable, out_dir: str | Path, split: str = "train", samples_per_shard: int = 1000) -> ShardTable:
-    """Write a PairTable as ``<split>-NNNNNN.tar`` shards (image bytes copied as they are) and index them.
-
-    Sample ``i`` of the table gets key ``<split>-<i, 9 digits>`` and keeps index ``i``
-    (unless its image file cannot be read any more, then it is left out and counted).
-    """
-    if samples_per_shard < 1:
-        raise ConfigError("config key 'samples_per_shard' must be at least 1")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths: list[Path] = []
-    tar: tarfile.TarFile | None = None
-    unreadable = 0
-    columns = list(table.labels)
-    try:
-        for i in range(len(table)):
-            if i % samples_per_shard == 0:
-                if tar is not None:
-                    tar.close()
-                paths.append(out_dir / f"{split}-{len(paths):06d}.tar")
-                tar = tarfile.open(paths[-1], "w", format=tarfile.USTAR_FORMAT)
-            src = Path(table.filepaths[i])
-            try:
-                image = src.read_bytes()
-            except OSError:
-                unreadable += 1
-                continue
-            ext = src.suffix.lower().lstrip(".") or "img"
-            if ext not in IMAGE_EXTS:
-                ext = "png" if image[:4] == b"\x89PNG" else "jpg"
-            key = f"{split}-{i:09d}"
-            meta = {"labels": {c: table.labels[c][i] for c in columns}, "source": os.path.relpath(src, table.root)}
-            assert tar is not None
-            for name, data in (
-                (f"{key}.{ext}", image),
-                (f"{key}.txt", table.captions[i].encode("utf-8")),
-                (f"{key}.json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")),
-            ):
-                tar.addfile(*_tar_member(name, data))
-    finally:
-        if tar is not None:
-            tar.close()
-    result = index_shards(paths, out_dir / f"{split}.shards.json", split)
-    if unreadable:
-        result.skipped[SKIP_MISSING_IMAGE] = result.skipped.get(SKIP_MISSING_IMAGE, 0) + unreadable
-        log.warning("%d image file(s) of %s could not be read and were left out", unreadable, table.source)
-    return result
-
-
-def shards_to_csv(table: ShardTable, out_dir: str | Path, split: str) -> PairTable:
-    """Extract a shard split to ``OUT/images/<split>/`` + ``OUT/<split>.csv`` (same order, same indices)."""
-    out_dir = Path(out_dir)
-    image_dir = out_dir / "images" / split
-    image_dir.mkdir(parents=True, exist_ok=True)
-    columns = list(table.labels)
-    with open(out_dir / f"{split}.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["filepath", "caption", *columns])
-        for i, key in enumerate(table.keys):
-            name = f"{key.replace('/', '_')}.{table.exts[i]}"
-            (image_dir / name).write_bytes(table.read_image_bytes(i))
-            writer.writerow([f"images/{split}/{name}", table.captions[i]] + [table.labels[c][i] for c in columns])
-    return read_pairs(out_dir / f"{split}.csv", label_keys=columns)
-
-
-# --------------------------------------------------------------------------- streaming
-
-
-class ShardStream(torch.utils.data.IterableDataset):
-    """Stream a ShardTable's tars with webdataset; yields ``{"index", "image", "text"}`` (or None).
-
-    Shards are split over distributed processes and over loader workers, so each
-    sample is read once per epoch. ``index`` comes from the key -> index map and
-    the caption from the index, so alignment does not depend on the order of reading.
-    Call `set_epoch` before each epoch to change the shuffle.
-    """
-
-    def __init__(
-        self,
-        table: ShardTable,
-        image_transform: Callable[[Image.Image], torch.Tensor],
-        tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
-        shuffle_buffer: int = 0,
-        shuffle_shards: bool = False,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        self.table = table
-        self.image_transform = image_transform
-        self.tokenizer = tokenizer
-        self.shuffle_buffer = shuffle_buffer
-        self.shuffle_shards = shuffle_shards
-        self.seed = seed
-        self.epoch = 0
-        self.n_unknown_keys = 0
-        self.n_decode_errors = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:  # samples per epoch over all workers, for progress bars
-        return len(self.table)
-
-    def _pipeline(self):
-        import webdataset as wds
-
-        urls = [str(self.table.shard_path(j)) for j in range(len(self.table.shards))]
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        dataset = wds.WebDataset(
-            urls,
-            shardshuffle=len(urls) if self.shuffle_shards else False,
-            detshuffle=True,
-            seed=self.seed + self.epoch,
-            nodesplitter=wds.split_by_node if distributed else wds.single_node_only,
-            workersplitter=wds.split_by_worker,
-            handler=wds.warn_and_continue,
-            empty_check=False,
-        )
-        if self.shuffle_buffer > 1:
-            # Runs inside the loader worker: one reproducible stream per (seed, epoch, worker).
-            info = torch.utils.data.get_worker_info()
-            worker = info.id if info is not None else 0
-            dataset = dataset.shuffle(self.shuffle_buffer, seed=(self.seed * 1009 + self.epoch) * 101 + worker)
-        return dataset
-
-    def __iter__(self) -> Iterator[dict[str, Any] | None]:
-        key_to_index = self.table.key_to_index
-        for sample in self._pipeline():
-            index = key_to_index.get(sample["__key__"])
-            if index is None:
-                self.n_unknown_keys += 1  # not in the index (skipped when indexing)
-                continue
-            ext = self.table.exts[index]
-            data = next((v for k, v in sample.items() if k.rsplit(".", 1)[-1].lower() == ext), None)
-            if data is None:
-                continue
-            try:
-                image = decode_image_bytes(data, sample["__key__"])
-            except ImageDecodeError as exc:
-                self.n_decode_errors += 1
-                log.warning("sample %d (row %d of the index) dropped: %s", index, index, exc)
-                yield None
-                continue
-            text: Any = self.table.captions[index]
-            if self.tokenizer is not None:
-                text = self.tokenizer([text])[0]
-            yield {"index": index, "image": self.image_transform(image), "text": text}
-
-
-# --------------------------------------------------------------------------- tables in general
-
-
-def open_split(source: str | Path, split: str = "train", **read_kwargs: Any) -> PairTable | ShardTable:
-    """The table of one split, whatever its storage.
-
-    ``source`` may be a CSV/TSV file, a shard descriptor (``*.shards.json``), or a
-    data set folder holding ``<split>.csv``/``.tsv`` or ``<split>.shards.json``.
-    """
-    source = Path(source)
-    if source.is_dir():
-        descriptor = source / f"{split}.shards.json"
-        if descriptor.is_file():
-            return open_shards(descriptor)
-        return read_pairs(split_file(source, split), **read_kwargs)
-    if source.name.endswith(".shards.json"):
-        return open_shards(source)
-    return read_pairs(source, **read_kwargs)
-
-
-# --------------------------------------------------------------------------- convert
-
-
-@dataclass
-class ConvertConfig:
-    src: str = option("", "data set folder, CSV/TSV file, shard folder, or tar shards ('dir/*.tar', 'a-{000..009}.tar')")
-    out: str = option("", "output folder")
-    to: str = option("shards", "target format", choices=("shards", "csv", "index"))
-    split: str = option("", "only this split (default: every split found; 'train' for a bare CSV or tar list)")
-    samples_per_shard: int = option(1000, "samples per tar shard")
-    image_key: str = option("filepath", "image path column of the CSV (open_clip's csv_img_key)")
-    caption_key: str = option("caption", "caption column of the CSV (open_clip's csv_caption_key)")
-    separator: str = option("", "CSV separator (default: by suffix; ',' or '\\t')")
-    overwrite: bool = option(False, "write into a non-empty output folder")
-
-    def validate(self) -> None:
-        if not self.src:
-            raise ConfigError("config key 'src' is required (the data to convert)")
-        if not self.out:
-            raise ConfigError("config key 'out' is required (the output folder)")
-        if self.samples_per_shard < 1:
-            raise ConfigError("config key 'samples_per_shard' must be at least 1")
-
-
-def _is_tar_spec(src: str) -> bool:
-    return src.endswith(".tar") or src.endswith(".tar}") or "{" in src
-
-
-def convert(cfg: ConvertConfig) -> dict[str, Any]:
-    """Convert between CSV tables and tar shards; returns (and writes) a JSON summary.
-
-    * ``to=shards``: each split table of ``src`` -> ``OUT/<split>-NNNNNN.tar`` + index.
-    * ``to=csv``: each ``<split>.shards.json`` (or tar list) of ``src`` -> images + ``OUT/<split>.csv``.
-    * ``to=index``: index foreign tar shards (``src``, a list/glob/brace range) in place of
-      a copy: writes only ``OUT/<split>.shards.json`` + ``OUT/<split>.index.csv``.
-    ``dataset.json`` is copied along.
-    """
-    cfg.validate()
-    started = time.perf_counter()
-    out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise DataError(f"{out} exists and is not empty; pass --overwrite or another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    src = Path(cfg.src)
-    summary: dict[str, Any] = {"src": cfg.src, "out": str(out), "to": cfg.to, "splits": {}}
-    read_kwargs = {"image_key": cfg.image_key, "caption_key": cfg.caption_key, "separator": cfg.separator or None}
-
-    if cfg.to in ("shards", "csv") and not _is_tar_spec(cfg.src):
-        if src.is_dir():
-            splits = [cfg.split] if cfg.split else [
-                s for s in SPLITS
-                if any((src / f"{s}{x}").is_file() for x in (".csv", ".tsv", ".shards.json"))
-            ]
-            if not splits:
-                raise DataError(f"{src} holds no train/val/test table or shard descriptor")
-            sources = {s: open_split(src, s, **read_kwargs) for s in splits}
-        else:
-            split = cfg.split or src.name.split(".")[0]
-            sources = {split: open_split(src, split, **read_kwargs)}
-        for split, table in sources.items():
-            if cfg.to == "shards":
-                if isinstance(table, ShardTable):
-                    raise DataError(f"{cfg.src}: split '{split}' is already stored as shards")
-                result = write_shards(table, out, split, cfg.samples_per_shard)
-                summary["splits"][split] = {"kept": len(result), "skipped": _merge(table.skipped, result.skipped),
-                                            "shards": len(result.shards), "fingerprint": result.fingerprint()}
-            else:
-                if not isinstance(table, ShardTable):
-                    raise DataError(f"{cfg.src}: split '{split}' is already a CSV table")
-                result_csv = shards_to_csv(table, out, split)
-                summary["splits"][split] = {"kept": len(result_csv), "skipped": dict(table.skipped),
-                                            "fingerprint": result_csv.fingerprint()}
-        meta = (src if src.is_dir() else src.parent) / "dataset.json"
-        if meta.is_file() and meta.resolve() != (out / "dataset.json").resolve():
-            shutil.copyfile(meta, out / "dataset.json")
-    else:
-        # Foreign tar shards: index them (to=index), or index into OUT then extract (to=csv).
-        if cfg.to == "shards":
-            raise DataError(f"{cfg.src} is already tar shards; use --to index or --to csv")
-        split = cfg.split or "train"
-        shards = expand_shards(cfg.src)
-        table = index_shards(shards, out / f"{split}.shards.json", split)
-        entry: dict[str, Any] = {"kept": len(table), "skipped": dict(table.skipped), "shards": len(shards),
-                                 "fingerprint": table.fingerprint()}
-        if cfg.to == "csv":
-            entry["fingerprint"] = shards_to_csv(table, out, split).fingerprint()
-        summary["splits"][split] = entry
-    summary["seconds"] = round(time.perf_counter() - started, 2)
-    (out / "convert_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    return summary
-
-
-def _merge(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
-    merged = dict(a)
-    for k, v in b.items():
-        merged[k] = merged.get(k, 0) + v
-    return merged

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..data.images import load_image
 from ..errors import DataError
 
 log = logging.getLogger(__name__)
@@ -61,12 +62,14 @@ class ImageFiles:
         self.filepaths = paths
         self.captions = [""] * len(paths)
 
+    @property
+    def image_ids(self) -> list[str]:
+        return self.filepaths
+
     def __len__(self) -> int:
         return len(self.filepaths)
 
     def open_image(self, i: int) -> Image.Image:
-        from ..data.pairs import load_image
-
         return load_image(self.filepaths[i])
 
 
@@ -76,19 +79,17 @@ class TarImages:
     def __init__(self, members: list[tuple[str, int, int]]) -> None:
         self.members = members  # (tar path, data offset, size)
         self.captions = [""] * len(members)
-        self.filepaths = [f"{tar}@{offset}" for tar, offset, _ in members]  # distinct per image
+        self.image_ids = [f"{tar}@{offset}" for tar, offset, _ in members]  # distinct per image
 
     def __len__(self) -> int:
         return len(self.members)
 
     def open_image(self, i: int) -> Image.Image:
-        from ..data.shards import decode_image_bytes
-
         tar, offset, size = self.members[i]
         with open(tar, "rb") as f:
             f.seek(offset)
             data = f.read(size)
-        return decode_image_bytes(data, f"{tar} at byte {offset}")
+        return load_image(data, f"{tar} at byte {offset}")
 
 
 @dataclass

@@ -48,6 +48,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ..config import option
+from ..data.table import folder_layout, open_table
 from ..errors import ConfigError, DataError
 from ..io import atomic_write_json, atomic_write_text
 from ..teachers import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
@@ -168,38 +169,6 @@ def resolve_tasks(
 # --------------------------------------------------------------------------- data
 
 
-def image_folder_layout(data_dir: str | Path, split: str = "test") -> str | None:
-    """How a data folder holds its split: None for tables (``<split>.csv``), ``"splits"``
-    for image folders per split (``<split>/<class>/``), ``"classes"`` for one image folder (``<class>/``)."""
-    from ..data.pairs import SPLITS, TABLE_SUFFIXES
-
-    data_dir = Path(data_dir)
-    names = {split, *SPLITS}
-    if any((data_dir / f"{s}{suffix}").is_file() for s in names for suffix in TABLE_SUFFIXES):
-        return None
-    return "splits" if any((data_dir / s).is_dir() for s in names) else "classes"
-
-
-def read_split(data_dir: str | Path, split: str, layout: str | None, names_file: str | None = None) -> Any:
-    """The table of one split; an image folder reads as a table with label column ``class``.
-
-    With the ``"classes"`` layout the whole folder is the split, whatever its name.
-    """
-    from ..data.folders import read_image_folder
-    from ..data.pairs import read_pairs, split_file
-
-    data_dir = Path(data_dir)
-    if layout is None or not data_dir.is_dir():
-        return read_pairs(split_file(data_dir, split))  # says which folder or table is missing
-    folder = data_dir / split if layout == "splits" else data_dir
-    try:
-        return read_image_folder(folder, names_file)[0]
-    except DataError as exc:
-        if layout == "splits":
-            raise
-        raise DataError(f"{data_dir} has no {split}.csv or {split}.tsv table and is not an image folder ({exc})") from None
-
-
 def image_folder_tasks(table: Any) -> dict[str, dict[str, Any]]:
     """The zero-shot task of an image folder: its classes, in folder order."""
     return {"class": {"column": "class", "classes": list(dict.fromkeys(table.labels["class"]))}}
@@ -218,12 +187,12 @@ class SplitImages:
     n_decode_errors: int
 
 
-def _distinct_image_rows(filepaths: Sequence[str]) -> tuple[list[int], dict[int, list[int]]]:
-    """First row of every distinct file, and the rows that share it."""
+def _distinct_image_rows(image_ids: Sequence[str]) -> tuple[list[int], dict[int, list[int]]]:
+    """First row of every distinct image, and the rows that share it."""
     first: dict[str, int] = {}
     members: dict[int, list[int]] = {}
-    for row, path in enumerate(filepaths):
-        head = first.setdefault(path, row)
+    for row, image_id in enumerate(image_ids):
+        head = first.setdefault(image_id, row)
         members.setdefault(head, []).append(row)
     return list(first.values()), members
 
@@ -281,7 +250,7 @@ def encode_texts(
 
 
 def _encode_split_images(model, table, preprocess, rows, batch_size, workers, device, progress, desc) -> SplitImages:
-    heads, members = _distinct_image_rows(table.filepaths)
+    heads, members = _distinct_image_rows(table.image_ids)
     wanted = set(rows) if rows is not None else None
     heads = [h for h in heads if wanted is None or h in wanted]
     features, kept, n_errors = encode_images(model, table, preprocess, heads, batch_size, workers, device, progress, desc)
@@ -343,7 +312,9 @@ def evaluate(
     """
     t0 = time.perf_counter()
     data_dir = Path(data_dir)
-    layout = image_folder_layout(data_dir, split)
+    if not data_dir.is_dir():
+        raise DataError(f"data set folder not found: {data_dir}")
+    layout = folder_layout(data_dir, split)
     skipped: dict[str, str] = {}
     if not cross_modal:
         skipped["zeroshot"] = skipped["retrieval"] = "the image and text encoders do not share an embedding space"
@@ -354,7 +325,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        table = read_split(data_dir, split, layout, names_file)
+        table = open_table(data_dir, split, names_file)
         images = _encode_split_images(model, table, preprocess, None, batch_size, workers, device, progress, f"{split} images")
         result: dict[str, Any] = {
             "split": split,
@@ -382,7 +353,7 @@ def evaluate(
             result["retrieval_per_row"] = retrieval_metrics_per_row(images.features, texts, text_to_image)
         if linear_probe and "linear_probe" not in skipped:
             result["linear_probe"] = _linear_probes(
-                model, preprocess, lambda s: read_split(data_dir, s, layout, names_file), split, resolved, table,
+                model, preprocess, lambda s: open_table(data_dir, s, names_file), split, resolved, table,
                 images, batch_size, workers, probe_max_train, probe_cs, seed, device, progress)
         if skipped:
             result["skipped"] = skipped
@@ -424,7 +395,7 @@ def _linear_probes(model, preprocess, read: Callable[[str], Any], split: str, ta
                     "its accuracy is optimistic", split)
 
     def sample_rows(table, limit):
-        heads, _ = _distinct_image_rows(table.filepaths)
+        heads, _ = _distinct_image_rows(table.image_ids)
         if limit is not None and len(heads) > limit:
             heads = sorted(rng.choice(heads, size=limit, replace=False).tolist())
         return heads

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from ..data.pairs import PairTable
+    from ..data.table import PairSource
     from ..trainer import TrainConfig
 
 
@@ -46,7 +46,7 @@ class ObjectiveSetup:
     """What an objective is built from: the run's config, its training table and student."""
 
     cfg: TrainConfig
-    table: PairTable
+    table: PairSource
     embed_dim: int
     device: torch.device
     #: the student's training transform (PIL image -> augmented view), for methods that load or convert views
