@@ -104,6 +104,6 @@ def write_demo_neighbor_page(data_dir: Path, bank_dir: Path, report_dir: Path) -
 
     In the report folder rather than the bank's, so the report and its neighbour page move together.
     """
-    from .neighbors_show import ShowConfig, show_neighbors
+    from .neighbors import ShowConfig, show_neighbors
 
     return show_neighbors(ShowConfig(data=str(data_dir), banks=str(bank_dir), out=str(report_dir / NEIGHBOR_PAGE)))

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from clip_ping import neighbors as nb
+from clip_ping.neighbors import search as nb_search
 from clip_ping.errors import ConfigError, DataError
 from clip_ping.neighbors import (
     NeighborQueue,
@@ -113,8 +114,8 @@ def test_fast_matches_exact_on_clustered_data():
 
 def test_fast_certification_falls_back_to_exact(monkeypatch):
     """No margin and tiny score tiles: many rows are uncertified or chunked, the result stays exact."""
-    monkeypatch.setattr(nb, "FAST_MARGIN", 0)
-    monkeypatch.setattr(nb, "FAST_TILE_BYTES", 64 * 1024)
+    monkeypatch.setattr(nb_search, "FAST_MARGIN", 0)
+    monkeypatch.setattr(nb_search, "FAST_TILE_BYTES", 64 * 1024)
     x = clustered(1500, 32, 3, seed=4)  # few, wide clusters: crowded top scores
     stats: dict = {}
     idx, scores = search_neighbors(x, 5, method="fast", block_size=256, stats=stats)
@@ -243,6 +244,21 @@ def test_fingerprint_mismatch_and_missing_table_are_data_errors(tmp_path):
         build_neighbors(NeighborsConfig(banks=str(tmp_path), k=2, progress=False))
     with pytest.raises(ConfigError, match="--banks"):
         build_neighbors(NeighborsConfig(k=2))
+
+
+def test_table_format_is_checked_on_read_and_an_old_format_is_rebuilt(tmp_path):
+    bank = make_bank(tmp_path / "bank")
+    cfg = NeighborsConfig(banks=str(bank), k=2, method="exact", progress=False)
+    json_path = build_neighbors(cfg)
+    info = json.loads(json_path.read_text())
+    assert info["format"] == nb.FORMAT_VERSION
+    info["format"] = nb.FORMAT_VERSION + 1
+    json_path.write_text(json.dumps(info))
+    with pytest.raises(DataError, match="table format"):
+        load_neighbors(bank)
+    build_neighbors(cfg)  # not "other settings": a table of another format is rebuilt
+    assert json.loads(json_path.read_text())["format"] == nb.FORMAT_VERSION
+    assert load_neighbors(bank).k == 2
 
 
 def test_pick_top1_and_topk(tmp_path):

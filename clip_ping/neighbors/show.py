@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from .config import option
-from .errors import ConfigError, DataError
+from ..config import option
+from ..errors import ConfigError, DataError
+from .table import load_neighbors
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def show_neighbors(cfg: ShowConfig) -> dict[str, Any]:
     cfg.validate()
     data = Path(cfg.data)
     if data.is_dir():
-        from .data.pairs import split_file
+        from ..data.pairs import split_file
 
         csv_path = split_file(data, "train")
         default_banks = data / "banks"
@@ -120,8 +121,7 @@ def write_neighbor_page(data_csv: str | Path, bank_dir: str | Path, out_html: st
     ``embed=True`` inlines JPEG thumbnails (base64); ``embed=False`` links the image files
     by paths relative to the page.
     """
-    from .data.pairs import read_pairs
-    from .neighbors import load_neighbors
+    from ..data.pairs import read_pairs
 
     table = read_pairs(data_csv)
     bank_dir = Path(bank_dir)
@@ -191,7 +191,7 @@ def write_neighbor_page(data_csv: str | Path, bank_dir: str | Path, out_html: st
 
 def _thumbnail(path: str, size: int) -> str:
     """A base64 JPEG data URL of the image scaled to fit size x size ('' if unreadable)."""
-    from .data.pairs import load_image
+    from ..data.pairs import load_image
 
     try:
         im = load_image(path)
