@@ -156,3 +156,46 @@ def test_methods_profile_resolves_to_valid_runs_of_every_method(quality, tmp_pat
            "recommendation": quality.recommend(quality.aggregate(results, prof["settings"]), prof),
            "cost": {"stages": {}, "training": {}}, "wall_seconds": 1.0}
     assert "Δ vs CLIP-PING defaults (val)" in quality.markdown(doc)
+
+
+def _doc(quality, seeds, boosts, date="2026-01-01T00:00:00+00:00"):
+    """A quality.py result document with made-up evaluations for ``seeds`` of the quick profile."""
+    prof = quality.resolve_profile("quick", "openclipart", seeds=seeds)
+    results = []
+    for seed in seeds:
+        for setting in prof["settings"]:
+            ev_test, ev_val = _fake_eval(seed, boosts[setting][seed])
+            results.append({"setting": setting, "seed": seed, "config": {**prof["train"], "seed": seed,
+                                                                         "data": f"/work/{date}/data"},
+                            "metrics": quality.run_metrics(ev_test, ev_val), "samples_per_s": 60.0,
+                            "timing": {"train_seconds": 100.0, "train_cpu_seconds": 150.0, "train_steps_timed": 50}})
+    return {"date": date, "commands": [f"python benchmarks/quality.py --seeds {seeds}"], "profile": prof,
+            "n_train": 6371, "epochs_equivalent": 8.0, "data_dir": "/work/x", "wall_seconds": 10.0,
+            "machine": {"cpus": 2, "processor": "x", "torch": "2", "load_average_start": [1.0, 2.0, 3.0]},
+            "results": results, "cost": {"stages": {}}, "notes": ["n"]}
+
+
+def test_combine_seeds_from_separate_files(quality):
+    spec = importlib.util.spec_from_file_location("quality_combine", ROOT / "benchmarks" / "quality_combine.py")
+    combine = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(combine)
+    boosts = {"clip": {0: 0.0, 1: 1.0, 2: 0.5}, "clip-ping": {0: 2.0, 1: 1.5, 2: 4.0}}
+    a, b = _doc(quality, [0, 1], boosts), _doc(quality, [2], boosts, date="2026-02-02T00:00:00+00:00")
+    doc = combine.combine([a, b], ["a.json", "b.json"])
+    assert doc["profile"]["seeds"] == [0, 1, 2]
+    # T2I R@1 is 4 + boost + 0.1 seed: paired deltas 2.0, 0.5, 3.5 over the three seeds
+    delta = doc["aggregate"]["test"]["settings"]["clip-ping"]["metrics"]["t2i/R@1"]["delta_vs_clip"]
+    assert delta["n"] == 3 and delta["mean"] == pytest.approx(2.0) and delta["std"] == pytest.approx(1.5)
+    text = quality.markdown(doc)
+    assert "| clip-ping | 3 |" in text and "a.json (seeds [0, 1]" in text and "b.json (seeds [2]" in text
+
+    with pytest.raises(combine.CombineError, match="setting clip seed 0 is in both"):
+        combine.combine([a, _doc(quality, [0], boosts)], ["a.json", "c.json"])
+    other = _doc(quality, [2], boosts)
+    other["profile"]["train"] = {**other["profile"]["train"], "steps": 999}
+    with pytest.raises(combine.CombineError, match="profile key 'train'"):
+        combine.combine([a, other], ["a.json", "d.json"])
+    other = _doc(quality, [2], boosts)
+    other["results"][1]["config"]["lr"] = 0.5
+    with pytest.raises(combine.CombineError, match="setting clip-ping was trained with another config"):
+        combine.combine([a, other], ["a.json", "e.json"])
