@@ -2,9 +2,12 @@
 
 Default: 100,000 x 384 synthetic L2-normalised features with realistic
 structure (a Gaussian mixture of clusters of unequal size and spread, stored as
-float16 like a bank). Prints a summary and writes benchmarks/results/neighbors.json.
+float16 like a bank). FAISS ``IndexFlatIP`` and the fast path run interleaved
+(A, B, A, B, ...) for ``--repeats`` rounds; medians, spread and the load average
+are reported. Prints a summary and writes benchmarks/results/neighbors.json.
 
-    .venv/bin/python benchmarks/bench_neighbors.py            # ~2-5 minutes on 2 cores
+    .venv/bin/python benchmarks/bench_neighbors.py --repeats 3            # ~10-20 minutes on 2 cores
+    .venv/bin/python benchmarks/bench_neighbors.py --repeats 3 --no-approx --profile
     .venv/bin/python benchmarks/bench_neighbors.py --big      # 1,000,000 x 384, approximate path only
     .venv/bin/python benchmarks/bench_neighbors.py --big --big-queries 0   # ... searching all 1M rows
 
@@ -24,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_facts  # noqa: E402
+from _common import load_average, machine_facts  # noqa: E402
+from _common import stats as summary  # noqa: E402
 
 import numpy as np
 import torch
@@ -147,17 +151,23 @@ def run_default(args: argparse.Namespace) -> dict[str, Any]:
         cpu_faiss, cpu_fast = c1 - c0, cpu_seconds() - c1
         print(f"  run {rep + 1}: FAISS IndexFlatIP {t_faiss:.1f} s ({cpu_faiss:.0f} CPU s), fast {t_fast:.1f} s "
               f"({cpu_fast:.0f} CPU s; uncertified rows re-searched: {stats.get('fast_uncertified_rows')})", flush=True)
-    t_faiss, t_fast = min(faiss_times), min(fast_times)
+    fs, ts = summary(faiss_times), summary(fast_times)
+    ratios = [a / b for a, b in zip(faiss_times, fast_times)]
+    t_faiss, t_fast = fs["median"], ts["median"]
 
     # Exact reference: the FAISS result without each row itself.
     not_self = ff_i != np.arange(n)[:, None]
     order = np.argsort(~not_self, axis=1, kind="stable")[:, : k + 1]
     ex_i, ex_s = np.take_along_axis(ff_i, order, 1), np.take_along_axis(ff_s, order, 1)
     clear = ex_s[:, k - 1] - ex_s[:, k] > 1e-5  # rows without a near-tie at the k-th place
-    res["faiss_flat"] = {"time_s": round(t_faiss, 2), "times_s": [round(t, 2) for t in faiss_times],
+    res["faiss_flat"] = {"time_s": round(t_faiss, 2), "median_s": round(t_faiss, 2), "min_s": round(fs["min"], 2),
+                         "max_s": round(fs["max"], 2), "times_s": [round(t, 2) for t in faiss_times],
                          "cpu_s_last": round(cpu_faiss, 1), "gflops": round(flops / t_faiss / 1e9, 1)}
     res["fast"] = {
-        "time_s": round(t_fast, 2), "times_s": [round(t, 2) for t in fast_times], "cpu_s_last": round(cpu_fast, 1),
+        "time_s": round(t_fast, 2), "median_s": round(t_fast, 2), "min_s": round(ts["min"], 2),
+        "max_s": round(ts["max"], 2), "times_s": [round(t, 2) for t in fast_times], "cpu_s_last": round(cpu_fast, 1),
+        "speedup_per_round": [round(r, 2) for r in ratios],
+        "speedup_median": round(summary(ratios)["median"], 2),
         "gflops": round(flops / t_fast / 1e9, 1),
         "speedup_vs_faiss_flat": round(t_faiss / t_fast, 2),
         "top1_agreement": float((fa_i[:, 0] == ex_i[:, 0]).mean()),
@@ -168,12 +178,18 @@ def run_default(args: argparse.Namespace) -> dict[str, Any]:
         "uncertified_rows": stats.get("fast_uncertified_rows"),
     }
     res["mean_top1_cosine"] = float(ex_s[:, 0].mean())
-    print(f"FAISS IndexFlatIP: {t_faiss:.1f} s ({res['faiss_flat']['gflops']} GFLOP/s)", flush=True)
-    print(f"fast: {t_fast:.1f} s ({res['fast']['gflops']} GFLOP/s) = {res['fast']['speedup_vs_faiss_flat']}x FAISS; "
+    print(f"FAISS IndexFlatIP: median {t_faiss:.1f} s (min {fs['min']:.1f}, max {fs['max']:.1f}; "
+          f"{res['faiss_flat']['gflops']} GFLOP/s)", flush=True)
+    print(f"fast: median {t_fast:.1f} s (min {ts['min']:.1f}, max {ts['max']:.1f}; {res['fast']['gflops']} GFLOP/s) "
+          f"= {res['fast']['speedup_vs_faiss_flat']}x FAISS (per round: {res['fast']['speedup_per_round']}); "
           f"top-1 agreement {res['fast']['top1_agreement']:.5f}, top-{k} sets {res['fast']['topk_set_agreement']:.5f}",
           flush=True)
 
-    for name, kwargs in (("ivf", {"method": "ivf", "nprobe": args.nprobe or None}), ("hnsw", {"method": "hnsw"})):
+    if args.profile:
+        res["fast_profile"] = profile_fast(x, k)
+    approx = () if args.no_approx else (("ivf", {"method": "ivf", "nprobe": args.nprobe or None}),
+                                         ("hnsw", {"method": "hnsw"}))
+    for name, kwargs in approx:
         st: dict[str, Any] = {}
         (ap_i, _), t = timed(lambda: search_neighbors(x, k, stats=st, **kwargs))
         res[name] = {"time_s": round(t, 2), "index_s": st["index_s"], "rows_researched": st["rows_researched"],
@@ -182,8 +198,25 @@ def run_default(args: argparse.Namespace) -> dict[str, Any]:
             res[name].update(nlist=st["nlist"], nprobe=st["nprobe"])
         print(f"{name}: {t:.1f} s (index {st['index_s']:.1f} s), recall@1 {res[name]['recall_at_1']:.4f}, "
               f"recall@{k} {res[name][f'recall_at_{k}']:.4f}", flush=True)
-    res["machine"]["load_avg_end"] = os.getloadavg()
+    res["machine"]["load_avg_end"] = load_average()
+    print(f"load average: start {res['machine']['load_avg_start']}, end {res['machine']['load_avg_end']}", flush=True)
     return res
+
+
+def profile_fast(x: np.ndarray, k: int, top: int = 12) -> list[dict[str, Any]]:
+    """Where the fast path's time goes: torch operators by self CPU time, one run."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        search_neighbors(x, k, method="fast")
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in rows)
+    out = [{"op": e.key, "self_cpu_s": round(e.self_cpu_time_total / 1e6, 2), "share": round(e.self_cpu_time_total / total, 3),
+            "calls": e.count} for e in rows[:top]]
+    print("fast path profile (self CPU time):")
+    for r in out:
+        print(f"  {r['op']:<28} {r['self_cpu_s']:8.2f} s  {100 * r['share']:5.1f} %  {r['calls']} calls")
+    return out
 
 
 def run_big(args: argparse.Namespace) -> dict[str, Any]:
@@ -228,7 +261,9 @@ def main() -> None:
     parser.add_argument("--d", type=int, default=384)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=1, help="interleaved FAISS/fast runs (best is reported)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved FAISS/fast rounds (median and spread)")
+    parser.add_argument("--no-approx", action="store_true", help="skip IVF and HNSW in the default run")
+    parser.add_argument("--profile", action="store_true", help="profile one fast run (torch operators)")
     parser.add_argument("--nprobe", type=int, default=0, help="IVF lists probed (0: automatic)")
     parser.add_argument("--big", action="store_true", help="1,000,000 rows, approximate (IVF) path only")
     parser.add_argument("--big-n", type=int, default=1_000_000)

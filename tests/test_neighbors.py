@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from clip_ping import neighbors as nb
-from clip_ping.neighbors import search as nb_search
+from clip_ping.neighbors import tiled as nb_tiled
 from clip_ping.errors import ConfigError, DataError
 from clip_ping.neighbors import (
     NeighborQueue,
@@ -114,8 +114,8 @@ def test_fast_matches_exact_on_clustered_data():
 
 def test_fast_certification_falls_back_to_exact(monkeypatch):
     """No margin and tiny score tiles: many rows are uncertified or chunked, the result stays exact."""
-    monkeypatch.setattr(nb_search, "FAST_MARGIN", 0)
-    monkeypatch.setattr(nb_search, "FAST_TILE_BYTES", 64 * 1024)
+    monkeypatch.setattr(nb_tiled, "FAST_MARGIN", 0)
+    monkeypatch.setattr(nb_tiled, "FAST_TILE_BYTES", 64 * 1024)
     x = clustered(1500, 32, 3, seed=4)  # few, wide clusters: crowded top scores
     stats: dict = {}
     idx, scores = search_neighbors(x, 5, method="fast", block_size=256, stats=stats)
@@ -123,6 +123,95 @@ def test_fast_certification_falls_back_to_exact(monkeypatch):
     ref_i, ref_s = brute_force(x, 5)
     np.testing.assert_array_equal(idx, ref_i)
     np.testing.assert_allclose(scores, ref_s, atol=1e-5)
+
+
+@pytest.mark.parametrize("exclude", ["self", "groups"])
+def test_fast_equals_brute_force_with_ties_and_duplicate_groups_over_many_tiles(monkeypatch, exclude):
+    """Tiles of 48 rows and a head of 16: the upper-triangle tiles, the threshold path and the
+    column-group path all run; identical rows make exact ties, broken by the lower index."""
+    monkeypatch.setattr(nb_tiled, "FAST_TILE_BYTES", 48 * 48 * 4)
+    monkeypatch.setattr(nb_tiled, "HEAD", 16)
+    x, groups, valid = with_duplicates(700, 12, seed=7)
+    x[200:230] = x[199]  # 31 identical rows: ties far beyond k and the margin
+    x[400:403] = x[300]
+    if exclude == "self":
+        groups = None
+    stats: dict = {}
+    idx, scores = search_neighbors(x, 5, groups=groups, valid=valid, method="fast", stats=stats)
+    ref_i, ref_s = brute_force(x, 5, groups, valid)
+    np.testing.assert_array_equal(idx, ref_i)
+    np.testing.assert_allclose(scores, ref_s, atol=1e-6)
+    if exclude == "groups":  # duplicate groups are masked inside the tiles: nothing is re-searched for them
+        assert stats["rows_researched"] == stats["fast_uncertified_rows"]
+
+
+def test_fast_multiplies_only_the_upper_triangle_of_tiles(monkeypatch):
+    calls = []
+    product = nb_tiled._product
+    monkeypatch.setattr(nb_tiled, "_product", lambda a, b: calls.append((len(a), len(b))) or product(a, b))
+    monkeypatch.setattr(nb_tiled, "FAST_TILE_BYTES", 100 * 100 * 4)
+    x = clustered(1000, 16, 10, seed=8)  # 10 blocks of 100 rows
+    idx, _ = search_neighbors(x, 3, method="fast")
+    assert len(calls) == 10 * 11 // 2 and sum(a * b for a, b in calls) == (1000 * 1000 + 10 * 100 * 100) // 2
+    np.testing.assert_array_equal(idx, brute_force(x, 3)[0])
+
+
+_KILL_SCRIPT = """
+import os, sys
+import numpy as np
+from clip_ping.neighbors import fast, search_neighbors, tiled
+tiled.FAST_TILE_BYTES = 64 * 64 * 4
+saved = []
+def hook(b):
+    saved.append(b)
+    if len(saved) == 3:
+        os.kill(os.getpid(), 9)  # kill -9 in the middle of the search
+fast._block_saved = hook
+x = np.load(sys.argv[1], mmap_mode="r")
+search_neighbors(x, 4, method="fast", resume_dir=sys.argv[2])
+"""
+
+
+def test_fast_search_killed_and_resumed_is_byte_identical(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    x = clustered(640, 16, 6, seed=9).astype(np.float16)  # 10 blocks of 64 rows
+    np.save(tmp_path / "x.npy", x)
+    script = tmp_path / "kill.py"
+    script.write_text(_KILL_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "x.npy"), str(tmp_path / "resume")],
+                          env={**__import__("os").environ, "PYTHONPATH": str(Path(nb.__file__).parents[2])})
+    assert proc.returncode == -9
+    assert len(list((tmp_path / "resume").glob("block-*.npz"))) == 3
+    monkeypatch.setattr(nb_tiled, "FAST_TILE_BYTES", 64 * 64 * 4)
+    stats: dict = {}
+    resumed = search_neighbors(np.load(tmp_path / "x.npy", mmap_mode="r"), 4, method="fast",
+                               resume_dir=tmp_path / "resume", stats=stats)
+    assert stats["blocks_resumed"] == 3
+    fresh = search_neighbors(x, 4, method="fast")
+    assert resumed[0].tobytes() == fresh[0].tobytes() and resumed[1].tobytes() == fresh[1].tobytes()
+    np.testing.assert_array_equal(fresh[0], brute_force(x.astype(np.float32), 4)[0])
+    # other data in the same folder: the old blocks are not reused
+    stats = {}
+    other = search_neighbors(x[::-1].copy(), 4, method="fast", resume_dir=tmp_path / "resume", stats=stats)
+    assert stats["blocks_resumed"] == 0
+    np.testing.assert_array_equal(other[0], brute_force(x[::-1].astype(np.float32), 4)[0])
+
+
+def test_fast_search_streams_the_bank_instead_of_copying_it(monkeypatch):
+    """The fast path reads tiles from the memmap: it never builds the whole float32 matrix."""
+    from clip_ping.neighbors import search as nb_search
+
+    monkeypatch.setattr(nb_tiled, "FAST_TILE_BYTES", 100 * 100 * 4)
+    monkeypatch.setattr(nb_search._Problem, "x", property(lambda self: pytest.fail("whole bank copied")))
+    x = clustered(500, 8, 5, seed=10)
+    valid = np.ones(500, dtype=bool)
+    valid[[3, 77]] = False
+    x[3] = np.nan  # an invalid row that did not decode: still gets neighbours, is never one
+    idx, _ = search_neighbors(x.astype(np.float16), 3, valid=valid, method="fast")
+    ref = brute_force(np.nan_to_num(x.astype(np.float16).astype(np.float32)), 3, valid=valid)[0]
+    np.testing.assert_array_equal(idx, ref)
 
 
 def test_ivf_recall_is_high_when_probing_every_list():
@@ -160,6 +249,9 @@ def test_too_few_eligible_rows_is_a_data_error():
 
 def test_auto_method_and_bad_method():
     assert nb.resolve_method("auto", nb.AUTO_EXACT_MAX_ROWS + 1) == "ivf"
+    # a GPU is never left idle for a CPU index: the tiled exact search runs on it at any size
+    assert nb.resolve_method("auto", nb.AUTO_EXACT_MAX_ROWS + 1, device="cuda") == "fast"
+    assert nb.default_nprobe(4000) == 250 and nb.default_nprobe(100) == 32 and nb.default_nprobe(10) == 10
     assert nb.resolve_method("auto", 1000) in ("fast", "exact")
     with pytest.raises(ConfigError):
         nb.resolve_method("brute", 10)
@@ -217,6 +309,16 @@ def test_build_neighbors_writes_tables_that_load_and_match(tmp_path):
         build_neighbors(NeighborsConfig(banks=str(bank), k=3, method="exact", progress=False))
     build_neighbors(NeighborsConfig(banks=str(bank), k=3, method="fast", overwrite=True, progress=False))
     assert load_neighbors(bank).k == 3
+
+
+def test_build_with_fast_equals_exact_and_leaves_no_resume_blocks(tmp_path):
+    bank = make_bank(tmp_path / "bank")
+    build_neighbors(NeighborsConfig(banks=str(bank), k=4, method="fast", progress=False))
+    assert not (bank / ".neighbors").exists()
+    fast = load_neighbors(bank)
+    image = np.load(bank / "image.npy").astype(np.float32)
+    groups = np.stack([np.load(bank / "image_group.npy"), np.load(bank / "text_group.npy")], axis=1)
+    np.testing.assert_array_equal(fast.image, brute_force(image, 4, groups, np.load(bank / "valid.npy"))[0])
 
 
 def test_exclude_same_side_and_self(tmp_path):

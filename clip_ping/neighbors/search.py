@@ -8,15 +8,16 @@ the top-k of each (best first) so that training can draw one of the first
 Search methods (`search_neighbors`)
 -----------------------------------
 ``exact``  FAISS ``IndexFlatIP``, queries in blocks (memory stays bounded).
-``fast``   exact-quality: candidates from a bf16 matrix product (AMX / AVX512-BF16
-           or a GPU), then an fp32 re-rank of a few extra candidates. Each row is
-           *certified*: the k-th re-ranked score must beat every non-candidate
-           even under the worst-case bf16 rounding error; rows that are not
-           certified are recomputed in fp32. So top-k equals the exact result.
-``ivf``    FAISS IVF-Flat (``nlist ~ 4 sqrt(N)``, ``nprobe`` lists searched): approximate.
+``fast``   exact: tiled matrix products over the upper triangle of the self-join
+           (tiled.py; bf16 where it is fast: AMX / AVX512-BF16 / CUDA, else fp32),
+           the bank streamed tile by tile from its memmap; each row's top-k is
+           *certified* against the worst-case error of a tile score, and rows that
+           are not are searched again in float64. So top-k equals the exact result
+           (ties: the lower index first). Resumable per block (fast.py).
+``ivf``    FAISS IVF-Flat (``nlist ~ 4 sqrt(N)``, ``nprobe`` = nlist / 16 lists searched): approximate.
 ``hnsw``   FAISS HNSW graph: approximate.
-``auto``   ``fast`` (or ``exact`` when bf16 is not fast here) up to
-           `AUTO_EXACT_MAX_ROWS` rows, ``ivf`` above.
+``auto``   ``fast`` on a GPU at any size; on a CPU ``fast`` (or ``exact`` when bf16
+           is not fast here) up to `AUTO_EXACT_MAX_ROWS` rows, ``ivf`` above.
 
 Whatever the method, a neighbour is never the row itself, never a row of the
 same duplicate group (identical image bytes / caption), never an invalid row
@@ -30,26 +31,25 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
+from . import tiled
+from .fast import BlockStore, FastSearch
+from .tiled import bf16_matmul_is_fast, exact_topk
 
 log = logging.getLogger(__name__)
 
 METHODS = ("auto", "exact", "fast", "ivf", "hnsw")
+# Rows per chunk when a bank is read or converted in one pass.
+_CHUNK = 65536
 # Above this many searchable rows "auto" switches to IVF. An exact-quality
 # search costs 2 N^2 d flops: 500k x 384 is ~1.9e14, a few minutes with bf16 on
 # two cores, while 1M would take ~4x that; IVF stays within minutes at 1M+.
 AUTO_EXACT_MAX_ROWS = 500_000
-# Budget for one block of bf16 scores in the fast path (queries x database rows).
-FAST_TILE_BYTES = 1 << 30
-# Extra candidates re-ranked in fp32 by the fast path, beyond k + exclusions.
-FAST_MARGIN = 32
-# Score entries per block of the exact fp32 fallback (rows x N floats, plus masks).
-_FALLBACK_ENTRIES = 1 << 26
 
 
 # --------------------------------------------------------------------------- helpers
@@ -60,20 +60,6 @@ def set_faiss_threads() -> None:
     import faiss
 
     faiss.omp_set_num_threads(torch.get_num_threads())
-
-
-def bf16_matmul_is_fast(device: str | torch.device = "cpu") -> bool:
-    """Whether a bf16 matrix product beats fp32 here: CUDA, or a CPU with AMX / AVX512-BF16."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return True
-    if device.type != "cpu":
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags for flag in ("amx_bf16", "avx512_bf16"))
 
 
 def _pick_device(device: str | None) -> torch.device:
@@ -88,6 +74,8 @@ def resolve_method(method: str, n_rows: int, device: str | torch.device = "cpu")
         raise ConfigError(f"unknown neighbour search method {method!r}; one of {', '.join(METHODS)}")
     if method != "auto":
         return method
+    if torch.device(device).type == "cuda":
+        return "fast"  # tiled products on the GPU: exact and faster than a CPU index at any size
     if n_rows > AUTO_EXACT_MAX_ROWS:
         return "ivf"
     return "fast" if bf16_matmul_is_fast(device) else "exact"
@@ -99,8 +87,12 @@ def default_nlist(n_rows: int) -> int:
 
 
 def default_nprobe(nlist: int) -> int:
-    """IVF lists probed per query: 32 (IVF scans ~32 N / nlist rows per query, so cost grows as N^1.5)."""
-    return int(min(nlist, 32))
+    """IVF lists probed per query: nlist / 16, at least 32.
+
+    A fixed nprobe lets recall fall as nlist grows (90.8 % recall@1 at 1M rows with
+    32 of 4,000 lists); a fixed share of the lists keeps it, at a cost that grows as N^2 / 16.
+    """
+    return int(min(nlist, max(32, round(nlist / 16))))
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
@@ -122,21 +114,19 @@ class _Problem:
         if k < 1:
             raise ConfigError(f"k must be at least 1, got {k}")
         self.n, self.k = n, k
-        # Convert in chunks: a float16 memmap becomes float32 without a float64 detour.
-        x = np.empty(features.shape, dtype=np.float32)
-        for start in range(0, n, 65536):
-            x[start:start + 65536] = features[start:start + 65536]
         if valid is None:
             valid = np.ones(n, dtype=bool)
         valid = np.asarray(valid, dtype=bool).reshape(-1)
         if valid.shape != (n,):
             raise DataError(f"valid must hold one flag per row ({n}), got shape {valid.shape}")
-        finite = np.isfinite(x).all(axis=1)
+        # One streamed pass (a float16 memmap is never copied whole here): which rows are finite.
+        finite = np.empty(n, dtype=bool)
+        for start in range(0, n, _CHUNK):
+            finite[start:start + _CHUNK] = np.isfinite(features[start:start + _CHUNK]).all(axis=1)
         if not finite[valid].all():
             bad = int(np.flatnonzero(valid & ~finite)[0])
             raise DataError(f"feature row {bad} holds NaN/inf but is marked valid; re-extract the bank")
-        x[~finite] = 0.0  # invalid rows still get neighbours; their features must not poison the products
-        self.x = torch.from_numpy(x)
+        self.src, self.finite, self._x, self._x_db = features, finite, None, None
 
         # Groups as N x G: a candidate is excluded when any column matches (or it is the row itself).
         if groups is None:
@@ -155,7 +145,7 @@ class _Problem:
                 f"cannot find k={k} neighbours: only {self.n_db} valid rows (a row is never its own neighbour); lower k"
             )
         self.db_rows_t = torch.from_numpy(self.db_rows)
-        self.x_db = self.x[self.db_rows_t] if self.n_db < n else self.x
+        self.all_db = self.n_db == n
 
         # Over-fetch: enough for the row itself plus a few duplicates; rarer, larger
         # groups are handled by re-searching the rows that come up short.
@@ -164,6 +154,43 @@ class _Problem:
             _, counts = np.unique(groups[:, col], return_counts=True)
             extra += int(counts.max()) - 1
         self.fetch = min(self.n_db, k + 1 + min(extra, 16))
+
+    @property
+    def x(self) -> torch.Tensor:
+        """All rows as float32 (FAISS methods need them in RAM; the fast path streams instead)."""
+        if self._x is None:
+            # Convert in chunks: a float16 memmap becomes float32 without a float64 detour.
+            x = np.empty(self.src.shape, dtype=np.float32)
+            for start in range(0, self.n, _CHUNK):
+                x[start:start + _CHUNK] = self.src[start:start + _CHUNK]
+            x[~self.finite] = 0.0  # invalid rows still get neighbours; their features must not poison the products
+            self._x = torch.from_numpy(x)
+        return self._x
+
+    @property
+    def x_db(self) -> torch.Tensor:
+        if self._x_db is None:
+            self._x_db = self.x if self.all_db else self.x[self.db_rows_t]
+        return self._x_db
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """float32 features of sample rows (read from the source unless already in RAM)."""
+        if self._x is not None:
+            return self._x[idx]
+        flat = idx.reshape(-1).numpy()
+        if len(flat) == 0:
+            return torch.empty(*idx.shape, self.src.shape[1])
+        order = np.argsort(flat, kind="stable")  # sorted reads from a memmap
+        out = np.empty((len(flat), self.src.shape[1]), dtype=np.float32)
+        out[order] = self.src[flat[order]]
+        out[~self.finite[flat]] = 0.0
+        return torch.from_numpy(out).reshape(*idx.shape, -1)
+
+    def db_slice(self, start: int, stop: int) -> torch.Tensor:
+        """Database rows start:stop as float32 (a tile; contiguous reads when every row is valid)."""
+        if self._x is None and self.all_db:
+            return torch.from_numpy(np.asarray(self.src[start:stop], dtype=np.float32))
+        return self.rows(self.db_rows_t[start:stop])
 
     def keep_first_k(self, rows: torch.Tensor, cand: torch.Tensor, scores: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -184,32 +211,31 @@ class _Problem:
         return idx, sc, short
 
     def exact_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact fp32 top-k of the given rows with all exclusions applied (the fallback).
+        """Exact (float64) top-k of the given rows with all exclusions applied (the fallback).
 
-        Each block is rows x N_db scores with excluded entries masked, so it always
-        finds k neighbours when k exist, and says so when they do not.
+        Streams the database in tiles, 1,024 query rows at a time whatever N, so it
+        always finds k neighbours when k exist, and says so when they do not.
         """
         out_i = torch.empty(len(rows), self.k, dtype=torch.int64)
         out_s = torch.empty(len(rows), self.k, dtype=torch.float32)
+        local = torch.full((self.n,), -1, dtype=torch.int64)
+        local[self.db_rows_t] = torch.arange(self.n_db)
         db_groups = self.groups[self.db_rows_t]
-        step = max(1, min(1024, _FALLBACK_ENTRIES // self.n_db))
-        for start in range(0, len(rows), step):
-            r = rows[start:start + step]
-            s = self.x[r] @ self.x_db.T
-            excluded = (db_groups[None, :, :] == self.groups[r][:, None, :]).any(dim=2)
-            excluded |= self.db_rows_t[None, :] == r[:, None]
-            s.masked_fill_(excluded, float("-inf"))
-            top_s, top_j = s.topk(self.k, dim=1)
+        tile = tiled.tile_rows(self.n_db)
+        for start in range(0, len(rows), 1024):
+            r = rows[start:start + 1024]
+            top_s, top_j = exact_topk(self.rows(r), self.groups[r], local[r], self.db_slice, db_groups,
+                                      self.n_db, self.k, tile)
             lacking = torch.isinf(top_s[:, -1]).nonzero().flatten()
             if len(lacking):
-                first = int(lacking[0])
-                bad, eligible = int(r[first]), int((~excluded[first]).sum())
+                bad = int(r[int(lacking[0])])
+                eligible = int(torch.isfinite(top_s[int(lacking[0])]).sum())
                 raise DataError(
                     f"row {bad} has only {eligible} eligible neighbours (valid rows outside its duplicate group), "
                     f"fewer than k={self.k}; lower k or exclude fewer duplicates"
                 )
             out_i[start:start + len(r)] = self.db_rows_t[top_j]
-            out_s[start:start + len(r)] = top_s
+            out_s[start:start + len(r)] = top_s.float()
         return out_i, out_s
 
 
@@ -264,63 +290,6 @@ def _search_index(prob: _Problem, rows: torch.Tensor, state: dict) -> tuple[torc
     return _to_samples(prob, local), torch.from_numpy(scores)
 
 
-class _FastSearch:
-    """bf16 candidates + certified fp32 re-rank (see the module docstring)."""
-
-    def __init__(self, prob: _Problem, device: torch.device, margin: int | None = None) -> None:
-        self.prob, self.device = prob, device
-        margin = FAST_MARGIN if margin is None else margin
-        x_db = prob.x_db.to(device)
-        self.db_bf16 = x_db.to(torch.bfloat16)
-        self.db_f32 = x_db
-        self.n_cand = min(prob.n_db, prob.fetch + margin)
-        # Worst-case error of a bf16 score against fp32 (module docstring). With q = qb + qr
-        # and x = xb + xr (bf16 part + rest): q.x - qb.xb = qr.x + qb.xr, bounded per query by
-        # |qr| max|x| + |qb| max|xr|; plus fp32 accumulation and the rounding of the bf16 output.
-        resid = (x_db - self.db_bf16.float()).norm(dim=1)
-        self.db_norm_max = float(x_db.norm(dim=1).max())
-        self.db_resid_max = float(resid.max())
-        self.db_bf16_norm_max = float(self.db_bf16.float().norm(dim=1).max())
-        self.d = x_db.shape[1]
-        self.uncertified = 0
-
-    def __call__(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        prob, dev = self.prob, self.device
-        q = prob.x[rows].to(dev)
-        qb = q.to(torch.bfloat16)
-        # Candidates: top n_cand by bf16 score, over database chunks that fit the tile budget.
-        chunk = max(self.n_cand, FAST_TILE_BYTES // (2 * len(rows)))
-        cand_s, cand_j = [], []
-        for start in range(0, prob.n_db, chunk):
-            s = qb @ self.db_bf16[start:start + chunk].T
-            top_s, top_j = s.topk(min(self.n_cand, s.shape[1]), dim=1)
-            cand_s.append(top_s)
-            cand_j.append(top_j + start)
-        top_s, top_j = torch.cat(cand_s, 1), torch.cat(cand_j, 1)
-        if len(cand_s) > 1:
-            top_s, pos = top_s.topk(self.n_cand, dim=1)
-            top_j = torch.gather(top_j, 1, pos)
-        # Exact fp32 scores of the candidates, sorted best first.
-        exact = torch.einsum("bd,bcd->bc", q, self.db_f32[top_j])
-        exact, order = exact.sort(dim=1, descending=True)
-        cand = prob.db_rows_t[torch.gather(top_j, 1, order).cpu()]
-        idx, sc, short = prob.keep_first_k(rows, cand, exact.cpu())
-
-        # Certification: any non-candidate has bf16 score <= last, so its exact score is
-        # below last + err. Rows whose k-th score does not clear that are not trusted.
-        if self.n_cand < prob.n_db:
-            last = top_s[:, -1].float().cpu()
-            qr = (q - qb.float()).norm(dim=1).cpu()
-            qb_norm = qb.float().norm(dim=1).cpu()
-            err = (qr * self.db_norm_max + qb_norm * self.db_resid_max
-                   + self.d * 2.0**-23 * qb_norm * self.db_bf16_norm_max  # fp32 accumulation
-                   + 2.0**-8 * (last.abs() + 1e-3))  # rounding of the bf16 output (relative 2^-8)
-            uncertain = sc[:, -1] < last + err
-            self.uncertified += int((uncertain & ~short).sum())
-            short |= uncertain
-        return idx, sc, short
-
-
 def search_neighbors(
     features: np.ndarray,
     k: int,
@@ -335,6 +304,8 @@ def search_neighbors(
     desc: str = "neighbours",
     stats: dict[str, Any] | None = None,
     query_rows: np.ndarray | None = None,
+    resume_dir: str | Path | None = None,
+    resume_key: str = "",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k inner-product neighbours of every row among the other rows.
 
@@ -345,6 +316,9 @@ def search_neighbors(
     scores float32 N x k)``, best first. ``stats`` (optional) receives the method
     used and counts of re-searched rows. ``query_rows`` searches only those rows
     (the result then has one row per query row; e.g. to measure recall on a sample).
+    ``resume_dir`` (fast method, whole self-join): finished blocks are kept there, each
+    written atomically, and a search killed at any point resumes from them; ``resume_key``
+    names what the blocks belong to (e.g. the bank's fingerprint and the settings).
     """
     if block_size < 1:
         raise ConfigError(f"block_size must be at least 1, got {block_size}")
@@ -357,10 +331,8 @@ def search_neighbors(
     fast = None
     state: dict[str, Any] = {"ef_search": ef_search}
     if chosen == "fast":
-        fast = _FastSearch(prob, dev)
-        # keep the bf16 score tile near FAST_TILE_BYTES: fewer query rows when N is large
-        block_size = max(64, min(block_size, FAST_TILE_BYTES // (2 * max(prob.n_db, 1))))
-        search: Callable = fast
+        fast = FastSearch(prob, dev)
+        search: Callable = fast.rows
     elif chosen == "exact":
         search = lambda rows: prob.keep_first_k(rows, *_search_exact(prob, rows, state))  # noqa: E731
     else:
@@ -371,21 +343,30 @@ def search_neighbors(
     queries = torch.arange(prob.n) if query_rows is None else torch.from_numpy(np.asarray(query_rows, dtype=np.int64))
     if len(queries) and (int(queries.min()) < 0 or int(queries.max()) >= prob.n):
         raise DataError(f"query_rows must lie in [0, {prob.n})")
+
+    def blocks() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(positions in queries, indices, scores, short) block by block."""
+        if fast is not None and query_rows is None:  # the whole self-join: symmetric tiles
+            store = None if resume_dir is None else BlockStore(Path(resume_dir), fast.spec(resume_key))
+            yield from fast.all_rows(store)
+            return
+        for start in range(0, len(queries), block_size):
+            rows = queries[start:start + block_size]
+            yield torch.arange(start, start + len(rows)), *search(rows)
+
     out_i = np.empty((len(queries), k), dtype=np.int64)
     out_s = np.empty((len(queries), k), dtype=np.float32)
     redo: list[torch.Tensor] = []  # positions (in queries) of rows to search again
     with _progress(len(queries), desc, progress) as bar:
-        for start in range(0, len(queries), block_size):
-            rows = queries[start:start + block_size]
-            idx, sc, short = search(rows)
-            out_i[start:start + len(rows)] = idx.numpy()
-            out_s[start:start + len(rows)] = sc.numpy()
+        for pos, idx, sc, short in blocks():
+            out_i[pos.numpy()] = idx.numpy()
+            out_s[pos.numpy()] = sc.numpy()
             if short.any():
-                redo.append(start + torch.nonzero(short).flatten())
-            bar.update(len(rows))
+                redo.append(pos[short])
+            bar.update(len(pos))
 
     # Rows that came up short (large duplicate groups, uncertified fast rows, an
-    # approximate index that missed): exact fp32 search with the exclusions masked.
+    # approximate index that missed): exact float64 search with the exclusions masked.
     n_redo = 0
     if redo:
         pos = torch.cat(redo)
@@ -396,11 +377,12 @@ def search_neighbors(
     if stats is not None:
         stats.update({
             "method": chosen, "rows": prob.n, "queries": len(queries), "database_rows": prob.n_db, "fetch": prob.fetch,
-            "rows_researched": n_redo, "index_s": round(t_index, 3),
+            "rows_researched": n_redo + (fast.researched if fast is not None else 0), "index_s": round(t_index, 3),
             "search_s": round(time.perf_counter() - t0, 3),
         })
         if fast is not None:
             stats["fast_uncertified_rows"] = fast.uncertified
+            stats["blocks_resumed"] = fast.resumed
         if "index" in state and hasattr(state["index"], "nprobe"):
             stats["nlist"], stats["nprobe"] = int(state["index"].nlist), int(state["index"].nprobe)
     return out_i, out_s

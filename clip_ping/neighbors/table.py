@@ -3,7 +3,8 @@
 Files (in the bank folder, see DEVELOPERS.md): ``neighbors_image.npy`` and
 ``neighbors_text.npy`` (int64 N x k), ``neighbors_image_scores.npy`` and
 ``neighbors_text_scores.npy`` (float32 N x k), ``neighbors.json`` (written last;
-its ``format`` is checked on read).
+its ``format`` is checked on read). While a build runs, ``.neighbors/<side>/`` keeps
+its finished blocks; a killed build resumes from them, and they are removed at the end.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -36,6 +38,8 @@ NEIGHBOR_FILES = {
     "text_scores": "neighbors_text_scores.npy",
 }
 NEIGHBORS_JSON = "neighbors.json"
+# Finished search blocks while a build runs (fast method): a killed build resumes from them.
+RESUME_DIR = ".neighbors"
 
 
 # --------------------------------------------------------------------------- stage: build tables
@@ -48,13 +52,15 @@ class NeighborsConfig:
     banks: str = option("", "feature bank folder written by clip-ping extract (neighbour files are written into it)")
     k: int = option(10, "neighbours kept per sample, best first")
     method: str = option(
-        "auto", f"search method: exact (FAISS), fast (bf16 + exact re-rank), ivf, hnsw (approximate); "
-        f"auto = fast/exact up to {AUTO_EXACT_MAX_ROWS:,} rows, ivf above", choices=METHODS)
+        "auto", f"search method: exact (FAISS), fast (tiled, exact, resumable; bf16 + exact re-rank where bf16 is "
+        f"fast), ivf, hnsw (approximate); auto = fast on a GPU, else fast/exact up to {AUTO_EXACT_MAX_ROWS:,} rows "
+        "and ivf above", choices=METHODS)
     exclude: str = option(
         "both", "duplicates that are never neighbours: both (same image bytes or same caption), "
         "same_side (same image for image-side, same caption for text-side), self (only the sample itself)",
         choices=("both", "same_side", "self"))
-    nprobe: int = option(0, "IVF lists searched per query (0: automatic, 32); more is slower and more exact")
+    nprobe: int = option(0, "IVF lists searched per query (0: automatic, nlist/16 and at least 32); more is slower "
+                         "and more exact")
     block_size: int = option(16384, "query rows per search block (bounds memory)")
     device: str = option("auto", "device of the fast method: auto, cpu, cuda")
     overwrite: bool = option(False, "rebuild the neighbour files even when up to date")
@@ -177,7 +183,8 @@ def build_neighbors(cfg: NeighborsConfig) -> Path:
         idx, scores = search_neighbors(
             feats, cfg.k, groups=groups[side], valid=valid, method=method, block_size=cfg.block_size,
             nprobe=cfg.nprobe or None, device=cfg.device, progress=cfg.progress, desc=f"{side}-side neighbours",
-            stats=stats,
+            stats=stats, resume_dir=bank_dir / RESUME_DIR / side,
+            resume_key=json.dumps({"bank": fingerprint, "side": side, **settings}, sort_keys=True),
         )
         timings[f"{side}_s"] = round(time.perf_counter() - t0, 3)
         results[side], results[f"{side}_scores"] = idx, scores
@@ -200,6 +207,7 @@ def build_neighbors(cfg: NeighborsConfig) -> Path:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     atomic_write_json(json_path, info)
+    shutil.rmtree(bank_dir / RESUME_DIR, ignore_errors=True)
     return json_path
 
 

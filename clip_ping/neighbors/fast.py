@@ -1,0 +1,156 @@
+"""The ``fast`` method on a search problem: tiled candidates, certified top-k, resumable blocks.
+
+`tiled.TiledCandidates` gives every row its candidates from the upper-triangle
+tiles; `FastSearch.finish` turns them into the exact top-k (certified, or marked
+for an exact re-search). Finished blocks can be kept on disk (`BlockStore`), one
+atomic file per block, so a killed search resumes where it stopped and gives the
+same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from ..io import atomic_write, atomic_write_json
+from . import tiled
+from .tiled import TiledCandidates, exact_scores
+
+BLOCK_FORMAT = 1
+_BLOCK = re.compile(r"^block-(\d{6})\.npz$")
+
+
+class BlockStore:
+    """Finished blocks of one search in a folder: ``spec.json`` and ``block-NNNNNN.npz`` (indices, scores).
+
+    Blocks of another search (another spec) are removed when the store opens.
+    """
+
+    def __init__(self, folder: Path, spec: dict[str, Any]) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        spec_path = folder / "spec.json"
+        try:
+            old = json.loads(spec_path.read_text()) if spec_path.is_file() else None
+        except json.JSONDecodeError:
+            old = None
+        if old != spec:
+            for f in folder.iterdir():
+                if _BLOCK.match(f.name):
+                    f.unlink()
+            atomic_write_json(spec_path, spec)
+
+    def done(self) -> set[int]:
+        return {int(m.group(1)) for f in self.folder.iterdir() if (m := _BLOCK.match(f.name))}
+
+    def load(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with np.load(self.folder / f"block-{b:06d}.npz") as z:
+            return torch.from_numpy(z["idx"]), torch.from_numpy(z["scores"])
+
+    def save(self, b: int, idx: torch.Tensor, scores: torch.Tensor) -> None:
+        atomic_write(self.folder / f"block-{b:06d}.npz",
+                     lambda f: np.savez(f, idx=idx.numpy(), scores=scores.numpy()))
+        _block_saved(b)
+
+
+def _block_saved(b: int) -> None:
+    """Called after each block is on disk (a hook for the kill-and-resume test)."""
+
+
+class FastSearch:
+    """The certified tiled search on a search problem (search._Problem): candidates, re-rank, certification."""
+
+    def __init__(self, prob: Any, device: torch.device) -> None:
+        self.prob, self.device = prob, device
+        self.groups_db = prob.groups[prob.db_rows_t].to(device)
+        self.engine = TiledCandidates(lambda a, b: prob.db_slice(a, b).to(device), prob.n_db, prob.src.shape[1],
+                                      self.groups_db, prob.k + tiled.FAST_MARGIN, device)
+        self.local = torch.full((prob.n,), -1, dtype=torch.int64)
+        self.local[prob.db_rows_t] = torch.arange(prob.n_db)
+        self.uncertified = 0  # rows whose candidates could not be certified (searched again)
+        self.researched = 0  # rows searched again exactly inside the blocks
+        self.resumed = 0  # blocks read back from a previous run
+
+    def finish(self, rows: torch.Tensor, cand_v: torch.Tensor, cand_j: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-k of sample rows from their candidates: (indices, scores, rows not certified).
+
+        A tile score is within ``err`` of the exact score. When the first k+1 candidates are
+        more than 2 err apart, the tile order is the exact order. Other rows (near-ties, and
+        every row of a bf16 search) are re-scored in float64 and ordered by (score, lower
+        index); they are certified when the k-th exact score beats the c-th tile score + err.
+        """
+        prob, k = self.prob, self.prob.k
+        cand_v, cand_j = cand_v.cpu(), cand_j.cpu()
+        q = prob.rows(rows)
+        exists = torch.isfinite(cand_v)
+        samples = torch.where(exists, prob.db_rows_t[cand_j.clamp(min=0)], prob.n)
+        last = cand_v[:, -1]
+        err = self.engine.error_bound(q, last)
+        nxt = cand_v[:, k] if cand_v.shape[1] > k else torch.full_like(last, float("-inf"))
+        gaps = torch.cat([cand_v[:, :k], nxt[:, None]], 1).diff(dim=1).neg()  # >= 0, best first
+        clear = (gaps > 2 * err[:, None]).all(dim=1) & exists[:, :k].all(dim=1)
+        top_i, top_s = samples[:, :k].clone(), cand_v[:, :k].clone()
+        short = torch.zeros(len(rows), dtype=torch.bool)
+        redo = (~clear).nonzero().flatten()
+        if len(redo):
+            r = redo
+            exact = exact_scores(q[r], prob.rows(prob.db_rows_t[cand_j[r].clamp(min=0)]))
+            exact.masked_fill_(~exists[r], float("-inf"))
+            ex_s, ex_i = tiled._ordered(exact, samples[r], k)
+            # Every non-candidate's tile score is <= last, so its exact score is <= last + err.
+            certified = torch.isinf(last[r]) | (ex_s[:, -1] > last[r].double() + err[r].double())
+            top_i[r], top_s[r] = ex_i, ex_s.float()
+            short[r] = ~certified | torch.isinf(ex_s[:, -1])  # -inf: fewer than k eligible; the fallback says so
+            self.uncertified += int((~certified).sum())
+        return top_i, top_s, short
+
+    def spec(self, key: str) -> dict[str, Any]:
+        """What finished blocks on disk must match to be reused."""
+        prob, eng = self.prob, self.engine
+        sample = np.asarray(prob.src[:: max(1, prob.n // 64)], dtype=np.float32)
+        digest = hashlib.sha256(sample.tobytes() + prob.groups[:: max(1, prob.n // 64)].numpy().tobytes()
+                                + prob.db_rows.tobytes()).hexdigest()
+        return {"format": BLOCK_FORMAT, "key": key, "n": prob.n, "n_db": prob.n_db, "d": eng.d, "k": prob.k,
+                "c": eng.c, "tile": eng.tile, "dtype": str(eng.dtype), "digest": digest}
+
+    def all_rows(self, store: BlockStore | None = None
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(sample rows, indices, scores, short) for every row: database rows by the self-join, then the rest.
+
+        A database block is final when yielded (its uncertified rows are searched again
+        first), so it can be kept in ``store``; blocks found there are not searched again.
+        """
+        prob = self.prob
+        done = store.done() if store is not None else set()
+        for b in sorted(done):
+            lo, hi = self.engine.span(b)
+            idx, sc = store.load(b)  # type: ignore[union-attr]
+            self.resumed += 1
+            yield prob.db_rows_t[lo:hi], idx, sc, torch.zeros(hi - lo, dtype=torch.bool)
+        for b, v, j in self.engine.self_join(done):
+            lo, hi = self.engine.span(b)
+            rows = prob.db_rows_t[lo:hi]
+            idx, sc, short = self.finish(rows, v, j)
+            if short.any():
+                idx[short], sc[short] = prob.exact_rows(rows[short])
+                self.researched += int(short.sum())
+            if store is not None:
+                store.save(b, idx, sc)
+            yield rows, idx, sc, torch.zeros(len(rows), dtype=torch.bool)
+        others = torch.from_numpy(np.flatnonzero(self.local.numpy() < 0))  # invalid rows: not in the database
+        for start in range(0, len(others), 4096):
+            rows = others[start:start + 4096]
+            yield rows, *self.rows(rows)
+
+    def rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Any sample rows against the database (no symmetry)."""
+        dev = self.device
+        v, j = self.engine.queries(self.prob.rows(rows).to(dev), self.prob.groups[rows].to(dev), self.local[rows].to(dev))
+        return self.finish(rows, v, j)
