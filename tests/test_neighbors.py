@@ -199,6 +199,47 @@ def test_fast_search_killed_and_resumed_is_byte_identical(tmp_path, monkeypatch)
     np.testing.assert_array_equal(other[0], brute_force(x[::-1].astype(np.float32), 4)[0])
 
 
+_TWO_PROCESS_SCRIPT = """
+import sys
+import numpy as np
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def run(rank, folder):
+    from clip_ping.neighbors import search_neighbors, tiled
+    tiled.FAST_TILE_BYTES = 64 * 64 * 4
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2)
+    z = np.load(f"{folder}/data.npz")
+    idx, scores = search_neighbors(z["x"], 4, groups=z["groups"], valid=z["valid"], method="fast")
+    np.savez(f"{folder}/rank{rank}.npz", idx=idx, scores=scores)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    mp.spawn(run, args=(sys.argv[1],), nprocs=2)
+"""
+
+
+def test_two_process_gloo_search_equals_one_process_byte_for_byte(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    x, groups, valid = with_duplicates(600, 12, seed=11)  # 10 blocks of 64 rows: both processes own rows of tiles
+    np.savez(tmp_path / "data.npz", x=x, groups=groups, valid=valid)
+    script = tmp_path / "two.py"
+    script.write_text(_TWO_PROCESS_SCRIPT)
+    subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, timeout=300,
+                   env={**os.environ, "PYTHONPATH": str(Path(nb.__file__).parents[2])})
+    monkeypatch.setattr(nb_tiled, "FAST_TILE_BYTES", 64 * 64 * 4)
+    one_i, one_s = search_neighbors(x, 4, groups=groups, valid=valid, method="fast")
+    for rank in (0, 1):
+        with np.load(tmp_path / f"rank{rank}.npz") as z:
+            assert z["idx"].tobytes() == one_i.tobytes() and z["scores"].tobytes() == one_s.tobytes()
+    np.testing.assert_array_equal(one_i, brute_force(x, 4, groups, valid)[0])
+
+
 def test_fast_search_streams_the_bank_instead_of_copying_it(monkeypatch):
     """The fast path reads tiles from the memmap: it never builds the whole float32 matrix."""
     from clip_ping.neighbors import search as nb_search

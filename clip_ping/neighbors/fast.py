@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from ..distributed import collective_device, rank_and_world
 from ..io import atomic_write, atomic_write_json
 from . import tiled
 from .tiled import TiledCandidates, exact_scores
@@ -57,6 +58,15 @@ class BlockStore:
         atomic_write(self.folder / f"block-{b:06d}.npz",
                      lambda f: np.savez(f, idx=idx.numpy(), scores=scores.numpy()))
         _block_saved(b)
+
+
+def gather_list(x: torch.Tensor) -> list[torch.Tensor]:
+    """``x`` of every process, in rank order (on the device of ``x``)."""
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(x, device=collective_device()) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.to(collective_device()).contiguous())
+    return [p.to(x.device) for p in parts]
 
 
 def _block_saved(b: int) -> None:
@@ -128,6 +138,10 @@ class FastSearch:
         first), so it can be kept in ``store``; blocks found there are not searched again.
         """
         prob = self.prob
+        rank, world = rank_and_world()
+        if world > 1:  # torchrun: each process multiplies every K-th row block's tiles, then all merge
+            yield from self._distributed(rank, world)
+            return
         done = store.done() if store is not None else set()
         for b in sorted(done):
             lo, hi = self.engine.span(b)
@@ -144,10 +158,26 @@ class FastSearch:
             if store is not None:
                 store.save(b, idx, sc)
             yield rows, idx, sc, torch.zeros(len(rows), dtype=torch.bool)
+        yield from self._others()
+
+    def _others(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         others = torch.from_numpy(np.flatnonzero(self.local.numpy() < 0))  # invalid rows: not in the database
         for start in range(0, len(others), 4096):
             rows = others[start:start + 4096]
             yield rows, *self.rows(rows)
+
+    def _distributed(self, rank: int, world: int
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Block b's row of tiles on process b mod K; the partial candidates are gathered and every
+        process finishes the same merged candidates, so every process returns the same table."""
+        eng, prob = self.engine, self.prob
+        v, j = eng.partial_join(lambda b: b % world == rank)
+        v, j = eng.merge_partials(gather_list(v), gather_list(j))
+        for b in range(eng.n_blocks):
+            lo, hi = eng.span(b)
+            rows = prob.db_rows_t[lo:hi]
+            yield rows, *self.finish(rows, v[lo:hi], j[lo:hi])
+        yield from self._others()
 
     def rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Any sample rows against the database (no symmetry)."""

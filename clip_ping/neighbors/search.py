@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from ..distributed import rank_and_world
 from ..errors import ConfigError, DataError
 from . import tiled
 from .fast import BlockStore, FastSearch
@@ -347,7 +348,9 @@ def search_neighbors(
     def blocks() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(positions in queries, indices, scores, short) block by block."""
         if fast is not None and query_rows is None:  # the whole self-join: symmetric tiles
-            store = None if resume_dir is None else BlockStore(Path(resume_dir), fast.spec(resume_key))
+            # under torchrun each process holds partial candidates until the merge: no blocks to keep
+            keep = resume_dir is not None and rank_and_world()[1] == 1
+            store = BlockStore(Path(resume_dir), fast.spec(resume_key)) if keep else None  # type: ignore[arg-type]
             yield from fast.all_rows(store)
             return
         for start in range(0, len(queries), block_size):

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..config import option
+from ..distributed import init_from_env
 from ..errors import ConfigError, DataError
 from ..io import atomic_save_npy, atomic_write_json
 from .search import AUTO_EXACT_MAX_ROWS, METHODS, _pick_device, resolve_method, search_neighbors
@@ -128,6 +129,7 @@ def build_neighbors(cfg: NeighborsConfig) -> Path:
     method and exclusions) is kept unless ``overwrite``.
     """
     cfg.validate()
+    rank, world = init_from_env()  # under torchrun the fast search spreads over the processes
     bank_dir = Path(cfg.banks)
     if not bank_dir.is_dir():
         raise DataError(f"bank folder not found: {bank_dir}")
@@ -191,6 +193,8 @@ def build_neighbors(cfg: NeighborsConfig) -> Path:
         details[side] = stats
         log.info("%s-side neighbours: %d rows, k=%d, %s, %.1f s", side, n, cfg.k, method, timings[f"{side}_s"])
 
+    if rank != 0:  # every process holds the same table; the first one writes it
+        return json_path
     # neighbors.json goes first (removed) and last (written): arrays without it are never trusted.
     json_path.unlink(missing_ok=True)
     for key, name in NEIGHBOR_FILES.items():

@@ -198,17 +198,11 @@ class TiledCandidates:
         for bi in range(self.n_blocks):
             lo_i, hi_i = self.span(bi)
             xi = self.block(bi).to(self.dtype)
-            gi = self.groups[lo_i:hi_i]
             for bj in range(bi, self.n_blocks):
                 if bi in done and bj in done:
                     continue
                 lo_j, hi_j = self.span(bj)
-                xj = xi if bj == bi else self.block(bj).to(self.dtype)
-                s = _product(xi, xj)
-                if bj == bi:
-                    s.fill_diagonal_(float("-inf"))
-                if self._shares_group(bi, bj):
-                    self._mask(s, gi, self.groups[lo_j:hi_j])
+                s = self._tile(bi, bj, xi)
                 if bi not in done:
                     self._feed(state, lo_i, s, lo_j)
                 if bj != bi and bj not in done:
@@ -216,6 +210,43 @@ class TiledCandidates:
             if bi not in done:
                 yield bi, state[0][lo_i:hi_i].clone(), state[1][lo_i:hi_i].clone()
                 state[0][lo_i:hi_i], state[1][lo_i:hi_i] = float("-inf"), -1  # no longer needed
+
+    def _tile(self, bi: int, bj: int, xi: torch.Tensor) -> torch.Tensor:
+        """Scores of row block bi (``xi``, in the compute dtype) against row block bj, exclusions masked."""
+        s = _product(xi, xi if bj == bi else self.block(bj).to(self.dtype))
+        if bj == bi:
+            s.fill_diagonal_(float("-inf"))  # a row is never its own neighbour
+        if self._shares_group(bi, bj):
+            lo_i, hi_i = self.span(bi)
+            lo_j, hi_j = self.span(bj)
+            self._mask(s, self.groups[lo_i:hi_i], self.groups[lo_j:hi_j])
+        return s
+
+    def partial_join(self, owns: Callable[[int], bool]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Candidates from the tiles of the row blocks this process ``owns`` (all rows, partial).
+
+        With block b owned by process b mod K, the K partial results merged (`merge_partials`)
+        are the candidates of the whole self-join: each tile is computed once, by one process.
+        """
+        state = self._new_state(self.n_db)
+        for bi in range(self.n_blocks):
+            if not owns(bi):
+                continue
+            lo_i, hi_i = self.span(bi)
+            xi = self.block(bi).to(self.dtype)
+            for bj in range(bi, self.n_blocks):
+                lo_j, hi_j = self.span(bj)
+                s = self._tile(bi, bj, xi)
+                self._feed(state, lo_i, s, lo_j)
+                if bj != bi:
+                    self._feed(state, lo_j, s, lo_i, along_rows=True)
+        return state
+
+    def merge_partials(self, values: list[torch.Tensor], indices: list[torch.Tensor]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-c of each row over several partial candidate lists (one per process)."""
+        v, pos = torch.cat(values, 1).topk(self.c, dim=1)
+        return v, torch.cat(indices, 1).gather(1, pos)
 
     def queries(self, q: torch.Tensor, q_groups: torch.Tensor, q_db: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
