@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from ..distributed import rank_and_world
+from ..distributed import rank_and_world, resolve_device
 from ..errors import ConfigError, DataError
 from . import tiled
 from .fast import BlockStore, FastSearch
@@ -64,9 +64,8 @@ def set_faiss_threads() -> None:
 
 
 def _pick_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """This process's device: ``auto`` is ``cuda:LOCAL_RANK`` when CUDA is present (one GPU per torchrun process)."""
+    return resolve_device(device or "auto")
 
 
 def resolve_method(method: str, n_rows: int, device: str | torch.device = "cpu") -> str:

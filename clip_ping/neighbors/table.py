@@ -129,7 +129,7 @@ def build_neighbors(cfg: NeighborsConfig) -> Path:
     method and exclusions) is kept unless ``overwrite``.
     """
     cfg.validate()
-    rank, world = init_from_env()  # under torchrun the fast search spreads over the processes
+    rank, world = init_from_env(_pick_device(cfg.device))  # under torchrun the fast search spreads over the processes
     bank_dir = Path(cfg.banks)
     if not bank_dir.is_dir():
         raise DataError(f"bank folder not found: {bank_dir}")
