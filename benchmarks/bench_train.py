@@ -373,7 +373,7 @@ def vs_open_clip(data: Path, model: str, batch: int, precision: str, epochs: int
                         "precision": precision, "workers": workers, "steps": steps}
                 proc = subprocess.run([sys.executable, me, "--_child-clip-ping", json.dumps(spec)],
                                       capture_output=True, text=True, env=env)
-                line = next((l for l in proc.stdout.splitlines() if l.startswith("CLIPPING_INTERVALS ")), None)
+                line = next((s for s in proc.stdout.splitlines() if s.startswith("CLIPPING_INTERVALS ")), None)
                 if proc.returncode or line is None:
                     raise RuntimeError(f"clip-ping child failed:\n{proc.stderr[-3000:]}")
                 iv = json.loads(line.split(" ", 1)[1])

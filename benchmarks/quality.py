@@ -263,7 +263,6 @@ def _worker_run(p: dict[str, Any]) -> dict[str, Any]:
     timing_path = run_dir / STAGE_TIMINGS
     timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
     cfg = TrainConfig(**p["train"])
-    cfg.validate()
     start = _checkpoint_step(run_dir)
     t0, c0 = time.perf_counter(), _cpu_s()
     summary = train(cfg)
@@ -413,11 +412,16 @@ def check_run_folder(run: dict[str, Any]) -> None:
     if not path.is_file():
         return
     old = yaml.safe_load(path.read_text()) or {}
-    from clip_ping.trainer import TrainConfig
     import dataclasses
 
+    from clip_ping.objectives import OBJECTIVES
+    from clip_ping.trainer import TrainConfig
+
     want = dataclasses.asdict(TrainConfig(**run["train"]))
-    diff = {k: (old.get(k), v) for k, v in _comparable(want).items() if k in old and old.get(k) != v}
+    # runs made before the lambdas followed the method recorded 0.5 for methods without NN/XNN terms
+    unused = () if OBJECTIVES[want["method"]].weighs_neighbor_terms else ("lambda_nn", "lambda_xnn")
+    diff = {k: (old.get(k), v) for k, v in _comparable(want).items()
+            if k in old and old.get(k) != v and k not in unused}
     if diff:
         shown = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in sorted(diff.items()))
         raise BenchError(f"{run['run_dir']} was trained with other options ({shown}); "
@@ -733,8 +737,8 @@ def markdown(doc: dict[str, Any]) -> str:
     for name, r in cost["stages"].items():
         lines.append(f"| {name} | {r['seconds']:.1f} | {r.get('cpu_seconds', float('nan')):.1f} | "
                      f"{r['peak_rss_mb']:.0f} / {r.get('peak_rss_children_mb', 0):.0f} |")
-    lines += ["", "| training setting | runs timed | s/step (wall incl. start-up) | CPU s/step | samples/s (logged) | train wall s (mean) | "
-              "train peak RSS MB (process / worker) | eval s (val+test) | eval peak RSS MB |",
+    lines += ["", "| training setting | runs timed | s/step (wall incl. start-up) | CPU s/step | samples/s (logged) | "
+              "train wall s (mean) | train peak RSS MB (process / worker) | eval s (val+test) | eval peak RSS MB |",
               "|---|---|---|---|---|---|---|---|---|"]
     for setting, t in cost["training"].items():
         lines.append(f"| {setting} | {t['runs_timed']} | {_cell(t['s_per_step'])} | {_cell(t['cpu_s_per_step'])} | "

@@ -34,7 +34,6 @@ folder and writes the groups and the manifest.
 from __future__ import annotations
 
 import dataclasses
-
 import hashlib
 import io
 import json

@@ -66,14 +66,6 @@ def _load(spec: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-def _available(command: Command) -> bool:
-    try:
-        _load(command.config)
-        return True
-    except (ImportError, AttributeError):
-        return False
-
-
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -88,8 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
     groups: dict[tuple[str, ...], argparse._SubParsersAction] = {(): subparsers}
     parsers: dict[tuple[str, ...], argparse.ArgumentParser] = {}
     for command in COMMANDS:
-        if not _available(command):
-            continue
         parent = command.path[:-1]
         if parent not in groups:
             parent_parser = parsers.get(parent)

@@ -38,6 +38,17 @@ def option(default: Any, help: str, choices: tuple | None = None, positional: bo
     return dataclasses.field(default=default, metadata=meta, **kwargs)
 
 
+def borrow(cls: type, name: str, default: Any = dataclasses.MISSING) -> Any:
+    """A field with the help, choices and (unless given) default of ``cls``'s field ``name``:
+    a config that passes an option on to another stage declares it without repeating it."""
+    source = {f.name: f for f in dataclasses.fields(cls)}[name]
+    if default is dataclasses.MISSING:
+        if source.default_factory is not dataclasses.MISSING:
+            return dataclasses.field(default_factory=source.default_factory, metadata=source.metadata)
+        default = source.default
+    return dataclasses.field(default=default, metadata=source.metadata)
+
+
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -97,6 +108,22 @@ def _validate_choices(cls: type, obj: Any) -> None:
             raise ConfigError(f"config key '{f.name}': {value!r} is not one of {', '.join(map(str, choices))}")
 
 
+class Config:
+    """Base of every stage's config dataclass: checked whenever one is made.
+
+    Choices and `validate` run in ``__post_init__``, so a config built in code
+    (the demo, benchmarks, tests, ``dataclasses.replace``) is checked like one
+    read from YAML or flags.
+    """
+
+    def __post_init__(self) -> None:
+        _validate_choices(type(self), self)
+        self.validate()
+
+    def validate(self) -> None:
+        """Cross-field checks of a subclass; raise `ConfigError` with one line."""
+
+
 def from_dict(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
     """Build ``cls`` from a mapping, refusing unknown keys with a suggestion."""
     known = {f.name: f for f in dataclasses.fields(cls)}
@@ -110,10 +137,11 @@ def from_dict(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
             raise ConfigError(f"unknown config key '{key}' in {where}{hint}")
         kwargs[name] = _coerce(name, value, hints[name])
     obj = cls(**kwargs)
-    _validate_choices(cls, obj)
-    post = getattr(obj, "validate", None)
-    if callable(post):
-        post()
+    if not isinstance(obj, Config):  # a Config checked itself when made
+        _validate_choices(cls, obj)
+        post = getattr(obj, "validate", None)
+        if callable(post):
+            post()
     return obj
 
 

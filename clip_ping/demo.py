@@ -15,14 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import option
+from .config import Config, borrow, option
+from .objectives import OBJECTIVES
 from .report import NEIGHBOR_PAGE
+from .trainer import TrainConfig
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class DemoConfig:
+class DemoConfig(Config):
     out: str = option("runs/demo", "folder for the data, banks, runs and report")
     n_train: int = option(4000, "training pairs of the built-in data set")
     n_val: int = option(500, "validation pairs")
@@ -30,17 +32,21 @@ class DemoConfig:
     image_size: int = option(64, "image resolution of the built-in data set")
     data_seed: int = option(0, "seed of the built-in data set")
     seeds: list[int] = option([0, 1], "training seeds; every seed trains both methods")
-    model: str = option("ViT-XXS-8-64", "student model")
-    epochs: int = option(6, "training epochs of each run")
-    batch_size: int = option(128, "batch size")
-    lr: float = option(1e-3, "peak learning rate")
-    lambda_nn: float = option(0.5, "CLIP-PING NN weight")
-    lambda_xnn: float = option(0.5, "CLIP-PING XNN weight")
     neighbor_k: int = option(10, "neighbours kept per sample")
-    precision: str = option("bf16", "training precision (bf16 autocast is ~3x faster than fp32 on CPUs with AMX)",
-                            choices=("fp32", "bf16"))
-    workers: int = option(2, "data loader workers")
-    progress: bool = option(True, "progress bars")
+    # passed on to every training run: help and defaults are TrainConfig's, but for the demo's length and
+    # precision (bf16 autocast is ~3x faster than fp32 on CPUs with AMX)
+    model: str = borrow(TrainConfig, "model")
+    epochs: int = borrow(TrainConfig, "epochs", 6)
+    batch_size: int = borrow(TrainConfig, "batch_size")
+    lr: float = borrow(TrainConfig, "lr")
+    lambda_nn: float | None = borrow(TrainConfig, "lambda_nn")
+    lambda_xnn: float | None = borrow(TrainConfig, "lambda_xnn")
+    precision: str = borrow(TrainConfig, "precision", "bf16")
+    workers: int = borrow(TrainConfig, "workers")
+    progress: bool = borrow(TrainConfig, "progress")
+
+
+TRAIN_OPTIONS = ("model", "epochs", "batch_size", "lr", "lambda_nn", "lambda_xnn", "precision", "workers", "progress")
 
 
 def _timed(timings: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
@@ -57,7 +63,7 @@ def run_demo(cfg: DemoConfig) -> None:
     from .evaluation.runner import EvalConfig, evaluate_from_config
     from .neighbors import NeighborsConfig, build_neighbors
     from .report import build_report
-    from .trainer import TrainConfig, train
+    from .trainer import train
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -79,11 +85,10 @@ def run_demo(cfg: DemoConfig) -> None:
             if (run_dir / "eval.json").is_file():
                 log.info("demo: %s already trained and evaluated, skipped", run_dir)
                 continue
+            options = {k: getattr(cfg, k) for k in TRAIN_OPTIONS
+                       if OBJECTIVES[method].weighs_neighbor_terms or not k.startswith("lambda_")}
             train_cfg = TrainConfig(data=str(data_dir), banks=str(bank_dir), out=str(run_dir), method=method,
-                                    model=cfg.model, lambda_nn=cfg.lambda_nn, lambda_xnn=cfg.lambda_xnn,
-                                    epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed,
-                                    precision=cfg.precision, workers=cfg.workers, resume="auto",
-                                    progress=cfg.progress, tensorboard=False)
+                                    seed=seed, resume="auto", tensorboard=False, **options)
             _timed(timings, f"train {method}", lambda: train(train_cfg))
             eval_cfg = EvalConfig(checkpoint=str(run_dir), data=str(data_dir), split="test",
                                   out=str(run_dir / "eval.json"), workers=cfg.workers)

@@ -21,15 +21,15 @@ from typing import Any
 
 import torch
 
-from .config import option
+from .checkpoints import nonfinite_tensors
+from .config import Config, option
 from .errors import ConfigError, DataError
 from .io import atomic_torch_save, atomic_write, atomic_write_json, atomic_write_text
-from .checkpoints import nonfinite_tensors
 from .student import load_checkpoint_file, register_model_configs
 
 
 @dataclass
-class ExportConfig:
+class ExportConfig(Config):
     checkpoint: str = option("runs/train", "checkpoint file, or a run folder (its latest checkpoint)")
     out: str = option("runs/export", "folder to write the open_clip model into")
     overwrite: bool = option(False, "replace an export already in --out instead of refusing")

@@ -61,7 +61,7 @@ def plan_neighbors(cfg: Any) -> dict[str, Any]:
 
 def plan_train(cfg: Any) -> dict[str, Any]:
     from .distributed import resolve_device
-    from .objectives import OBJECTIVES, ObjectiveSetup
+    from .objectives import ObjectiveSetup, build_objective
     from .student import create_student
 
     world = _world()
@@ -76,7 +76,7 @@ def plan_train(cfg: Any) -> dict[str, Any]:
     total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
     model, transform, _, _ = create_student(cfg.model, seed=cfg.seed)
     embed_dim = int(model.text_projection.shape[1]) if hasattr(model, "text_projection") else int(model.visual.output_dim)
-    objective = OBJECTIVES[cfg.method](ObjectiveSetup(cfg, table, embed_dim, torch.device("cpu"), transform))  # opens and checks banks
+    objective = build_objective(ObjectiveSetup(cfg, table, embed_dim, torch.device("cpu"), transform))  # opens and checks banks
     params = sum(p.numel() for p in model.parameters())
     extra = sum(p.numel() for p in objective.parameters())
     flop_per_sample, activation_bytes = student_cost_per_sample(model, cfg.precision)

@@ -37,7 +37,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import yaml
 
-from .config import option
+from .config import Config, option
 from .errors import ConfigError, DataError
 from .report_plots import plot_metric_bars, plot_training_curves
 
@@ -53,7 +53,7 @@ NEIGHBOR_PAGE = "neighbors.html"
 
 
 @dataclass
-class ReportConfig:
+class ReportConfig(Config):
     runs: list[str] = option([], "run folders to compare (each with config.yaml, metrics.jsonl, eval.json)",
                              positional=True)
     out: str = option("runs/report", "folder to write the report into")
@@ -136,7 +136,7 @@ class Setting:
 
 def _setting_config(run: Run) -> dict[str, Any]:
     config = {k: v for k, v in run.config.items() if k not in BOOKKEEPING_KEYS}
-    # Plain CLIP ignores the lambdas; a clip run must not look different because of them.
+    # Runs made before the lambdas followed the method recorded 0.5 for plain CLIP, which has no NN/XNN terms.
     if config.get("method") == "clip":
         config.pop("lambda_nn", None)
         config.pop("lambda_xnn", None)

@@ -70,12 +70,6 @@ class _quiet_random_init_warning(logging.Filter):
         logging.getLogger().removeFilter(self)
 
 
-def count_parameters(model: torch.nn.Module) -> dict[str, int]:
-    visual = sum(p.numel() for p in model.visual.parameters())
-    total = sum(p.numel() for p in model.parameters())
-    return {"image_encoder": visual, "text_encoder_and_scale": total - visual, "total": total}
-
-
 def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():

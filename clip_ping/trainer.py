@@ -17,8 +17,8 @@ import dataclasses
 import json
 import logging
 import math
-import random
 import os
+import random
 import shutil
 import signal
 import time
@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from . import distributed as dist_utils
 from .checkpoints import atomic_write_text, load_checkpoint, nonfinite_tensors, resolve_resume, save_checkpoint
-from .config import option, save_yaml
+from .config import Config, option, save_yaml
 from .data.pairs import PairDataset, collate_pairs
 from .data.table import open_table
 from .errors import ClipPingError, ConfigError
@@ -46,10 +46,11 @@ from .student import create_student
 
 log = logging.getLogger(__name__)
 MAX_LOGIT_SCALE = 100.0  # CLIP's clamp of the learnable logit scale
+DEFAULT_LAMBDA = 0.5  # weight of each of the NN and XNN terms (docs/METHOD.md)
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Config):
     data: str = option("data/synth", "data set folder (train.csv or train.shards.json), a CSV/TSV file or a shard descriptor")
     out: str = option("runs/train", "run folder: config, metrics, checkpoints, evaluation")
     banks: str | None = option(None, "feature bank folder with neighbours (default: <data>/banks)")
@@ -57,10 +58,13 @@ class TrainConfig:
                          "baseline); the peers declip-nns, slip, relational (docs/METHOD.md has one row per method)",
                          choices=tuple(OBJECTIVES))
     model: str = option("ViT-XXS-8-64", "student: an open_clip model name (shipped: ViT-XXS-8-64, ViT-XS-16)")
-    lambda_nn: float = option(0.5, "weight of the NN (intra-modal) terms")
-    lambda_xnn: float = option(0.5, "weight of the XNN (cross-modal) terms")
+    lambda_nn: float | None = option(None, "weight of the NN (intra-modal) terms (none: 0.5 for the methods with "
+                                     "NN/XNN terms, 0 for the others)")
+    lambda_xnn: float | None = option(None, "weight of the XNN (cross-modal) terms (none: 0.5 for the methods with "
+                                      "NN/XNN terms, 0 for the others)")
     neighbor_topk: int = option(1, "use the nearest neighbour (1) or draw one of the k nearest each step")
-    neighbor_source: str = option("dataset", "where neighbours come from: the whole data set (precomputed) or a FIFO queue of recent samples",
+    neighbor_source: str = option("dataset", "where neighbours come from: the whole data set (precomputed) or a FIFO queue "
+                                  "of recent samples",
                                   choices=("dataset", "queue"))
     queue_size: int = option(4096, "FIFO queue length for neighbor_source=queue and for declip-nns")
     teacher_image_size: int | None = option(None, "a-clip-ping: run the online image teacher at this resolution "
@@ -125,6 +129,7 @@ class TrainConfig:
     run_name: str | None = option(None, "the run's name in W&B (default: the run folder's name)")
 
     def validate(self) -> None:
+        self._settle_lambdas()
         parse_log_to(self.log_to)
         if self.batch_size < 2:
             raise ConfigError("config key 'batch_size': contrastive training needs at least 2 samples per batch")
@@ -163,9 +168,19 @@ class TrainConfig:
             return dataclasses.replace(self, out=str(folder))
         return self
 
-    @property
-    def effective_lambdas(self) -> tuple[float, float]:
-        return (0.0, 0.0) if self.method == "clip" else (self.lambda_nn, self.lambda_xnn)
+    def _settle_lambdas(self) -> None:
+        """The lambdas say what the method says: 0.5 by default where it has NN/XNN terms, 0 elsewhere;
+        a weight given to a method without those terms is refused rather than recorded and ignored."""
+        has_terms = OBJECTIVES[self.method].weighs_neighbor_terms
+        for key in ("lambda_nn", "lambda_xnn"):
+            value = getattr(self, key)
+            if value is None:
+                setattr(self, key, DEFAULT_LAMBDA if has_terms else 0.0)
+            elif not has_terms and value != 0:
+                raise ConfigError(f"config key '{key}': --method {self.method} has no NN/XNN terms to weigh "
+                                  f"(drop it, or use --method clip-ping)")
+            elif not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"config key '{key}' must be 0 or more, got {value}")
 
 
 class StudentEncoders(torch.nn.Module):

@@ -10,10 +10,10 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_CONFIG, TINY_MODEL
 from open_clip_train.train import get_clip_metrics
 from PIL import Image
 
-from conftest import TINY_CONFIG, TINY_MODEL
 from clip_ping.errors import ConfigError
 from clip_ping.evaluation import linear_probe, retrieval_metrics, zero_shot_accuracy, zero_shot_classifier
 from clip_ping.evaluation.runner import (

@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_MODEL
 
 from clip_ping.checkpoints import load_checkpoint
 from clip_ping.losses import ClipPingLoss, info_nce
 from clip_ping.trainer import TrainConfig, Trainer
-from conftest import TINY_MODEL
 
 
 @pytest.fixture(autouse=True)

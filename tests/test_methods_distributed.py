@@ -6,10 +6,10 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
-
-from clip_ping.trainer import TrainConfig, Trainer
 from conftest import TINY_CONFIG, TINY_MODEL
 from test_distributed import _free_port
+
+from clip_ping.trainer import TrainConfig, Trainer
 
 SETTINGS = {
     "collisions-positives-xnn-other": dict(collisions="positives", xnn_pairing="other"),

@@ -119,6 +119,7 @@ Trainer(TrainConfig(**{cfg!r})).fit()
 def test_kill_9_mid_run_then_resume_gives_the_weights_of_an_unbroken_run(tiny_banked, tmp_path):
     """CLIP-PING with loader workers preparing neighbour rows: SIGKILL to the whole process group after a
     checkpoint, resume, and every tensor of model and heads equals the uninterrupted run's."""
+    import dataclasses
     import os
     import signal
     import subprocess
@@ -127,8 +128,6 @@ def test_kill_9_mid_run_then_resume_gives_the_weights_of_an_unbroken_run(tiny_ba
     from pathlib import Path
 
     from clip_ping.checkpoints import load_checkpoint
-
-    import dataclasses
 
     repo = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ, PYTHONPATH=repo, OMP_NUM_THREADS="1")  # both runs in the same kind of process

@@ -5,10 +5,9 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import write_random_bank
 
 from clip_ping.cli import main
-
-from conftest import write_random_bank
 
 RECIPES = Path(__file__).resolve().parent.parent / "configs"
 

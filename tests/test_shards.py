@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from clip_ping.data.convert import ConvertConfig, convert, write_shards
 from clip_ping.data.folders import ImageFolderConfig, image_folder_to_csv, read_image_folder
 from clip_ping.data.pairs import PairDataset, collate_pairs, load_image, read_dataset_info, read_pairs
-from clip_ping.data.convert import ConvertConfig, convert, write_shards
 from clip_ping.data.shards import ShardTable, expand_shards, index_shards, open_shards
 from clip_ping.data.stream import ShardStream
 from clip_ping.data.table import open_table
@@ -45,7 +45,8 @@ def csv_data(tmp_path: Path) -> Path:
     lines.append("images/gone.png,a missing file,odd")
     (root / "train.csv").write_text("\n".join(lines) + "\n")
     (root / "val.csv").write_text("filepath,caption,kind\nimages/0.png,val picture,even\nimages/1.png,val two,odd\n")
-    (root / "dataset.json").write_text(json.dumps({"name": "t", "tasks": {"kind": {"column": "kind", "classes": ["even", "odd"], "templates": ["{} one."]}}}))
+    task = {"column": "kind", "classes": ["even", "odd"], "templates": ["{} one."]}
+    (root / "dataset.json").write_text(json.dumps({"name": "t", "tasks": {"kind": task}}))
     return root
 
 

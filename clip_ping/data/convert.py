@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import option
+from ..config import Config, option
 from ..errors import ConfigError, DataError
 from .pairs import SKIP_MISSING_IMAGE, SPLITS, PairTable, read_pairs
 from .shards import IMAGE_EXTS, ShardTable, expand_shards, index_shards
@@ -105,7 +105,7 @@ def shards_to_csv(table: ShardTable, out_dir: str | Path, split: str) -> PairTab
 
 
 @dataclass
-class ConvertConfig:
+class ConvertConfig(Config):
     src: str = option("", "data set folder, CSV/TSV file, shard folder, or tar shards ('dir/*.tar', 'a-{000..009}.tar')")
     out: str = option("", "output folder")
     to: str = option("shards", "target format", choices=("shards", "csv", "index"))
@@ -138,7 +138,6 @@ def convert(cfg: ConvertConfig) -> dict[str, Any]:
       a copy: writes only ``OUT/<split>.shards.json`` + ``OUT/<split>.index.csv``.
     ``dataset.json`` is copied along.
     """
-    cfg.validate()
     started = time.perf_counter()
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:

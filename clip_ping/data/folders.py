@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import option
+from ..config import Config, option
 from ..errors import ConfigError, DataError
 from .pairs import DEFAULT_TEMPLATES, PairTable, read_pairs
 
@@ -87,7 +87,7 @@ def read_image_folder(root: str | Path, names_file: str | None = None) -> tuple[
 
 
 @dataclass
-class ImageFolderConfig:
+class ImageFolderConfig(Config):
     root: str = option("", "folder with one sub-folder of images per class")
     out: str = option("", "output data set folder (default: ROOT itself)")
     split: str = option("test", "split name of the written table", choices=("train", "val", "test"))
@@ -100,7 +100,6 @@ class ImageFolderConfig:
 
 def image_folder_to_csv(cfg: ImageFolderConfig) -> Path:
     """Write ``OUT/<split>.csv`` and ``OUT/dataset.json`` (task ``class``) for an image folder; returns OUT."""
-    cfg.validate()
     table, classes = read_image_folder(cfg.root, cfg.names_file or None)
     out = Path(cfg.out or cfg.root)
     out.mkdir(parents=True, exist_ok=True)

@@ -54,7 +54,7 @@ from typing import Any
 from PIL import Image, ImageColor
 from tqdm import tqdm
 
-from ..config import option
+from ..config import Config, option
 from ..errors import ConfigError, DataError
 from .folders import readable_name
 from .pairs import ImageDecodeError, load_image
@@ -81,7 +81,7 @@ TEMPLATES = {
 
 
 @dataclass
-class OpenClipartConfig:
+class OpenClipartConfig(Config):
     root: str = option("/usr/share/openclipart", "OpenClipart folder holding png/ and svg/")
     out: str = option("data/openclipart", "output data set folder")
     caption_fields: list[str] = option(["title", "description", "keywords"], "caption parts, in order")
@@ -338,7 +338,6 @@ def _process(job: tuple[str, str, str, OpenClipartConfig]) -> dict[str, Any]:
 
 def convert_openclipart(cfg: OpenClipartConfig) -> dict[str, Any]:
     """Convert the OpenClipart tree under ``cfg.root`` into ``cfg.out``; returns the summary."""
-    cfg.validate()
     root = Path(cfg.root)
     png_root, svg_root = root / "png", root / "svg"
     if not png_root.is_dir():

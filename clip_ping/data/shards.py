@@ -56,12 +56,12 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DataError
+from .images import load_image
 from .pairs import (
     SKIP_BAD_ENCODING,
     SKIP_EMPTY_CAPTION,
     SKIP_MISSING_IMAGE,
 )
-from .images import load_image
 
 log = logging.getLogger(__name__)
 

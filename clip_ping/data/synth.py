@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from ..config import option
+from ..config import Config, option
 from ..errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ MIN_CONTRAST = 95.0
 
 
 @dataclass
-class SynthConfig:
+class SynthConfig(Config):
     out: str = option("data/synth", "output folder")
     seed: int = option(0, "random seed; the same seed gives byte-identical files")
     n_train: int = option(8000, "pairs in the train split")
@@ -395,7 +395,8 @@ def make_caption(scene: Scene, rng: random.Random) -> str:
         elif form == 1:
             text = f"{_position(rng, main)}, {_with_article(_np(rng, main, True))}"
         elif form == 2:
-            text = f"there is {_with_article(rng.choice(SIZE_WORDS[main.size]) + ' ' + _shape_word(rng, main.shape))} in {rng.choice(COLOR_WORDS[main.color])} {_position(rng, main)}"
+            thing = _with_article(rng.choice(SIZE_WORDS[main.size]) + " " + _shape_word(rng, main.shape))
+            text = f"there is {thing} in {rng.choice(COLOR_WORDS[main.color])} {_position(rng, main)}"
         elif form == 3:
             text = f"{prefix}{_with_article(_np(rng, main))}{bg or ' on ' + _background(rng, scene)}"
             bg = ""
@@ -437,7 +438,8 @@ def make_caption(scene: Scene, rng: random.Random) -> str:
         else:  # main object mentioned last, marked by a comparative
             bigger = rng.choice(["larger", "bigger"])
             near = rng.choice(["next to", "beside", "near"] + (["and"] if len(rest) == 1 else []))
-            text = f"{_join(rest)} {near} {_with_article(bigger + ' ' + rng.choice(COLOR_WORDS[main.color]) + ' ' + _shape_word(rng, main.shape))}{bg}"
+            thing = _with_article(bigger + " " + rng.choice(COLOR_WORDS[main.color]) + " " + _shape_word(rng, main.shape))
+            text = f"{_join(rest)} {near} {thing}{bg}"
     if rng.random() < 0.3:
         text += "."
     return text
@@ -490,7 +492,6 @@ def generate_synthetic(cfg: SynthConfig, progress: bool = True) -> Path:
     as it is (generation is skipped). One made with other options is refused
     unless ``cfg.overwrite``.
     """
-    cfg.validate()
     out = Path(cfg.out)
     meta_path = out / "dataset.json"
     info = _dataset_json(cfg)

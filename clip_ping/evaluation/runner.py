@@ -47,12 +47,13 @@ import yaml
 from torch import Tensor
 from tqdm import tqdm
 
-from ..config import option
+from ..config import Config, option
 from ..data.table import folder_layout, open_table
 from ..errors import ConfigError, DataError
 from ..io import atomic_write_json, atomic_write_text
 from ..teachers import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
-from .linear_probe import DEFAULT_CS, linear_probe as fit_linear_probe
+from .linear_probe import DEFAULT_CS
+from .linear_probe import linear_probe as fit_linear_probe
 from .retrieval import caption_ids, retrieval_metrics, retrieval_metrics_per_row
 from .zeroshot import zero_shot_accuracy, zero_shot_classifier
 
@@ -60,7 +61,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Config):
     checkpoint: str = option("runs/train", "checkpoint file, run folder (its latest checkpoint) or exported open_clip folder")
     data: str = option("data/synth", "data set folder (train/val/test tables, optional dataset.json), or an image "
                                      "folder with one sub-folder per class (optionally under train/ val/ test/)")

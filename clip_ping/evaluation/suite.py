@@ -45,7 +45,8 @@ from torch import Tensor
 
 from ..errors import ConfigError, DataError
 from .layouts import ClassificationSet, RetrievalSet, read_class_folders, read_karpathy_json, read_wds
-from .linear_probe import DEFAULT_CS, linear_probe as fit_linear_probe
+from .linear_probe import DEFAULT_CS
+from .linear_probe import linear_probe as fit_linear_probe
 from .retrieval import caption_ids, retrieval_metrics, retrieval_metrics_per_row
 from .zeroshot import zero_shot_accuracy, zero_shot_classifier
 

@@ -1,13 +1,11 @@
 """Training objectives: one small module per method, chosen with ``--method``.
 
-Adding a method is one new file with an `Objective` subclass and one line in
-`OBJECTIVES`. The trainer calls only ``loss``, ``after_step`` and the module's
+Adding a method is one new file with an `Objective` subclass (with a
+``from_setup`` classmethod) and one line in `OBJECTIVES`. The trainer calls only ``loss``, ``after_step`` and the module's
 state dict.
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 from .active import ActiveClipPingObjective
 from .base import Objective, ObjectiveSetup, StepContext
@@ -17,20 +15,17 @@ from .declip import DeclipNnsObjective
 from .relational import RelationalObjective
 from .slip import SlipObjective
 
-OBJECTIVES: dict[str, Callable[[ObjectiveSetup], Objective]] = {
-    "clip": ClipObjective.from_setup,
-    "clip-ping": ClipPingObjective.from_setup,
-    "a-clip-ping": ActiveClipPingObjective.from_setup,
-    "declip-nns": DeclipNnsObjective.from_setup,
-    "slip": SlipObjective.from_setup,
-    "relational": RelationalObjective.from_setup,
+OBJECTIVES: dict[str, type[Objective]] = {
+    cls.name: cls
+    for cls in (ClipObjective, ClipPingObjective, ActiveClipPingObjective, DeclipNnsObjective, SlipObjective,
+                RelationalObjective)
 }
 
 
 def build_objective(setup: ObjectiveSetup) -> Objective:
     """The objective of ``setup.cfg.method``, with its heads on ``setup.device``."""
-    return OBJECTIVES[setup.cfg.method](setup)
+    return OBJECTIVES[setup.cfg.method].from_setup(setup)
 
 
-__all__ = ["OBJECTIVES", "ActiveClipPingObjective", "ClipObjective", "ClipPingObjective", "DeclipNnsObjective", "Objective", "ObjectiveSetup",
-           "RelationalObjective", "SlipObjective", "StepContext", "build_objective"]
+__all__ = ["OBJECTIVES", "ActiveClipPingObjective", "ClipObjective", "ClipPingObjective", "DeclipNnsObjective", "Objective",
+           "ObjectiveSetup", "RelationalObjective", "SlipObjective", "StepContext", "build_objective"]

@@ -169,7 +169,7 @@ class ActiveClipPingObjective(ClipPingObjective):
                                       setup.image_transform, len(setup.table) // cfg.batch_size)
         else:
             source = OnlineFeatureQueue(cfg.queue_size, banks.image_dim, banks.text_dim)
-        return cls(banks, heads, teachers, source, preparer, *cfg.effective_lambdas, **cls._common_options(setup))
+        return cls(banks, heads, teachers, source, preparer, cfg.lambda_nn, cfg.lambda_xnn, **cls._common_options(setup))
 
     @property
     def has_unused_parameters(self) -> bool:

@@ -75,6 +75,8 @@ class Objective(nn.Module):
 
     #: the ``--method`` name it is registered under
     name: str = ""
+    #: whether the method has NN/XNN terms weighed by ``lambda_nn`` / ``lambda_xnn``
+    weighs_neighbor_terms: bool = False
     #: per sample, its caption group (``ObjectiveSetup.caption_groups``), or None
     caption_groups: torch.Tensor | None = None
 
@@ -83,6 +85,11 @@ class Objective(nn.Module):
         if self.caption_groups is None:
             return None
         return self.caption_groups[batch["index"].cpu()].to(device)
+
+    @classmethod
+    def from_setup(cls, setup: ObjectiveSetup) -> "Objective":
+        """The objective of a run: built from its config, training table and student."""
+        raise NotImplementedError
 
     def loss(self, u: torch.Tensor, v: torch.Tensor, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
         """``{"loss": what to backpropagate, "loss_<term>": each term, detached}`` for

@@ -45,6 +45,7 @@ def make_heads(setup: ObjectiveSetup, banks: FeatureBanks) -> NeighborGuidance:
 
 class ClipPingObjective(Objective):
     name = "clip-ping"
+    weighs_neighbor_terms = True
 
     def __init__(self, banks: FeatureBanks, source: NeighborSource, heads: NeighborGuidance,
                  targets: Targets, lambda_nn: float = 0.5, lambda_xnn: float = 0.5,
@@ -77,7 +78,7 @@ class ClipPingObjective(Objective):
             targets = StudentTableTargets(len(setup.table), setup.embed_dim, TeacherTargets(banks, heads))
         else:
             targets = TeacherTargets(banks, heads)
-        return cls(banks, source, heads, targets, *cfg.effective_lambdas, **cls._common_options(setup))
+        return cls(banks, source, heads, targets, cfg.lambda_nn, cfg.lambda_xnn, **cls._common_options(setup))
 
     @staticmethod
     def _common_options(setup: ObjectiveSetup) -> dict[str, Any]:
