@@ -19,7 +19,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/clip-ping demo
 
+# the lint first: it takes seconds and names the line
 test: $(STAMP)
+	$(VENV)/bin/ruff check clip_ping tests benchmarks
 	$(VENV)/bin/python -m pytest
 
 clean:

@@ -43,7 +43,6 @@ import argparse
 import copy
 import datetime as _dt
 import json
-import math
 import os
 import platform
 import resource
@@ -60,6 +59,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from clip_ping.report import seed_stats  # noqa: E402  (mean and spread over seeds, as the report computes them)
 
 PROFILES_FILE = Path(__file__).with_name("quality_profiles.yaml")
 NO_BANK_METHODS = ("clip", "declip-nns", "slip")  # methods that read no teacher bank
@@ -485,13 +485,6 @@ def metric_label(key: str) -> str:
     return f"{kind.upper()} {rest[0]}"
 
 
-def _stats(values: list[float]) -> dict[str, Any]:
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
-    return {"mean": mean, "std": std, "n": n, "values": values}
-
-
 def _metrics_of(results: list[dict[str, Any]], split: str) -> list[str]:
     keys: list[str] = []
     for r in results:
@@ -518,13 +511,13 @@ def aggregate(results: list[dict[str, Any]], settings: list[str], baseline: str 
                 vals = [r["metrics"][split][key] for r in runs if key in r["metrics"][split]]
                 if not vals:
                     continue
-                stats = _stats(vals)
+                stats = seed_stats(vals)
                 if setting != baseline:
                     diffs = [r["metrics"][split][key] - base[r["seed"]]["metrics"][split][key]
                              for r in runs if r["seed"] in base and key in r["metrics"][split]
                              and key in base[r["seed"]]["metrics"][split]]
                     if diffs:
-                        d = _stats(diffs)
+                        d = seed_stats(diffs)
                         stats["delta_vs_clip"] = {"mean": d["mean"], "std": d["std"], "n": d["n"],
                                                   "paired_seeds": True}
                 entry["metrics"][key] = stats
@@ -581,7 +574,7 @@ def recommend(agg: dict[str, Any], prof: dict[str, Any]) -> dict[str, Any]:
         reference = REFERENCE if REFERENCE in present else ranked[-1]
         ref_s, best_s = seed_scores(reference), seed_scores(best)
         diffs = [best_s[s] - ref_s[s] for s in best_s if s in ref_s]
-        gain = _stats(diffs) if diffs else None
+        gain = seed_stats(diffs) if diffs else None
         clear = bool(best != reference and gain and gain["std"] is not None and gain["mean"] > gain["std"])
         chosen = best if (best == reference or clear) else reference
         out["groups"][group] = {
@@ -612,9 +605,9 @@ def cost_summary(results: list[dict[str, Any]], records: dict[str, Any], setting
         per_setting[setting] = {
             "runs_timed": len(runs),
             "train_seconds_mean": sum(r["timing"]["train_seconds"] for r in runs) / len(runs),
-            "s_per_step": _stats(s_per_step),
-            "cpu_s_per_step": _stats(cpu_per_step) if cpu_per_step else None,
-            "samples_per_s_logged": _stats(sps) if sps else None,
+            "s_per_step": seed_stats(s_per_step),
+            "cpu_s_per_step": seed_stats(cpu_per_step) if cpu_per_step else None,
+            "samples_per_s_logged": seed_stats(sps) if sps else None,
             "train_peak_rss_mb": max(r["timing"].get("train_peak_rss_mb", 0.0) for r in runs),
             "train_peak_rss_children_mb": max(r["timing"].get("train_peak_rss_children_mb", 0.0) for r in runs),
             "eval_seconds_mean": sum(r["timing"].get("eval_val_seconds", 0) + r["timing"].get("eval_test_seconds", 0)

@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 from .config import option
 from .data.pairs import ImageDecodeError, PairTable, data_fingerprint, load_image
-from .data.table import open_table
+from .data.table import PairSource, open_table
 from .distributed import init_from_env, resolve_device
 from .errors import ClipPingError, ConfigError, DataError
 from .io import atomic_save_npy, atomic_write_json
@@ -185,7 +185,7 @@ class FeatureBanks:
         return image.reshape(*rows.shape, -1), text.reshape(*rows.shape, -1)
 
 
-def open_banks(bank_dir: str | Path, table: PairTable | None = None) -> FeatureBanks:
+def open_banks(bank_dir: str | Path, table: PairSource | None = None) -> FeatureBanks:
     """Open a finished bank read-only; with ``table``, check that it was built for that table.
 
     Raises `DataError` when the folder holds no bank, an unfinished one (with how
@@ -230,7 +230,7 @@ def open_banks(bank_dir: str | Path, table: PairTable | None = None) -> FeatureB
     return FeatureBanks(path, manifest, arrays)
 
 
-def check_table(manifest: dict[str, Any], table: PairTable, bank_dir: str | Path) -> None:
+def check_table(manifest: dict[str, Any], table: PairSource, bank_dir: str | Path) -> None:
     """Refuse a bank whose rows do not belong to ``table`` (count and data fingerprint, of the kind the bank used)."""
     fingerprint = data_fingerprint(table, manifest.get("data_fingerprint_kind", "size"))
     if int(manifest.get("count", -1)) != len(table) or manifest.get("data_fingerprint") != fingerprint:

@@ -7,6 +7,7 @@ checkpoint, whatever moment the process is killed at.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any
@@ -59,3 +60,21 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise DataError(f"cannot read checkpoint {path}: {exc}") from None
+
+
+def settings_that_differ(saved: dict[str, Any], cfg: Any) -> str:
+    """'key: saved -> now' for the settings that shape an objective's state."""
+    keys = [f.name for f in dataclasses.fields(cfg) if f.name not in
+            ("out", "resume", "overwrite", "steps", "epochs", "workers", "threads", "progress", "tensorboard", "device",
+             "log_every", "save_every", "keep_checkpoints", "prefetch_batches", "max_skipped_fraction", "data", "banks")]
+    return ", ".join(f"--{k.replace('_', '-')} {saved[k]} -> {getattr(cfg, k)}" for k in keys
+                     if k in saved and saved[k] != getattr(cfg, k))
+
+
+def objective_state_of_v1(state: dict[str, Any]) -> dict[str, Any]:
+    """The objective state of a checkpoint written before objectives existed (heads, queue and memory at top level)."""
+    if state.get("guidance") is None:
+        return {}
+    converted: dict[str, Any] = {f"heads.{k}": t for k, t in state["guidance"].items()}
+    converted["_extra_state"] = {"source": state.get("queue"), "targets": state.get("student_memory")}
+    return converted

@@ -11,12 +11,14 @@ A field's help text lives in ``field(metadata={"help": ...})`` so the CLI
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import difflib
 import types
 import typing
+from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import yaml
 
@@ -34,7 +36,7 @@ def option(default: Any, help: str, choices: tuple | None = None, positional: bo
     if positional:
         meta["positional"] = True
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kwargs)
+        return dataclasses.field(default_factory=partial(copy.copy, default), metadata=meta, **kwargs)
     return dataclasses.field(default=default, metadata=meta, **kwargs)
 
 
@@ -126,7 +128,7 @@ class Config:
 
 def from_dict(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
     """Build ``cls`` from a mapping, refusing unknown keys with a suggestion."""
-    known = {f.name: f for f in dataclasses.fields(cls)}
+    known = {f.name: f for f in dataclasses.fields(cast(Any, cls))}
     hints = _field_types(cls)
     kwargs = {}
     for key, value in values.items():
@@ -194,7 +196,7 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
         where = f"config file {args.config}"
     else:
         where = "config"
-    for f in dataclasses.fields(cls):
+    for f in dataclasses.fields(cast(Any, cls)):
         if hasattr(args, f.name):
             values[f.name] = getattr(args, f.name)
     cfg = from_dict(cls, values, where=where)

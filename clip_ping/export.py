@@ -45,7 +45,7 @@ def export_open_clip(cfg: ExportConfig) -> dict[str, str]:
     state = load_checkpoint_file(cfg.checkpoint)
     model_name = state.get("model_name")
     model_cfg = open_clip.get_model_config(model_name) if model_name else None
-    if model_cfg is None:
+    if model_name is None or model_cfg is None:
         raise ConfigError(f"checkpoint {cfg.checkpoint} names no known student model ({model_name!r})")
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():

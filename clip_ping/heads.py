@@ -33,6 +33,8 @@ class NeighborGuidance(nn.Module):
         super().__init__()
         self.image_head = _make_head(image_teacher_dim, embed_dim, kind)
         self.text_head = _make_head(text_teacher_dim, embed_dim, kind)
+        self.logit_scale_nn: nn.Parameter | None
+        self.logit_scale_xnn: nn.Parameter | None
         if per_term_scales:
             init = math.log(init_logit_scale)
             self.logit_scale_nn = nn.Parameter(torch.tensor(init))

@@ -24,7 +24,7 @@ def _temporary(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
     """Write ``path`` atomically with ``write(binary_file)``."""
     path = Path(path)
     tmp = _temporary(path)

@@ -45,7 +45,7 @@ def info_nce(x: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tensor, local_
     rows_ids = col_ids = groups if collisions is None else torch.stack(collisions)
     if world > 1:
         all_x, all_y = gather_with_grad(x), gather_with_grad(y)
-        if related:
+        if related and rows_ids is not None:
             col_ids = gather_ints(rows_ids) if collisions is None else gather_ints(rows_ids.T).T  # (own, of) by row
         if local_loss:
             logits_xy = logit_scale * x @ all_y.T

@@ -62,7 +62,7 @@ def plan_neighbors(cfg: Any) -> dict[str, Any]:
 def plan_train(cfg: Any) -> dict[str, Any]:
     from .distributed import resolve_device
     from .objectives import ObjectiveSetup, build_objective
-    from .student import create_student
+    from .student import create_student, embed_dim
 
     world = _world()
     if cfg.batch_size % world:
@@ -75,8 +75,7 @@ def plan_train(cfg: Any) -> dict[str, Any]:
         raise ConfigError(f"config key 'batch_size': {cfg.batch_size} is larger than the data set ({n} pairs)")
     total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
     model, transform, _, _ = create_student(cfg.model, seed=cfg.seed)
-    embed_dim = int(model.text_projection.shape[1]) if hasattr(model, "text_projection") else int(model.visual.output_dim)
-    objective = build_objective(ObjectiveSetup(cfg, table, embed_dim, torch.device("cpu"), transform))  # opens and checks banks
+    objective = build_objective(ObjectiveSetup(cfg, table, embed_dim(model), torch.device("cpu"), transform))  # opens and checks banks
     params = sum(p.numel() for p in model.parameters())
     extra = sum(p.numel() for p in objective.parameters())
     flop_per_sample, activation_bytes = student_cost_per_sample(model, cfg.precision)

@@ -264,7 +264,7 @@ def run_metrics(run: Run) -> dict[str, tuple[MetricInfo, float]]:
     return metrics
 
 
-def _stats(values: list[float]) -> dict[str, Any]:
+def seed_stats(values: list[float]) -> dict[str, Any]:
     """Mean and sample standard deviation (n - 1 denominator; None for a single seed)."""
     arr = np.asarray(values, dtype=float)
     return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else None,
@@ -284,7 +284,7 @@ def aggregate(settings: Sequence[Setting]) -> dict[str, Any]:
                 values.setdefault(key, {}).setdefault(setting.name, []).append(value)
     metrics = {}
     for key, info in infos.items():
-        per_setting = {name: _stats(vals) for name, vals in values[key].items()}
+        per_setting = {name: seed_stats(vals) for name, vals in values[key].items()}
         delta = None
         if len(settings) == 2 and all(s.name in per_setting for s in settings):
             delta = per_setting[settings[1].name]["mean"] - per_setting[settings[0].name]["mean"]

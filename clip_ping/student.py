@@ -70,6 +70,13 @@ class _quiet_random_init_warning(logging.Filter):
         logging.getLogger().removeFilter(self)
 
 
+def embed_dim(model: Any) -> int:
+    """The width of the shared image-text space of an open_clip model."""
+    if hasattr(model, "text_projection"):
+        return int(model.text_projection.shape[1])
+    return int(model.visual.output_dim)
+
+
 def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
@@ -106,3 +113,22 @@ def load_student(checkpoint: str | Path) -> tuple[torch.nn.Module, Callable, Cal
     model.load_state_dict(state["model"])
     model.eval()
     return model, tokenizer, preprocess
+
+
+class StudentEncoders(torch.nn.Module):
+    """The student and the objective as one module, so that DDP synchronises the
+    gradients of both and torch.compile sees the student's forward."""
+
+    def __init__(self, model: torch.nn.Module, objective: torch.nn.Module):
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, images: torch.Tensor, texts: torch.Tensor, views: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, ...]:
+        """(u, v), then the embeddings of each extra view when ``views`` (B x V x C x H x W) is given:
+        all views go through the image tower in one pass."""
+        if views is None:
+            return self.model.encode_image(images, normalize=True), self.model.encode_text(texts, normalize=True)
+        n = len(images)
+        every = self.model.encode_image(torch.cat([images, views.transpose(0, 1).flatten(0, 1)]), normalize=True)
+        return (every[:n], self.model.encode_text(texts, normalize=True), *every[n:].split(n))

@@ -7,19 +7,21 @@ in its objective (`clip_ping.objectives`); the trainer knows only the loop,
 the schedule, the data order and checkpoints.
 
 Everything random is derived from (seed, epoch, step, sample index) rather
-than carried as state, so a run stopped at any step and resumed from its
-checkpoint continues exactly as if it had never stopped.
+than carried as state (`clip_ping.data.order`), so a run stopped at any step
+and resumed from its checkpoint continues exactly as if it had never stopped.
+
+The options are `clip_ping.train_config.TrainConfig`; the run folder's rules
+are in `clip_ping.run_folder`. This module is one job, the `Trainer`'s loop and
+its state (step, epoch, loader, checkpoints), kept together (about 480 lines)
+so that what a resume restores can be read in one place.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import os
 import random
-import shutil
 import signal
 import time
 from contextlib import nullcontext
@@ -30,296 +32,36 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import distributed as dist_utils
-from .checkpoints import atomic_write_text, load_checkpoint, nonfinite_tensors, resolve_resume, save_checkpoint
-from .config import Config, option, save_yaml
-from .data.pairs import PairDataset, collate_pairs
+from .checkpoints import (
+    load_checkpoint,
+    nonfinite_tensors,
+    objective_state_of_v1,
+    resolve_resume,
+    save_checkpoint,
+    settings_that_differ,
+)
+from .config import save_yaml
+from .data.order import RunBatches, SeededAugmentation, collate_and_prepare, ignore_stop_signals
+from .data.pairs import PairDataset
 from .data.table import open_table
 from .errors import ClipPingError, ConfigError
-from .objectives import OBJECTIVES, ObjectiveSetup, StepContext, build_objective
-from .run_logs import RunLogs, parse_log_to
+from .objectives import ObjectiveSetup, StepContext, build_objective
+from .run_folder import config_to_record, run_folder_problem, truncate_metrics
+from .run_logs import RunLogs
 from .schedule import warmup_cosine_lr
-from .student import create_student
+from .student import StudentEncoders, create_student, embed_dim
+from .train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 MAX_LOGIT_SCALE = 100.0  # CLIP's clamp of the learnable logit scale
-DEFAULT_LAMBDA = 0.5  # weight of each of the NN and XNN terms (docs/METHOD.md)
-
-
-@dataclass
-class TrainConfig(Config):
-    data: str = option("data/synth", "data set folder (train.csv or train.shards.json), a CSV/TSV file or a shard descriptor")
-    out: str = option("runs/train", "run folder: config, metrics, checkpoints, evaluation")
-    banks: str | None = option(None, "feature bank folder with neighbours (default: <data>/banks)")
-    method: str = option("clip-ping", "training objective: clip-ping; a-clip-ping (online teachers); plain clip (the "
-                         "baseline); the peers declip-nns, slip, relational (docs/METHOD.md has one row per method)",
-                         choices=tuple(OBJECTIVES))
-    model: str = option("ViT-XXS-8-64", "student: an open_clip model name (shipped: ViT-XXS-8-64, ViT-XS-16)")
-    lambda_nn: float | None = option(None, "weight of the NN (intra-modal) terms (none: 0.5 for the methods with "
-                                     "NN/XNN terms, 0 for the others)")
-    lambda_xnn: float | None = option(None, "weight of the XNN (cross-modal) terms (none: 0.5 for the methods with "
-                                      "NN/XNN terms, 0 for the others)")
-    neighbor_topk: int = option(1, "use the nearest neighbour (1) or draw one of the k nearest each step")
-    neighbor_source: str = option("dataset", "where neighbours come from: the whole data set (precomputed) or a FIFO queue "
-                                  "of recent samples",
-                                  choices=("dataset", "queue"))
-    queue_size: int = option(4096, "FIFO queue length for neighbor_source=queue and for declip-nns")
-    teacher_image_size: int | None = option(None, "a-clip-ping: run the online image teacher at this resolution "
-                                            "(none: the teacher's own)")
-    targets: str = option("teacher", "what u and v are pulled to: the neighbours' teacher features through the heads; "
-                          "student (with neighbor_source=queue): the student's own stored embeddings of the neighbours; "
-                          "student_table: the student's stored embeddings from a table over the whole data set, "
-                          "the teacher target for neighbours not embedded yet in this run",
-                          choices=("teacher", "student", "student_table"))
-    xnn_pairing: str = option("own", "XNN targets: own (u_i to the caption of p_i, v_i to the image of q_i) or other "
-                              "(through the other modality's neighbour: u_i to the caption of q_i, v_i to the image of p_i)",
-                              choices=("own", "other"))
-    collisions: str = option("leave", "NN/XNN targets that collide in a batch (two rows share a neighbour, or a row's "
-                             "neighbour is itself in the batch): leave (negatives), mask (not negatives), "
-                             "positives (extra positives, multi-positive InfoNCE)", choices=("leave", "mask", "positives"))
-    peer_weight: float | None = option(None, "weight of a peer method's extra term (declip-nns, slip, relational; "
-                                       "none: the paper's, see docs/METHOD.md)")
-    peer_temperature: float | None = option(None, "temperature of slip's SimCLR term and of relational's similarity "
-                                            "distributions (none: 0.1)")
-    head: str = option("linear", "teacher-to-student heads h_A, h_B", choices=("linear", "mlp"))
-    logit_scales: str = option("shared", "one logit scale for all terms, or one per term", choices=("shared", "per_term"))
-    duplicate_captions: str = option("none", "rows of a batch with identical captions, in the CLIP term of every method: "
-                                     "none (negatives of each other, as in CLIP), mask (not negatives), "
-                                     "positives (extra positives, multi-positive InfoNCE)",
-                                     choices=("none", "mask", "positives"))
-    epochs: int = option(5, "passes over the training data (ignored when steps is set)")
-    steps: int | None = option(None, "total optimisation steps (overrides epochs)")
-    batch_size: int = option(128, "global batch size (split over processes)")
-    lr: float = option(1e-3, "peak learning rate")
-    min_lr: float = option(0.0, "final learning rate of the cosine schedule")
-    warmup_steps: int = option(50, "linear warm-up steps")
-    weight_decay: float = option(0.1, "AdamW weight decay (not applied to gains, biases or the logit scale)")
-    beta1: float = option(0.9, "AdamW beta1")
-    beta2: float = option(0.98, "AdamW beta2")
-    eps: float = option(1e-6, "AdamW epsilon")
-    grad_clip: float | None = option(1.0, "clip the gradient norm to this value (none to disable)")
-    precision: str = option("fp32", "fp32; bf16 autocast (also on CPU); or fp16 autocast with a gradient scaler",
-                            choices=("fp32", "bf16", "fp16"))
-    compile: bool = option(False, "torch.compile the student's forward (pays off on long GPU runs)")
-    grad_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory, slower)")
-    accum_steps: int = option(1, "split each batch into this many micro-batches (same contrastive batch, less memory)")
-    local_loss: bool = option(False, "with several processes, score local rows against the global batch only")
-    seed: int = option(0, "seed of weights, data order, augmentation and neighbour draws")
-    workers: int = option(2, "data loader worker processes")
-    prefetch_batches: int = option(2, "batches each loader worker prepares ahead")
-    threads: int = option(0, "torch threads of the training process (0: torch's default)")
-    data_mode: str = option("random", "random: shuffled random access (CSV or shards, exact resume at any step); "
-                            "stream: read WebDataset shards sequentially with a shuffle buffer", choices=("random", "stream"))
-    shuffle_buffer: int = option(2000, "samples in the shuffle buffer of data_mode=stream")
-    device: str = option("auto", "torch device: auto (this process's GPU under torchrun, else the CPU), cpu, cuda, cuda:N")
-    log_every: int = option(10, "steps between metric log lines")
-    save_every: int = option(200, "steps between checkpoints (one is always written at the end)")
-    keep_checkpoints: int = option(2, "step checkpoints kept besides latest.pt")
-    resume: str | None = option(None, "'latest': continue the run in --out (an error when it has no checkpoint); "
-                                "'auto': continue it when it has one, else start; or a checkpoint path")
-    overwrite: bool = option(False, "replace a run already in --out (its checkpoints, metrics and config) instead of refusing")
-    max_skipped_fraction: float = option(0.1, "stop when more than this share of the loaded images could not be decoded")
-    progress: bool = option(True, "show a progress bar")
-    tensorboard: bool = option(True, "write TensorBoard event files under <out>/tensorboard (false: drop it from log_to)")
-    log_to: str = option("auto", "where metrics go, comma-separated: jsonl, tensorboard, wandb (WANDB_MODE=offline "
-                                 "works); auto: jsonl + tensorboard when installed; none (see clip_ping.run_logs)")
-    run_name: str | None = option(None, "the run's name in W&B (default: the run folder's name)")
-
-    def validate(self) -> None:
-        self._settle_lambdas()
-        parse_log_to(self.log_to)
-        if self.batch_size < 2:
-            raise ConfigError("config key 'batch_size': contrastive training needs at least 2 samples per batch")
-        if self.neighbor_topk < 1:
-            raise ConfigError("config key 'neighbor_topk' must be at least 1")
-        if self.steps is not None and self.steps < 1:
-            raise ConfigError("config key 'steps' must be at least 1")
-        if self.epochs < 1:
-            raise ConfigError("config key 'epochs' must be at least 1")
-        if self.targets == "student" and self.neighbor_source != "queue":
-            raise ConfigError("config key 'targets': student targets need neighbor_source=queue")
-        if self.accum_steps < 1 or self.batch_size % self.accum_steps:
-            raise ConfigError("config key 'accum_steps' must be >= 1 and divide batch_size")
-        if self.peer_temperature is not None and self.peer_temperature <= 0:
-            raise ConfigError("config key 'peer_temperature' must be positive")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"config key 'lr' must be a positive number, got {self.lr}")
-        for key in ("save_every", "log_every", "prefetch_batches"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"config key '{key}' must be at least 1, got {getattr(self, key)}")
-        for key in ("workers", "threads", "warmup_steps", "keep_checkpoints"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"config key '{key}' must be 0 or more, got {getattr(self, key)}")
-        if not 0 <= self.max_skipped_fraction <= 1:
-            raise ConfigError("config key 'max_skipped_fraction' must lie in [0, 1]")
-        if self.resume is not None and self.overwrite:
-            raise ConfigError("config keys 'resume' and 'overwrite' contradict each other: continue a run or replace it")
-        if self.steps is not None and self.warmup_steps > self.steps:
-            log.warning("warmup_steps (%d) is longer than the run (%d steps): the rate never reaches lr",
-                        self.warmup_steps, self.steps)
-
-    def with_config_file(self, path: Path) -> "TrainConfig":
-        """Resuming from a run's own config.yaml continues that run folder, wherever it was copied to."""
-        folder = path.resolve().parent
-        if self.resume is not None and ((folder / "checkpoints").is_dir() or (folder / "metrics.jsonl").is_file()):
-            return dataclasses.replace(self, out=str(folder))
-        return self
-
-    def _settle_lambdas(self) -> None:
-        """The lambdas say what the method says: 0.5 by default where it has NN/XNN terms, 0 elsewhere;
-        a weight given to a method without those terms is refused rather than recorded and ignored."""
-        has_terms = OBJECTIVES[self.method].weighs_neighbor_terms
-        for key in ("lambda_nn", "lambda_xnn"):
-            value = getattr(self, key)
-            if value is None:
-                setattr(self, key, DEFAULT_LAMBDA if has_terms else 0.0)
-            elif not has_terms and value != 0:
-                raise ConfigError(f"config key '{key}': --method {self.method} has no NN/XNN terms to weigh "
-                                  f"(drop it, or use --method clip-ping)")
-            elif not (math.isfinite(value) and value >= 0):
-                raise ConfigError(f"config key '{key}' must be 0 or more, got {value}")
-
-
-class StudentEncoders(torch.nn.Module):
-    """The student and the objective as one module, so that DDP synchronises the
-    gradients of both and torch.compile sees the student's forward."""
-
-    def __init__(self, model: torch.nn.Module, objective: torch.nn.Module):
-        super().__init__()
-        self.model, self.objective = model, objective
-
-    def forward(self, images: torch.Tensor, texts: torch.Tensor, views: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, ...]:
-        """(u, v), then the embeddings of each extra view when ``views`` (B x V x C x H x W) is given:
-        all views go through the image tower in one pass."""
-        if views is None:
-            return self.model.encode_image(images, normalize=True), self.model.encode_text(texts, normalize=True)
-        n = len(images)
-        every = self.model.encode_image(torch.cat([images, views.transpose(0, 1).flatten(0, 1)]), normalize=True)
-        return (every[:n], self.model.encode_text(texts, normalize=True), *every[n:].split(n))
 
 
 class TrainingDiverged(ClipPingError):
     """The loss became NaN or infinite."""
-
-
-# --------------------------------------------------------------------------- data order
-
-
-class EpochBatchSampler(Sampler[list[int]]):
-    """Batches of one epoch from a permutation seeded by (seed, epoch), starting at a given batch.
-
-    Each process takes its contiguous slice of every global batch, so the global
-    batch is the same whatever the number of processes.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start_batch: int = 0,
-                 rank: int = 0, world: int = 1):
-        self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, epoch
-        self.start_batch, self.rank, self.world = start_batch, rank, world
-
-    def __len__(self) -> int:
-        return self.n // self.batch_size - self.start_batch
-
-    def __iter__(self) -> Iterator[list[int]]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g).tolist()
-        per_rank = self.batch_size // self.world
-        for b in range(self.start_batch, self.n // self.batch_size):
-            batch = order[b * self.batch_size:(b + 1) * self.batch_size]
-            yield batch[self.rank * per_rank:(self.rank + 1) * per_rank]
-
-
-def ignore_stop_signals(_worker_id: int) -> None:
-    """DataLoader worker init: leave SIGTERM/SIGINT to the training process.
-
-    Schedulers and Ctrl-C signal the whole process group; a worker killed by
-    them would crash the run before it can finish its step and save.
-    """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-class SeededAugmentation(torch.utils.data.Dataset):
-    """Seeds the random image augmentation of sample i from (seed, epoch, i).
-
-    The augmentation a sample gets no longer depends on which worker loads it
-    or on whether the run was resumed.
-    """
-
-    def __init__(self, dataset: PairDataset, seed: int, epoch: int = 0):
-        self.dataset, self.seed, self.epoch = dataset, seed, epoch
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: int | tuple[int, int, int]) -> dict[str, Any] | None:
-        """Sample ``i`` of this dataset's epoch, or for ``(i, epoch, step)`` sample ``i`` of that
-        epoch, tagged with the step that will train on it."""
-        i, epoch, step = key if isinstance(key, tuple) else (key, self.epoch, None)
-        sample = self._seeded(int(i), int(epoch))
-        if sample is not None and step is not None:
-            sample["step"] = step
-        return sample
-
-    def _seeded(self, i: int, epoch: int) -> dict[str, Any] | None:
-        seed = (self.seed * 1_000_003 + epoch * 10_007 + i) % (2**63)
-        rng = torch.default_generator  # only the CPU generator: seeding every device costs more than the sample
-        if torch.utils.data.get_worker_info() is not None:
-            rng.manual_seed(seed)  # a loader worker: nobody else uses its generator
-            return self.dataset[i]
-        state = rng.get_state()  # the main process: leave the training RNG as it was
-        try:
-            rng.manual_seed(seed)
-            return self.dataset[i]
-        finally:
-            rng.set_state(state)
-
-
-class RunBatches(Sampler[list[tuple[int, int, int]]]):
-    """Every remaining batch of a run, epoch after epoch, as ``(sample index, epoch, step)`` triples.
-
-    One loader then serves the whole run: its workers live across epochs and
-    prefetch over epoch boundaries, and work for a step (the objective's
-    `batch_preparer`) can run in them. Each epoch's batches are those of
-    `EpochBatchSampler`; every batch trains one step, skipped ones included.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start_batch: int, first_step: int,
-                 total_steps: int, rank: int = 0, world: int = 1):
-        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
-        self.epoch, self.start_batch, self.first_step, self.total_steps = epoch, start_batch, first_step, total_steps
-
-    def __len__(self) -> int:
-        return max(0, self.total_steps - self.first_step)
-
-    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
-        epoch, start, step = self.epoch, self.start_batch, self.first_step
-        while step < self.total_steps:
-            for batch in EpochBatchSampler(self.n, self.batch_size, self.seed, epoch, start, self.rank, self.world):
-                yield [(i, epoch, step) for i in batch]
-                step += 1
-                if step >= self.total_steps:
-                    return
-            epoch, start = epoch + 1, 0
-
-
-def collate_and_prepare(samples: list[dict[str, Any] | None], tokenizer: Any = None,
-                        prepare: Any = None) -> dict[str, Any]:
-    """`collate_pairs`, then the objective's preparation of the batch for its step (in the worker)."""
-    batch = collate_pairs(samples, tokenizer=tokenizer)
-    kept = [s for s in samples if s is not None]
-    if kept and isinstance(kept[0]["text"], str):
-        batch["caption"] = [s["text"] for s in kept]  # raw captions, for objectives that run a text teacher
-    if kept and "views" in kept[0]:
-        batch["image_views"] = torch.stack([torch.stack(s["views"]) for s in kept])  # B x V x C x H x W
-    steps = {s["step"] for s in samples if s is not None and "step" in s}
-    if prepare is not None and len(steps) == 1 and len(batch["index"]) > 0:
-        batch["prepared"] = prepare(batch["index"], steps.pop())
-    return batch
 
 
 # --------------------------------------------------------------------------- optimiser
@@ -327,7 +69,8 @@ def collate_and_prepare(samples: list[dict[str, Any] | None], tokenizer: Any = N
 
 def parameter_groups(modules: list[torch.nn.Module], weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matrices only: gains, biases and logit scales are excluded."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for module in modules:
         for name, p in module.named_parameters():
             if not p.requires_grad:
@@ -363,7 +106,7 @@ class Trainer:
         self.model.to(self.device)
         if cfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
-        self.objective = build_objective(ObjectiveSetup(cfg, self.table, self._embed_dim(), self.device,
+        self.objective = build_objective(ObjectiveSetup(cfg, self.table, embed_dim(self.model), self.device,
                                                         self.preprocess_train))
         self.encoders = self._wrap(StudentEncoders(self.model, self.objective))
         # fp16 needs loss scaling; bf16 has fp32's range and needs none
@@ -385,10 +128,10 @@ class Trainer:
 
     # -- set-up ---------------------------------------------------------------
 
-    def _wrap(self, encoders: "StudentEncoders") -> torch.nn.Module:
+    def _wrap(self, encoders: StudentEncoders) -> torch.nn.Module:
         """DDP over several processes (bucketed gradient all-reduce overlapped with the
         backward pass), and torch.compile when asked."""
-        wrapped: torch.nn.Module = encoders
+        wrapped: Any = encoders
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -398,11 +141,6 @@ class Trainer:
         if self.cfg.compile:
             wrapped = torch.compile(wrapped)
         return wrapped
-
-    def _embed_dim(self) -> int:
-        if hasattr(self.model, "text_projection"):
-            return int(self.model.text_projection.shape[1])
-        return int(self.model.visual.output_dim)
 
     # -- checkpoints ------------------------------------------------------------
 
@@ -433,10 +171,10 @@ class Trainer:
                               "resume with the same method or start a new run folder")
         self.model.load_state_dict(state["model"])
         try:
-            self.objective.load_state_dict(state.get("objective") or _objective_state_of_v1(state))
+            self.objective.load_state_dict(state.get("objective") or objective_state_of_v1(state))
         except (RuntimeError, KeyError, ValueError):
             raise ConfigError(f"the checkpoint's {self.cfg.method} state does not fit this run: "
-                              f"{_settings_that_differ(state.get('config') or {}, self.cfg) or 'its heads differ'}; "
+                              f"{settings_that_differ(state.get('config') or {}, self.cfg) or 'its heads differ'}; "
                               "resume with the run's own settings (its config.yaml)") from None
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
@@ -621,7 +359,7 @@ class Trainer:
         """Refuse to mix two runs in one folder; continue or replace a run only when asked.
         Process 0 decides for all, before anything is written."""
         cfg, run = self.cfg, self.run_dir
-        problem = self._run_folder_problem() if dist_utils.is_main_process() else None
+        problem = run_folder_problem(cfg, run) if dist_utils.is_main_process() else None
         if self.world > 1 and not dist_utils.all_ranks_true(problem is None):
             raise ConfigError(problem or f"process 0 refused the run folder {run}")
         if problem:
@@ -636,33 +374,6 @@ class Trainer:
             return
         self.load_state_dict(load_checkpoint(path))
         log.info("resumed from %s at step %d", path, self.step)
-
-    def _run_folder_problem(self) -> str | None:
-        """Why the run folder cannot take this run (None when it can); clears it for --overwrite."""
-        cfg, run = self.cfg, self.run_dir
-        try:
-            run.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            return f"config key 'out': cannot create the run folder {run} ({exc.strerror})"
-        if not os.access(run, os.W_OK):
-            return f"config key 'out': the run folder {run} is not writable"
-        if cfg.overwrite:
-            for name in ("checkpoints", "tensorboard"):
-                shutil.rmtree(run / name, ignore_errors=True)
-            for name in ("metrics.jsonl", "config.yaml", "eval.json"):
-                (run / name).unlink(missing_ok=True)
-            return None
-        holds_run = (run / "config.yaml").is_file() or (run / "checkpoints").is_dir() or (run / "metrics.jsonl").is_file()
-        if cfg.resume is None and holds_run:
-            return (f"{run} already holds a run; continue it with --resume latest, replace it with --overwrite, "
-                    "or choose another --out")
-        return None
-
-    def _config_to_record(self) -> TrainConfig:
-        """The config as config.yaml records it: paths absolute, so resuming works from any directory."""
-        absolute = {key: str(Path(value).resolve()) for key in ("data", "out", "banks")
-                    if (value := getattr(self.cfg, key))}
-        return dataclasses.replace(self.cfg, **absolute)
 
     def _check_skipped(self, skipped: int, loaded: int) -> None:
         """Stop when too many images could not be decoded; warn once when some could not.
@@ -706,8 +417,8 @@ class Trainer:
         cfg = self.cfg
         self._prepare_run_folder()
         if dist_utils.is_main_process():
-            save_yaml(self._config_to_record(), self.run_dir / "config.yaml")
-            _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)  # steps after the checkpoint are trained again
+            save_yaml(config_to_record(cfg), self.run_dir / "config.yaml")
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.step)  # steps after the checkpoint are trained again
         run_logs = RunLogs(self.run_dir, cfg.log_to, cfg.run_name or self.run_dir.resolve().name,
                            dataclasses.asdict(cfg), cfg.tensorboard) if dist_utils.is_main_process() else None
         self._install_signal_handlers()
@@ -766,34 +477,6 @@ class Trainer:
         shown = {k.replace("loss_", ""): f"{record[k]:.3f}" for k in ("loss", "loss_clip", "loss_nn", "loss_xnn") if k in record}
         shown["sps"] = f"{record['samples_per_s']:.0f}"
         bar.set_postfix(shown, refresh=False)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep the metric lines of steps up to ``step`` (a resumed run trains the later ones again)."""
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-    if len(kept) != len(lines):
-        atomic_write_text(path, "".join(kept))
-
-
-def _settings_that_differ(saved: dict[str, Any], cfg: TrainConfig) -> str:
-    """'key: saved -> now' for the settings that shape an objective's state."""
-    keys = [f.name for f in dataclasses.fields(cfg) if f.name not in
-            ("out", "resume", "overwrite", "steps", "epochs", "workers", "threads", "progress", "tensorboard", "device",
-             "log_every", "save_every", "keep_checkpoints", "prefetch_batches", "max_skipped_fraction", "data", "banks")]
-    return ", ".join(f"--{k.replace('_', '-')} {saved[k]} -> {getattr(cfg, k)}" for k in keys
-                     if k in saved and saved[k] != getattr(cfg, k))
-
-
-def _objective_state_of_v1(state: dict[str, Any]) -> dict[str, Any]:
-    """The objective state of a checkpoint written before objectives existed (heads, queue and memory at top level)."""
-    if state.get("guidance") is None:
-        return {}
-    converted: dict[str, Any] = {f"heads.{k}": t for k, t in state["guidance"].items()}
-    converted["_extra_state"] = {"source": state.get("queue"), "targets": state.get("student_memory")}
-    return converted
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:

@@ -321,7 +321,7 @@ def test_teacher_input_undoes_the_student_normalisation_and_applies_the_teacher_
 
 
 def test_the_teacher_sees_each_neighbour_in_the_view_the_student_gets_of_it_this_epoch(tiny_banked, tmp_path):
-    from clip_ping.trainer import SeededAugmentation
+    from clip_ping.data.order import SeededAugmentation
 
     trainer = Trainer(_cfg(tiny_banked, tmp_path / "run", method="a-clip-ping", steps=12))
     trainer.step = 7  # epoch 1 of 6 batches

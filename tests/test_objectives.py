@@ -3,9 +3,10 @@
 import pytest
 import torch
 
+from clip_ping.checkpoints import objective_state_of_v1
 from clip_ping.objectives import OBJECTIVES, ClipObjective, Objective, StepContext
 from clip_ping.objectives.sources import DatasetNeighbors
-from clip_ping.trainer import TrainConfig, Trainer, _objective_state_of_v1
+from clip_ping.trainer import TrainConfig, Trainer
 
 
 def test_every_method_choice_is_a_registered_objective():
@@ -70,10 +71,10 @@ def test_a_checkpoint_of_another_method_is_refused_with_the_setting_named(tiny_s
 def test_checkpoints_written_before_objectives_map_onto_the_heads():
     weight = torch.ones(2, 3)
     state = {"guidance": {"image_head.weight": weight}, "queue": {"ptr": 1}, "student_memory": None}
-    converted = _objective_state_of_v1(state)
+    converted = objective_state_of_v1(state)
     assert converted["heads.image_head.weight"] is weight
     assert converted["_extra_state"] == {"source": {"ptr": 1}, "targets": None}
-    assert _objective_state_of_v1({"guidance": None}) == {}
+    assert objective_state_of_v1({"guidance": None}) == {}
 
 
 def _banked_cfg(data, out, **kw):

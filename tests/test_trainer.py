@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from clip_ping.checkpoints import load_checkpoint
+from clip_ping.data.order import EpochBatchSampler
 from clip_ping.errors import ConfigError
 from clip_ping.schedule import warmup_cosine_lr
-from clip_ping.trainer import EpochBatchSampler, TrainConfig, Trainer, TrainingDiverged, parameter_groups
+from clip_ping.trainer import TrainConfig, Trainer, TrainingDiverged, parameter_groups
 
 
 def _cfg(data, out, **kw):
@@ -276,7 +277,7 @@ def test_a_gpu_loader_pins_memory_and_yields_the_same_batches(tiny_synth, tmp_pa
 
 
 def test_one_run_loader_continues_epoch_after_epoch_with_steps_tagged():
-    from clip_ping.trainer import RunBatches
+    from clip_ping.data.order import RunBatches
 
     run = list(RunBatches(40, 8, seed=1, epoch=2, start_batch=3, first_step=13, total_steps=20))
     expected = [(e, b) for e, b in [(2, 3), (2, 4)] + [(3, b) for b in range(5)]]

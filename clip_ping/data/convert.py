@@ -161,7 +161,7 @@ def convert(cfg: ConvertConfig) -> dict[str, Any]:
             sources = {split: open_table(src, split, **read_kwargs)}
         for split, table in sources.items():
             if cfg.to == "shards":
-                if isinstance(table, ShardTable):
+                if not isinstance(table, PairTable):
                     raise DataError(f"{cfg.src}: split '{split}' is already stored as shards")
                 result = write_shards(table, out, split, cfg.samples_per_shard)
                 summary["splits"][split] = {"kept": len(result), "skipped": _merge(table.skipped, result.skipped),

@@ -40,8 +40,9 @@ def load_image(source: str | Path | bytes | BinaryIO, name: str | None = None,
     if isinstance(source, (bytes, bytearray, memoryview)):
         source = io.BytesIO(source)
     try:
-        with Image.open(source) as im:
-            im.load()
+        with Image.open(source) as opened:
+            opened.load()
+            im: Image.Image = opened
             if "exif" in im.info or im.format == "TIFF":  # reading absent EXIF costs as much as the RGB conversion
                 im = ImageOps.exif_transpose(im) or im
             return _to_rgb(im, background)

@@ -300,12 +300,12 @@ def _square_on_background(image: Image.Image, side: int, background: tuple[int, 
     big = max(w, h)
     canvas = Image.new("RGB", (big, big), background)
     canvas.paste(image, ((big - w) // 2, (big - h) // 2))
-    return canvas.resize((side, side), Image.BICUBIC) if big != side else canvas
+    return canvas.resize((side, side), Image.Resampling.BICUBIC) if big != side else canvas
 
 
 def thumbnail_key(image: Image.Image) -> str:
     """The same for an image and its resized copies: a 16 x 16 thumbnail, 5 bits per channel."""
-    thumb = image.convert("RGB").resize((16, 16), Image.BILINEAR)
+    thumb = image.convert("RGB").resize((16, 16), Image.Resampling.BILINEAR)
     return hashlib.sha256(bytes(v >> 3 for v in thumb.tobytes())).hexdigest()
 
 

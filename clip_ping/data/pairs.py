@@ -54,13 +54,16 @@ import sys
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
 from PIL import Image
 
 from ..errors import DataError
 from .images import ImageDecodeError, load_image
+
+if TYPE_CHECKING:
+    from .table import PairSource
 
 log = logging.getLogger(__name__)
 
@@ -334,11 +337,11 @@ def read_pairs(
                     skip(SKIP_MISSING_IMAGE, row_no, line_no, f"{full} is not a file")
                     continue
             if drop_duplicates:
-                key = (full, caption)
-                if key in seen:
+                pair = (full, caption)
+                if pair in seen:
                     skip(SKIP_DUPLICATE, row_no, line_no)
                     continue
-                seen.add(key)
+                seen.add(pair)
             filepaths.append(full)
             captions.append(caption)
             if sizes is not None:
@@ -414,7 +417,7 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __init__(
         self,
-        table: PairTable,
+        table: PairSource,
         image_transform: Callable[[Image.Image], torch.Tensor],
         tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
         view_transforms: Sequence[Callable[[Image.Image], torch.Tensor]] = (),
@@ -437,8 +440,8 @@ class PairDataset(torch.utils.data.Dataset):
             image = self.table.open_image(i)
         except ImageDecodeError as exc:
             self.n_decode_errors += 1
-            log.warning("sample %d (table row %d) dropped: %s", i, self.table.source_rows[i] + 1
-                        if getattr(self.table, "source_rows", None) else i + 1, exc)
+            source_rows = getattr(self.table, "source_rows", None)  # CSV tables know their file's rows
+            log.warning("sample %d (table row %d) dropped: %s", i, source_rows[i] + 1 if source_rows else i + 1, exc)
             return None
         text: Any = self.table.captions[i]
         if self.tokenizer is not None:

@@ -34,7 +34,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -529,6 +529,7 @@ def generate_synthetic(cfg: SynthConfig, progress: bool = True) -> Path:
     bar = tqdm(total=total, desc="synth", unit="img", disable=not progress)
     pool = None
     try:
+        results: Iterable[list[tuple[str, str, dict[str, str]]]]
         if workers == 1:
             results = map(_write_chunk, jobs)
         else:

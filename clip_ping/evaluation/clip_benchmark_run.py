@@ -82,6 +82,7 @@ def zeroshot(model: torch.nn.Module, tokenizer: Callable, preprocess: Callable, 
         dataset = build_dataset("wds/eval", root=wds_root, transform=preprocess, split=split)
         classnames, templates = dataset.classes, dataset.templates
     else:
+        assert data is not None, "a ClassificationSet or a wds_root is needed"
         dataset = _ClassificationData(data, preprocess)
         classnames, templates = data.classnames, [_format_template(t) for t in data.templates]
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
@@ -114,6 +115,7 @@ def retrieval(model: torch.nn.Module, tokenizer: Callable, preprocess: Callable,
 
         dataset = build_dataset("wds/eval", root=wds_root, transform=preprocess, split=split, task="zeroshot_retrieval")
     else:
+        assert data is not None, "a RetrievalSet or a wds_root is needed"
         dataset = _RetrievalData(data, preprocess)
         ks = [k for k in ks if k <= len(dataset)]  # clip_benchmark's recall@k needs k <= the images
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=image_captions_collate_fn)
@@ -130,11 +132,11 @@ def run_task(model: torch.nn.Module, tokenizer: Callable, preprocess: Callable, 
 
     wds = task.path if task.layout == "wds" and not task.templates and not task.classnames else None
     if task.kind == "zeroshot" and task.layout != "data":
-        data = None if wds else _classification(task, task.split)
-        return zeroshot(model, tokenizer, preprocess, data, wds_root=wds, split=task.split,
+        classes = None if wds else _classification(task, task.split)
+        return zeroshot(model, tokenizer, preprocess, classes, wds_root=wds, split=task.split,
                         batch_size=batch_size, device=device)
     if task.kind == "retrieval" and task.layout != "data":
-        data = None if wds else _retrieval(task)
-        return retrieval(model, tokenizer, preprocess, data, wds_root=wds, split=task.split,
+        pairs = None if wds else _retrieval(task)
+        return retrieval(model, tokenizer, preprocess, pairs, wds_root=wds, split=task.split,
                          batch_size=batch_size, device=device)
     return {}

@@ -302,7 +302,9 @@ def read_wds(root: str | Path, split: str = "test", templates: str | None = None
     members, extras, no_image = _wds_samples(_wds_tars(root, split))
     skipped = {"no_image": no_image} if no_image else {}
     if kind == "retrieval":
-        paths, captions, text_to_image = [], [], []
+        paths: list[tuple[str, int, int]] = []
+        captions: list[str] = []
+        text_to_image: list[int] = []
         for member, extra in zip(members, extras):
             texts = [t.strip() for t in extra.get("txt", b"").decode("utf-8").splitlines() if t.strip()]
             if not texts:

@@ -80,7 +80,7 @@ def linear_probe(
 
     # Pick the best validation accuracy; on ties the smaller C (stronger regularisation).
     by_c: dict[str, float] = {}
-    best_c, best_acc = None, -1.0
+    best_c, best_acc = float(Cs[0]), -1.0
     for c in sorted(Cs):
         model, _ = _fit(xtr, ytr, c, max_iter, seed)
         acc = _accuracy(model, xva, yva)

@@ -281,8 +281,8 @@ def _image_labels(table: Any, images: SplitImages, column: str, classes: Sequenc
 
 @torch.inference_mode()
 def evaluate(
-    model: torch.nn.Module,
-    tokenizer: Callable[[list[str]], Tensor],
+    model: Any,
+    tokenizer: Callable[[list[str]], Any],
     preprocess: Callable,
     data_dir: str | Path,
     split: str = "test",
@@ -531,7 +531,7 @@ def evaluate_from_config(cfg: EvalConfig) -> dict[str, Any]:
         teachers = load_image_teacher(cfg.image_teacher, cfg.device), load_text_teacher(cfg.text_teacher, cfg.device)
     model, tokenizer, preprocess = load_student(cfg.checkpoint)
     model.to(cfg.device)
-    common = dict(batch_size=cfg.batch_size, workers=cfg.workers, tasks=tasks, templates=templates,
+    common: dict[str, Any] = dict(batch_size=cfg.batch_size, workers=cfg.workers, tasks=tasks, templates=templates,
                   names_file=cfg.names_file, probe_max_train=cfg.probe_max_train, probe_cs=cfg.probe_cs,
                   seed=cfg.seed, device=cfg.device, progress=cfg.progress)
     result = evaluate(model, tokenizer, preprocess, cfg.data, cfg.split, linear_probe=cfg.linear_probe, **common)
@@ -550,6 +550,8 @@ def _suite_from_config(cfg: EvalConfig) -> dict[str, Any]:
     from ..student import load_student
     from .suite import read_suite, run_suite, suite_markdown
 
+    if not cfg.suite:
+        raise ConfigError("config key 'suite': the suite file to run is required here")
     tasks = read_suite(cfg.suite)  # a mistake in the file fails before the model loads
     out = Path(cfg.out) if cfg.out else default_output_path(cfg.checkpoint).with_name("suite.json")
     out.parent.mkdir(parents=True, exist_ok=True)

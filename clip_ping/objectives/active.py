@@ -82,8 +82,8 @@ class NeighbourViews(PrefetchNeighborRows):
         self.table, self.image_transform, self.steps_per_epoch = table, image_transform, steps_per_epoch
 
     def __call__(self, index: torch.Tensor, step: int) -> dict[str, Any]:
+        from ..data.order import SeededAugmentation
         from ..data.pairs import PairDataset
-        from ..trainer import SeededAugmentation
 
         out = super().__call__(index, step)
         samples = SeededAugmentation(PairDataset(self.table, self.image_transform), self.seed)
@@ -169,7 +169,7 @@ class ActiveClipPingObjective(ClipPingObjective):
                                       setup.image_transform, len(setup.table) // cfg.batch_size)
         else:
             source = OnlineFeatureQueue(cfg.queue_size, banks.image_dim, banks.text_dim)
-        return cls(banks, heads, teachers, source, preparer, cfg.lambda_nn, cfg.lambda_xnn, **cls._common_options(setup))
+        return cls(banks, heads, teachers, source, preparer, *cfg.neighbor_weights, **cls._common_options(setup))
 
     @property
     def has_unused_parameters(self) -> bool:
@@ -210,6 +210,7 @@ class ActiveClipPingObjective(ClipPingObjective):
         # every process searches among, and then queues, the same global batch
         index, a, b = gather_rows(batch["index"].cpu()), gather_rows(a), gather_rows(b)
         self._pending = (index, a, b)
+        assert isinstance(self.source, OnlineFeatureQueue)  # the queue reading: neighbor_source=queue
         p, q, rows = self.source.nearest_features(index, a, b)
         rank_rows = _own_rows(len(batch["index"]))
         return p[rank_rows], q[rank_rows], tuple(r[rank_rows] for r in rows)

@@ -19,7 +19,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from ..data.table import PairSource
-    from ..trainer import TrainConfig
+    from ..train_config import TrainConfig
 
 
 @dataclass

@@ -78,7 +78,7 @@ class ClipPingObjective(Objective):
             targets = StudentTableTargets(len(setup.table), setup.embed_dim, TeacherTargets(banks, heads))
         else:
             targets = TeacherTargets(banks, heads)
-        return cls(banks, source, heads, targets, cfg.lambda_nn, cfg.lambda_xnn, **cls._common_options(setup))
+        return cls(banks, source, heads, targets, *cfg.neighbor_weights, **cls._common_options(setup))
 
     @staticmethod
     def _common_options(setup: ObjectiveSetup) -> dict[str, Any]:

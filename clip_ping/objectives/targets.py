@@ -27,7 +27,8 @@ class TeacherTargets:
         """``rows``: the bank rows (a_p, b_p, a_q, b_q) when already read, e.g. by the loader workers."""
         if rows is None:
             rows = (*self.banks.gather(p), *self.banks.gather(q))
-        return self.from_rows(*rows, device=u.device)
+        a_p, b_p, a_q, b_q = rows
+        return self.from_rows(a_p, b_p, a_q, b_q, device=u.device)
 
     def from_rows(self, a_p: torch.Tensor, b_p: torch.Tensor, a_q: torch.Tensor, b_q: torch.Tensor,
                   device: torch.device) -> dict[str, torch.Tensor]:

@@ -1,0 +1,157 @@
+"""The options of a training run (`clip-ping train`): one typed dataclass, checked when made."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config, option
+from .errors import ConfigError
+from .objectives import OBJECTIVES
+from .run_logs import parse_log_to
+
+log = logging.getLogger(__name__)
+DEFAULT_LAMBDA = 0.5  # weight of each of the NN and XNN terms (docs/METHOD.md)
+
+
+@dataclass
+class TrainConfig(Config):
+    data: str = option("data/synth", "data set folder (train.csv or train.shards.json), a CSV/TSV file or a shard descriptor")
+    out: str = option("runs/train", "run folder: config, metrics, checkpoints, evaluation")
+    banks: str | None = option(None, "feature bank folder with neighbours (default: <data>/banks)")
+    method: str = option("clip-ping", "training objective: clip-ping; a-clip-ping (online teachers); plain clip (the "
+                         "baseline); the peers declip-nns, slip, relational (docs/METHOD.md has one row per method)",
+                         choices=tuple(OBJECTIVES))
+    model: str = option("ViT-XXS-8-64", "student: an open_clip model name (shipped: ViT-XXS-8-64, ViT-XS-16)")
+    lambda_nn: float | None = option(None, "weight of the NN (intra-modal) terms (none: 0.5 for the methods with "
+                                     "NN/XNN terms, 0 for the others)")
+    lambda_xnn: float | None = option(None, "weight of the XNN (cross-modal) terms (none: 0.5 for the methods with "
+                                      "NN/XNN terms, 0 for the others)")
+    neighbor_topk: int = option(1, "use the nearest neighbour (1) or draw one of the k nearest each step")
+    neighbor_source: str = option("dataset", "where neighbours come from: the whole data set (precomputed) or a FIFO queue "
+                                  "of recent samples",
+                                  choices=("dataset", "queue"))
+    queue_size: int = option(4096, "FIFO queue length for neighbor_source=queue and for declip-nns")
+    teacher_image_size: int | None = option(None, "a-clip-ping: run the online image teacher at this resolution "
+                                            "(none: the teacher's own)")
+    targets: str = option("teacher", "what u and v are pulled to: the neighbours' teacher features through the heads; "
+                          "student (with neighbor_source=queue): the student's own stored embeddings of the neighbours; "
+                          "student_table: the student's stored embeddings from a table over the whole data set, "
+                          "the teacher target for neighbours not embedded yet in this run",
+                          choices=("teacher", "student", "student_table"))
+    xnn_pairing: str = option("own", "XNN targets: own (u_i to the caption of p_i, v_i to the image of q_i) or other "
+                              "(through the other modality's neighbour: u_i to the caption of q_i, v_i to the image of p_i)",
+                              choices=("own", "other"))
+    collisions: str = option("leave", "NN/XNN targets that collide in a batch (two rows share a neighbour, or a row's "
+                             "neighbour is itself in the batch): leave (negatives), mask (not negatives), "
+                             "positives (extra positives, multi-positive InfoNCE)", choices=("leave", "mask", "positives"))
+    peer_weight: float | None = option(None, "weight of a peer method's extra term (declip-nns, slip, relational; "
+                                       "none: the paper's, see docs/METHOD.md)")
+    peer_temperature: float | None = option(None, "temperature of slip's SimCLR term and of relational's similarity "
+                                            "distributions (none: 0.1)")
+    head: str = option("linear", "teacher-to-student heads h_A, h_B", choices=("linear", "mlp"))
+    logit_scales: str = option("shared", "one logit scale for all terms, or one per term", choices=("shared", "per_term"))
+    duplicate_captions: str = option("none", "rows of a batch with identical captions, in the CLIP term of every method: "
+                                     "none (negatives of each other, as in CLIP), mask (not negatives), "
+                                     "positives (extra positives, multi-positive InfoNCE)",
+                                     choices=("none", "mask", "positives"))
+    epochs: int = option(5, "passes over the training data (ignored when steps is set)")
+    steps: int | None = option(None, "total optimisation steps (overrides epochs)")
+    batch_size: int = option(128, "global batch size (split over processes)")
+    lr: float = option(1e-3, "peak learning rate")
+    min_lr: float = option(0.0, "final learning rate of the cosine schedule")
+    warmup_steps: int = option(50, "linear warm-up steps")
+    weight_decay: float = option(0.1, "AdamW weight decay (not applied to gains, biases or the logit scale)")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.98, "AdamW beta2")
+    eps: float = option(1e-6, "AdamW epsilon")
+    grad_clip: float | None = option(1.0, "clip the gradient norm to this value (none to disable)")
+    precision: str = option("fp32", "fp32; bf16 autocast (also on CPU); or fp16 autocast with a gradient scaler",
+                            choices=("fp32", "bf16", "fp16"))
+    compile: bool = option(False, "torch.compile the student's forward (pays off on long GPU runs)")
+    grad_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory, slower)")
+    accum_steps: int = option(1, "split each batch into this many micro-batches (same contrastive batch, less memory)")
+    local_loss: bool = option(False, "with several processes, score local rows against the global batch only")
+    seed: int = option(0, "seed of weights, data order, augmentation and neighbour draws")
+    workers: int = option(2, "data loader worker processes")
+    prefetch_batches: int = option(2, "batches each loader worker prepares ahead")
+    threads: int = option(0, "torch threads of the training process (0: torch's default)")
+    data_mode: str = option("random", "random: shuffled random access (CSV or shards, exact resume at any step); "
+                            "stream: read WebDataset shards sequentially with a shuffle buffer", choices=("random", "stream"))
+    shuffle_buffer: int = option(2000, "samples in the shuffle buffer of data_mode=stream")
+    device: str = option("auto", "torch device: auto (this process's GPU under torchrun, else the CPU), cpu, cuda, cuda:N")
+    log_every: int = option(10, "steps between metric log lines")
+    save_every: int = option(200, "steps between checkpoints (one is always written at the end)")
+    keep_checkpoints: int = option(2, "step checkpoints kept besides latest.pt")
+    resume: str | None = option(None, "'latest': continue the run in --out (an error when it has no checkpoint); "
+                                "'auto': continue it when it has one, else start; or a checkpoint path")
+    overwrite: bool = option(False, "replace a run already in --out (its checkpoints, metrics and config) instead of refusing")
+    max_skipped_fraction: float = option(0.1, "stop when more than this share of the loaded images could not be decoded")
+    progress: bool = option(True, "show a progress bar")
+    tensorboard: bool = option(True, "write TensorBoard event files under <out>/tensorboard (false: drop it from log_to)")
+    log_to: str = option("auto", "where metrics go, comma-separated: jsonl, tensorboard, wandb (WANDB_MODE=offline "
+                                 "works); auto: jsonl + tensorboard when installed; none (see clip_ping.run_logs)")
+    run_name: str | None = option(None, "the run's name in W&B (default: the run folder's name)")
+
+    def validate(self) -> None:
+        self._settle_lambdas()
+        parse_log_to(self.log_to)
+        if self.batch_size < 2:
+            raise ConfigError("config key 'batch_size': contrastive training needs at least 2 samples per batch")
+        if self.neighbor_topk < 1:
+            raise ConfigError("config key 'neighbor_topk' must be at least 1")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError("config key 'steps' must be at least 1")
+        if self.epochs < 1:
+            raise ConfigError("config key 'epochs' must be at least 1")
+        if self.targets == "student" and self.neighbor_source != "queue":
+            raise ConfigError("config key 'targets': student targets need neighbor_source=queue")
+        if self.accum_steps < 1 or self.batch_size % self.accum_steps:
+            raise ConfigError("config key 'accum_steps' must be >= 1 and divide batch_size")
+        if self.peer_temperature is not None and self.peer_temperature <= 0:
+            raise ConfigError("config key 'peer_temperature' must be positive")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"config key 'lr' must be a positive number, got {self.lr}")
+        for key in ("save_every", "log_every", "prefetch_batches"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key '{key}' must be at least 1, got {getattr(self, key)}")
+        for key in ("workers", "threads", "warmup_steps", "keep_checkpoints"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"config key '{key}' must be 0 or more, got {getattr(self, key)}")
+        if not 0 <= self.max_skipped_fraction <= 1:
+            raise ConfigError("config key 'max_skipped_fraction' must lie in [0, 1]")
+        if self.resume is not None and self.overwrite:
+            raise ConfigError("config keys 'resume' and 'overwrite' contradict each other: continue a run or replace it")
+        if self.steps is not None and self.warmup_steps > self.steps:
+            log.warning("warmup_steps (%d) is longer than the run (%d steps): the rate never reaches lr",
+                        self.warmup_steps, self.steps)
+
+    def with_config_file(self, path: Path) -> "TrainConfig":
+        """Resuming from a run's own config.yaml continues that run folder, wherever it was copied to."""
+        folder = path.resolve().parent
+        if self.resume is not None and ((folder / "checkpoints").is_dir() or (folder / "metrics.jsonl").is_file()):
+            return dataclasses.replace(self, out=str(folder))
+        return self
+
+    @property
+    def neighbor_weights(self) -> tuple[float, float]:
+        """(lambda_nn, lambda_xnn), as settled when the config was made."""
+        assert self.lambda_nn is not None and self.lambda_xnn is not None
+        return self.lambda_nn, self.lambda_xnn
+
+    def _settle_lambdas(self) -> None:
+        """The lambdas say what the method says: 0.5 by default where it has NN/XNN terms, 0 elsewhere;
+        a weight given to a method without those terms is refused rather than recorded and ignored."""
+        has_terms = OBJECTIVES[self.method].weighs_neighbor_terms
+        for key in ("lambda_nn", "lambda_xnn"):
+            value = getattr(self, key)
+            if value is None:
+                setattr(self, key, DEFAULT_LAMBDA if has_terms else 0.0)
+            elif not has_terms and value != 0:
+                raise ConfigError(f"config key '{key}': --method {self.method} has no NN/XNN terms to weigh "
+                                  f"(drop it, or use --method clip-ping)")
+            elif not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"config key '{key}' must be 0 or more, got {value}")
