@@ -19,6 +19,7 @@ from clip_ping.neighbors import (
     load_neighbors,
     search_neighbors,
 )
+from clip_ping.neighbors import search as nb_search
 
 
 def clustered(n: int, d: int, n_clusters: int, seed: int = 0) -> np.ndarray:

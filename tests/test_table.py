@@ -116,3 +116,16 @@ def test_a_bytes_decode_error_names_the_sample() -> None:
     with pytest.raises(DataError, match="shard-000.tar:000007") as info:
         load_image(io.BytesIO(b"nope").getvalue(), "shard-000.tar:000007")
     assert "BytesIO" not in str(info.value)
+
+
+def test_neighbour_page_reads_a_shard_folder(shard_data: Path) -> None:
+    """`clip-ping neighbors show --data SHARDS/` (the images live in tars: they are embedded)."""
+    from conftest import write_random_bank
+
+    from clip_ping.cli import main
+
+    write_random_bank(shard_data, dims=(8, 8))
+    assert main(["neighbors", "show", "--data", str(shard_data), "--samples", "4", "--no-embed"]) == 0
+    page = (shard_data / "banks" / "neighbors.html").read_text()
+    assert page.count('src="data:image/jpeg;base64,') == 12  # each sample, its p and its q
+    assert page.count('<div class="cap">') == 12

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import option
+from ..config import Config, option
 from ..errors import ConfigError, DataError
 from .table import load_neighbors
 
@@ -30,10 +30,11 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class ShowConfig:
+class ShowConfig(Config):
     """Options of `clip-ping neighbors show`."""
 
-    data: str = option("", "pairs table (CSV/TSV) the bank was built from, or a data set folder (its train table)")
+    data: str = option("", "what the bank was built from: a pairs table (CSV/TSV), a shard descriptor, or a data set "
+                       "folder (its train split: table, shards or image folders)")
     banks: str | None = option(None, "bank folder with neighbours (default: <data folder>/banks)")
     out: str | None = option(None, "HTML page to write (default: <banks>/neighbors.html)")
     # not "n": `--n` would be an ambiguous abbreviation of `clip-ping neighbors --nprobe/--no-...`
@@ -53,19 +54,10 @@ class ShowConfig:
 
 def show_neighbors(cfg: ShowConfig) -> dict[str, Any]:
     """CLI entry: write the page, log the label agreement, return the diagnostics."""
-    cfg.validate()
     data = Path(cfg.data)
-    if data.is_dir():
-        from ..data.pairs import split_file
-
-        csv_path = split_file(data, "train")
-        default_banks = data / "banks"
-    else:
-        csv_path = data
-        default_banks = data.parent / "banks"
-    bank_dir = Path(cfg.banks) if cfg.banks else default_banks
+    bank_dir = Path(cfg.banks) if cfg.banks else (data if data.is_dir() else data.parent) / "banks"
     out = Path(cfg.out) if cfg.out else bank_dir / "neighbors.html"
-    result = write_neighbor_page(csv_path, bank_dir, out, n=cfg.samples, seed=cfg.seed, embed=cfg.embed, thumb=cfg.thumb)
+    result = write_neighbor_page(data, bank_dir, out, n=cfg.samples, seed=cfg.seed, embed=cfg.embed, thumb=cfg.thumb)
     for line in format_agreement(result).splitlines():
         log.info(line)
     return result
@@ -114,16 +106,22 @@ def format_agreement(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_neighbor_page(data_csv: str | Path, bank_dir: str | Path, out_html: str | Path, n: int = 50,
+def write_neighbor_page(data: str | Path, bank_dir: str | Path, out_html: str | Path, n: int = 50,
                         seed: int = 0, embed: bool = True, thumb: int = 160) -> dict[str, Any]:
     """Write the HTML page of ``n`` random samples with p_i and q_i; return the diagnostics.
 
-    ``embed=True`` inlines JPEG thumbnails (base64); ``embed=False`` links the image files
-    by paths relative to the page.
+    ``data`` is what `open_table` opens (its train split). ``embed=True`` inlines JPEG
+    thumbnails (base64); ``embed=False`` links the image files by paths relative to the
+    page (images inside shards have no file to link: they are embedded).
     """
-    from ..data.pairs import read_pairs
+    from ..data.table import open_table
 
-    table = read_pairs(data_csv)
+    data_csv = data  # named in the errors below
+    table = open_table(data, "train")
+    files = getattr(table, "filepaths", None)
+    if not embed and files is None:
+        log.info("neighbour page: %s holds its images in shards, so they are embedded", data)
+        embed = True
     bank_dir = Path(bank_dir)
     neighbors = load_neighbors(bank_dir)
     if len(neighbors) != len(table):
@@ -148,7 +146,7 @@ def write_neighbor_page(data_csv: str | Path, bank_dir: str | Path, out_html: st
 
     def image_src(i: int) -> str:
         if i not in cache:
-            cache[i] = _thumbnail(table.filepaths[i], thumb) if embed else _relative_url(table.filepaths[i], out_html)
+            cache[i] = _thumbnail(table, i, thumb) if embed else _relative_url(files[i], out_html)
         return cache[i]
 
     def cell(i: int, own: int | None, score: float | None) -> str:
@@ -189,14 +187,12 @@ def write_neighbor_page(data_csv: str | Path, bank_dir: str | Path, out_html: st
     return result
 
 
-def _thumbnail(path: str, size: int) -> str:
-    """A base64 JPEG data URL of the image scaled to fit size x size ('' if unreadable)."""
-    from ..data.pairs import load_image
-
+def _thumbnail(table: Any, i: int, size: int) -> str:
+    """A base64 JPEG data URL of row i's image scaled to fit size x size ('' if unreadable)."""
     try:
-        im = load_image(path)
-    except Exception as exc:  # noqa: BLE001 - any unreadable image just shows as such on the page
-        log.warning("neighbour page: cannot read %s (%s)", path, exc)
+        im = table.open_image(i)
+    except (DataError, OSError) as exc:  # an unreadable image just shows as such on the page
+        log.warning("neighbour page: cannot read the image of row %d (%s)", i, exc)
         return ""
     im.thumbnail((size, size))
     buf = io.BytesIO()

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import option
+from ..config import Config, option
 from ..distributed import init_from_env
 from ..errors import ConfigError, DataError
 from ..io import atomic_save_npy, atomic_write_json
@@ -47,7 +47,7 @@ RESUME_DIR = ".neighbors"
 
 
 @dataclass
-class NeighborsConfig:
+class NeighborsConfig(Config):
     """Options of `clip-ping neighbors`."""
 
     banks: str = option("", "feature bank folder written by clip-ping extract (neighbour files are written into it)")
@@ -128,7 +128,6 @@ def build_neighbors(cfg: NeighborsConfig) -> Path:
     Returns the path of ``neighbors.json``. An up-to-date table (same bank, k,
     method and exclusions) is kept unless ``overwrite``.
     """
-    cfg.validate()
     rank, world = init_from_env(_pick_device(cfg.device))  # under torchrun the fast search spreads over the processes
     bank_dir = Path(cfg.banks)
     if not bank_dir.is_dir():
