@@ -18,8 +18,8 @@ if TYPE_CHECKING:  # report imports this module; the type is only needed for ann
 
 _DIRECTIONS = {"image_to_text": "image→text", "text_to_image": "text→image"}
 
-CURVE_TITLES = {"lr": "learning rate", "loss": "total loss", "loss_clip": "L_clip (image-text)", "loss_nn": "L_nn (neighbours, same modality)",
-               "loss_xnn": "L_xnn (neighbours, cross-modal)"}
+CURVE_TITLES = {"lr": "learning rate", "loss": "total loss", "loss_clip": "L_clip (image-text)",
+                "loss_nn": "L_nn (neighbours, same modality)", "loss_xnn": "L_xnn (neighbours, cross-modal)"}
 
 
 def _curve_keys(settings: Sequence[Setting]) -> list[str]:
