@@ -10,6 +10,7 @@ from conftest import TINY_MODEL
 
 from clip_ping.checkpoints import load_checkpoint
 from clip_ping.losses import ClipPingLoss, info_nce
+from clip_ping.student import embed_dim
 from clip_ping.trainer import TrainConfig, Trainer
 
 
@@ -91,7 +92,7 @@ def test_clip_ping_loss_applies_the_collision_rule_to_every_neighbour_term_only(
 def test_xnn_through_the_other_modality_pulls_images_to_captions_of_q_and_captions_to_images_of_p(tiny_banked, tmp_path):
     trainer = Trainer(_cfg(tiny_banked, tmp_path / "run", xnn_pairing="other", lambda_nn=0.0))
     batch = next(iter(trainer._loader(epoch=0, start_batch=0)))
-    u, v = _unit(8, trainer._embed_dim(), seed=4), _unit(8, trainer._embed_dim(), seed=5)
+    u, v = _unit(8, embed_dim(trainer.model), seed=4), _unit(8, embed_dim(trainer.model), seed=5)
     out = trainer._loss(u, v, batch)
     objective = trainer.objective
     p, q = objective.source.pick(batch["index"], 0)
@@ -341,7 +342,7 @@ def test_a_clip_ping_targets_are_the_online_teacher_features_of_the_neighbours(t
 
     trainer = Trainer(_cfg(tiny_banked, tmp_path / "run", method="a-clip-ping"))
     batch = next(iter(trainer._loader(epoch=0, start_batch=0)))
-    u, v = _unit(8, trainer._embed_dim(), seed=16), _unit(8, trainer._embed_dim(), seed=17)
+    u, v = _unit(8, embed_dim(trainer.model), seed=16), _unit(8, embed_dim(trainer.model), seed=17)
     out = trainer._loss(u, v, batch)
     # independently: the tiny teachers at their 40 px on the neighbours' views, through the same heads
     image_teacher, text_teacher = load_image_teacher("test-tiny-image"), load_text_teacher("test-tiny-text")

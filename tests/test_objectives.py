@@ -6,6 +6,7 @@ import torch
 from clip_ping.checkpoints import objective_state_of_v1
 from clip_ping.objectives import OBJECTIVES, ClipObjective, Objective, StepContext
 from clip_ping.objectives.sources import DatasetNeighbors
+from clip_ping.student import embed_dim
 from clip_ping.trainer import TrainConfig, Trainer
 
 
@@ -195,7 +196,7 @@ def test_duplicate_caption_rules_change_the_loss_of_a_batch_with_duplicates(repe
         assert len(set(captions)) < len(captions)
         # embeddings that differ row by row (an untrained tiny student gives nearly equal ones)
         g = torch.Generator().manual_seed(0)
-        u, v = (torch.nn.functional.normalize(torch.randn(len(captions), trainer._embed_dim(), generator=g), dim=1)
+        u, v = (torch.nn.functional.normalize(torch.randn(len(captions), embed_dim(trainer.model), generator=g), dim=1)
                 for _ in range(2))
         losses[rule] = float(trainer._loss(u, v, batch)["loss_clip"])
     # masking removes negatives that are really the same caption; counting them as positives changes the target
