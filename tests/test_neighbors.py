@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from clip_ping import neighbors as nb
-from clip_ping.neighbors import tiled as nb_tiled
 from clip_ping.errors import ConfigError, DataError
 from clip_ping.neighbors import (
     NeighborQueue,
@@ -20,6 +19,7 @@ from clip_ping.neighbors import (
     search_neighbors,
 )
 from clip_ping.neighbors import search as nb_search
+from clip_ping.neighbors import tiled as nb_tiled
 
 
 def clustered(n: int, d: int, n_clusters: int, seed: int = 0) -> np.ndarray:
@@ -243,7 +243,6 @@ def test_two_process_gloo_search_equals_one_process_byte_for_byte(tmp_path, monk
 
 def test_fast_search_streams_the_bank_instead_of_copying_it(monkeypatch):
     """The fast path reads tiles from the memmap: it never builds the whole float32 matrix."""
-    from clip_ping.neighbors import search as nb_search
 
     monkeypatch.setattr(nb_tiled, "FAST_TILE_BYTES", 100 * 100 * 4)
     monkeypatch.setattr(nb_search._Problem, "x", property(lambda self: pytest.fail("whole bank copied")))
