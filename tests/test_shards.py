@@ -123,7 +123,9 @@ def test_index_foreign_shards_counts_bad_samples(tmp_path: Path) -> None:
         add(tar, "s/0001.txt", b"dup")
         add(tar, "s/0009.png", png_bytes((4, 5, 6)))
         add(tar, "s/0009.txt", b"last")
-    table = index_shards(expand_shards(str(tmp_path / "*.tar")), tmp_path / "out" / "train.shards.json")
+    shards = expand_shards(str(tmp_path / "*.tar"))
+    assert index_shards(shards, tmp_path / "plain" / "train.shards.json").labels == {}  # a JSON's fields are not labels
+    table = index_shards(shards, tmp_path / "out" / "train.shards.json", label_fields=["source"], workers=2)
     assert table.keys == ["s/0001", "s/0005", "s/0009"]
     assert table.captions == ["red from json", "a grey one \u2013 ok", "last"]
     assert table.labels == {"source": ["x", "", ""]}
@@ -194,3 +196,16 @@ def test_image_folder_reader(tmp_path: Path) -> None:
     assert info["tasks"]["class"]["classes"] == classes
     with pytest.raises(DataError):
         read_image_folder(tmp_path / "nothing")
+
+
+def test_key_index_finds_every_key_and_survives_hash_collisions(monkeypatch: pytest.MonkeyPatch) -> None:
+    from clip_ping.data import shards
+
+    keys = [f"shard-{i // 7:04d}/{i:09d}" for i in range(500)]
+    index = shards.KeyIndex(keys)
+    assert [index.get(k) for k in keys] == list(range(500))
+    assert index.get("shard-9999/not-there") is None
+    monkeypatch.setattr(shards, "_hash64", lambda key: len(key) % 3)  # nearly every key collides
+    crowded = shards.KeyIndex(keys)
+    assert [crowded.get(k) for k in keys[::37]] == list(range(0, 500, 37))
+    assert crowded.get("x") is None

@@ -115,8 +115,15 @@ class ConvertConfig(Config):
     caption_key: str = option("caption", "caption column of the CSV (open_clip's csv_caption_key)")
     separator: str = option("", "CSV separator (default: by suffix; ',' or '\\t')")
     overwrite: bool = option(False, "write into a non-empty output folder")
+    label_fields: list[str] = option([], "indexing foreign shards: top-level fields of each sample's JSON kept as label "
+                                     "columns (a JSON 'labels' object always is; img2dataset's url, status, sizes... "
+                                     "are not labels)")
+    workers: int = option(2, "indexing: processes scanning shards in parallel")
+    progress: bool = option(True, "show a progress bar")
 
     def validate(self) -> None:
+        if self.workers < 0:
+            raise ConfigError("config key 'workers' must be 0 or more")
         if not self.src:
             raise ConfigError("config key 'src' is required (the data to convert)")
         if not self.out:
@@ -181,7 +188,8 @@ def convert(cfg: ConvertConfig) -> dict[str, Any]:
             raise DataError(f"{cfg.src} is already tar shards; use --to index or --to csv")
         split = cfg.split or "train"
         shards = expand_shards(cfg.src)
-        table = index_shards(shards, out / f"{split}.shards.json", split)
+        table = index_shards(shards, out / f"{split}.shards.json", split, label_fields=cfg.label_fields,
+                             workers=cfg.workers, progress=cfg.progress)
         entry: dict[str, Any] = {"kept": len(table), "skipped": dict(table.skipped), "shards": len(shards),
                                  "fingerprint": table.fingerprint()}
         if cfg.to == "csv":

@@ -45,15 +45,18 @@ import glob
 import hashlib
 import json
 import logging
+import multiprocessing as mp
 import os
 import sys
 import tarfile
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
 from ..errors import DataError
 from .images import load_image
@@ -74,6 +77,36 @@ SKIP_CORRUPT_SHARD = "corrupt_shard_tail"
 # --------------------------------------------------------------------------- table
 
 
+def _hash64(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little")
+
+
+class KeyIndex:
+    """Key -> sample index for millions of keys, as sorted 64-bit hashes in two numpy arrays.
+
+    A dict of 12M Python strings costs gigabytes in every loader worker (reference
+    counts copy its pages after a fork); these arrays are 16 bytes a key and stay
+    shared. A hash match is confirmed against the key itself, so collisions are harmless.
+    """
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        hashes = np.fromiter((_hash64(k) for k in keys), dtype=np.uint64, count=len(keys))
+        self._order = np.argsort(hashes, kind="stable")
+        self._sorted = hashes[self._order]
+        self._keys = keys
+
+    def get(self, key: str) -> int | None:
+        h = np.uint64(_hash64(key))
+        pos = int(np.searchsorted(self._sorted, h))
+        while pos < len(self._sorted) and self._sorted[pos] == h:
+            i = int(self._order[pos])
+            if self._keys[i] == key:
+                return i
+            pos += 1
+        return None
+
+
+
 @dataclass
 class ShardTable:
     """The indexed samples of one split stored as tar shards. Row ``i`` is sample index ``i``."""
@@ -90,7 +123,7 @@ class ShardTable:
     sizes: np.ndarray  # int64, image bytes
     exts: list[str]  # image extension per sample (png, jpg, ...)
     skipped: dict[str, int] = field(default_factory=dict)
-    _key_index: dict[str, int] | None = field(default=None, repr=False)
+    _key_index: KeyIndex | None = field(default=None, repr=False)
     _fds: dict[int, int] = field(default_factory=dict, repr=False)
     _pid: int = field(default=-1, repr=False)
 
@@ -101,9 +134,10 @@ class ShardTable:
         return self.root / self.shards[j]
 
     @property
-    def key_to_index(self) -> dict[str, int]:
+    def key_to_index(self) -> KeyIndex:
+        """Key -> sample index (``.get(key)``), built once; loader workers forked later share it."""
         if self._key_index is None:
-            self._key_index = {k: i for i, k in enumerate(self.keys)}
+            self._key_index = KeyIndex(self.keys)
         return self._key_index
 
     def fingerprint(self) -> str:
@@ -184,14 +218,97 @@ def expand_shards(spec: str | Path | list[str]) -> list[Path]:
     return [Path(n) for n in names]
 
 
-def index_shards(shards: list[Path], descriptor: str | Path, split: str = "train") -> ShardTable:
+@dataclass
+class _ShardScan:
+    """What one tar holds: its samples in member order, and the members left out."""
+
+    samples: list[tuple[str, str, dict[str, str], int, int, str]]  # key, caption, labels, offset, size, ext
+    skipped: dict[str, int]
+    bytes: int
+
+
+def _scan_shard(path: Path, label_fields: Sequence[str] = ()) -> _ShardScan:
+    """Read one tar's headers and small caption / JSON members (never image bytes).
+
+    Labels are the JSON's ``labels`` object, plus the top-level fields named in
+    ``label_fields`` (img2dataset's JSON holds url, status, sizes...: not labels by default).
+    """
+    samples: list[tuple[str, str, dict[str, str], int, int, str]] = []
+    skipped: dict[str, int] = {}
+    size = path.stat().st_size
+
+    def count(reason: str) -> None:
+        skipped[reason] = skipped.get(reason, 0) + 1
+
+    def finish(sample: dict[str, Any] | None) -> None:
+        if sample is None:
+            return
+        if "image" not in sample:
+            count(SKIP_MISSING_IMAGE)
+            return
+        caption = sample.get("txt")
+        labels: dict[str, str] = {}
+        meta = sample.get("json")
+        if isinstance(meta, dict):
+            if caption is None:
+                caption = next((meta[f].strip() for f in CAPTION_FIELDS if isinstance(meta.get(f), str)), None)
+            raw = dict(meta["labels"]) if isinstance(meta.get("labels"), dict) else {}
+            raw.update({f: meta[f] for f in label_fields if isinstance(meta.get(f), (str, int, float, bool))})
+            labels = {str(k): str(v).strip() for k, v in raw.items()}
+        if sample.get("bad_text"):
+            count(SKIP_BAD_ENCODING)
+        elif not caption:
+            count(SKIP_EMPTY_CAPTION)
+        else:
+            samples.append((sample["key"], caption, labels, *sample["image"]))
+
+    sample: dict[str, Any] | None = None
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = _split_name(member.name)
+                if sample is None or sample["key"] != key:
+                    finish(sample)
+                    sample = {"key": key}
+                last = ext.rsplit(".", 1)[-1]
+                if last in IMAGE_EXTS and "image" not in sample:
+                    if member.offset_data + member.size > size:
+                        raise EOFError(f"member {member.name} runs past the end of the file")
+                    sample["image"] = (member.offset_data, member.size, last)
+                elif last in ("txt", "json"):
+                    text = _decode_text(tar.extractfile(member).read())  # type: ignore[union-attr]
+                    if text is None:
+                        sample["bad_text"] = True
+                    elif last == "txt":
+                        sample["txt"] = text
+                    else:
+                        try:
+                            sample["json"] = json.loads(text) if text else None
+                        except json.JSONDecodeError:
+                            sample["json"] = None
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        # A truncated tar keeps the complete samples read before the damage.
+        log.warning("shard %s is damaged after %d samples (%s)", path, len(samples), exc)
+        count(SKIP_CORRUPT_SHARD)
+        sample = None
+    finish(sample)
+    return _ShardScan(samples, skipped, size)
+
+
+def index_shards(shards: list[Path], descriptor: str | Path, split: str = "train", label_fields: Sequence[str] = (),
+                 workers: int = 0, progress: bool = False) -> ShardTable:
     """Scan tar shards once and write the key -> index map (``<split>.index.csv``) and descriptor.
 
-    Reads tar headers and the small caption / JSON members only, never image bytes.
+    Reads tar headers and the small caption / JSON members only, never image bytes;
+    ``workers`` processes scan shards in parallel (the index keeps the shards' order).
+    ``label_fields``: top-level JSON fields kept as label columns beside a ``labels`` object.
     """
     descriptor = Path(descriptor)
     descriptor.parent.mkdir(parents=True, exist_ok=True)
     root = descriptor.parent.resolve()
+    paths = [Path(p).resolve() for p in shards]
     keys: list[str] = []
     captions: list[str] = []
     label_rows: list[dict[str, str]] = []
@@ -201,90 +318,34 @@ def index_shards(shards: list[Path], descriptor: str | Path, split: str = "train
     exts: list[str] = []
     skipped: dict[str, int] = {}
     seen: set[str] = set()
-    shard_names: list[str] = []
     shard_bytes: list[int] = []
     per_shard: list[int] = []
-
-    def count(reason: str) -> None:
-        skipped[reason] = skipped.get(reason, 0) + 1
-
-    def finish(sample: dict[str, Any] | None, j: int) -> None:
-        if sample is None:
-            return
-        key = sample["key"]
-        if "image" not in sample:
-            count(SKIP_MISSING_IMAGE)
-            return
-        caption = sample.get("txt")
-        labels: dict[str, str] = {}
-        meta = sample.get("json")
-        if isinstance(meta, dict):
-            if caption is None:
-                for name in CAPTION_FIELDS:
-                    if isinstance(meta.get(name), str):
-                        caption = meta[name].strip()
-                        break
-            raw = meta.get("labels") if isinstance(meta.get("labels"), dict) else {
-                k: v for k, v in meta.items() if k not in CAPTION_FIELDS and isinstance(v, (str, int, float, bool))
-            }
-            labels = {str(k): str(v).strip() for k, v in raw.items()}
-        if sample.get("bad_text"):
-            count(SKIP_BAD_ENCODING)
-            return
-        if not caption:
-            count(SKIP_EMPTY_CAPTION)
-            return
-        if key in seen:
-            count(SKIP_DUPLICATE_KEY)
-            return
-        seen.add(key)
-        keys.append(key)
-        captions.append(caption)
-        label_rows.append(labels)
-        shard_ids.append(j)
-        offsets.append(sample["image"][0])
-        sizes.append(sample["image"][1])
-        exts.append(sample["image"][2])
-        per_shard[j] += 1
-
-    for j, path in enumerate(shards):
-        path = Path(path).resolve()
-        shard_names.append(os.path.relpath(path, root))
-        shard_bytes.append(path.stat().st_size)
-        per_shard.append(0)
-        sample: dict[str, Any] | None = None
-        try:
-            with tarfile.open(path, "r:") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    key, ext = _split_name(member.name)
-                    if sample is None or sample["key"] != key:
-                        finish(sample, j)
-                        sample = {"key": key}
-                    last = ext.rsplit(".", 1)[-1]
-                    if last in IMAGE_EXTS and "image" not in sample:
-                        if member.offset_data + member.size > shard_bytes[-1]:
-                            raise EOFError(f"member {member.name} runs past the end of the file")
-                        sample["image"] = (member.offset_data, member.size, last)
-                    elif last in ("txt", "json"):
-                        data = tar.extractfile(member).read()  # type: ignore[union-attr]
-                        text = _decode_text(data)
-                        if text is None:
-                            sample["bad_text"] = True
-                        elif last == "txt":
-                            sample["txt"] = text
-                        else:
-                            try:
-                                sample["json"] = json.loads(text) if text else None
-                            except json.JSONDecodeError:
-                                sample["json"] = None
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            # A truncated tar keeps the complete samples read before the damage.
-            log.warning("shard %s is damaged after %d samples (%s)", path, per_shard[j], exc)
-            count(SKIP_CORRUPT_SHARD)
-            sample = None
-        finish(sample, j)
+    scan = partial(_scan_shard, label_fields=tuple(label_fields))
+    pool = mp.get_context().Pool(workers) if workers > 1 and len(paths) > 1 else None
+    try:
+        scans = pool.imap(scan, paths) if pool is not None else map(scan, paths)
+        for j, result in enumerate(tqdm(scans, total=len(paths), desc="index shards", unit="shard", disable=not progress)):
+            shard_bytes.append(result.bytes)
+            per_shard.append(0)
+            for reason, n in result.skipped.items():
+                skipped[reason] = skipped.get(reason, 0) + n
+            for key, caption, labels, offset, size, ext in result.samples:
+                if key in seen:
+                    skipped[SKIP_DUPLICATE_KEY] = skipped.get(SKIP_DUPLICATE_KEY, 0) + 1
+                    continue
+                seen.add(key)
+                keys.append(key)
+                captions.append(caption)
+                label_rows.append(labels)
+                shard_ids.append(j)
+                offsets.append(offset)
+                sizes.append(size)
+                exts.append(ext)
+                per_shard[j] += 1
+    finally:
+        if pool is not None:
+            pool.close()
+    del seen
 
     if not keys:
         raise DataError(f"no usable samples in the {len(shards)} shard(s) given (skipped: {skipped or 'none'})")
@@ -292,7 +353,7 @@ def index_shards(shards: list[Path], descriptor: str | Path, split: str = "train
     table = ShardTable(
         source=descriptor.resolve(),
         root=root,
-        shards=shard_names,
+        shards=[os.path.relpath(p, root) for p in paths],
         shard_bytes=shard_bytes,
         keys=keys,
         captions=captions,

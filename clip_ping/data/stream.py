@@ -44,6 +44,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.shuffle_shards = shuffle_shards
         self.seed = seed
         self.epoch = 0
+        self.keys = table.key_to_index  # built here, before loader workers fork and share it
         self.n_unknown_keys = 0
         self.n_decode_errors = 0
 
@@ -76,9 +77,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         return dataset
 
     def __iter__(self) -> Iterator[dict[str, Any] | None]:
-        key_to_index = self.table.key_to_index
         for sample in self._pipeline():
-            index = key_to_index.get(sample["__key__"])
+            index = self.keys.get(sample["__key__"])
             if index is None:
                 self.n_unknown_keys += 1  # not in the index (skipped when indexing)
                 continue
