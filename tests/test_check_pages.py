@@ -3,23 +3,19 @@
 Skipped where Debian's `chromium` is not installed (a few seconds where it is).
 """
 
-import importlib.util
 import shutil
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark_script
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium")
 
 
 @pytest.fixture(scope="module")
 def check_pages():
-    spec = importlib.util.spec_from_file_location("check_pages", ROOT / "benchmarks" / "check_pages.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("check_pages")
 
 
 def test_clean_pages_pass_and_breakage_is_caught(check_pages, tmp_path):

@@ -4,22 +4,17 @@ No training and no OpenClipart: eval results are made up. The end-to-end check
 is `python benchmarks/quality.py --profile tiny --data synth` (a few minutes).
 """
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_benchmark_script
 
 
 @pytest.fixture(scope="module")
 def quality():
-    spec = importlib.util.spec_from_file_location("quality_bench", ROOT / "benchmarks" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("quality")
 
 
 @pytest.mark.parametrize("profile", ["quick", "full", "tiny"])
@@ -176,9 +171,7 @@ def _doc(quality, seeds, boosts, date="2026-01-01T00:00:00+00:00"):
 
 
 def test_combine_seeds_from_separate_files(quality):
-    spec = importlib.util.spec_from_file_location("quality_combine", ROOT / "benchmarks" / "quality_combine.py")
-    combine = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(combine)
+    combine = load_benchmark_script("quality_combine")
     boosts = {"clip": {0: 0.0, 1: 1.0, 2: 0.5}, "clip-ping": {0: 2.0, 1: 1.5, 2: 4.0}}
     a, b = _doc(quality, [0, 1], boosts), _doc(quality, [2], boosts, date="2026-02-02T00:00:00+00:00")
     doc = combine.combine([a, b], ["a.json", "b.json"])
