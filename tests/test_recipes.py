@@ -80,3 +80,14 @@ def test_a_missing_shard_is_refused_before_work(shards, tmp_path, capsys):
     code, _, err = _run(capsys, "train", "--config", RECIPES / "cc3m-vit-xs" / "train.yaml", "--data", data,
                         "--banks", data / "banks", "--batch-size", 16, "--dry-run")
     assert code == 2 and ".tar" in err and "Traceback" not in err
+
+
+def test_the_recipes_evaluation_suite_reads_as_the_field_reports():
+    from clip_ping.evaluation.suite import read_suite
+
+    tasks = read_suite(RECIPES / "eval-suite.yaml")
+    kinds = {t.name: (t.kind, t.layout) for t in tasks}
+    assert kinds["imagenet-1k"] == ("zeroshot", "folders") and kinds["mscoco-5k"] == ("retrieval", "karpathy")
+    assert {k for k, _ in kinds.values()} == {"zeroshot", "retrieval", "linear_probe"}
+    imagenet = next(t for t in tasks if t.name == "imagenet-1k")
+    assert (imagenet.classnames, imagenet.templates, imagenet.split) == ("imagenet", "openai", "val")
