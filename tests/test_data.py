@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
+from clip_ping.data.dataset_info import read_dataset_info
 from clip_ping.data.pairs import (
     ImageDecodeError,
     PairDataset,
     collate_pairs,
     load_image,
-    read_dataset_info,
     read_pairs,
 )
 from clip_ping.data.synth import COLOR_WORDS, SHAPE_WORDS, SynthConfig, generate_synthetic

@@ -129,3 +129,11 @@ def test_neighbour_page_reads_a_shard_folder(shard_data: Path) -> None:
     page = (shard_data / "banks" / "neighbors.html").read_text()
     assert page.count('src="data:image/jpeg;base64,') == 12  # each sample, its p and its q
     assert page.count('<div class="cap">') == 12
+
+
+def test_tasks_of_a_shard_folder_without_dataset_json_come_from_its_labels(shard_data: Path) -> None:
+    from clip_ping.data.dataset_info import read_dataset_info
+
+    (shard_data / "dataset.json").unlink()
+    tasks = read_dataset_info(shard_data)["tasks"]
+    assert tasks["kind"]["classes"] == ["even", "odd"] and "{}" in tasks["kind"]["templates"][0]

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from ..config import Config, option
 from ..errors import ConfigError, DataError
-from .pairs import DEFAULT_TEMPLATES, PairTable, read_pairs
+from .dataset_info import DEFAULT_TEMPLATES
+from .pairs import PairTable, read_pairs
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
 

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import logging
 import os
 import stat
@@ -69,12 +68,6 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 TABLE_SUFFIXES = (".csv", ".tsv")
-DEFAULT_TEMPLATES = [
-    "a picture of a {}.",
-    "a photo of a {}.",
-    "an image of a {}.",
-    "a drawing of a {}.",
-]
 
 # Skip reasons, as they appear in `PairTable.skipped` and in summaries.
 SKIP_MISSING_IMAGE = "missing_image"
@@ -479,61 +472,3 @@ def collate_pairs(
     else:
         text = list(texts)
     return {"index": index, "image": image, "text": text, "n_skipped": n_skipped}
-
-
-# --------------------------------------------------------------------------- dataset.json
-
-
-def read_dataset_info(data_dir: str | Path) -> dict[str, Any]:
-    """The data set's name and zero-shot tasks (see the module docstring for the format).
-
-    Reads ``DIR/dataset.json`` when present; otherwise one task per label column of
-    the split tables, classes sorted, prompts from `DEFAULT_TEMPLATES`.
-    """
-    data_dir = Path(data_dir)
-    meta_path = data_dir / "dataset.json"
-    if meta_path.is_file():
-        try:
-            info = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DataError(f"{meta_path} is not valid JSON: {exc}") from None
-        return _validate_info(info, meta_path)
-
-    if not data_dir.is_dir():
-        raise DataError(f"data set folder not found: {data_dir}")
-    tables = [split_file(data_dir, s) for s in SPLITS if any((data_dir / f"{s}{x}").is_file() for x in TABLE_SUFFIXES)]
-    if not tables:
-        raise DataError(f"data set folder {data_dir} has no dataset.json and no train/val/test table")
-    classes: dict[str, set[str]] = {}
-    for t in tables:
-        table = read_pairs(t, check_files=False)
-        for column, values in table.labels.items():
-            classes.setdefault(column, set()).update(v for v in values if v)
-    tasks = {
-        column: {"column": column, "classes": sorted(values), "templates": list(DEFAULT_TEMPLATES)}
-        for column, values in classes.items()
-        if len(values) >= 2  # a column with a single value is not a classification task
-    }
-    return {"name": data_dir.resolve().name, "tasks": tasks}
-
-
-def _validate_info(info: Any, where: Path) -> dict[str, Any]:
-    if not isinstance(info, dict):
-        raise DataError(f"{where} must hold a JSON object")
-    tasks = info.get("tasks", {})
-    if not isinstance(tasks, dict):
-        raise DataError(f"{where}: 'tasks' must map task names to {{column, classes, templates}}")
-    for name, task in tasks.items():
-        if not isinstance(task, dict):
-            raise DataError(f"{where}: task '{name}' must be an object")
-        task.setdefault("column", name)
-        task.setdefault("templates", list(DEFAULT_TEMPLATES))
-        classes = task.get("classes")
-        if not isinstance(classes, list) or len(classes) < 2:
-            raise DataError(f"{where}: task '{name}' needs a list of at least 2 classes")
-        bad = [t for t in task["templates"] if not isinstance(t, str) or "{}" not in t]
-        if bad or not task["templates"]:
-            raise DataError(f"{where}: task '{name}': every template must contain '{{}}' (got {bad[:1] or 'none'})")
-    info.setdefault("name", where.parent.name)
-    info["tasks"] = tasks
-    return info

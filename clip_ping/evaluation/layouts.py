@@ -114,7 +114,7 @@ class RetrievalSet:
 
 def resolve_templates(spec: str | None, root: Path | None = None) -> list[str]:
     """``openai`` / ``simple`` (open_clip's ImageNet prompts), a file, the layout's own file, or the default."""
-    from ..data.pairs import DEFAULT_TEMPLATES
+    from ..data.dataset_info import DEFAULT_TEMPLATES
     from .runner import read_templates_file
 
     if spec in ("openai", "simple"):

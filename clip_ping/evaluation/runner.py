@@ -156,7 +156,7 @@ def resolve_tasks(
     templates: Sequence[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The zero-shot tasks to run: ``tasks`` if given, else the data set's; ``templates`` replace every task's."""
-    from ..data.pairs import DEFAULT_TEMPLATES, read_dataset_info
+    from ..data.dataset_info import DEFAULT_TEMPLATES, read_dataset_info
 
     resolved = {}
     for name, task in (tasks if tasks is not None else read_dataset_info(data_dir).get("tasks", {})).items():
