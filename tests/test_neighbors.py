@@ -126,12 +126,15 @@ def test_fast_certification_falls_back_to_exact(monkeypatch):
     np.testing.assert_allclose(scores, ref_s, atol=1e-5)
 
 
+@pytest.mark.parametrize("heaps", [True, False], ids=["faiss-heaps", "torch-thresholds"])
 @pytest.mark.parametrize("exclude", ["self", "groups"])
-def test_fast_equals_brute_force_with_ties_and_duplicate_groups_over_many_tiles(monkeypatch, exclude):
-    """Tiles of 48 rows and a head of 16: the upper-triangle tiles, the threshold path and the
-    column-group path all run; identical rows make exact ties, broken by the lower index."""
+def test_fast_equals_brute_force_with_ties_and_duplicate_groups_over_many_tiles(monkeypatch, exclude, heaps):
+    """Tiles of 48 rows: the upper-triangle tiles run, merged by FAISS's heaps (CPU) or by the torch
+    threshold path (what CUDA runs; head of 16 columns, column groups); identical rows make
+    exact ties, broken by the lower index."""
     monkeypatch.setattr(nb_tiled, "FAST_TILE_BYTES", 48 * 48 * 4)
     monkeypatch.setattr(nb_tiled, "HEAD", 16)
+    monkeypatch.setattr(nb_tiled, "USE_FAISS_HEAPS", heaps)
     x, groups, valid = with_duplicates(700, 12, seed=7)
     x[200:230] = x[199]  # 31 identical rows: ties far beyond k and the margin
     x[400:403] = x[300]
