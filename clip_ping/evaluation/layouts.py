@@ -115,7 +115,7 @@ class RetrievalSet:
 def resolve_templates(spec: str | None, root: Path | None = None) -> list[str]:
     """``openai`` / ``simple`` (open_clip's ImageNet prompts), a file, the layout's own file, or the default."""
     from ..data.dataset_info import DEFAULT_TEMPLATES
-    from .runner import read_templates_file
+    from .tasks import read_templates_file
 
     if spec in ("openai", "simple"):
         from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES

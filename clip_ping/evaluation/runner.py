@@ -42,19 +42,18 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-import yaml
 from torch import Tensor
-from tqdm import tqdm
 
 from ..config import Config, option
 from ..data.table import folder_layout, open_table
 from ..errors import ConfigError, DataError
 from ..io import atomic_write_json, atomic_write_text
 from ..teachers import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
+from .encode import SplitImages, distinct_image_rows, encode_split_images, encode_texts
 from .linear_probe import DEFAULT_CS
 from .linear_probe import linear_probe as fit_linear_probe
 from .retrieval import caption_ids, retrieval_metrics, retrieval_metrics_per_row
+from .tasks import read_tasks_file, read_templates_file, resolve_tasks
 from .zeroshot import zero_shot_accuracy, zero_shot_classifier
 
 log = logging.getLogger(__name__)
@@ -98,165 +97,12 @@ class EvalConfig(Config):
             raise ConfigError("config key 'probe_cs' must list positive numbers")
 
 
-# --------------------------------------------------------------------------- task files
-
-
-def read_templates_file(path: str | Path) -> list[str]:
-    """Prompt templates, one per line; blank lines and ``#`` comments are ignored."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"templates file not found: {path}")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    templates = [line for line in lines if line and not line.startswith("#")]
-    bad = [t for t in templates if "{}" not in t]
-    if bad:
-        raise ConfigError(f"templates file {path}: every template needs a {{}} for the class name (got {bad[0]!r})")
-    if not templates:
-        raise ConfigError(f"templates file {path} holds no template")
-    return templates
-
-
-def read_tasks_file(path: str | Path) -> dict[str, dict[str, Any]]:
-    """Zero-shot tasks from a JSON/YAML file: ``{"tasks": {task: {...}}}`` or ``{task: {...}}``.
-
-    A task has ``classes`` (the label values), optional ``column`` (default: the
-    task name), ``templates`` and ``names`` (the words put in the prompts, one per
-    class, for labels that are codes rather than words).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"tasks file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML too
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"tasks file {path} is not valid JSON/YAML: {str(exc).splitlines()[0]}") from None
-    if isinstance(data, dict) and isinstance(data.get("tasks"), dict):
-        data = data["tasks"]
-    if not isinstance(data, dict) or not data:
-        raise ConfigError(f"tasks file {path} must map task names to {{classes, column, templates}}")
-    tasks = {}
-    for name, task in data.items():
-        if not isinstance(task, dict) or not isinstance(task.get("classes"), list) or len(task["classes"]) < 2:
-            raise ConfigError(f"tasks file {path}: task '{name}' needs a list of at least 2 classes")
-        names = task.get("names")
-        if names is not None and (not isinstance(names, list) or len(names) != len(task["classes"])):
-            raise ConfigError(f"tasks file {path}: task '{name}': 'names' must list one prompt name per class")
-        templates = task.get("templates")
-        if templates is not None and (not templates or any("{}" not in str(t) for t in templates)):
-            raise ConfigError(f"tasks file {path}: task '{name}': every template needs a {{}} for the class name")
-        tasks[str(name)] = {"column": str(task.get("column", name)), "classes": [str(c) for c in task["classes"]],
-                            **({"templates": [str(t) for t in templates]} if templates else {}),
-                            **({"names": [str(n) for n in names]} if names else {})}
-    return tasks
-
-
-def resolve_tasks(
-    data_dir: str | Path,
-    tasks: dict[str, dict[str, Any]] | None = None,
-    templates: Sequence[str] | None = None,
-) -> dict[str, dict[str, Any]]:
-    """The zero-shot tasks to run: ``tasks`` if given, else the data set's; ``templates`` replace every task's."""
-    from ..data.dataset_info import DEFAULT_TEMPLATES, read_dataset_info
-
-    resolved = {}
-    for name, task in (tasks if tasks is not None else read_dataset_info(data_dir).get("tasks", {})).items():
-        task = dict(task)
-        task.setdefault("column", name)
-        task["templates"] = list(templates) if templates else list(task.get("templates") or DEFAULT_TEMPLATES)
-        resolved[name] = task
-    return resolved
-
-
 # --------------------------------------------------------------------------- data
 
 
 def image_folder_tasks(table: Any) -> dict[str, dict[str, Any]]:
     """The zero-shot task of an image folder: its classes, in folder order."""
     return {"class": {"column": "class", "classes": list(dict.fromkeys(table.labels["class"]))}}
-
-
-# --------------------------------------------------------------------------- encoding
-
-
-@dataclass
-class SplitImages:
-    """The distinct images of one split, encoded. Rows sharing a file are one image."""
-
-    features: Tensor          # n_images x d, unit length
-    rows: list[int]           # table row of each image (its first row)
-    row_to_image: dict[int, int]  # every kept row -> position in ``features``
-    n_decode_errors: int
-
-
-def _distinct_image_rows(image_ids: Sequence[str]) -> tuple[list[int], dict[int, list[int]]]:
-    """First row of every distinct image, and the rows that share it."""
-    first: dict[str, int] = {}
-    members: dict[int, list[int]] = {}
-    for row, image_id in enumerate(image_ids):
-        head = first.setdefault(image_id, row)
-        members.setdefault(head, []).append(row)
-    return list(first.values()), members
-
-
-def encode_images(
-    model: torch.nn.Module,
-    table: Any,
-    preprocess: Callable,
-    rows: Sequence[int],
-    batch_size: int = 256,
-    workers: int = 0,
-    device: str = "cpu",
-    progress: bool = True,
-    desc: str = "images",
-) -> tuple[Tensor, list[int], int]:
-    """Unit-length image embeddings of table ``rows``.
-
-    Returns (features, rows that decoded, in the order of ``features``, decode errors).
-    Images that fail to decode are dropped by ``collate_pairs`` and counted.
-    """
-    from ..data.pairs import PairDataset, collate_pairs
-
-    dataset = torch.utils.data.Subset(PairDataset(table, preprocess), list(rows))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                         collate_fn=collate_pairs, shuffle=False)
-    features, kept, n_errors = [], [], 0
-    for batch in tqdm(loader, desc=f"encode {desc}", unit="batch", disable=not progress, leave=False):
-        n_errors += int(batch["n_skipped"])
-        if len(batch["index"]) == 0:
-            continue
-        features.append(F.normalize(model.encode_image(batch["image"].to(device)).float(), dim=-1).cpu())
-        kept.extend(batch["index"].tolist())
-    if not features:
-        raise DataError(f"no image of the {desc} could be decoded")
-    return torch.cat(features), kept, n_errors
-
-
-def encode_texts(
-    model: torch.nn.Module,
-    tokenizer: Callable[[list[str]], Tensor],
-    texts: Sequence[str],
-    batch_size: int = 256,
-    device: str = "cpu",
-    progress: bool = False,
-) -> Tensor:
-    """Unit-length text embeddings, ``batch_size`` strings at a time."""
-    chunks = []
-    starts = range(0, len(texts), batch_size)
-    for start in tqdm(starts, desc="encode captions", unit="batch", disable=not progress, leave=False):
-        tokens = tokenizer(list(texts[start : start + batch_size]))
-        if isinstance(tokens, Tensor):  # a teacher pair's "tokenizer" passes the strings through
-            tokens = tokens.to(device)
-        chunks.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
-    return torch.cat(chunks)
-
-
-def _encode_split_images(model, table, preprocess, rows, batch_size, workers, device, progress, desc) -> SplitImages:
-    heads, members = _distinct_image_rows(table.image_ids)
-    wanted = set(rows) if rows is not None else None
-    heads = [h for h in heads if wanted is None or h in wanted]
-    features, kept, n_errors = encode_images(model, table, preprocess, heads, batch_size, workers, device, progress, desc)
-    row_to_image = {row: pos for pos, head in enumerate(kept) for row in members[head]}
-    return SplitImages(features, kept, row_to_image, n_errors)
 
 
 # --------------------------------------------------------------------------- labels
@@ -327,7 +173,7 @@ def evaluate(
     model.eval()
     try:
         table = open_table(data_dir, split, names_file)
-        images = _encode_split_images(model, table, preprocess, None, batch_size, workers, device, progress, f"{split} images")
+        images = encode_split_images(model, table, preprocess, None, batch_size, workers, device, progress, f"{split} images")
         result: dict[str, Any] = {
             "split": split,
             "data": str(data_dir),
@@ -396,7 +242,7 @@ def _linear_probes(model, preprocess, read: Callable[[str], Any], split: str, ta
                     "its accuracy is optimistic", split)
 
     def sample_rows(table, limit):
-        heads, _ = _distinct_image_rows(table.image_ids)
+        heads, _ = distinct_image_rows(table.image_ids)
         if limit is not None and len(heads) > limit:
             heads = sorted(rng.choice(heads, size=limit, replace=False).tolist())
         return heads
@@ -406,11 +252,11 @@ def _linear_probes(model, preprocess, read: Callable[[str], Any], split: str, ta
     except DataError as exc:
         log.warning("linear probe skipped: %s", exc)
         return {}
-    train = _encode_split_images(model, train_table, preprocess, sample_rows(train_table, max_train),
+    train = encode_split_images(model, train_table, preprocess, sample_rows(train_table, max_train),
                                  batch_size, workers, device, progress, "train images (probe)")
     try:
         val_table = read("val")
-        val = _encode_split_images(model, val_table, preprocess, sample_rows(val_table, max_train),
+        val = encode_split_images(model, val_table, preprocess, sample_rows(val_table, max_train),
                                    batch_size, workers, device, progress, "val images (probe)")
     except DataError as exc:
         log.warning("linear probe: no usable val split (%s); holding out 20%% of the train sample", exc)

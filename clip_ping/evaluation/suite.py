@@ -131,14 +131,14 @@ class _Encoder:
 
     def images(self, table: Any, desc: str, rows: Sequence[int] | None = None) -> tuple[Tensor, list[int], int]:
         """(unit-length features, the rows that decoded, in feature order, how many did not)."""
-        from .runner import encode_images
+        from .encode import encode_images
 
         rows = range(len(table)) if rows is None else rows
         return encode_images(self.model, table, self.preprocess, rows, self.batch_size,
                              self.workers, self.device, self.progress, desc)
 
     def texts(self, texts: Sequence[str]) -> Tensor:
-        from .runner import encode_texts
+        from .encode import encode_texts
 
         return encode_texts(self.model, self.tokenizer, texts, self.batch_size, self.device)
 
