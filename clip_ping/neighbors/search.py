@@ -126,7 +126,9 @@ class _Problem:
         if not finite[valid].all():
             bad = int(np.flatnonzero(valid & ~finite)[0])
             raise DataError(f"feature row {bad} holds NaN/inf but is marked valid; re-extract the bank")
-        self.src, self.finite, self._x, self._x_db = features, finite, None, None
+        self.src, self.finite = features, finite
+        self._x: torch.Tensor | None = None
+        self._x_db: torch.Tensor | None = None
 
         # Groups as N x G: a candidate is excluded when any column matches (or it is the row itself).
         if groups is None:
@@ -252,8 +254,8 @@ def _search_exact(prob: _Problem, rows: torch.Tensor, state: dict) -> tuple[torc
 
 def _to_samples(prob: _Problem, local: np.ndarray) -> torch.Tensor:
     """FAISS row numbers (-1 = none) -> sample indices (-1 kept)."""
-    local = torch.from_numpy(local.astype(np.int64, copy=False))
-    return torch.where(local >= 0, prob.db_rows_t[local.clamp(min=0)], local)
+    rows = torch.from_numpy(local.astype(np.int64, copy=False))
+    return torch.where(rows >= 0, prob.db_rows_t[rows.clamp(min=0)], rows)
 
 
 def _build_ivf(prob: _Problem, nprobe: int | None, seed: int = 0) -> Any:

@@ -168,6 +168,7 @@ def build_neighbors(cfg: NeighborsConfig) -> Path:
             )
         log.info("neighbours in %s belong to an older bank; rebuilding", bank_dir)
 
+    groups: dict[str, np.ndarray | None]
     if cfg.exclude == "both":
         groups = {"image": np.stack([image_group, text_group], axis=1), "text": np.stack([text_group, image_group], axis=1)}
     elif cfg.exclude == "same_side":
