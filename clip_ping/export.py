@@ -17,15 +17,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
 
 from .checkpoints import nonfinite_tensors
 from .config import Config, option
 from .errors import ConfigError, DataError
 from .io import atomic_torch_save, atomic_write, atomic_write_json, atomic_write_text
-from .student import load_checkpoint_file, register_model_configs
+from .student import load_checkpoint_file, load_export, register_model_configs
 
 
 @dataclass
@@ -86,26 +83,6 @@ def _run_folder(checkpoint: str | Path) -> Path | None:
     if path.is_dir():
         return path
     return path.parent.parent if path.parent.name == "checkpoints" else path.parent
-
-
-def load_export(folder: str | Path) -> tuple[torch.nn.Module, Any]:
-    """(model, eval transform) of an export folder, loaded by open_clip (``local-dir:``).
-
-    Raises `DataError` in one line when the folder is not an export or its config
-    does not fit its weights (e.g. an edited ``open_clip_config.json``).
-    """
-    import open_clip
-
-    folder = Path(folder)
-    if not (folder / "open_clip_config.json").is_file():
-        raise DataError(f"{folder} is not an exported model: expected {folder / 'open_clip_config.json'}")
-    try:
-        model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
-    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
-        detail = next((line for line in lines if "size mismatch" in line or "Missing" in line), lines[0])
-        raise DataError(f"{folder / 'open_clip_config.json'} does not match its weights: {detail}") from None
-    return model, preprocess
 
 
 def verify_export(folder: str | Path) -> dict[str, int]:

@@ -89,6 +89,26 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
         raise DataError(f"cannot read checkpoint {path}: {exc}") from None
 
 
+def load_export(folder: str | Path) -> tuple[torch.nn.Module, Any]:
+    """(model, eval transform) of an export folder, loaded by open_clip (``local-dir:``).
+
+    Raises `DataError` in one line when the folder is not an export or its config
+    does not fit its weights (e.g. an edited ``open_clip_config.json``).
+    """
+    import open_clip
+
+    folder = Path(folder)
+    if not (folder / "open_clip_config.json").is_file():
+        raise DataError(f"{folder} is not an exported model: expected {folder / 'open_clip_config.json'}")
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        detail = next((line for line in lines if "size mismatch" in line or "Missing" in line), lines[0])
+        raise DataError(f"{folder / 'open_clip_config.json'} does not match its weights: {detail}") from None
+    return model, preprocess
+
+
 def load_student(checkpoint: str | Path) -> tuple[torch.nn.Module, Callable, Callable]:
     """(model, tokenizer, eval transform) from a clip-ping checkpoint, a run folder,
     or an exported open_clip folder (``open_clip_config.json`` + weights)."""
@@ -96,8 +116,6 @@ def load_student(checkpoint: str | Path) -> tuple[torch.nn.Module, Callable, Cal
 
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir() and (checkpoint / "open_clip_config.json").is_file():
-        from .export import load_export
-
         model, preprocess = load_export(checkpoint)  # a config that does not fit its weights: one line
         tokenizer = open_clip.get_tokenizer(f"local-dir:{checkpoint}")
         model.eval()

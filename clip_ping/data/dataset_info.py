@@ -11,15 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from .pairs import SPLITS, TABLE_SUFFIXES
+from .pairs import DEFAULT_TEMPLATES, SPLITS, TABLE_SUFFIXES
 from .table import SHARD_DESCRIPTOR, open_table
-
-DEFAULT_TEMPLATES = [
-    "a picture of a {}.",
-    "a photo of a {}.",
-    "an image of a {}.",
-    "a drawing of a {}.",
-]
 
 
 def read_dataset_info(data_dir: str | Path) -> dict[str, Any]:

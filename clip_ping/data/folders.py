@@ -20,8 +20,7 @@ from pathlib import Path
 
 from ..config import Config, option
 from ..errors import ConfigError, DataError
-from .dataset_info import DEFAULT_TEMPLATES
-from .pairs import PairTable, read_pairs
+from .pairs import DEFAULT_TEMPLATES, PairTable, read_pairs
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
 

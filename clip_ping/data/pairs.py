@@ -62,12 +62,18 @@ from ..errors import DataError
 from .images import ImageDecodeError, load_image
 
 if TYPE_CHECKING:
-    from .table import PairSource
+    from .source import PairSource
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 TABLE_SUFFIXES = (".csv", ".tsv")
+DEFAULT_TEMPLATES = [
+    "a picture of a {}.",
+    "a photo of a {}.",
+    "an image of a {}.",
+    "a drawing of a {}.",
+]
 
 # Skip reasons, as they appear in `PairTable.skipped` and in summaries.
 SKIP_MISSING_IMAGE = "missing_image"

@@ -13,42 +13,13 @@ batches and evaluation all index by it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol, Sequence, runtime_checkable
-
-from PIL import Image
+from typing import Any
 
 from ..errors import DataError
 from .pairs import SPLITS, TABLE_SUFFIXES, read_pairs
+from .source import PairSource
 
 SHARD_DESCRIPTOR = ".shards.json"
-
-
-@runtime_checkable
-class PairSource(Protocol):
-    """What every stage needs of a split, whatever its storage."""
-
-    source: Path                     # the file (or folder) it was read from
-    captions: list[str]
-    labels: dict[str, list[str]]     # label column -> class name per row
-    skipped: dict[str, int]          # rows left out, by reason
-
-    def __len__(self) -> int: ...
-
-    @property
-    def image_ids(self) -> Sequence[str]:
-        """One id per row; rows that share an image share an id."""
-
-    def open_image(self, i: int) -> Image.Image:
-        """Row i's image as RGB (raises `ImageDecodeError`)."""
-
-    def read_image_bytes(self, i: int) -> bytes:
-        """Row i's encoded image (raises OSError)."""
-
-    def fingerprint(self) -> str:
-        """A hash of the rows: banks built for other rows are refused."""
-
-    def summary(self) -> dict[str, Any]:
-        """Counts for logs and JSON reports."""
 
 
 def folder_layout(data_dir: str | Path, split: str = "test") -> str | None:
