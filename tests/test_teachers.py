@@ -22,6 +22,8 @@ from clip_ping.teachers import (
     load_weights_in_order,
     read_state_dict,
     register_image_teacher,
+    running_in,
+    transform_at_size,
 )
 
 
@@ -151,6 +153,42 @@ def test_default_teachers_build_an_aligned_bank(lite0, minilm, tmp_path):
 
 
 # --------------------------------------------------------------------------- registry and specs
+
+
+def test_bf16_features_agree_with_fp32(lite0, minilm):
+    """The bf16 path (torch.autocast) of both default teachers gives nearly the fp32 features.
+
+    Small inputs (40 px, short captions) keep it fast on CPUs that emulate bf16."""
+    x = torch.stack([transform_at_size(lite0, 40)(picture(i)) for i in range(3)])
+    captions = ["a red square", "two blue circles on grass", "a dog"]
+    fp32_image, fp32_text = lite0.encode(x), minilm.encode(captions)
+    with running_in("bf16", lite0, minilm):
+        bf16_image, bf16_text = lite0.encode(x), minilm.encode(captions)
+    assert lite0.precision == minilm.precision == "fp32"  # given back
+    for fp32, bf16 in ((fp32_image, bf16_image), (fp32_text, bf16_text)):
+        assert bf16.dtype == torch.float32 and not torch.equal(fp32, bf16)  # it did run in bf16
+        assert F.cosine_similarity(fp32, bf16).min() > 0.99
+    # ... and the rows keep their order: each bf16 row is nearest to its own fp32 row
+    sim = F.normalize(bf16_text, dim=-1) @ F.normalize(fp32_text, dim=-1).T
+    assert sim.argmax(1).tolist() == [0, 1, 2]
+
+
+def test_precision_is_checked():
+    with pytest.raises(ConfigError, match="precision must be one of fp32, bf16, got 'fp16'"):
+        load_text_teacher("all-minilm-l6-v2", precision="fp16")
+
+
+def test_transform_at_size_keeps_crop_ratio_and_normalisation(lite0):
+    from torchvision import transforms as T
+
+    small = transform_at_size(lite0, 64)
+    assert small(picture(0)).shape == (3, 64, 64) and lite0.transform(picture(0)).shape == (3, 224, 224)
+    resize = next(t for t in small.transforms if isinstance(t, T.Resize))
+    assert resize.size == round(64 * 256 / 224)  # timm's crop_pct 0.875 kept
+    # a square image: the same picture as the teacher's own transform, at another size
+    big = F.interpolate(lite0.transform(picture(1, (80, 80)))[None], size=64, mode="bilinear", antialias=True)[0]
+    assert (small(picture(1, (80, 80))) - big).abs().mean() < 0.05
+    assert lite0.encode(small(picture(0))[None]).shape == (1, 1280)
 
 
 def test_unknown_teacher_names():
