@@ -4,6 +4,7 @@
     python benchmarks/bench_extract.py --variants fp32 bf16 bf16-64px --rounds 5
     python benchmarks/bench_extract.py --teachers                       # forward passes alone, per precision
     python benchmarks/bench_extract.py --agreement --rows 4000          # top-1 neighbours: bf16 banks vs fp32
+    python benchmarks/bench_extract.py --agreement --agreement-variants fp32-112px fp32-64px --rows 4000
     python benchmarks/bench_extract.py --agreement --data benchmarks/work/openclipart/train.csv --rows 0
 
 Speed (default): `extract_banks` end to end (default teachers, DataLoader
@@ -16,10 +17,11 @@ teachers are loaded once: load time is not extraction time.
 ``--teachers``: each teacher's forward pass alone (inputs preprocessed), fp32
 and bf16 interleaved, and one process's decode + preprocessing rate.
 
-``--agreement``: a bank per precision of the whole data (or ``--rows``), their
-exact neighbour tables, and the share of rows whose top-1 neighbour (image
-side and text side) is the same in both; also the share where the bf16 pick
-is within the fp32 top 5.
+``--agreement``: a bank of the fp32 reference and of each variant on the
+whole data (or ``--rows``), their exact neighbour tables, and the share of rows
+whose top-1 neighbour (image side and text side) is the same as the
+reference's; also the share where the variant's pick is within the
+reference's top 5.
 
 The load average is printed at start and end: a busy machine slows every
 variant, so compare ratios, not absolute rates. Results go to
@@ -165,12 +167,12 @@ def bench_teachers(csv_path: Path, rounds: int, batch_size: int) -> dict[str, An
     return result
 
 
-def bench_agreement(csv_path: Path, root: Path, base: dict[str, Any], other: str) -> dict[str, Any]:
+def bench_agreement(csv_path: Path, root: Path, base: dict[str, Any], others: list[str]) -> dict[str, Any]:
     from clip_ping.neighbors import NeighborsConfig, build_neighbors, load_neighbors
 
     image_teacher, text_teacher = load_image_teacher(DEFAULT_IMAGE_TEACHER), load_text_teacher(DEFAULT_TEXT_TEACHER)
     tables, seconds = {}, {}
-    for name in ("fp32", other):
+    for name in ("fp32", *others):
         out = root / f"agree_{name}"
         t0 = time.perf_counter()
         extract_banks(ExtractConfig(data=str(csv_path), out=str(out), progress=False, **{**base, **VARIANTS[name]}),
@@ -178,14 +180,17 @@ def bench_agreement(csv_path: Path, root: Path, base: dict[str, Any], other: str
         seconds[name] = round(time.perf_counter() - t0, 1)
         build_neighbors(NeighborsConfig(banks=str(out), k=5, method="exact", progress=False))
         tables[name] = load_neighbors(out)
-    result: dict[str, Any] = {"rows": len(tables["fp32"].image), "compared": ["fp32", other], "extract_seconds": seconds}
-    for side in ("image", "text"):
-        a, b = np.asarray(getattr(tables["fp32"], side)), np.asarray(getattr(tables[other], side))
-        top1 = float((a[:, 0] == b[:, 0]).mean())
-        in_top5 = float((a == b[:, :1]).any(axis=1).mean())
-        result[side] = {"top1_agreement": round(top1, 5), f"{other}_top1_in_fp32_top5": round(in_top5, 5)}
-        print(f"{side}-side neighbours, {result['rows']} rows: top-1 the same in fp32 and {other} banks "
-              f"{100 * top1:.2f} %; {other}'s top-1 within fp32's top 5: {100 * in_top5:.2f} %")
+    result: dict[str, Any] = {"rows": len(tables["fp32"].image), "reference": "fp32", "extract_seconds": seconds,
+                              "agreement": {}}
+    for other in others:
+        result["agreement"][other] = {}
+        for side in ("image", "text"):
+            a, b = np.asarray(getattr(tables["fp32"], side)), np.asarray(getattr(tables[other], side))
+            top1 = float((a[:, 0] == b[:, 0]).mean())
+            in_top5 = float((a == b[:, :1]).any(axis=1).mean())
+            result["agreement"][other][side] = {"top1_same": round(top1, 5), "top1_in_fp32_top5": round(in_top5, 5)}
+            print(f"{other} vs fp32, {side}-side neighbours, {result['rows']} rows: the same top-1 {100 * top1:.2f} %; "
+                  f"{other}'s top-1 within fp32's top 5: {100 * in_top5:.2f} %")
     return result
 
 
@@ -200,8 +205,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (unless a variant sets them)")
     parser.add_argument("--teachers", action="store_true", help="measure the forward passes alone instead")
     parser.add_argument("--agreement", action="store_true", help="measure top-1 neighbour agreement instead")
-    parser.add_argument("--agreement-variant", default="bf16", choices=sorted(VARIANTS),
-                        help="the bank compared with fp32's by --agreement")
+    parser.add_argument("--agreement-variants", nargs="+", default=["bf16"], choices=sorted(VARIANTS),
+                        help="the banks compared with fp32's by --agreement")
     parser.add_argument("--tag", default="", help="suffix of the results file name")
     args = parser.parse_args()
     quiet_logging()
@@ -217,7 +222,7 @@ def main() -> None:
         if args.teachers:
             kind, result = "teachers", bench_teachers(csv_path, args.rounds, args.batch_size)
         elif args.agreement:
-            kind, result = "agreement", bench_agreement(csv_path, root, base, args.agreement_variant)
+            kind, result = "agreement", bench_agreement(csv_path, root, base, args.agreement_variants)
         else:
             kind, result = "speed", bench_speed(csv_path, root, args.variants, args.rounds, base)
     result = {"command": " ".join(sys.argv), "data": source, "machine": facts, **result}
