@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .bank_format import WORK_DIR, chunk_marker
-from .data.pairs import ImageDecodeError, PairTable, load_image
+from .data.pairs import ImageDecodeError, load_image
+from .data.table import PairSource
 from .errors import ClipPingError
 from .io import atomic_write_json
 from .teachers import ImageTeacher, TextTeacher, autocast
@@ -34,7 +35,7 @@ _MAX_DECODE_WARNINGS = 10
 class _ImageRows(torch.utils.data.Dataset):
     """Row i -> its image through the teacher's transform (or None) and the sha1 of its file bytes."""
 
-    def __init__(self, table: PairTable, transform: Callable) -> None:
+    def __init__(self, table: PairSource, transform: Callable) -> None:
         self.table = table  # a CSV table or a shard table: both read image bytes by row
         self.transform = transform
 
@@ -106,7 +107,7 @@ def encode_captions(text_teacher: TextTeacher, captions: Sequence[str], batch_si
 def extract_chunks(
     out: Path,
     run: dict[str, Any],
-    table: PairTable,
+    table: PairSource,
     image_teacher: ImageTeacher,
     text_teacher: TextTeacher,
     image_transform: Callable,

@@ -67,8 +67,8 @@ from .bank_format import (  # noqa: F401  (re-exported: the public names of bank
 )
 from .bank_writer import extract_chunks
 from .config import option
-from .data.pairs import PairTable, data_fingerprint
-from .data.table import open_table
+from .data.pairs import data_fingerprint
+from .data.table import PairSource, open_table
 from .distributed import init_from_env, resolve_device
 from .errors import ConfigError, DataError
 from .io import atomic_save_npy, atomic_write_json
@@ -157,7 +157,7 @@ class ExtractConfig:
 
 def extract_banks(
     cfg: ExtractConfig,
-    table: PairTable | None = None,
+    table: PairSource | None = None,
     image_teacher: ImageTeacher | None = None,
     text_teacher: TextTeacher | None = None,
 ) -> Path:
@@ -189,7 +189,7 @@ def _extract(
     cfg: ExtractConfig,
     rank: int,
     world: int,
-    table: PairTable | None,
+    table: PairSource | None,
     image_teacher: ImageTeacher | None,
     text_teacher: TextTeacher | None,
 ) -> Path:
@@ -299,7 +299,7 @@ def _clear(out: Path) -> None:
 def _start_or_resume(
     out: Path,
     cfg: ExtractConfig,
-    table: PairTable,
+    table: PairSource,
     identity: dict[str, Any],
     image_teacher: ImageTeacher,
     text_teacher: TextTeacher,
@@ -379,7 +379,7 @@ def _check_arrays(out: Path, run: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- finishing
 
 
-def _finish(out: Path, run: dict[str, Any], table: PairTable, world: int) -> None:
+def _finish(out: Path, run: dict[str, Any], table: PairSource, world: int) -> None:
     """Duplicate groups, then the manifest (last: it marks the bank complete), then clean up."""
     work = out / WORK_DIR
     missing = [c for c in range(run["n_chunks"]) if not chunk_marker(work, c).is_file()]

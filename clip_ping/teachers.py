@@ -58,7 +58,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, TypeVar
+from typing import Any, Callable, ContextManager, Iterator, TypeVar, cast
 
 import torch
 from PIL import Image
@@ -315,7 +315,7 @@ def transform_at_size(teacher: ImageTeacher, size: int) -> Callable[[Image.Image
             t.size = max(size, round(size * resize_side / crop_side))  # keeps timm's crop_pct
         elif isinstance(t, T.CenterCrop):
             t.size = (size, size)
-    return new
+    return cast(Callable[[Image.Image], torch.Tensor], new)
 
 
 @contextlib.contextmanager
