@@ -99,6 +99,12 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     return gather_ints(x.detach())
 
 
+def own_rows(n_local: int) -> slice:
+    """This process's rows of a batch gathered in rank order (`gather_rows` of equal batches)."""
+    rank, _ = rank_and_world()
+    return slice(rank * n_local, (rank + 1) * n_local)
+
+
 def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     """Mean over processes of each value (for logging)."""
     if not (dist.is_available() and dist.is_initialized()) or not values:

@@ -12,6 +12,7 @@ from test_distributed import _free_port
 from clip_ping.trainer import TrainConfig, Trainer
 
 SETTINGS = {
+    "queue": dict(neighbor_source="queue", queue_size=16),
     "collisions-positives-xnn-other": dict(collisions="positives", xnn_pairing="other"),
     "collisions-mask-local": dict(collisions="mask", local_loss=True),
     "student-table": dict(targets="student_table"),

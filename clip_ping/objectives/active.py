@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..banks import FeatureBanks, open_banks
-from ..distributed import gather_rows
+from ..distributed import gather_rows, own_rows
 from ..errors import ConfigError
 from ..heads import NeighborGuidance
 from ..neighbors import NeighborQueue
@@ -212,7 +212,7 @@ class ActiveClipPingObjective(ClipPingObjective):
         self._pending = (index, a, b)
         assert isinstance(self.source, OnlineFeatureQueue)  # the queue reading: neighbor_source=queue
         p, q, rows = self.source.nearest_features(index, a, b)
-        rank_rows = _own_rows(len(batch["index"]))
+        rank_rows = own_rows(len(batch["index"]))
         return p[rank_rows], q[rank_rows], tuple(r[rank_rows] for r in rows)
 
     @torch.no_grad()
@@ -221,11 +221,3 @@ class ActiveClipPingObjective(ClipPingObjective):
         if isinstance(self.source, OnlineFeatureQueue) and self._pending is not None:
             self.source.push(*self._pending)
             self._pending = None
-
-
-def _own_rows(n_local: int) -> slice:
-    """This process's rows of a batch gathered in rank order."""
-    from ..distributed import rank_and_world
-
-    rank, _ = rank_and_world()
-    return slice(rank * n_local, (rank + 1) * n_local)

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import torch
 
 from ..banks import FeatureBanks
+from ..distributed import gather_rows, own_rows
 from ..errors import ConfigError
 from ..neighbors import NeighborQueue, NeighborTable
 
@@ -106,16 +107,23 @@ class PrefetchNeighborRows:
 
 class QueueNeighbors:
     """METHOD.md "queue neighbours": p and q searched among a FIFO of recent samples,
-    keyed by their teacher features from the banks."""
+    keyed by their teacher features from the banks.
+
+    With several processes every one searches among, and then queues, the whole global
+    batch, so all hold the same queue and pick what one process would."""
 
     def __init__(self, queue: NeighborQueue, banks: FeatureBanks):
         self.queue, self.banks = queue, banks
 
     def pick(self, index: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.queue.query(index, *self.banks.gather(index))
+        everyone = gather_rows(index.cpu())
+        p, q = self.queue.query(everyone, *self.banks.gather(everyone))
+        own = own_rows(len(index))
+        return p[own], q[own]
 
     def after_step(self, index: torch.Tensor) -> None:
-        self.queue.push(index, *self.banks.gather(index))
+        everyone = gather_rows(index.cpu())
+        self.queue.push(everyone, *self.banks.gather(everyone))
 
     def state_dict(self) -> dict[str, Any]:
         return self.queue.state_dict()
