@@ -19,9 +19,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/clip-ping demo
 
-# the lint first: it takes seconds and names the line
+# the lint and the type check first: they take seconds and name the line
 test: $(STAMP)
 	$(VENV)/bin/ruff check clip_ping tests benchmarks
+	$(VENV)/bin/mypy
 	$(VENV)/bin/python -m pytest
 
 clean:

@@ -422,6 +422,8 @@ class TimmImageTeacher(ImageTeacher):
     (`load_weights_in_order`); otherwise by name, ignoring classifier tensors.
     """
 
+    model: torch.nn.Module  # set in __init__ (the base class allows None)
+
     def __init__(
         self,
         arch: str,
@@ -444,10 +446,10 @@ class TimmImageTeacher(ImageTeacher):
             _load_by_name(model, read_state_dict(weights), weights)
         model.reset_classifier(0)  # forward() now returns pooled features
         # channels_last: oneDNN's convolutions (depthwise above all) run 1.5-2x faster on CPU.
-        self.model = _freeze(model).to(device, memory_format=torch.channels_last)
+        self.model = _freeze(model).to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.name = name or f"timm:{arch}:{weights}"
         self.device = device
-        self.dim = int(model.num_features)
+        self.dim = int(getattr(model, "num_features"))
         self.data_config = resolve_model_data_config(model)
         self._transform = create_transform(**self.data_config, is_training=False)
 
@@ -555,7 +557,7 @@ class OpenClipImageTeacher(ImageTeacher):
         self.model, self._transform = _create_open_clip(model_name, Path(weights), device)
         self.name = name or f"open_clip:{model_name}:{weights}"
         self.device = device
-        self.dim = int(self.model.visual.output_dim)
+        self.dim = int(getattr(self.model.visual, "output_dim"))
 
     def transform(self, img: Image.Image) -> torch.Tensor:
         return self._transform(img)
@@ -616,6 +618,8 @@ class SentenceTransformerTeacher(TextTeacher):
 class HFTextTeacher(TextTeacher):
     """A Hugging Face encoder (``AutoModel``) from a local folder; mean of the token states over the mask."""
 
+    model: torch.nn.Module  # set in __init__ (the base class allows None)
+
     def __init__(self, path: str | Path, name: str | None = None, device: str = "cpu", max_length: int = 256) -> None:
         require("teachers")  # brings transformers
         from transformers import AutoModel, AutoTokenizer
@@ -633,7 +637,7 @@ class HFTextTeacher(TextTeacher):
         self.max_length = min(limits)
         self.name = name or f"hf:{path}"
         self.device = device
-        self.dim = int(self.model.config.hidden_size)
+        self.dim = int(getattr(self.model.config, "hidden_size"))
 
     def _forward(self, texts: list[str]) -> torch.Tensor:
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
