@@ -321,7 +321,8 @@ def index_shards(shards: list[Path], descriptor: str | Path, split: str = "train
     shard_bytes: list[int] = []
     per_shard: list[int] = []
     scan = partial(_scan_shard, label_fields=tuple(label_fields))
-    pool = mp.get_context().Pool(workers) if workers > 1 and len(paths) > 1 else None
+    # spawn, not fork: a fork of a process running torch threads can hang on a lock they held
+    pool = mp.get_context("spawn").Pool(workers) if workers > 1 and len(paths) > 1 else None
     try:
         scans = pool.imap(scan, paths) if pool is not None else map(scan, paths)
         for j, result in enumerate(tqdm(scans, total=len(paths), desc="index shards", unit="shard", disable=not progress)):
