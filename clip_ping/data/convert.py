@@ -20,9 +20,9 @@ from typing import Any
 
 from ..config import Config, option
 from ..errors import ConfigError, DataError
-from .pairs import SKIP_MISSING_IMAGE, SPLITS, PairTable, read_pairs
+from .pairs import SKIP_MISSING_IMAGE, PairTable, read_pairs
 from .shards import IMAGE_EXTS, ShardTable, expand_shards, index_shards
-from .table import open_table
+from .table import open_table, stored_splits
 
 log = logging.getLogger(__name__)
 
@@ -156,10 +156,7 @@ def convert(cfg: ConvertConfig) -> dict[str, Any]:
 
     if cfg.to in ("shards", "csv") and not _is_tar_spec(cfg.src):
         if src.is_dir():
-            splits = [cfg.split] if cfg.split else [
-                s for s in SPLITS
-                if any((src / f"{s}{x}").is_file() for x in (".csv", ".tsv", ".shards.json"))
-            ]
+            splits = [cfg.split] if cfg.split else stored_splits(src)
             if not splits:
                 raise DataError(f"{src} holds no train/val/test table or shard descriptor")
             sources = {s: open_table(src, s, **read_kwargs) for s in splits}

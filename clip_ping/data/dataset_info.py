@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from .pairs import DEFAULT_TEMPLATES, SPLITS, TABLE_SUFFIXES
-from .table import SHARD_DESCRIPTOR, open_table
+from .pairs import DEFAULT_TEMPLATES
+from .table import open_table, stored_splits
 
 
 def read_dataset_info(data_dir: str | Path) -> dict[str, Any]:
@@ -32,7 +32,7 @@ def read_dataset_info(data_dir: str | Path) -> dict[str, Any]:
 
     if not data_dir.is_dir():
         raise DataError(f"data set folder not found: {data_dir}")
-    splits = [s for s in SPLITS if any((data_dir / f"{s}{x}").is_file() for x in (*TABLE_SUFFIXES, SHARD_DESCRIPTOR))]
+    splits = stored_splits(data_dir)
     if not splits:
         raise DataError(f"data set folder {data_dir} has no dataset.json and no train/val/test table")
     classes: dict[str, set[str]] = {}

@@ -22,6 +22,13 @@ from .source import PairSource
 SHARD_DESCRIPTOR = ".shards.json"
 
 
+def stored_splits(data_dir: str | Path) -> list[str]:
+    """The splits a data folder stores as tables or shards (``<split>.csv``/``.tsv``/``.shards.json``)."""
+    data_dir = Path(data_dir)
+    suffixes = (*TABLE_SUFFIXES, SHARD_DESCRIPTOR)
+    return [s for s in SPLITS if any((data_dir / f"{s}{suffix}").is_file() for suffix in suffixes)]
+
+
 def folder_layout(data_dir: str | Path, split: str = "test") -> str | None:
     """How a data folder holds its splits: None for tables or shards (``<split>.csv``,
     ``<split>.shards.json``), ``"splits"`` for image folders per split (``<split>/<class>/``),

@@ -116,7 +116,6 @@ def write_neighbor_page(data: str | Path, bank_dir: str | Path, out_html: str | 
     """
     from ..data.table import open_table
 
-    data_csv = data  # named in the errors below
     table = open_table(data, "train")
     files = getattr(table, "filepaths", None)
     if not embed and files is None:
@@ -125,13 +124,13 @@ def write_neighbor_page(data: str | Path, bank_dir: str | Path, out_html: str | 
     bank_dir = Path(bank_dir)
     neighbors = load_neighbors(bank_dir)
     if len(neighbors) != len(table):
-        raise DataError(f"{data_csv} has {len(table)} rows but the neighbours in {bank_dir} have {len(neighbors)}; "
+        raise DataError(f"{data} has {len(table)} rows but the neighbours in {bank_dir} have {len(neighbors)}; "
                         "was the bank built from another table?")
     manifest_path = bank_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     data_fp = manifest.get("data_fingerprint") if isinstance(manifest, dict) else None
     if data_fp and data_fp != table.fingerprint():
-        raise DataError(f"bank {bank_dir} was built for another data set than {data_csv} (fingerprints differ)")
+        raise DataError(f"bank {bank_dir} was built for another data set than {data} (fingerprints differ)")
     valid_path = bank_dir / "valid.npy"
     valid = np.load(valid_path, mmap_mode="r") if valid_path.is_file() else np.ones(len(table), dtype=bool)
     valid_rows = np.flatnonzero(valid)
