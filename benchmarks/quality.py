@@ -256,7 +256,7 @@ def _checkpoint_step(run_dir: Path) -> int:
 
 def _worker_run(p: dict[str, Any]) -> dict[str, Any]:
     """Train (or resume) one run, then evaluate it on val and test; eval.json is written last."""
-    from clip_ping.evaluation.runner import EvalConfig, evaluate_from_config
+    from clip_ping.evaluation.stage import EvalConfig, evaluate_from_config
     from clip_ping.trainer import TrainConfig, train
 
     run_dir = Path(p["train"]["out"])

@@ -67,7 +67,7 @@ def train(cfg: ConfigLike = None, **overrides: Any) -> dict[str, Any]:
 
 
 def evaluate(cfg: ConfigLike = None, **overrides: Any) -> dict[str, Any]:
-    """Zero-shot, retrieval, linear probe, or a ``suite`` (`clip_ping.evaluation.runner.EvalConfig`)."""
+    """Zero-shot, retrieval, linear probe, or a ``suite`` (`clip_ping.evaluation.stage.EvalConfig`)."""
     return _run(("eval",), cfg, overrides)
 
 

@@ -49,7 +49,7 @@ COMMANDS = [
             "write an HTML page of samples with their NN and XNN, print label agreement"),
     Command(("train",), "clip_ping.trainer:TrainConfig", "clip_ping.trainer:train",
             "stage 2: train a student with CLIP-PING (or plain CLIP with --method clip)", "clip_ping.plan:plan_train"),
-    Command(("eval",), "clip_ping.evaluation.runner:EvalConfig", "clip_ping.evaluation.runner:evaluate_from_config",
+    Command(("eval",), "clip_ping.evaluation.stage:EvalConfig", "clip_ping.evaluation.stage:evaluate_from_config",
             "zero-shot classification, retrieval and linear probe of a checkpoint"),
     Command(("export",), "clip_ping.export:ExportConfig", "clip_ping.export:export_open_clip",
             "write a checkpoint as an open_clip model folder (config JSON + weights)"),

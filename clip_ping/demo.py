@@ -60,7 +60,7 @@ def _timed(timings: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
 def run_demo(cfg: DemoConfig) -> None:
     from .banks import ExtractConfig, extract_banks
     from .data.synth import SynthConfig, generate_synthetic
-    from .evaluation.runner import EvalConfig, evaluate_from_config
+    from .evaluation.stage import EvalConfig, evaluate_from_config
     from .neighbors import NeighborsConfig, build_neighbors
     from .report import build_report
     from .trainer import train

@@ -16,7 +16,8 @@ from test_eval_suite import COLORS, NAMES, _class_folders, _png, _suite, _wds
 
 from clip_ping.evaluation import clip_benchmark_run as cb
 from clip_ping.evaluation.layouts import read_class_folders, read_karpathy_json
-from clip_ping.evaluation.suite import read_suite, run_suite
+from clip_ping.evaluation.suite import run_suite
+from clip_ping.evaluation.suite_file import read_suite
 from clip_ping.export import ExportConfig, export_open_clip
 
 pytest.importorskip("clip_benchmark")

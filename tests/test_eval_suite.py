@@ -19,7 +19,8 @@ from clip_ping.data.pairs import load_image
 from clip_ping.errors import ClipPingError
 from clip_ping.evaluation.layouts import read_class_folders, read_karpathy_json, read_wds, resolve_templates
 from clip_ping.evaluation.retrieval import caption_ids, retrieval_metrics, retrieval_metrics_per_row
-from clip_ping.evaluation.suite import read_suite, run_suite
+from clip_ping.evaluation.suite import run_suite
+from clip_ping.evaluation.suite_file import read_suite
 
 COLORS = [(200, 30, 30), (30, 200, 40), (30, 40, 220), (230, 220, 30)]
 NAMES = ["red", "green", "blue", "yellow"]

@@ -16,14 +16,9 @@ from PIL import Image
 
 from clip_ping.errors import ConfigError
 from clip_ping.evaluation import linear_probe, retrieval_metrics, zero_shot_accuracy, zero_shot_classifier
-from clip_ping.evaluation.runner import (
-    EvalConfig,
-    default_output_path,
-    evaluate,
-    evaluate_from_config,
-    read_tasks_file,
-    read_templates_file,
-)
+from clip_ping.evaluation.runner import evaluate
+from clip_ping.evaluation.stage import EvalConfig, default_output_path, evaluate_from_config
+from clip_ping.evaluation.tasks import read_tasks_file, read_templates_file
 
 # ----------------------------------------------------------------------------- helpers
 

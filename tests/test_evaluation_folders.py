@@ -15,7 +15,8 @@ from clip_ping.data.dataset_info import DEFAULT_TEMPLATES
 from clip_ping.data.pairs import load_image
 from clip_ping.data.table import folder_layout as image_folder_layout
 from clip_ping.errors import DataError
-from clip_ping.evaluation.runner import EvalConfig, evaluate, evaluate_from_config
+from clip_ping.evaluation.runner import evaluate
+from clip_ping.evaluation.stage import EvalConfig, evaluate_from_config
 
 # Folder names as a user would have them; class names are the readable forms.
 COLORS = {"dark_red": (150, 20, 20), "Green": (30, 200, 40), "blue-ish": (30, 40, 220),

@@ -83,7 +83,7 @@ def test_a_missing_shard_is_refused_before_work(shards, tmp_path, capsys):
 
 
 def test_the_recipes_evaluation_suite_reads_as_the_field_reports():
-    from clip_ping.evaluation.suite import read_suite
+    from clip_ping.evaluation.suite_file import read_suite
 
     tasks = read_suite(RECIPES / "eval-suite.yaml")
     kinds = {t.name: (t.kind, t.layout) for t in tasks}

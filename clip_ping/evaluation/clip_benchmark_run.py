@@ -33,6 +33,7 @@ import torch
 
 from ..environment import require
 from .layouts import ClassificationSet, RetrievalSet
+from .suite_file import open_classification, open_retrieval
 
 
 def _format_template(template: str) -> str:
@@ -128,15 +129,14 @@ def retrieval(model: torch.nn.Module, tokenizer: Callable, preprocess: Callable,
 def run_task(model: torch.nn.Module, tokenizer: Callable, preprocess: Callable, task: Any,
              batch_size: int = 64, device: str = "cpu") -> dict[str, Any]:
     """clip_benchmark's figures for one `SuiteTask` (zero-shot or retrieval; other kinds: empty)."""
-    from .suite import _classification, _retrieval
 
     wds = task.path if task.layout == "wds" and not task.templates and not task.classnames else None
     if task.kind == "zeroshot" and task.layout != "data":
-        classes = None if wds else _classification(task, task.split)
+        classes = None if wds else open_classification(task, task.split)
         return zeroshot(model, tokenizer, preprocess, classes, wds_root=wds, split=task.split,
                         batch_size=batch_size, device=device)
     if task.kind == "retrieval" and task.layout != "data":
-        pairs = None if wds else _retrieval(task)
+        pairs = None if wds else open_retrieval(task)
         return retrieval(model, tokenizer, preprocess, pairs, wds_root=wds, split=task.split,
                          batch_size=batch_size, device=device)
     return {}

@@ -1,118 +1,30 @@
-"""`clip-ping eval --suite FILE.yaml`: a list of evaluation tasks on the field's layouts, one table.
+"""`clip-ping eval --suite FILE.yaml`: run every task of a suite file (`suite_file`) on one model, one table.
 
-A suite file::
-
-    tasks:
-      - name: imagenet            # zero-shot on ImageNet-style class folders
-        kind: zeroshot
-        layout: folders
-        path: /data/imagenet      # /data/imagenet/val/<synset>/<image>
-        split: val
-        classnames: imagenet      # open_clip's ImageNet names; or a file; default: the folders'
-        templates: openai         # OpenAI's 80 prompts; simple; a file; default: the layout's own
-      - name: flickr30k
-        kind: retrieval
-        layout: karpathy
-        path: /data/flickr30k/dataset_flickr30k.json
-        images: /data/flickr30k/flickr30k-images
-      - name: cifar10
-        kind: zeroshot
-        layout: wds               # clip_benchmark's WebDataset eval shards
-        path: /data/wds_cifar10
-      - name: pets-probe
-        kind: linear_probe        # train split features, C chosen on val (or 20% of train)
-        layout: folders
-        path: /data/pets
-
-``layout: data`` is a clip-ping data set folder (tables or image folders, as
-`clip-ping eval --data`). Relative paths are relative to the suite file.
-Layouts are read by `clip_ping.evaluation.layouts`; the metric definitions are
-the ones of `zeroshot`, `retrieval` and `linear_probe` (retrieval reports both
-the project's figure and clip_benchmark's per-row figure).
+The metric definitions are the ones of `zeroshot`, `retrieval` and `linear_probe` (retrieval
+reports both the project's figure and clip_benchmark's per-row figure); `clip_benchmark_run`
+adds clip_benchmark's own figures beside them when asked.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-import yaml
 from torch import Tensor
 
-from ..errors import ConfigError, DataError
-from .layouts import ClassificationSet, RetrievalSet, read_class_folders, read_karpathy_json, read_wds
+from ..errors import DataError
+from .layouts import ClassificationSet, RetrievalSet
 from .linear_probe import DEFAULT_CS
 from .linear_probe import linear_probe as fit_linear_probe
 from .retrieval import caption_ids, retrieval_metrics, retrieval_metrics_per_row
+from .runner import evaluate
+from .suite_file import SuiteTask, open_classification, open_retrieval
 from .zeroshot import zero_shot_accuracy, zero_shot_classifier
 
 log = logging.getLogger(__name__)
-
-KINDS = ("zeroshot", "retrieval", "linear_probe")
-LAYOUTS = {"folders": ("zeroshot", "linear_probe"), "karpathy": ("retrieval",),
-           "wds": ("zeroshot", "retrieval", "linear_probe"), "data": KINDS}
-
-
-@dataclass
-class SuiteTask:
-    name: str
-    kind: str
-    layout: str
-    path: str
-    split: str = "test"
-    images: str | None = None        # karpathy: the image folder
-    classnames: str | None = None
-    templates: str | None = None
-    train_split: str = "train"       # linear probe
-    val_split: str = "val"           # linear probe; absent: 20% of the train sample
-
-
-def read_suite(path: str | Path) -> list[SuiteTask]:
-    """The tasks of a suite file; every mistake is one `ConfigError` line naming the task and key."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"suite file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"suite file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    entries = data.get("tasks") if isinstance(data, dict) else None
-    if not isinstance(entries, list) or not entries:
-        raise ConfigError(f"suite file {path} must hold a non-empty 'tasks' list")
-    known = {f.name for f in fields(SuiteTask)}
-    tasks, names = [], set()
-    for i, entry in enumerate(entries):
-        label = f"suite file {path}, task {entry.get('name', i + 1) if isinstance(entry, dict) else i + 1}"
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{label}: must be a mapping of {sorted(known)}")
-        unknown = sorted(set(entry) - known)
-        if unknown:
-            raise ConfigError(f"{label}: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
-        for key in ("kind", "layout", "path"):
-            if not entry.get(key):
-                raise ConfigError(f"{label}: key '{key}' is required")
-        entry = {k: (str(v) if v is not None else None) for k, v in entry.items()}
-        entry.setdefault("name", f"{entry['layout']}-{entry['kind']}-{i + 1}")
-        if entry["layout"] not in LAYOUTS:
-            raise ConfigError(f"{label}: layout '{entry['layout']}' is not one of {', '.join(LAYOUTS)}")
-        if entry["kind"] not in LAYOUTS[entry["layout"]]:
-            raise ConfigError(f"{label}: kind '{entry['kind']}' is not one of {', '.join(LAYOUTS[entry['layout']])} "
-                              f"for layout '{entry['layout']}'")
-        if entry["name"] in names:
-            raise ConfigError(f"{label}: the name '{entry['name']}' is used twice")
-        names.add(entry["name"])
-        named = {"classnames": ("imagenet",), "templates": ("openai", "simple")}  # not files
-        for key in ("path", "images", "classnames", "templates"):  # files relative to the suite file
-            value = entry.get(key)
-            if value and value not in named.get(key, ()) and not Path(value).is_absolute():
-                entry[key] = str(path.parent / value)
-        tasks.append(SuiteTask(**entry))
-    return tasks
-
 
 # --------------------------------------------------------------------------- running
 
@@ -141,24 +53,6 @@ class _Encoder:
         from .encode import encode_texts
 
         return encode_texts(self.model, self.tokenizer, texts, self.batch_size, self.device)
-
-
-def _classification(task: SuiteTask, split: str) -> ClassificationSet:
-    if task.layout == "folders":
-        return read_class_folders(task.path, split, task.classnames, task.templates)
-    result = read_wds(task.path, split, task.templates, task.classnames)
-    if not isinstance(result, ClassificationSet):
-        raise DataError(f"task '{task.name}': {task.path} is a retrieval data set (dataset_type.txt), not classification")
-    return result
-
-
-def _retrieval(task: SuiteTask) -> RetrievalSet:
-    result = (read_karpathy_json(task.path, task.images, task.split) if task.layout == "karpathy"
-              else read_wds(task.path, task.split))
-    if not isinstance(result, RetrievalSet):
-        raise DataError(f"task '{task.name}': {task.path} is a classification data set; "
-                        "a retrieval one has dataset_type.txt saying 'retrieval'")
-    return result
 
 
 def zeroshot_task(enc: _Encoder, data: ClassificationSet, name: str = "zeroshot") -> dict[str, Any]:
@@ -190,7 +84,7 @@ def linear_probe_task(enc: _Encoder, task: SuiteTask, max_train: int | None, cs:
     rng = np.random.default_rng(seed)
 
     def features(split: str, limit: int | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        data = _classification(task, split)
+        data = open_classification(task, split)
         rows = None
         if limit is not None and len(data.images) > limit:  # a seeded sub-sample, kept in file order
             rows = np.sort(rng.choice(len(data.images), size=limit, replace=False)).tolist()
@@ -214,7 +108,6 @@ def linear_probe_task(enc: _Encoder, task: SuiteTask, max_train: int | None, cs:
 def _data_folder_task(enc: _Encoder, task: SuiteTask, max_train: int | None, cs: Sequence[float],
                       seed: int) -> dict[str, Any]:
     """A clip-ping data set folder, scored by the runner (``layout: data``)."""
-    from .runner import evaluate
 
     result = evaluate(enc.model, enc.tokenizer, enc.preprocess, task.path, task.split, batch_size=enc.batch_size,
                       workers=enc.workers, linear_probe=task.kind == "linear_probe", probe_max_train=max_train,
@@ -252,9 +145,9 @@ def run_suite(model: torch.nn.Module, tokenizer: Callable[[list[str]], Tensor], 
             if task.layout == "data":
                 results[task.name] = _data_folder_task(enc, task, probe_max_train, probe_cs, seed)
             elif task.kind == "zeroshot":
-                results[task.name] = zeroshot_task(enc, _classification(task, task.split), task.name)
+                results[task.name] = zeroshot_task(enc, open_classification(task, task.split), task.name)
             elif task.kind == "retrieval":
-                results[task.name] = retrieval_task(enc, _retrieval(task), task.name)
+                results[task.name] = retrieval_task(enc, open_retrieval(task), task.name)
             else:
                 results[task.name] = linear_probe_task(enc, task, probe_max_train, probe_cs, seed)
             if with_clip_benchmark and task.kind != "linear_probe" and task.layout != "data":
