@@ -414,14 +414,11 @@ def check_run_folder(run: dict[str, Any]) -> None:
     old = yaml.safe_load(path.read_text()) or {}
     import dataclasses
 
-    from clip_ping.objectives import OBJECTIVES
-    from clip_ping.trainer import TrainConfig
+    from clip_ping.train_config import TrainConfig, comparable_options
 
-    want = dataclasses.asdict(TrainConfig(**run["train"]))
-    # runs made before the lambdas followed the method recorded 0.5 for methods without NN/XNN terms
-    unused = () if OBJECTIVES[want["method"]].weighs_neighbor_terms else ("lambda_nn", "lambda_xnn")
-    diff = {k: (old.get(k), v) for k, v in _comparable(want).items()
-            if k in old and old.get(k) != v and k not in unused}
+    want = comparable_options(_comparable(dataclasses.asdict(TrainConfig(**run["train"]))))
+    old = comparable_options(old)
+    diff = {k: (old.get(k), v) for k, v in want.items() if k in old and old.get(k) != v}
     if diff:
         shown = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in sorted(diff.items()))
         raise BenchError(f"{run['run_dir']} was trained with other options ({shown}); "

@@ -9,12 +9,11 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-if TYPE_CHECKING:  # report imports this module; the type is only needed for annotations
-    from .report import Setting
+from .report_runs import Setting
 
 _DIRECTIONS = {"image_to_text": "image→text", "text_to_image": "text→image"}
 

@@ -7,6 +7,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 from .config import Config, option
 from .errors import ConfigError
@@ -155,3 +156,17 @@ class TrainConfig(Config):
                                   f"(drop it, or use --method clip-ping)")
             elif not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"config key '{key}' must be 0 or more, got {value}")
+
+
+def comparable_options(recorded: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's recorded options (config.yaml) without the lambdas of a method that has no NN/XNN terms.
+
+    Runs made before the lambdas followed the method recorded 0.5 there, today's record 0; neither is
+    read, so both compare equal. The one rule for the report's settings and the benchmark's run check.
+    """
+    options = dict(recorded)
+    objective = OBJECTIVES.get(str(options.get("method")))
+    if objective is not None and not objective.weighs_neighbor_terms:
+        options.pop("lambda_nn", None)
+        options.pop("lambda_xnn", None)
+    return options

@@ -250,3 +250,24 @@ def test_demo_report_links_its_neighbour_page(tmp_path, tiny_banked):
     (moved / "report" / "metrics_bar.png").unlink()
     with pytest.raises(AssertionError, match="metrics_bar.png"):
         _assert_refs_resolve(moved / "report" / "index.html")
+
+
+def test_old_and_new_clip_runs_are_one_setting_but_lambdas_still_split_clip_ping(tmp_path):
+    """Plain CLIP runs recorded lambda 0.5 before the lambdas followed the method, 0 since; neither is read."""
+    from clip_ping.report_runs import group_runs, load_run
+    from clip_ping.train_config import comparable_options
+
+    old = _write_run(tmp_path / "clip-old", "clip", 0, 0.0)
+    new = _write_run(tmp_path / "clip-new", "clip", 1, 1.0)
+    config = yaml.safe_load((new / "config.yaml").read_text())
+    (new / "config.yaml").write_text(yaml.safe_dump({**config, "lambda_nn": 0.0, "lambda_xnn": 0.0}))
+    ping_a = _write_run(tmp_path / "ping-a", "clip-ping", 0, 2.0)
+    ping_b = _write_run(tmp_path / "ping-b", "clip-ping", 1, 3.0)
+    config = yaml.safe_load((ping_b / "config.yaml").read_text())
+    (ping_b / "config.yaml").write_text(yaml.safe_dump({**config, "lambda_nn": 1.0}))
+
+    settings = group_runs([load_run(p) for p in (old, new, ping_a, ping_b)])
+    assert [[r.path.name for r in s.runs] for s in settings] == [["clip-old", "clip-new"], ["ping-a"], ["ping-b"]]
+    assert [s.name for s in settings] == ["clip", "clip-ping lambda_nn=0.5", "clip-ping lambda_nn=1.0"]
+    assert comparable_options({"method": "slip", "lambda_nn": 0.5, "lr": 1}) == {"method": "slip", "lr": 1}
+    assert comparable_options({"method": "unknown", "lambda_nn": 0.5}) == {"method": "unknown", "lambda_nn": 0.5}
