@@ -689,8 +689,9 @@ def markdown(doc: dict[str, Any]) -> str:
                 continue
             lines.append(f"| {setting} | " + " | ".join(
                 _cell((entry["metrics"].get(k) or {}).get("delta_vs_clip"), delta=True) for k in keys) + " |")
+        lines.append("")
         vs_ping = (doc.get("aggregate_vs_clip_ping") or {}).get(split)
-        if vs_ping:
+        if vs_ping and set(vs_ping["settings"]) - {BASELINE, SECOND_BASELINE}:
             lines += [f"Δ vs CLIP-PING defaults ({split}):", "",
                       "| setting | " + " | ".join(metric_label(k) for k in keys) + " |", "|---|" + "---|" * len(keys)]
             for setting, entry in vs_ping["settings"].items():
@@ -699,7 +700,6 @@ def markdown(doc: dict[str, Any]) -> str:
                 lines.append(f"| {setting} | " + " | ".join(
                     _cell((entry["metrics"].get(k) or {}).get("delta_vs_clip"), delta=True) for k in keys) + " |")
             lines.append("")
-        lines.append("")
     if split_note := doc.get("notes"):
         lines += ["Notes:", ""] + [f"- {n}" for n in split_note] + [""]
 
