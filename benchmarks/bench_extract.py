@@ -46,7 +46,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from clip_ping.banks import ExtractConfig, extract_banks  # noqa: E402
-from clip_ping.data.pairs import load_image, read_pairs  # noqa: E402
+from clip_ping.data.csv_reader import read_pairs
+from clip_ping.data.images import load_image
 from clip_ping.teachers import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER, load_image_teacher, load_text_teacher  # noqa: E402
 
 # name -> ExtractConfig settings. "fp32" is extraction as it was before the precision option.

@@ -43,7 +43,8 @@ import _common as C  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from clip_ping.data.pairs import PairDataset, collate_pairs, read_pairs  # noqa: E402
+from clip_ping.data.csv_reader import read_pairs
+from clip_ping.data.pairs import PairDataset, collate_pairs  # noqa: E402
 from clip_ping.data.convert import ConvertConfig, convert  # noqa: E402
 from clip_ping.data.shards import open_shards  # noqa: E402
 from clip_ping.data.stream import ShardStream  # noqa: E402

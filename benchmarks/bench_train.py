@@ -343,7 +343,7 @@ def open_clip_argv(csv_path: Path, logs: Path, name: str, model: str, batch: int
 
 def vs_open_clip(data: Path, model: str, batch: int, precision: str, epochs: int, warmup: int, workers: int,
                  rounds: int) -> dict[str, Any]:
-    from clip_ping.data.pairs import read_pairs
+    from clip_ping.data.csv_reader import read_pairs
 
     n = len(read_pairs(data / "train.csv"))
     steps_per_epoch = n // batch

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .bank_format import WORK_DIR, chunk_marker
-from .data.pairs import ImageDecodeError, load_image
+from .data.images import ImageDecodeError, load_image
 from .data.table import PairSource
 from .errors import ClipPingError
 from .io import atomic_write_json

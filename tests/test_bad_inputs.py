@@ -13,7 +13,7 @@ import torch
 
 from clip_ping.checkpoints import load_checkpoint
 from clip_ping.cli import main
-from clip_ping.data.pairs import read_pairs
+from clip_ping.data.csv_reader import read_pairs
 
 TRAIN = ["train", "--steps", "2", "--batch-size", "8", "--workers", "0", "--no-progress", "--no-tensorboard",
          "--method", "clip", "--log-every", "1"]
@@ -249,8 +249,8 @@ def test_export_refuses_a_file_and_another_export_and_a_nan_checkpoint(data, tmp
 
 
 def test_a_decode_error_names_the_file_and_row_never_an_in_memory_buffer(tmp_path, caplog):
-    from clip_ping.data.images import load_image
-    from clip_ping.data.pairs import ImageDecodeError, PairDataset
+    from clip_ping.data.images import ImageDecodeError, load_image
+    from clip_ping.data.pairs import PairDataset
 
     with pytest.raises(ImageDecodeError) as info:
         load_image(b"not an image", "train-000000.tar:000019")

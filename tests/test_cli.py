@@ -116,7 +116,7 @@ def test_missing_image_and_empty_caption_are_skipped_and_counted(tiny_synth, tmp
     code, _, err = _run(capsys, "train", "--data", data, "--method", "clip", "--steps", 1, "--batch-size", 8,
                         "--workers", 0, "--no-progress", "--no-tensorboard", "--out", tmp_path / "run")
     assert code == 0, err
-    from clip_ping.data.pairs import read_pairs
+    from clip_ping.data.csv_reader import read_pairs
 
     table = read_pairs(data / "train.csv")
     assert len(table) == 46 and sum(table.skipped.values()) == 2

@@ -12,15 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
+from clip_ping.data.csv_reader import read_pairs
 from clip_ping.data.dataset_info import read_dataset_info
-from clip_ping.data.pairs import (
-    ImageDecodeError,
-    PairDataset,
-    collate_pairs,
-    load_image,
-    read_pairs,
-)
-from clip_ping.data.synth import COLOR_WORDS, SHAPE_WORDS, SynthConfig, generate_synthetic
+from clip_ping.data.images import ImageDecodeError, load_image
+from clip_ping.data.pairs import PairDataset, collate_pairs
+from clip_ping.data.synth import SynthConfig, generate_synthetic
+from clip_ping.data.synth_scenes import COLOR_WORDS, SHAPE_WORDS
 from clip_ping.errors import ConfigError, DataError
 
 # ----------------------------------------------------------------------------- helpers

@@ -15,7 +15,7 @@ from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TE
 from PIL import Image
 
 from clip_ping.cli import main
-from clip_ping.data.pairs import load_image
+from clip_ping.data.images import load_image
 from clip_ping.errors import ClipPingError
 from clip_ping.evaluation.layouts import read_class_folders, read_karpathy_json, read_wds, resolve_templates
 from clip_ping.evaluation.retrieval import caption_ids, retrieval_metrics, retrieval_metrics_per_row

@@ -274,7 +274,8 @@ def test_evaluate_scores_a_tiny_model_on_tiny_data(tiny_model, tmp_path):
     assert probe["color"]["n_train"] == 20 and probe["color"]["n_val"] == 9 and probe["color"]["n_test"] == 11
 
     # the zero-shot number is the one a direct computation on the model's own embeddings gives
-    from clip_ping.data.pairs import load_image, read_pairs
+    from clip_ping.data.csv_reader import read_pairs
+    from clip_ping.data.images import load_image
 
     table = read_pairs(data / "test.csv")
     rows = [i for i in range(0, len(table), 2) if not table.filepaths[i].endswith("test_11.png")]

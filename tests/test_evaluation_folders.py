@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from clip_ping.data.dataset_info import DEFAULT_TEMPLATES
-from clip_ping.data.pairs import load_image
+from clip_ping.data.images import load_image
 from clip_ping.data.table import folder_layout as image_folder_layout
 from clip_ping.errors import DataError
 from clip_ping.evaluation.runner import evaluate

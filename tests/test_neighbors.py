@@ -472,7 +472,7 @@ def make_dataset_with_bank(root: Path, n: int = 24) -> tuple[Path, Path]:
     """Tiny coloured-square data set (label column 'color') and a bank whose features follow the colour."""
     from PIL import Image
 
-    from clip_ping.data.pairs import read_pairs
+    from clip_ping.data.csv_reader import read_pairs
 
     colors = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
     names = list(colors)

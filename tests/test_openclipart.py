@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from clip_ping.data.csv_reader import read_pairs
 from clip_ping.data.dataset_info import read_dataset_info
 from clip_ping.data.openclipart import OpenClipartConfig, clean_keywords, clean_phrase, convert_openclipart
-from clip_ping.data.pairs import read_pairs
 from clip_ping.errors import ConfigError, DataError
 
 SVG = """<?xml version="1.0" encoding="UTF-8"?>

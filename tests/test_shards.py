@@ -13,9 +13,11 @@ import torch
 from PIL import Image
 
 from clip_ping.data.convert import ConvertConfig, convert, write_shards
+from clip_ping.data.csv_reader import read_pairs
 from clip_ping.data.dataset_info import read_dataset_info
 from clip_ping.data.folders import ImageFolderConfig, image_folder_to_csv, read_image_folder
-from clip_ping.data.pairs import PairDataset, collate_pairs, load_image, read_pairs
+from clip_ping.data.images import load_image
+from clip_ping.data.pairs import PairDataset, collate_pairs
 from clip_ping.data.shards import ShardTable, expand_shards, index_shards, open_shards
 from clip_ping.data.stream import ShardStream
 from clip_ping.data.table import open_table

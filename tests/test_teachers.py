@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from clip_ping.banks import ExtractConfig, extract_banks, open_banks
-from clip_ping.data.pairs import load_image, read_pairs
+from clip_ping.data.csv_reader import read_pairs
+from clip_ping.data.images import load_image
 from clip_ping.errors import ConfigError, DataError
 from clip_ping.teachers import (
     ImageTeacher,

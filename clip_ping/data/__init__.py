@@ -2,13 +2,14 @@
 
 Open a split with `open_table` (CSV, shards or image folders), wrap it in
 `PairDataset`, batch it with `collate_pairs`. The folder format is documented
-in `clip_ping.data.pairs`. The synthetic generator lives in
+in `clip_ping.data.csv_reader`. The synthetic generator lives in
 `clip_ping.data.synth` (imported on demand).
 """
 
+from .csv_reader import read_pairs
 from .dataset_info import DEFAULT_TEMPLATES, read_dataset_info
 from .images import ImageDecodeError, load_image
-from .pairs import SPLITS, PairDataset, PairTable, collate_pairs, read_pairs, split_file
+from .pairs import SPLITS, PairDataset, PairTable, collate_pairs, split_file
 from .table import PairSource, open_table
 
 __all__ = [

@@ -20,7 +20,8 @@ from typing import Any
 
 from ..config import Config, option
 from ..errors import ConfigError, DataError
-from .pairs import SKIP_MISSING_IMAGE, PairTable, read_pairs
+from .csv_reader import read_pairs
+from .pairs import SKIP_MISSING_IMAGE, PairTable
 from .shards import IMAGE_EXTS, ShardTable, expand_shards, index_shards
 from .table import open_table, stored_splits
 

@@ -1,7 +1,22 @@
-"""``dataset.json``: a data set's name and zero-shot tasks (the format is in `clip_ping.data.pairs`).
+"""``dataset.json``: a data set's name and zero-shot tasks.
 
-Without the file, one task per label column of the split tables, with the
-classes found there and `DEFAULT_TEMPLATES`.
+``dataset.json`` names the zero-shot classification tasks::
+
+    {
+      "name": "synth-shapes",
+      "tasks": {
+        "shape": {"column": "shape",
+                  "classes": ["circle", "square", ...],
+                  "templates": ["a picture of a {} shape.", "a drawing of a {}."]},
+        ...
+      }
+    }
+
+``column`` is the label column holding the class name of each row, ``classes``
+lists every class (their order fixes the class ids), and ``templates`` are the
+prompts, each with one ``{}`` replaced by the class name. Without
+``dataset.json``, `read_dataset_info` makes one task per label column, with the
+classes found in the tables and `DEFAULT_TEMPLATES`.
 """
 
 from __future__ import annotations

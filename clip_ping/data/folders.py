@@ -20,7 +20,8 @@ from pathlib import Path
 
 from ..config import Config, option
 from ..errors import ConfigError, DataError
-from .pairs import DEFAULT_TEMPLATES, PairTable, read_pairs
+from .csv_reader import read_pairs
+from .pairs import DEFAULT_TEMPLATES, PairTable
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
 

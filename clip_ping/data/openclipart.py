@@ -57,7 +57,7 @@ from tqdm import tqdm
 from ..config import Config, option
 from ..errors import ConfigError, DataError
 from .folders import readable_name
-from .pairs import ImageDecodeError, load_image
+from .images import ImageDecodeError, load_image
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from .pairs import SPLITS, TABLE_SUFFIXES, read_pairs
+from .csv_reader import read_pairs
+from .pairs import SPLITS, TABLE_SUFFIXES
 from .source import PairSource
 
 SHARD_DESCRIPTOR = ".shards.json"
