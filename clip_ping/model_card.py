@@ -18,7 +18,7 @@ METHOD_LINES = {
     "clip-ping": "CLIP-PING: the CLIP loss plus nearest-neighbour (NN) and cross nearest-neighbour (XNN) "
                  "guidance from frozen teacher feature banks",
 }
-SETTINGS = ("method", "model", "batch_size", "epochs", "steps", "lr", "weight_decay", "warmup_steps",
+SETTINGS = ("method", "model", "init_from", "batch_size", "epochs", "steps", "lr", "weight_decay", "warmup_steps",
             "lambda_nn", "lambda_xnn", "neighbor_topk", "neighbor_source", "targets", "seed")
 
 
@@ -60,7 +60,9 @@ def model_card(model_name: str, state: dict[str, Any], run_dir: Path | None) -> 
     ]
     if config.get("banks"):
         lines.append(f"- teacher feature banks: `{config['banks']}`")
-    lines += ["", "## Method and settings", "", f"Method: {METHOD_LINES.get(method, method)}.", "",
+    start = (f"Initialised from `{config['init_from']}` (pretrained open_clip weights)." if config.get("init_from")
+             else f"Initialised from random weights (seed {config.get('seed', 'unknown')}).")
+    lines += ["", "## Method and settings", "", f"Method: {METHOD_LINES.get(method, method)}.", "", start, "",
               "| setting | value |", "|---|---|"]
     lines += [f"| {key} | {config[key]} |" for key in SETTINGS if key in config]
     lines += [f"| steps trained | {state.get('step', 'unknown')} |", ""]

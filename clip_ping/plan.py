@@ -75,6 +75,12 @@ def plan_train(cfg: Any) -> dict[str, Any]:
         raise ConfigError(f"config key 'batch_size': {cfg.batch_size} is larger than the data set ({n} pairs)")
     total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
     model, transform, _, _ = create_student(cfg.model, seed=cfg.seed)
+    init = None
+    if cfg.init_from:  # a local source is read and checked against the student; a hub name is fetched at start
+        from .pretrained import init_student, is_remote
+
+        init = (f"{cfg.init_from} (fetched by open_clip when the run starts)" if is_remote(cfg.init_from)
+                else init_student(model, cfg.init_from, cfg.model)["file"])
     objective = build_objective(ObjectiveSetup(cfg, table, embed_dim(model), torch.device("cpu"), transform))  # opens and checks banks
     params = sum(p.numel() for p in model.parameters())
     extra = sum(p.numel() for p in objective.parameters())
@@ -82,7 +88,7 @@ def plan_train(cfg: Any) -> dict[str, Any]:
     state_bytes = (params + extra) * 4 * 4  # weights, gradients, AdamW's two moments
     checkpoint_bytes = (params + extra) * 4 * 3
     return {
-        "stage": "train", "method": cfg.method, "model": cfg.model, "device": str(device), "processes": world,
+        "stage": "train", "method": cfg.method, "model": cfg.model, "init_from": init, "device": str(device), "processes": world,
         "rows": n, "skipped_rows": dict(getattr(table, "skipped", {}) or {}),
         "global_batch": cfg.batch_size, "per_process_batch": cfg.batch_size // world,
         "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .io import atomic_write_text
+from .pretrained import is_remote
 from .train_config import TrainConfig
 
 
@@ -43,6 +44,9 @@ def config_to_record(cfg: TrainConfig) -> TrainConfig:
     """The config as config.yaml records it: paths absolute, so resuming works from any directory."""
     absolute: dict[str, Any] = {key: str(Path(value).resolve()) for key in ("data", "out", "banks")
                 if (value := getattr(cfg, key))}
+    if cfg.init_from and not is_remote(cfg.init_from):
+        local = cfg.init_from.removeprefix("local-dir:")
+        absolute["init_from"] = cfg.init_from[: len(cfg.init_from) - len(local)] + str(Path(local).expanduser().resolve())
     return dataclasses.replace(cfg, **absolute)
 
 

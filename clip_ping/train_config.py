@@ -27,6 +27,11 @@ class TrainConfig(Config):
                          "baseline); the peers declip-nns, slip, relational (docs/METHOD.md has one row per method)",
                          choices=tuple(OBJECTIVES))
     model: str = option("ViT-XXS-8-64", "student: an open_clip model name (shipped: ViT-XXS-8-64, ViT-XS-16)")
+    init_from: str | None = option(None, "start the student from pretrained open_clip weights: a weights file "
+                                   "(.pt/.bin/.safetensors, or a clip-ping checkpoint), a model folder (local-dir:PATH, "
+                                   "e.g. a clip-ping export), or MODEL:TAG / hf-hub:ORG/REPO fetched by open_clip (needs "
+                                   "the network or its cache); none: random weights from --seed. A resumed run takes "
+                                   "its weights from its checkpoint")
     lambda_nn: float | None = option(None, "weight of the NN (intra-modal) terms (none: 0.5 for the methods with "
                                      "NN/XNN terms, 0 for the others)")
     lambda_xnn: float | None = option(None, "weight of the XNN (cross-modal) terms (none: 0.5 for the methods with "

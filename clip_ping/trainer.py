@@ -50,6 +50,7 @@ from .data.pairs import PairDataset
 from .data.table import open_table
 from .errors import ClipPingError, ConfigError
 from .objectives import ObjectiveSetup, StepContext, build_objective
+from .pretrained import init_student
 from .run_folder import config_to_record, run_folder_problem, truncate_metrics
 from .run_logs import RunLogs
 from .schedule import warmup_cosine_lr
@@ -103,6 +104,10 @@ class Trainer:
         self.table = open_table(cfg.data, "train")
         self.data_fingerprint = self.table.fingerprint()  # once: it reads every row's file size
         self.model, self.preprocess_train, _, self.tokenizer = create_student(cfg.model, seed=cfg.seed)
+        if cfg.init_from and cfg.resume is None:
+            # before the run folder is touched, so a source that cannot be read costs nothing; a resumed run's
+            # weights are its checkpoint's, so the source is read only if there is none (`fit`)
+            init_student(self.model, cfg.init_from, cfg.model)
         self.model.to(self.device)
         if cfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
@@ -355,9 +360,9 @@ class Trainer:
             options["prefetch_factor"] = self.cfg.prefetch_batches
         return options
 
-    def _prepare_run_folder(self) -> None:
+    def _prepare_run_folder(self) -> bool:
         """Refuse to mix two runs in one folder; continue or replace a run only when asked.
-        Process 0 decides for all, before anything is written."""
+        Process 0 decides for all, before anything is written. Returns whether a checkpoint was loaded."""
         cfg, run = self.cfg, self.run_dir
         problem = run_folder_problem(cfg, run) if dist_utils.is_main_process() else None
         if self.world > 1 and not dist_utils.all_ranks_true(problem is None):
@@ -365,15 +370,16 @@ class Trainer:
         if problem:
             raise ConfigError(problem)
         if cfg.resume is None or cfg.overwrite:
-            return
+            return False
         path = resolve_resume(cfg.resume if cfg.resume != "auto" else "latest", run)
         if path is None:
             if cfg.resume == "latest":
                 raise ConfigError(f"--resume latest: no checkpoint to continue in {run / 'checkpoints' / 'latest.pt'}; "
                                   "start the run without --resume (or with --resume auto)")
-            return
+            return False
         self.load_state_dict(load_checkpoint(path))
         log.info("resumed from %s at step %d", path, self.step)
+        return True
 
     def _check_skipped(self, skipped: int, loaded: int) -> None:
         """Stop when too many images could not be decoded; warn once when some could not.
@@ -415,7 +421,9 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
-        self._prepare_run_folder()
+        resumed = self._prepare_run_folder()
+        if cfg.init_from and cfg.resume is not None and not resumed:  # --resume auto on a new folder
+            init_student(self.model, cfg.init_from, cfg.model)
         if dist_utils.is_main_process():
             save_yaml(config_to_record(cfg), self.run_dir / "config.yaml")
             truncate_metrics(self.run_dir / "metrics.jsonl", self.step)  # steps after the checkpoint are trained again
