@@ -1,0 +1,157 @@
+"""The teacher interfaces (`ImageTeacher`, `TextTeacher`) and how a teacher runs: its numeric
+precision (fp32, or bf16 under autocast) and its input size (`transform_at_size`)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, ContextManager, Iterator, cast
+
+import torch
+from PIL import Image
+
+from ..errors import ConfigError
+
+# Numeric precision of a teacher's forward pass: fp32, or bf16 under torch.autocast. bf16 pays only
+# where the hardware computes in it (GPUs; CPUs with AVX-512 BF16 or AMX); on an AVX2-only CPU
+# oneDNN emulates it and a bf16 matmul is ~25x slower than fp32 (BENCHMARKS.md).
+PRECISIONS = ("fp32", "bf16")
+
+
+def native_bf16(device: str | torch.device) -> bool:
+    """Whether ``device`` computes in bf16 natively (so bf16 teachers are faster than fp32, not slower)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if dev.type == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def autocast(device: str | torch.device, precision: str) -> ContextManager[Any]:
+    """The context a teacher's forward runs in: nothing for fp32, ``torch.autocast`` to bfloat16 for bf16.
+
+    One code path for CPU and CUDA: autocast picks the ops that run in bf16
+    (matmuls, convolutions) and keeps the sensitive ones (norms, softmax) in fp32.
+    """
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision != "bf16":
+        raise ConfigError(f"teacher precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+class ImageTeacher:
+    """A frozen image encoder.
+
+    Subclasses set ``name`` (the spec it was loaded from), ``dim`` (feature size)
+    and ``device``, and implement `transform` (the teacher's own preprocessing:
+    resolution, crop, mean/std) and ``_forward`` (a batch of transformed images
+    to features). `encode` wraps ``_forward`` in inference mode.
+    """
+
+    name: str
+    dim: int
+    device: str = "cpu"
+    precision: str = "fp32"  # see PRECISIONS; set by load_image_teacher(..., precision=)
+    model: torch.nn.Module | None = None
+
+    def transform(self, img: Image.Image) -> torch.Tensor:
+        """One RGB PIL image -> C x H x W float tensor, as this teacher expects it."""
+        raise NotImplementedError
+
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """B x C x H x W (from `transform`) -> B x dim float32 features on the CPU, not normalised.
+
+        The forward runs in ``self.precision`` (`autocast`); the result is float32 whatever it ran in.
+        """
+        if self.model is not None:
+            self.model.eval()
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            out = self._forward(images.to(self.device))
+        return out.float().cpu()
+
+
+class TextTeacher:
+    """A frozen text encoder: set ``name``, ``dim``, ``device``; implement ``_forward``."""
+
+    name: str
+    dim: int
+    device: str = "cpu"
+    precision: str = "fp32"  # see PRECISIONS; set by load_text_teacher(..., precision=)
+    model: torch.nn.Module | None = None
+
+    def _forward(self, texts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        """A list of B captions -> B x dim float32 features on the CPU, not normalised (forward in ``self.precision``)."""
+        if self.model is not None:
+            self.model.eval()
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            out = self._forward(list(texts))
+        return out.float().cpu()
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Eval mode, no gradients: a teacher never trains."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+def check_precision(precision: str) -> None:
+    """Refuse a precision other than PRECISIONS in one line."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"teacher precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
+def transform_at_size(teacher: ImageTeacher, size: int) -> Callable[[Image.Image], torch.Tensor]:
+    """``teacher.transform``, but giving ``size`` x ``size`` pixels instead of the teacher's own resolution.
+
+    For small images (the built-in data is 64 px) the teacher need not upsample
+    to 224 px: its cost falls with the square of the side. The resize-to-crop
+    ratio (timm's ``crop_pct``) and the normalisation stay as they were. Works
+    for teachers whose ``_transform`` is a torchvision ``Compose`` with a
+    ``Resize`` and a ``CenterCrop`` (timm and open_clip teachers); others raise
+    `ConfigError`.
+    """
+    import copy
+
+    from torchvision import transforms as T
+
+    if size < 1:
+        raise ConfigError(f"teacher image size must be at least 1 pixel, got {size}")
+    compose = getattr(teacher, "_transform", None)
+    steps = list(getattr(compose, "transforms", []))
+    resize = next((t for t in steps if isinstance(t, T.Resize)), None)
+    crop = next((t for t in steps if isinstance(t, T.CenterCrop)), None)
+    if resize is None or crop is None:
+        raise ConfigError(f"image teacher '{teacher.name}' has no torchvision Resize + CenterCrop transform, "
+                          "so its input size cannot be changed (leave the teacher image size unset)")
+    resize_side = resize.size if isinstance(resize.size, int) else min(resize.size)
+    crop_side = min(crop.size)
+    new = copy.deepcopy(compose)
+    for t in new.transforms:
+        if isinstance(t, T.Resize):
+            t.size = max(size, round(size * resize_side / crop_side))  # keeps timm's crop_pct
+        elif isinstance(t, T.CenterCrop):
+            t.size = (size, size)
+    return cast(Callable[[Image.Image], torch.Tensor], new)
+
+
+@contextlib.contextmanager
+def running_in(precision: str, *teachers: Any) -> Iterator[None]:
+    """Run ``teachers`` in ``precision`` inside the block, and give them back their own afterwards."""
+    check_precision(precision)
+    before = [getattr(t, "precision", "fp32") for t in teachers]
+    for t in teachers:
+        t.precision = precision
+    try:
+        yield
+    finally:
+        for t, p in zip(teachers, before):
+            t.precision = p
+

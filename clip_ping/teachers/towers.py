@@ -1,0 +1,82 @@
+"""The two towers of an open_clip model as teachers: its image tower (image teacher) and its
+text tower with its own tokenizer (text teacher). A trained clip-ping student can be one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+
+from ..errors import ConfigError, DataError
+from .base import ImageTeacher, TextTeacher, freeze
+
+
+def _create_open_clip(model_name: str, weights: Path, device: str) -> tuple[torch.nn.Module, Callable]:
+    import open_clip
+
+    from ..student import register_model_configs
+
+    register_model_configs()  # a student config (e.g. a trained clip-ping model) can be a teacher
+    if model_name not in open_clip.list_models():
+        raise ConfigError(f"open_clip has no model '{model_name}' (see open_clip.list_models())")
+    sd = _open_clip_state_dict(weights)
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None, device="cpu")
+    try:
+        if isinstance(sd, str):
+            open_clip.load_checkpoint(model, sd, strict=True)  # converts third-party layouts
+        else:
+            model.load_state_dict(sd, strict=True)
+    except (RuntimeError, KeyError) as exc:
+        raise DataError(f"weights file {weights} does not fit open_clip model '{model_name}': {str(exc).splitlines()[0]}") from None
+    return freeze(model).to(device), preprocess
+
+
+def _open_clip_state_dict(weights: Path) -> Any:
+    """A clip-ping checkpoint holds the open_clip weights under 'model'; other files go to open_clip's loader."""
+    if weights.suffix in (".pt", ".pth"):
+        try:
+            ckpt = torch.load(weights, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise DataError(f"cannot read weights file {weights}: {exc}") from None
+        if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
+            return ckpt["model"]
+    return str(weights)
+
+
+class OpenClipImageTeacher(ImageTeacher):
+    """The image tower of a local open_clip model; features are its (projected) image embedding."""
+
+    def __init__(self, model_name: str, weights: str | Path, name: str | None = None, device: str = "cpu") -> None:
+        self.model, self._transform = _create_open_clip(model_name, Path(weights), device)
+        self.name = name or f"open_clip:{model_name}:{weights}"
+        self.device = device
+        self.dim = int(getattr(self.model.visual, "output_dim"))
+
+    def transform(self, img: Image.Image) -> torch.Tensor:
+        return self._transform(img)
+
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(images)
+
+
+class OpenClipTextTeacher(TextTeacher):
+    """The text tower of a local open_clip model (its own tokenizer)."""
+
+    def __init__(self, model_name: str, weights: str | Path, name: str | None = None, device: str = "cpu") -> None:
+        import open_clip
+
+        self.model, _ = _create_open_clip(model_name, Path(weights), device)
+        try:
+            self.tokenizer = open_clip.get_tokenizer(model_name)
+        except Exception as exc:  # a Hugging Face tokenizer that is not in the local cache
+            raise DataError(f"cannot load the tokenizer of open_clip model '{model_name}' offline: {str(exc).splitlines()[0]}") from None
+        self.name = name or f"open_clip:{model_name}:{weights}"
+        self.device = device
+        with torch.inference_mode():
+            self.dim = int(self.model.encode_text(self.tokenizer(["a"]).to(device)).shape[-1])
+
+    def _forward(self, texts: list[str]) -> torch.Tensor:
+        return self.model.encode_text(self.tokenizer(texts).to(self.device))
+
