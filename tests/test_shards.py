@@ -202,13 +202,77 @@ def test_image_folder_reader(tmp_path: Path) -> None:
 
 
 def test_key_index_finds_every_key_and_survives_hash_collisions(monkeypatch: pytest.MonkeyPatch) -> None:
-    from clip_ping.data import shards
+    from clip_ping.data import shard_index
 
     keys = [f"shard-{i // 7:04d}/{i:09d}" for i in range(500)]
-    index = shards.KeyIndex(keys)
+    index = shard_index.KeyIndex(keys)
     assert [index.get(k) for k in keys] == list(range(500))
     assert index.get("shard-9999/not-there") is None
-    monkeypatch.setattr(shards, "_hash64", lambda key: len(key) % 3)  # nearly every key collides
-    crowded = shards.KeyIndex(keys)
+    monkeypatch.setattr(shard_index, "_hash64", lambda key: len(key) % 3)  # nearly every key collides
+    crowded = shard_index.KeyIndex(keys)
     assert [crowded.get(k) for k in keys[::37]] == list(range(0, 500, 37))
     assert crowded.get("x") is None
+
+
+def test_string_column_reads_like_a_list_of_str() -> None:
+    from clip_ping.data.shard_index import CodedColumn, StringColumn
+
+    texts = ["", "plain", "caf\u00e9 \u2013 \U0001f600", "bad \udcff byte", *(f"row {i}" for i in range(70_000))]
+    col = StringColumn.from_strings(texts)
+    assert len(col) == len(texts) and col.nbytes == col.data.nbytes + 8 * (len(texts) + 1)
+    assert [col[i] for i in (0, 1, 2, 3, -1)] == [texts[i] for i in (0, 1, 2, 3, -1)]
+    assert col[2:6] == texts[2:6] and col[::20_000] == texts[::20_000]
+    assert list(col) == texts  # iteration crosses its 64k-row chunks
+    assert col == texts and texts == col and col != texts[:-1]
+    with pytest.raises(IndexError):
+        col[len(texts)]
+    exts = CodedColumn.from_strings(["png", "jpg", "png"])
+    assert list(exts) == ["png", "jpg", "png"] and exts.codes.dtype == np.uint8 and exts[1:] == ["jpg", "png"]
+
+
+def test_index_file_is_memory_mapped_and_travels_to_spawned_processes(csv_data: Path, tmp_path: Path) -> None:
+    import pickle
+
+    from clip_ping.data.shard_index import StringColumn
+
+    written = write_shards(read_pairs(csv_data / "train.csv"), tmp_path / "sh", samples_per_shard=4)
+    info = json.loads((tmp_path / "sh" / "train.shards.json").read_text())
+    assert info["format"] == "clip-ping-shards/2" and (tmp_path / "sh" / info["index"]).is_file()
+    table = open_shards(tmp_path / "sh")
+    assert isinstance(table.captions, StringColumn) and isinstance(table.captions.data.base, np.memmap)
+    assert isinstance(table.offsets.base, np.memmap)
+    assert table.captions == written.captions and table.fingerprint() == info["fingerprint"]
+    assert [table.key_to_index.get(k) for k in written.keys] == list(range(len(written)))  # stored, not rebuilt
+    blob = pickle.dumps(table)
+    assert len(blob) < 1000  # the arrays are mapped again on the other side, not copied
+    other = pickle.loads(blob)
+    assert other.captions == table.captions and other.open_image(3).tobytes() == table.open_image(3).tobytes()
+
+
+def test_format_1_csv_index_is_still_read_and_unknown_formats_are_refused(csv_data: Path, tmp_path: Path) -> None:
+    import csv
+
+    table = write_shards(read_pairs(csv_data / "train.csv"), tmp_path / "sh", samples_per_shard=4)
+    desc = tmp_path / "sh" / "train.shards.json"
+    info = json.loads(desc.read_text())
+    # the index as version 1 wrote it: a CSV, the descriptor naming it
+    with open(tmp_path / "sh" / "train.index.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["key", "shard", "offset", "size", "ext", "caption", "kind"])
+        for i in range(len(table)):
+            w.writerow([table.keys[i], int(table.shard_ids[i]), int(table.offsets[i]), int(table.sizes[i]),
+                        table.exts[i], table.captions[i], table.labels["kind"][i]])
+    v1 = {k: v for k, v in info.items() if k not in ("arrays", "exts", "index_bytes")}
+    desc.write_text(json.dumps({**v1, "format": "clip-ping-shards/1", "index": "train.index.csv"}))
+    old = open_shards(desc)
+    assert old.keys == table.keys and old.captions == table.captions and old.labels == table.labels
+    assert old.fingerprint() == table.fingerprint() and list(old.exts) == list(table.exts)
+    assert old.open_image(5).tobytes() == table.open_image(5).tobytes()
+    desc.write_text(json.dumps({**info, "format": "clip-ping-shards/9"}))
+    with pytest.raises(DataError, match="format 'clip-ping-shards/9'.*re-index"):
+        open_shards(desc)
+    desc.write_text(json.dumps(info))
+    index = tmp_path / "sh" / info["index"]
+    index.write_bytes(index.read_bytes()[:-8])  # cut short
+    with pytest.raises(DataError, match="does not match|truncated"):
+        open_shards(desc)

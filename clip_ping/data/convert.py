@@ -143,7 +143,7 @@ def convert(cfg: ConvertConfig) -> dict[str, Any]:
     * ``to=shards``: each split table of ``src`` -> ``OUT/<split>-NNNNNN.tar`` + index.
     * ``to=csv``: each ``<split>.shards.json`` (or tar list) of ``src`` -> images + ``OUT/<split>.csv``.
     * ``to=index``: index foreign tar shards (``src``, a list/glob/brace range) in place of
-      a copy: writes only ``OUT/<split>.shards.json`` + ``OUT/<split>.index.csv``.
+      a copy: writes only ``OUT/<split>.shards.json`` + ``OUT/<split>.index.bin``.
     ``dataset.json`` is copied along.
     """
     started = time.perf_counter()

@@ -5,9 +5,11 @@ Shard layout
 A split stored as shards is a folder holding the tar files and two small index files::
 
     OUT/train-000000.tar  train-000001.tar ...
-    OUT/train.shards.json      descriptor: shard list (name, samples, bytes), count, labels, fingerprint
-    OUT/train.index.csv        one row per sample, in sample-index order:
-                               key, shard, offset, size, caption, label columns...
+    OUT/train.shards.json      descriptor: shard list (name, samples, bytes), count, labels, fingerprint,
+                               and where each array of the index file lies
+    OUT/train.index.bin        one entry per sample, in sample-index order, as arrays
+                               (`shard_index`): key, shard, offset, size, ext, caption,
+                               label columns, and the key -> index map; memory-mapped on open
 
 Inside a tar, the files of one sample share a key (WebDataset convention: the
 name up to the first dot): ``<key>.png`` (or jpg / jpeg / webp ...) and
@@ -17,7 +19,7 @@ no ``.txt``).
 
 Stable sample indices
 ---------------------
-The index file is the key -> index map, written once by `index_shards` (shards
+The index is the key -> index map, written once by `index_shards` (shards
 written by `write_shards` are indexed right away; shards made by other tools,
 e.g. img2dataset, are indexed on first use). Sample index ``i`` is row ``i`` of
 the index: the order of the shards in the descriptor, then of the members in
@@ -40,14 +42,12 @@ Readers
 
 from __future__ import annotations
 
-import csv
 import glob
 import hashlib
 import json
 import logging
 import multiprocessing as mp
 import os
-import sys
 import tarfile
 from dataclasses import dataclass, field
 from functools import partial
@@ -65,46 +65,18 @@ from .pairs import (
     SKIP_EMPTY_CAPTION,
     SKIP_MISSING_IMAGE,
 )
+from .shard_index import CodedColumn, KeyIndex, StringColumn, read_csv_index, read_index, write_index
 
 log = logging.getLogger(__name__)
 
-FORMAT = "clip-ping-shards/1"
+FORMAT = "clip-ping-shards/2"
+FORMAT_V1 = "clip-ping-shards/1"  # CSV index, still read
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 CAPTION_FIELDS = ("caption", "text", "txt")
 SKIP_DUPLICATE_KEY = "duplicate_key"
 SKIP_CORRUPT_SHARD = "corrupt_shard_tail"
 
 # --------------------------------------------------------------------------- table
-
-
-def _hash64(key: str) -> int:
-    return int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little")
-
-
-class KeyIndex:
-    """Key -> sample index for millions of keys, as sorted 64-bit hashes in two numpy arrays.
-
-    A dict of 12M Python strings costs gigabytes in every loader worker (reference
-    counts copy its pages after a fork); these arrays are 16 bytes a key and stay
-    shared. A hash match is confirmed against the key itself, so collisions are harmless.
-    """
-
-    def __init__(self, keys: Sequence[str]) -> None:
-        hashes = np.fromiter((_hash64(k) for k in keys), dtype=np.uint64, count=len(keys))
-        self._order = np.argsort(hashes, kind="stable")
-        self._sorted = hashes[self._order]
-        self._keys = keys
-
-    def get(self, key: str) -> int | None:
-        h = np.uint64(_hash64(key))
-        pos = int(np.searchsorted(self._sorted, h))
-        while pos < len(self._sorted) and self._sorted[pos] == h:
-            i = int(self._order[pos])
-            if self._keys[i] == key:
-                return i
-            pos += 1
-        return None
-
 
 
 @dataclass
@@ -115,17 +87,18 @@ class ShardTable:
     root: Path  # folder the shard names are relative to
     shards: list[str]
     shard_bytes: list[int]
-    keys: list[str]
-    captions: list[str]
-    labels: dict[str, list[str]]
+    keys: StringColumn
+    captions: StringColumn
+    labels: dict[str, StringColumn]
     shard_ids: np.ndarray  # int32, which shard holds sample i
     offsets: np.ndarray  # int64, byte offset of the image data in that tar
     sizes: np.ndarray  # int64, image bytes
-    exts: list[str]  # image extension per sample (png, jpg, ...)
+    exts: CodedColumn  # image extension per sample (png, jpg, ...)
     skipped: dict[str, int] = field(default_factory=dict)
     _key_index: KeyIndex | None = field(default=None, repr=False)
     _fds: dict[int, int] = field(default_factory=dict, repr=False)
     _pid: int = field(default=-1, repr=False)
+    _mapped: bool = field(default=False, repr=False)  # arrays memory-mapped from the index file
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -163,7 +136,7 @@ class ShardTable:
         return load_image(self.read_image_bytes(i), f"{self.shards[int(self.shard_ids[i])]}:{self.keys[i]}")
 
     @property
-    def image_ids(self) -> list[str]:
+    def image_ids(self) -> StringColumn:
         """One id per row's image (keys are unique in an index, so no two rows share one)."""
         return self.keys
 
@@ -171,10 +144,21 @@ class ShardTable:
         return {"source": str(self.source), "kept": len(self), "skipped": dict(self.skipped), "shards": len(self.shards)}
 
     def __getstate__(self) -> dict[str, Any]:
-        # File descriptors do not travel to other processes.
+        # File descriptors do not travel to other processes; a memory-mapped index is
+        # mapped again there (spawned workers share the page cache instead of a copy).
         state = dict(self.__dict__)
         state["_fds"], state["_pid"] = {}, -1
+        if self._mapped:
+            for name in ("keys", "captions", "labels", "shard_ids", "offsets", "sizes", "exts", "_key_index"):
+                del state[name]
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self._mapped:
+            other = open_shards(self.source, check_shards=False)
+            for name in ("keys", "captions", "labels", "shard_ids", "offsets", "sizes", "exts", "_key_index"):
+                setattr(self, name, getattr(other, name))
 
 
 # --------------------------------------------------------------------------- indexing
@@ -299,7 +283,7 @@ def _scan_shard(path: Path, label_fields: Sequence[str] = ()) -> _ShardScan:
 
 def index_shards(shards: list[Path], descriptor: str | Path, split: str = "train", label_fields: Sequence[str] = (),
                  workers: int = 0, progress: bool = False) -> ShardTable:
-    """Scan tar shards once and write the key -> index map (``<split>.index.csv``) and descriptor.
+    """Scan tar shards once and write the key -> index map (``<split>.index.bin``) and descriptor.
 
     Reads tar headers and the small caption / JSON members only, never image bytes;
     ``workers`` processes scan shards in parallel (the index keeps the shards' order).
@@ -351,47 +335,52 @@ def index_shards(shards: list[Path], descriptor: str | Path, split: str = "train
     if not keys:
         raise DataError(f"no usable samples in the {len(shards)} shard(s) given (skipped: {skipped or 'none'})")
     columns = sorted({k for row in label_rows for k in row})
+    n = len(keys)
     table = ShardTable(
         source=descriptor.resolve(),
         root=root,
         shards=[os.path.relpath(p, root) for p in paths],
         shard_bytes=shard_bytes,
-        keys=keys,
-        captions=captions,
-        labels={c: [row.get(c, "") for row in label_rows] for c in columns},
+        keys=StringColumn.from_strings(keys),
+        captions=StringColumn.from_strings(captions),
+        labels={c: StringColumn.from_strings([row.get(c, "") for row in label_rows]) for c in columns},
         shard_ids=np.asarray(shard_ids, dtype=np.int32),
         offsets=np.asarray(offsets, dtype=np.int64),
         sizes=np.asarray(sizes, dtype=np.int64),
-        exts=exts,
+        exts=CodedColumn.from_strings(exts),
         skipped=skipped,
     )
+    del keys, captions, label_rows, exts
     _save_index(table, split, per_shard)
     if skipped:
-        log.warning("%s: indexed %d samples, skipped %s", descriptor, len(keys), skipped)
+        log.warning("%s: indexed %d samples, skipped %s", descriptor, n, skipped)
     return table
 
 
 def _index_path(descriptor: Path, split: str) -> Path:
-    return descriptor.parent / f"{split}.index.csv"
+    return descriptor.parent / f"{split}.index.bin"
 
 
 def _save_index(table: ShardTable, split: str, per_shard: list[int]) -> None:
+    """Write the index file (format 2) and then the descriptor that says where its arrays lie."""
     index_path = _index_path(table.source, split)
-    columns = list(table.labels)
-    with open(index_path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["key", "shard", "offset", "size", "ext", "caption", *columns])
-        for i, key in enumerate(table.keys):
-            writer.writerow(
-                [key, int(table.shard_ids[i]), int(table.offsets[i]), int(table.sizes[i]), table.exts[i], table.captions[i]]
-                + [table.labels[c][i] for c in columns]
-            )
+    key_index = table.key_to_index
+    arrays = {"keys.data": table.keys.data, "keys.ends": table.keys.ends,
+              "captions.data": table.captions.data, "captions.ends": table.captions.ends,
+              "shard_ids": table.shard_ids, "offsets": table.offsets, "sizes": table.sizes, "exts": table.exts.codes,
+              "key_hashes": key_index._sorted, "key_order": key_index._order}
+    for c, column in table.labels.items():
+        arrays[f"label.{c}.data"], arrays[f"label.{c}.ends"] = column.data, column.ends
+    layout = write_index(index_path, arrays)
     info = {
         "format": FORMAT,
         "split": split,
         "count": len(table),
         "index": index_path.name,
-        "labels": columns,
+        "index_bytes": index_path.stat().st_size,
+        "arrays": layout,
+        "exts": table.exts.names,
+        "labels": list(table.labels),
         "fingerprint": table.fingerprint(),
         "skipped": table.skipped,
         "shards": [
@@ -401,8 +390,12 @@ def _save_index(table: ShardTable, split: str, per_shard: list[int]) -> None:
     table.source.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
 
-def open_shards(descriptor: str | Path) -> ShardTable:
-    """Load an indexed split (``<split>.shards.json``); refuses shards changed since indexing."""
+def open_shards(descriptor: str | Path, check_shards: bool = True) -> ShardTable:
+    """Load an indexed split (``<split>.shards.json``); refuses shards changed since indexing.
+
+    A format-2 index is memory-mapped (nothing is read up front); a format-1 (CSV) index
+    is read into the same compact columns.
+    """
     descriptor = Path(descriptor)
     if descriptor.is_dir():
         descriptor = descriptor / "train.shards.json"
@@ -412,47 +405,42 @@ def open_shards(descriptor: str | Path) -> ShardTable:
         info = json.loads(descriptor.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise DataError(f"{descriptor} is not valid JSON: {exc}") from None
-    if info.get("format") != FORMAT:
-        raise DataError(f"{descriptor} is not a clip-ping shard descriptor (format {info.get('format')!r})")
+    fmt = info.get("format") if isinstance(info, dict) else None
+    if not (isinstance(fmt, str) and fmt.startswith("clip-ping-shards/")):
+        raise DataError(f"{descriptor} is not a clip-ping shard descriptor (format {fmt!r})")
+    if fmt not in (FORMAT, FORMAT_V1):
+        raise DataError(f"{descriptor} has index format {fmt!r}, which this version cannot read "
+                        f"(it reads {FORMAT_V1} and {FORMAT}); re-index with clip-ping data convert --to index")
     root = descriptor.parent.resolve()
-    for shard in info["shards"]:
+    for shard in info["shards"] if check_shards else ():
         path = root / shard["name"]
         if not path.is_file():
             raise DataError(f"shard {path} listed in {descriptor} is missing")
         if path.stat().st_size != shard["bytes"]:
             raise DataError(f"shard {path} changed since it was indexed; re-index it (clip-ping data convert --to index)")
     index_path = root / info["index"]
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    keys, captions, shard_ids, offsets, sizes, exts = [], [], [], [], [], []
     columns = list(info.get("labels", []))
-    labels: dict[str, list[str]] = {c: [] for c in columns}
-    with open(index_path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = next(reader)
-        if header[:6] != ["key", "shard", "offset", "size", "ext", "caption"]:
-            raise DataError(f"{index_path} is not a shard index (header {header[:6]})")
-        for row in reader:
-            keys.append(row[0])
-            shard_ids.append(int(row[1]))
-            offsets.append(int(row[2]))
-            sizes.append(int(row[3]))
-            exts.append(row[4])
-            captions.append(row[5])
-            for c, value in zip(columns, row[6:]):
-                labels[c].append(value)
-    if len(keys) != info["count"]:
-        raise DataError(f"{index_path} holds {len(keys)} samples but {descriptor} says {info['count']}; re-index")
+    if fmt == FORMAT_V1:
+        parts, key_index, mapped = read_csv_index(index_path, columns), None, False
+    else:
+        if index_path.is_file() and index_path.stat().st_size != info.get("index_bytes"):
+            raise DataError(f"{index_path} does not match {descriptor} (written by another indexing); re-index it")
+        a = read_index(index_path, info["arrays"])
+        keys = StringColumn(a["keys.data"], a["keys.ends"])
+        parts = {"keys": keys, "captions": StringColumn(a["captions.data"], a["captions.ends"]),
+                 "labels": {c: StringColumn(a[f"label.{c}.data"], a[f"label.{c}.ends"]) for c in columns},
+                 "shard_ids": a["shard_ids"], "offsets": a["offsets"], "sizes": a["sizes"],
+                 "exts": CodedColumn(a["exts"], info["exts"])}
+        key_index, mapped = KeyIndex(keys, a["key_hashes"], a["key_order"]), True
+    if len(parts["keys"]) != info["count"]:
+        raise DataError(f"{index_path} holds {len(parts['keys'])} samples but {descriptor} says {info['count']}; re-index")
     return ShardTable(
         source=descriptor.resolve(),
         root=root,
         shards=[s["name"] for s in info["shards"]],
         shard_bytes=[s["bytes"] for s in info["shards"]],
-        keys=keys,
-        captions=captions,
-        labels=labels,
-        shard_ids=np.asarray(shard_ids, dtype=np.int32),
-        offsets=np.asarray(offsets, dtype=np.int64),
-        sizes=np.asarray(sizes, dtype=np.int64),
-        exts=exts,
         skipped=dict(info.get("skipped", {})),
+        _key_index=key_index,
+        _mapped=mapped,
+        **parts,
     )

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 from PIL import Image
 
@@ -17,9 +17,15 @@ class PairSource(Protocol):
     """What every stage needs of a split, whatever its storage."""
 
     source: Path                     # the file (or folder) it was read from
-    captions: list[str]
-    labels: dict[str, list[str]]     # label column -> class name per row
     skipped: dict[str, int]          # rows left out, by reason
+
+    # read-only: a list, or a compact column (`shard_index.StringColumn`) for large shard indexes
+    @property
+    def captions(self) -> Sequence[str]: ...
+
+    @property
+    def labels(self) -> Mapping[str, Sequence[str]]:
+        """Label column -> class name per row."""
 
     def __len__(self) -> int: ...
 

@@ -18,7 +18,7 @@ import os
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -63,7 +63,7 @@ def show_neighbors(cfg: ShowConfig) -> dict[str, Any]:
     return result
 
 
-def label_agreement(labels: dict[str, list[str]], image_nn: np.ndarray, text_nn: np.ndarray,
+def label_agreement(labels: Mapping[str, Sequence[str]], image_nn: np.ndarray, text_nn: np.ndarray,
                     rows: np.ndarray | None = None) -> dict[str, dict[str, float]]:
     """Per label column: share of rows whose top-1 (and top-k) neighbour has the same label.
 
@@ -73,6 +73,7 @@ def label_agreement(labels: dict[str, list[str]], image_nn: np.ndarray, text_nn:
     """
     out: dict[str, dict[str, float]] = {}
     for column, values in labels.items():
+        values = list(values)  # a compact column (shard index) becomes one list here, not N numpy lookups
         _, codes = np.unique(np.asarray(values, dtype=object).astype(str), return_inverse=True)
         codes = codes.reshape(-1)
         known = np.array([bool(str(v).strip()) for v in values])

@@ -1,0 +1,216 @@
+"""The shard index in memory and on disk: compact string columns, the key index, the index file.
+
+A split of 12M samples held as Python lists of ``str`` costs about 60 bytes a row
+beyond the text in every process, and the reference counts that reading them
+writes copy their pages into every forked loader worker. Here each text column is
+one UTF-8 buffer plus N + 1 int64 end offsets (`StringColumn`, 8 bytes a row
+beyond the text), the image extension is one byte a row (`CodedColumn`), and the
+key -> row map is two sorted arrays (`KeyIndex`, 16 bytes a row). Reading them
+never writes their pages, so forked workers share them.
+
+Index file, format ``clip-ping-shards/2``: ``<split>.index.bin`` holds the arrays
+back to back (each 64-byte aligned); the descriptor JSON names each one's offset,
+dtype and length, so `read_index` memory-maps the file and reads nothing up front
+(the page cache is then shared by every process on the machine). Format 1 (a CSV
+``<split>.index.csv``) is still read, into the same columns.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence, overload
+
+import numpy as np
+
+from ..errors import DataError
+from ..io import atomic_write
+
+_ALIGN = 64
+_ENC = ("utf-8", "surrogateescape")  # tar member names may hold undecodable bytes
+
+
+class StringColumn(Sequence[str]):
+    """N strings as one UTF-8 buffer (uint8) and N + 1 int64 end offsets; reads like a list of str."""
+
+    __hash__ = None  # type: ignore[assignment]  # equality is by content, like a list
+
+    def __init__(self, data: np.ndarray, ends: np.ndarray) -> None:
+        if ends.ndim != 1 or len(ends) < 1 or (len(ends) and int(ends[-1]) != len(data)):
+            raise DataError(f"string column: {len(ends)} end offsets do not fit {len(data)} bytes of text")
+        self.data, self.ends = data, ends
+        self._view = np.ascontiguousarray(data).data  # str(view[a:b]) decodes without a bytes copy
+
+    @classmethod
+    def from_strings(cls, strings: Iterable[str]) -> StringColumn:
+        encoded = [s.encode(*_ENC) for s in strings]
+        ends = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)), out=ends[1:])
+        return cls(np.frombuffer(b"".join(encoded), dtype=np.uint8), ends)
+
+    def __len__(self) -> int:
+        return len(self.ends) - 1
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[str]: ...
+
+    def __getitem__(self, i: int | slice) -> str | list[str]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"row {i} of {n}")
+        a, b = self.ends[i:i + 2].tolist()
+        return str(self._view[a:b], *_ENC)
+
+    def __iter__(self) -> Iterator[str]:
+        # in chunks: one bytes copy and one offsets list per 64k rows, not per row
+        step = 1 << 16
+        for start in range(0, len(self), step):
+            ends = self.ends[start:start + step + 1].tolist()
+            buf, base = bytes(self._view[ends[0]:ends[-1]]), ends[0]
+            for a, b in zip(ends[:-1], ends[1:]):
+                yield buf[a - base:b - base].decode(*_ENC)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, (list, tuple, StringColumn)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    def __repr__(self) -> str:
+        return f"StringColumn({len(self)} strings, {len(self.data)} bytes)"
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes + self.ends.nbytes)
+
+
+class CodedColumn(Sequence[str]):
+    """A column of few distinct strings (image extensions): one uint8 code a row and the names."""
+
+    def __init__(self, codes: np.ndarray, names: Sequence[str]) -> None:
+        self.codes, self.names = codes, list(names)
+
+    @classmethod
+    def from_strings(cls, strings: Iterable[str]) -> CodedColumn:
+        names: dict[str, int] = {}
+        codes = [names.setdefault(s, len(names)) for s in strings]
+        if len(names) > 255:
+            raise DataError(f"{len(names)} distinct image extensions in one index (at most 255)")
+        return cls(np.asarray(codes, dtype=np.uint8), list(names))
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[str]: ...
+
+    def __getitem__(self, i: int | slice) -> str | list[str]:
+        if isinstance(i, slice):
+            return [self.names[c] for c in self.codes[i].tolist()]
+        return self.names[int(self.codes[i])]
+
+
+def _hash64(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(*_ENC), digest_size=8).digest(), "little")
+
+
+class KeyIndex:
+    """Key -> sample index for millions of keys, as sorted 64-bit hashes in two numpy arrays.
+
+    A dict of 12M Python strings costs gigabytes in every loader worker (reference
+    counts copy its pages after a fork); these arrays are 16 bytes a key and stay
+    shared (format 2 stores them in the index file, so no process hashes the keys again).
+    A hash match is confirmed against the key itself, so collisions are harmless.
+    """
+
+    def __init__(self, keys: Sequence[str], sorted_hashes: np.ndarray | None = None,
+                 order: np.ndarray | None = None) -> None:
+        if sorted_hashes is None or order is None:
+            hashes = np.fromiter((_hash64(k) for k in keys), dtype=np.uint64, count=len(keys))
+            order = np.argsort(hashes, kind="stable")
+            sorted_hashes = hashes[order]
+        self._order, self._sorted, self._keys = order, sorted_hashes, keys
+
+    def get(self, key: str) -> int | None:
+        h = np.uint64(_hash64(key))
+        pos = int(np.searchsorted(self._sorted, h))
+        while pos < len(self._sorted) and self._sorted[pos] == h:
+            i = int(self._order[pos])
+            if self._keys[i] == key:
+                return i
+            pos += 1
+        return None
+
+
+# --------------------------------------------------------------------------- the index file
+
+
+def write_index(path: Path, arrays: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+    """Write ``arrays`` back to back into ``path`` (atomically); returns name -> [offset, dtype, length]."""
+    layout: dict[str, list[Any]] = {}
+
+    def write(f: Any) -> None:
+        pos = 0
+        for name, arr in arrays.items():
+            pad = -pos % _ALIGN
+            f.write(b"\0" * pad)
+            pos += pad
+            arr = np.ascontiguousarray(arr)
+            layout[name] = [pos, arr.dtype.str, int(arr.shape[0])]
+            f.write(arr.data.cast("B"))
+            pos += arr.nbytes
+
+    atomic_write(path, write)
+    return layout
+
+
+def read_index(path: Path, layout: dict[str, list[Any]]) -> dict[str, np.ndarray]:
+    """The arrays of an index file, memory-mapped read-only (nothing is read until used)."""
+    if not path.is_file():
+        raise DataError(f"shard index {path} is missing; re-index (clip-ping data convert --to index)")
+    size = path.stat().st_size
+    raw = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, dtype=np.uint8)
+    out: dict[str, np.ndarray] = {}
+    for name, (offset, dtype, length) in layout.items():
+        dt = np.dtype(dtype)
+        stop = int(offset) + int(length) * dt.itemsize
+        if stop > size:
+            raise DataError(f"shard index {path} is truncated ({size} bytes, {name} ends at {stop}); re-index")
+        out[name] = raw[int(offset):stop].view(dt)
+    return out
+
+
+def read_csv_index(path: Path, columns: Sequence[str]) -> dict[str, Any]:
+    """Format 1: the CSV index (key, shard, offset, size, ext, caption, label columns...)."""
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    keys, captions, shard_ids, offsets, sizes, exts = [], [], [], [], [], []
+    labels: dict[str, list[str]] = {c: [] for c in columns}
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader)
+        if header[:6] != ["key", "shard", "offset", "size", "ext", "caption"]:
+            raise DataError(f"{path} is not a shard index (header {header[:6]})")
+        for row in reader:
+            keys.append(row[0])
+            shard_ids.append(int(row[1]))
+            offsets.append(int(row[2]))
+            sizes.append(int(row[3]))
+            exts.append(row[4])
+            captions.append(row[5])
+            for c, value in zip(columns, row[6:]):
+                labels[c].append(value)
+    return {"keys": StringColumn.from_strings(keys), "captions": StringColumn.from_strings(captions),
+            "labels": {c: StringColumn.from_strings(v) for c, v in labels.items()},
+            "shard_ids": np.asarray(shard_ids, dtype=np.int32), "offsets": np.asarray(offsets, dtype=np.int64),
+            "sizes": np.asarray(sizes, dtype=np.int64), "exts": CodedColumn.from_strings(exts)}
