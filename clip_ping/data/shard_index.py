@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import operator
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence, overload
@@ -41,7 +42,7 @@ class StringColumn(Sequence[str]):
         if ends.ndim != 1 or len(ends) < 1 or (len(ends) and int(ends[-1]) != len(data)):
             raise DataError(f"string column: {len(ends)} end offsets do not fit {len(data)} bytes of text")
         self.data, self.ends = data, ends
-        self._view = np.ascontiguousarray(data).data  # str(view[a:b]) decodes without a bytes copy
+        self._view = np.ascontiguousarray(data).data  # slicing a memoryview is cheaper than an ndarray
 
     @classmethod
     def from_strings(cls, strings: Iterable[str]) -> StringColumn:
@@ -60,15 +61,15 @@ class StringColumn(Sequence[str]):
     def __getitem__(self, i: slice) -> list[str]: ...
 
     def __getitem__(self, i: int | slice) -> str | list[str]:
+        if type(i) is int and i >= 0:  # the common case first (past the end, .item raises IndexError)
+            return self._view[self.ends.item(i):self.ends.item(i + 1)].tobytes().decode(*_ENC)
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
+        j = operator.index(i)
         n = len(self)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"row {i} of {n}")
-        a, b = self.ends[i:i + 2].tolist()
-        return str(self._view[a:b], *_ENC)
+        if not -n <= j < n:
+            raise IndexError(f"row {j} of {n}")
+        return self[j % n]
 
     def __iter__(self) -> Iterator[str]:
         # in chunks: one bytes copy and one offsets list per 64k rows, not per row
@@ -122,11 +123,12 @@ class CodedColumn(Sequence[str]):
 
 
 def _hash64(key: str) -> int:
-    return int.from_bytes(hashlib.blake2b(key.encode(*_ENC), digest_size=8).digest(), "little")
+    """63 bits of blake2b: int64 arrays search a Python int fast (a uint64 array needs a numpy scalar)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(*_ENC), digest_size=8).digest(), "little") >> 1
 
 
 class KeyIndex:
-    """Key -> sample index for millions of keys, as sorted 64-bit hashes in two numpy arrays.
+    """Key -> sample index for millions of keys, as sorted 63-bit hashes in two numpy arrays.
 
     A dict of 12M Python strings costs gigabytes in every loader worker (reference
     counts copy its pages after a fork); these arrays are 16 bytes a key and stay
@@ -137,18 +139,19 @@ class KeyIndex:
     def __init__(self, keys: Sequence[str], sorted_hashes: np.ndarray | None = None,
                  order: np.ndarray | None = None) -> None:
         if sorted_hashes is None or order is None:
-            hashes = np.fromiter((_hash64(k) for k in keys), dtype=np.uint64, count=len(keys))
+            hashes = np.fromiter((_hash64(k) for k in keys), dtype=np.int64, count=len(keys))
             order = np.argsort(hashes, kind="stable")
             sorted_hashes = hashes[order]
         self._order, self._sorted, self._keys = order, sorted_hashes, keys
 
     def get(self, key: str) -> int | None:
-        h = np.uint64(_hash64(key))
-        pos = int(np.searchsorted(self._sorted, h))
-        while pos < len(self._sorted) and self._sorted[pos] == h:
-            i = int(self._order[pos])
+        h = _hash64(key)
+        pos = int(self._sorted.searchsorted(h))
+        n = len(self._sorted)
+        while pos < n and self._sorted.item(pos) == h:
+            i = self._order.item(pos)
             if self._keys[i] == key:
-                return i
+                return int(i)
             pos += 1
         return None
 
