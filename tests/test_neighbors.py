@@ -244,6 +244,85 @@ def test_two_process_gloo_search_equals_one_process_byte_for_byte(tmp_path, monk
     np.testing.assert_array_equal(one_i, brute_force(x, 4, groups, valid)[0])
 
 
+_TWO_PROCESS_KILL_SCRIPT = """
+import json, os, sys, time
+import numpy as np
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def run(rank, folder, kill):
+    from clip_ping.neighbors import fast, search_neighbors, tiled
+    tiled.FAST_TILE_BYTES = 64 * 64 * 4
+    tiles = []
+    tile = tiled.TiledCandidates._tile
+    tiled.TiledCandidates._tile = lambda self, bi, bj, xi: tiles.append((bi, bj)) or tile(self, bi, bj, xi)
+    gather, calls = fast.gather_list, []
+
+    def gather_or_die(x):
+        calls.append(1)
+        if kill and rank == 1 and len(calls) == 5:  # the third round's merge: rounds 1-2 are final
+            while len([f for f in os.listdir(f"{folder}/resume") if f.startswith("block-")]) < 4:
+                time.sleep(0.01)  # until process 0 has written them
+            os.kill(os.getpid(), 9)
+        return gather(x)
+
+    fast.gather_list = gather_or_die
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store-{kill}", rank=rank, world_size=2)
+    z = np.load(f"{folder}/data.npz")
+    stats = {}
+    idx, scores = search_neighbors(z["x"], 4, groups=z["groups"], valid=z["valid"], method="fast",
+                                   resume_dir=f"{folder}/resume", stats=stats)
+    np.savez(f"{folder}/rank{rank}.npz", idx=idx, scores=scores)
+    with open(f"{folder}/rank{rank}.json", "w") as f:
+        json.dump({"resumed": stats["blocks_resumed"], "tiles": tiles}, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:  # one start of this script for both runs: the killed one, then the resume
+        mp.spawn(run, args=(sys.argv[1], True), nprocs=2)
+    except mp.ProcessExitedException as exc:
+        print(f"first run: process {exc.error_index} ended by signal {exc.signal_name}", flush=True)
+    else:
+        sys.exit("the first run was not killed")
+    mp.spawn(run, args=(sys.argv[1], False), nprocs=2)
+"""
+
+
+def test_two_process_search_killed_and_resumed_equals_one_process_byte_for_byte(tmp_path, monkeypatch):
+    """kill -9 of one process of a 2-process gloo search, then a resume: no finished block is lost or
+    multiplied again, and the table is the 1-process table byte for byte."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    x, groups, valid = with_duplicates(600, 12, seed=12)
+    n_blocks = -(-int(valid.sum()) // 64)  # blocks of 64 valid (database) rows, in rounds of 2
+    assert n_blocks >= 7  # the kill comes in the third round, and rounds are left after it
+    np.savez(tmp_path / "data.npz", x=x, groups=groups, valid=valid)
+    script = tmp_path / "two_kill.py"
+    script.write_text(_TWO_PROCESS_KILL_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(nb.__file__).parents[2])}
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], timeout=300, env=env, check=True,
+                         capture_output=True, text=True).stdout
+    assert "first run: process 1 ended by signal SIGKILL" in out
+    monkeypatch.setattr(nb_tiled, "FAST_TILE_BYTES", 64 * 64 * 4)
+    one_i, one_s = search_neighbors(x, 4, groups=groups, valid=valid, method="fast")
+    tiles = []
+    for rank in (0, 1):
+        with np.load(tmp_path / f"rank{rank}.npz") as z:
+            assert z["idx"].tobytes() == one_i.tobytes() and z["scores"].tobytes() == one_s.tobytes()
+        info = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert info["resumed"] == 4  # blocks 0-3, written before the kill
+        tiles += [tuple(t) for t in info["tiles"]]
+    # each tile once over both processes, and none between two finished blocks
+    expected = [(i, j) for i in range(n_blocks) for j in range(i, n_blocks) if not (i < 4 and j < 4)]
+    assert sorted(tiles) == expected
+    np.testing.assert_array_equal(one_i, brute_force(x, 4, groups, valid)[0])
+
+
 def test_fast_search_streams_the_bank_instead_of_copying_it(monkeypatch):
     """The fast path reads tiles from the memmap: it never builds the whole float32 matrix."""
 

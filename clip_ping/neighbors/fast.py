@@ -4,7 +4,8 @@
 tiles; `FastSearch.finish` turns them into the exact top-k (certified, or marked
 for an exact re-search). Finished blocks can be kept on disk (`BlockStore`), one
 atomic file per block, so a killed search resumes where it stopped and gives the
-same bytes.
+same bytes; under torchrun too (blocks finish in rounds of one tile row per
+process, and process 0 writes them).
 """
 
 from __future__ import annotations
@@ -30,11 +31,14 @@ _BLOCK = re.compile(r"^block-(\d{6})\.npz$")
 class BlockStore:
     """Finished blocks of one search in a folder: ``spec.json`` and ``block-NNNNNN.npz`` (indices, scores).
 
-    Blocks of another search (another spec) are removed when the store opens.
+    Blocks of another search (another spec) are removed when the store opens, except by a
+    reader (``writer=False``: the other processes of a torchrun search, which only load).
     """
 
-    def __init__(self, folder: Path, spec: dict[str, Any]) -> None:
+    def __init__(self, folder: Path, spec: dict[str, Any], writer: bool = True) -> None:
         self.folder = folder
+        if not writer:
+            return
         folder.mkdir(parents=True, exist_ok=True)
         spec_path = folder / "spec.json"
         try:
@@ -58,6 +62,24 @@ class BlockStore:
         atomic_write(self.folder / f"block-{b:06d}.npz",
                      lambda f: np.savez(f, idx=idx.numpy(), scores=scores.numpy()))
         _block_saved(b)
+
+
+def open_store(folder: Path, spec: dict[str, Any]) -> tuple[BlockStore, set[int]]:
+    """The block store of a search and its finished blocks, the same in every process.
+
+    Under torchrun only process 0 cleans and writes the folder (it lies in the bank folder,
+    which every process reads); the others wait for it, then take its list of finished blocks.
+    """
+    rank, world = rank_and_world()
+    if world == 1:
+        store = BlockStore(folder, spec)
+        return store, store.done()
+    import torch.distributed as dist
+
+    store = BlockStore(folder, spec, writer=rank == 0)
+    done = [sorted(store.done()) if rank == 0 else None]
+    dist.broadcast_object_list(done, src=0)  # after process 0 removed any blocks of another search
+    return store, set(done[0] or ())
 
 
 def gather_list(x: torch.Tensor) -> list[torch.Tensor]:
@@ -130,32 +152,32 @@ class FastSearch:
         return {"format": BLOCK_FORMAT, "key": key, "n": prob.n, "n_db": prob.n_db, "d": eng.d, "k": prob.k,
                 "c": eng.c, "tile": eng.tile, "dtype": str(eng.dtype), "digest": digest}
 
-    def all_rows(self, store: BlockStore | None = None
+    def all_rows(self, resume: tuple[BlockStore, set[int]] | None = None
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(sample rows, indices, scores, short) for every row: database rows by the self-join, then the rest.
 
         A database block is final when yielded (its uncertified rows are searched again
-        first), so it can be kept in ``store``; blocks found there are not searched again.
+        first), so it can be kept in the store (``resume``: the store and its finished
+        blocks, from `open_store`); blocks found there are read back, not searched again.
+        Under torchrun, process 0 writes the blocks.
         """
         prob = self.prob
         rank, world = rank_and_world()
-        if world > 1:  # torchrun: each process multiplies every K-th row block's tiles, then all merge
-            yield from self._distributed(rank, world)
-            return
-        done = store.done() if store is not None else set()
+        store, done = resume if resume is not None else (None, set())
         for b in sorted(done):
             lo, hi = self.engine.span(b)
             idx, sc = store.load(b)  # type: ignore[union-attr]
             self.resumed += 1
             yield prob.db_rows_t[lo:hi], idx, sc, torch.zeros(hi - lo, dtype=torch.bool)
-        for b, v, j in self.engine.self_join(done):
+        blocks = self.engine.self_join(done) if world == 1 else self._distributed(rank, world, done)
+        for b, v, j in blocks:
             lo, hi = self.engine.span(b)
             rows = prob.db_rows_t[lo:hi]
             idx, sc, short = self.finish(rows, v, j)
             if short.any():
                 idx[short], sc[short] = prob.exact_rows(rows[short])
                 self.researched += int(short.sum())
-            if store is not None:
+            if store is not None and rank == 0:
                 store.save(b, idx, sc)
             yield rows, idx, sc, torch.zeros(len(rows), dtype=torch.bool)
         yield from self._others()
@@ -166,18 +188,29 @@ class FastSearch:
             rows = others[start:start + 4096]
             yield rows, *self.rows(rows)
 
-    def _distributed(self, rank: int, world: int
-                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Block b's row of tiles on process b mod K; the partial candidates are gathered and every
-        process finishes the same merged candidates, so every process returns the same table."""
-        eng, prob = self.engine, self.prob
-        v, j = eng.partial_join(lambda b: b % world == rank)
-        v, j = eng.merge_partials(gather_list(v), gather_list(j))
-        for b in range(eng.n_blocks):
-            lo, hi = eng.span(b)
-            rows = prob.db_rows_t[lo:hi]
-            yield rows, *self.finish(rows, v[lo:hi], j[lo:hi])
-        yield from self._others()
+    def _distributed(self, rank: int, world: int, done: set[int]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(block, candidate values, database indices) of the blocks not in ``done``, as `self_join` gives them.
+
+        The blocks go in rounds of K (processes): in a round, process r multiplies tile row
+        first + r; then the rows of the round's K blocks have all their candidates, the K
+        partial lists are gathered and merged, and every process finishes the same merged
+        candidates (so every process returns the same table, and a kill loses at most a round).
+        """
+        eng = self.engine
+        state = eng.new_state()
+        for first in range(0, eng.n_blocks, world):
+            blocks = range(first, min(first + world, eng.n_blocks))
+            if first + rank < eng.n_blocks:
+                eng.tile_row(state, first + rank, done)
+            todo = [b for b in blocks if b not in done]  # the same in every process
+            if not todo:
+                continue
+            lo, hi = eng.span(blocks[0])[0], eng.span(blocks[-1])[1]
+            v, j = eng.sorted_candidates(state, lo, hi)
+            v, j = eng.merge_partials(gather_list(v), gather_list(j))
+            for b in todo:
+                b_lo, b_hi = eng.span(b)
+                yield b, v[b_lo - lo:b_hi - lo], j[b_lo - lo:b_hi - lo]
 
     def rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Any sample rows against the database (no symmetry)."""

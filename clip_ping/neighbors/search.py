@@ -36,10 +36,10 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from ..distributed import rank_and_world, resolve_device
+from ..distributed import resolve_device
 from ..errors import ConfigError, DataError
 from . import tiled
-from .fast import BlockStore, FastSearch
+from .fast import FastSearch, open_store
 from .tiled import bf16_matmul_is_fast, exact_topk
 
 log = logging.getLogger(__name__)
@@ -349,10 +349,8 @@ def search_neighbors(
     def blocks() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(positions in queries, indices, scores, short) block by block."""
         if fast is not None and query_rows is None:  # the whole self-join: symmetric tiles
-            # under torchrun each process holds partial candidates until the merge: no blocks to keep
-            keep = resume_dir is not None and rank_and_world()[1] == 1
-            store = BlockStore(Path(resume_dir), fast.spec(resume_key)) if keep else None  # type: ignore[arg-type]
-            yield from fast.all_rows(store)
+            resume = open_store(Path(resume_dir), fast.spec(resume_key)) if resume_dir is not None else None
+            yield from fast.all_rows(resume)
             return
         for start in range(0, len(queries), block_size):
             rows = queries[start:start + block_size]

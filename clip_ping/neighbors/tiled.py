@@ -234,22 +234,42 @@ class TiledCandidates:
         their tiles still feed the later blocks.
         """
         done = done or set()
-        state = self._new_state(self.n_db)
+        state = self.new_state()
         for bi in range(self.n_blocks):
             lo_i, hi_i = self.span(bi)
-            xi = self.block(bi).to(self.dtype)
-            for bj in range(bi, self.n_blocks):
-                if bi in done and bj in done:
-                    continue
-                lo_j, hi_j = self.span(bj)
-                s = self._tile(bi, bj, xi)
-                if bi not in done:
-                    self._feed(state, lo_i, s, lo_j)
-                if bj != bi and bj not in done:
-                    self._feed(state, lo_j, s, lo_i, along_rows=True)
+            self.tile_row(state, bi, done)
             if bi not in done:
                 yield bi, *self._sorted(state, lo_i, hi_i)
                 state[0][lo_i:hi_i], state[1][lo_i:hi_i] = float("-inf"), -1  # no longer needed
+
+    def new_state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Empty candidates (values, indices) of every database row."""
+        return self._new_state(self.n_db)
+
+    def tile_row(self, state: tuple[torch.Tensor, torch.Tensor], bi: int, done: set[int]) -> None:
+        """Feed the tiles (bi, bj >= bi) into the candidates of the blocks not in ``done``.
+
+        After the tile rows 0..b, block b has all its candidates: its row of tiles gave the
+        tiles right of the diagonal, the earlier rows (their columns) the ones left of it.
+        """
+        if all(b in done for b in range(bi, self.n_blocks)):
+            return
+        lo_i, _ = self.span(bi)
+        xi = self.block(bi).to(self.dtype)
+        for bj in range(bi, self.n_blocks):
+            if bi in done and bj in done:
+                continue
+            lo_j, _ = self.span(bj)
+            s = self._tile(bi, bj, xi)
+            if bi not in done:
+                self._feed(state, lo_i, s, lo_j)
+            if bj != bi and bj not in done:
+                self._feed(state, lo_j, s, lo_i, along_rows=True)
+
+    def sorted_candidates(self, state: tuple[torch.Tensor, torch.Tensor], lo: int, hi: int
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Candidates of rows lo:hi, best first (-inf / -1 where there are none); they take no more tiles."""
+        return self._sorted(state, lo, hi)
 
     def _tile(self, bi: int, bj: int, xi: torch.Tensor) -> torch.Tensor:
         """Scores of row block bi (``xi``, in the compute dtype) against row block bj, exclusions masked."""
@@ -262,29 +282,13 @@ class TiledCandidates:
             self._mask(s, self.groups[lo_i:hi_i], self.groups[lo_j:hi_j])
         return s
 
-    def partial_join(self, owns: Callable[[int], bool]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Candidates from the tiles of the row blocks this process ``owns`` (all rows, partial).
-
-        With block b owned by process b mod K, the K partial results merged (`merge_partials`)
-        are the candidates of the whole self-join: each tile is computed once, by one process.
-        """
-        state = self._new_state(self.n_db)
-        for bi in range(self.n_blocks):
-            if not owns(bi):
-                continue
-            lo_i, hi_i = self.span(bi)
-            xi = self.block(bi).to(self.dtype)
-            for bj in range(bi, self.n_blocks):
-                lo_j, hi_j = self.span(bj)
-                s = self._tile(bi, bj, xi)
-                self._feed(state, lo_i, s, lo_j)
-                if bj != bi:
-                    self._feed(state, lo_j, s, lo_i, along_rows=True)
-        return self._sorted(state, 0, self.n_db)
-
     def merge_partials(self, values: list[torch.Tensor], indices: list[torch.Tensor]
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-c of each row over several partial candidate lists (one per process)."""
+        """Top-c of each row over several partial candidate lists (one per process).
+
+        Under torchrun, tile row b is multiplied by process b mod K (`tile_row`), so each
+        tile is computed once; the K partial candidates of a block merged are its candidates.
+        """
         v, pos = torch.cat(values, 1).topk(self.c, dim=1)
         return v, torch.cat(indices, 1).gather(1, pos)
 
