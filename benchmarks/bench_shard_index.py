@@ -14,8 +14,9 @@ own process (so its memory is its own), the three interleaved over ``--repeats``
 Per variant: resident memory added (anonymous = private to the process, and total),
 bytes per row beyond the UTF-8 text, the peak RSS above the start (building included;
 the peak is reset before, through /proc/self/clear_refs), the time of 100,000
-key lookups, and the private memory a forked loader worker adds when it reads every
-caption (reference counts written into list pages copy them; column pages are
+key lookups, the time of the data fingerprint (sha256 over key, caption and size; the
+three must agree), and the private memory a forked loader worker adds when it reads
+every caption (reference counts written into list pages copy them; column pages are
 never written).
 
     .venv/bin/python benchmarks/bench_shard_index.py --n 1000000 --repeats 3
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import os
 import statistics
@@ -99,7 +101,7 @@ def worker_reads_everything(captions: Any, keys: Any) -> int:
 
 
 def stage(variant: str, n: int, index: Path) -> dict[str, Any]:
-    from clip_ping.data.shard_index import CodedColumn, KeyIndex, StringColumn, read_index
+    from clip_ping.data.shard_index import CodedColumn, KeyIndex, StringColumn, read_index, rows_fingerprint
 
     rng = np.random.default_rng(1)
     probe = rng.integers(0, n, 100_000)
@@ -134,7 +136,18 @@ def stage(variant: str, n: int, index: Path) -> dict[str, Any]:
     assert len(exts) == n
     m2 = memory()
     worker = worker_reads_everything(captions, keys)
+    sizes = np.arange(n, dtype=np.int64) + 50_000
+    t0 = time.perf_counter()
+    if variant == "list":  # the row-by-row hash lists were fingerprinted with
+        h = hashlib.sha256()
+        for key, caption, size in zip(keys, captions, sizes.tolist()):
+            h.update(f"{key}\0{caption}\0{size}\n".encode("utf-8", "surrogateescape"))
+        fingerprint = h.hexdigest()
+    else:
+        fingerprint = rows_fingerprint(keys, captions, sizes)
+    fingerprint_s = time.perf_counter() - t0
     return {"variant": variant, "build_s": round(build_s, 2), "lookup_100k_s": round(lookup_s, 3),
+            "fingerprint_s": round(fingerprint_s, 3), "fingerprint": fingerprint,
             "anon_bytes": m1["RssAnon"] - m0["RssAnon"], "rss_bytes": m1["VmRSS"] - m0["VmRSS"],
             "rss_after_lookups_bytes": m2["VmRSS"] - m0["VmRSS"],
             "peak_rss_bytes": memory()["VmHWM"] - m0["VmRSS"],
@@ -184,7 +197,7 @@ def main() -> None:
     res["runs"] = runs
     mib = 2**20
     print(f"\n{'variant':8} {'anon MiB':>9} {'RSS MiB':>8} {'B/row beyond text':>18} {'peak MiB':>9} "
-          f"{'100k lookups s':>15} {'worker copy MiB':>16} {'build s':>8}")
+          f"{'100k lookups s':>15} {'worker copy MiB':>16} {'build s':>8} {'fingerprint s':>14}")
     summary = {}
     for v in VARIANTS:
         def med(field: str) -> float:
@@ -198,12 +211,16 @@ def main() -> None:
         summary[v] = {"anon_bytes": med("anon_bytes"), "rss_bytes": med("rss_bytes"), "bytes_per_row_beyond_text":
                       round(beyond, 1), "peak_rss_bytes": med("peak_rss_bytes"), "lookup_100k_s": med("lookup_100k_s"),
                       "lookup_100k_s_range": spread("lookup_100k_s"), "worker_private_bytes": med("worker_private_bytes"),
-                      "build_s": med("build_s")}
+                      "build_s": med("build_s"), "fingerprint_s": med("fingerprint_s"),
+                      "fingerprint_s_range": spread("fingerprint_s")}
         s = summary[v]
         print(f"{v:8} {s['anon_bytes'] / mib:9.1f} {s['rss_bytes'] / mib:8.1f} {beyond:18.1f} "
               f"{s['peak_rss_bytes'] / mib:9.1f} {s['lookup_100k_s']:9.3f} ({s['lookup_100k_s_range']}) "
-              f"{s['worker_private_bytes'] / mib:10.1f} {s['build_s']:8.2f}")
+              f"{s['worker_private_bytes'] / mib:10.1f} {s['build_s']:8.2f} {s['fingerprint_s']:8.3f} "
+              f"({s['fingerprint_s_range']})")
     res["summary"] = summary
+    if len({x["fingerprint"] for v in VARIANTS for x in runs[v]}) != 1:
+        raise SystemExit("the three stores gave different fingerprints")
     res["machine"]["load_avg_end"] = load_average()
     print(f"medians of {args.repeats} interleaved runs; load average: start {res['machine']['load_avg_start']}, "
           f"end {res['machine']['load_avg_end']}")

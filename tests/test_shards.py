@@ -223,6 +223,7 @@ def test_string_column_reads_like_a_list_of_str() -> None:
     assert [col[i] for i in (0, 1, 2, 3, -1)] == [texts[i] for i in (0, 1, 2, 3, -1)]
     assert col[2:6] == texts[2:6] and col[::20_000] == texts[::20_000]
     assert list(col) == texts  # iteration crosses its 64k-row chunks
+    assert col.raw(2, 4) == [t.encode("utf-8", "surrogateescape") for t in texts[2:4]] and col.raw(9**9, 9**9 + 1) == []
     assert col == texts and texts == col and col != texts[:-1]
     with pytest.raises(IndexError):
         col[len(texts)]
@@ -242,6 +243,13 @@ def test_index_file_is_memory_mapped_and_travels_to_spawned_processes(csv_data: 
     assert isinstance(table.captions, StringColumn) and isinstance(table.captions.data.base, np.memmap)
     assert isinstance(table.offsets.base, np.memmap)
     assert table.captions == written.captions and table.fingerprint() == info["fingerprint"]
+    # the fingerprint is the one banks were built with before the columns (hashed row by row from str)
+    import hashlib
+
+    h = hashlib.sha256()
+    for key, caption, size in zip(list(table.keys), list(table.captions), table.sizes.tolist()):
+        h.update(f"{key}\0{caption}\0{size}\n".encode("utf-8", "surrogateescape"))
+    assert table.fingerprint() == h.hexdigest()
     assert [table.key_to_index.get(k) for k in written.keys] == list(range(len(written)))  # stored, not rebuilt
     blob = pickle.dumps(table)
     assert len(blob) < 1000  # the arrays are mapped again on the other side, not copied

@@ -30,6 +30,7 @@ from ..errors import DataError
 from ..io import atomic_write
 
 _ALIGN = 64
+CHUNK = 1 << 16  # rows read at once when a whole column is walked
 _ENC = ("utf-8", "surrogateescape")  # tar member names may hold undecodable bytes
 
 
@@ -72,13 +73,17 @@ class StringColumn(Sequence[str]):
         return self[j % n]
 
     def __iter__(self) -> Iterator[str]:
-        # in chunks: one bytes copy and one offsets list per 64k rows, not per row
-        step = 1 << 16
-        for start in range(0, len(self), step):
-            ends = self.ends[start:start + step + 1].tolist()
-            buf, base = bytes(self._view[ends[0]:ends[-1]]), ends[0]
-            for a, b in zip(ends[:-1], ends[1:]):
-                yield buf[a - base:b - base].decode(*_ENC)
+        for start in range(0, len(self), CHUNK):
+            for raw in self.raw(start, start + CHUNK):
+                yield raw.decode(*_ENC)
+
+    def raw(self, start: int, stop: int) -> list[bytes]:
+        """Rows start:stop as their UTF-8 bytes (one buffer copy and one offsets list, not one per row)."""
+        ends = self.ends[start:min(stop, len(self)) + 1].tolist()
+        if len(ends) < 2:
+            return []
+        buf, base = bytes(self._view[ends[0]:ends[-1]]), ends[0]
+        return [buf[a - base:b - base] for a, b in zip(ends[:-1], ends[1:])]
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, (list, tuple, StringColumn)):
@@ -154,6 +159,16 @@ class KeyIndex:
                 return int(i)
             pos += 1
         return None
+
+
+def rows_fingerprint(keys: StringColumn, captions: StringColumn, sizes: np.ndarray) -> str:
+    """sha256 of the bytes of f"{key}\\0{caption}\\0{size}\\n" over the rows, hashed a chunk of rows at a time."""
+    h = hashlib.sha256()
+    for start in range(0, len(keys), CHUNK):
+        rows = zip(keys.raw(start, start + CHUNK), captions.raw(start, start + CHUNK),
+                   sizes[start:start + CHUNK].tolist())
+        h.update(b"".join(b"%s\0%s\0%d\n" % row for row in rows))
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- the index file

@@ -43,7 +43,6 @@ Readers
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import logging
 import multiprocessing as mp
@@ -65,7 +64,7 @@ from .pairs import (
     SKIP_EMPTY_CAPTION,
     SKIP_MISSING_IMAGE,
 )
-from .shard_index import CodedColumn, KeyIndex, StringColumn, read_csv_index, read_index, write_index
+from .shard_index import CodedColumn, KeyIndex, StringColumn, read_csv_index, read_index, rows_fingerprint, write_index
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +98,7 @@ class ShardTable:
     _fds: dict[int, int] = field(default_factory=dict, repr=False)
     _pid: int = field(default=-1, repr=False)
     _mapped: bool = field(default=False, repr=False)  # arrays memory-mapped from the index file
+    _fingerprint: str | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -114,11 +114,11 @@ class ShardTable:
         return self._key_index
 
     def fingerprint(self) -> str:
-        """sha256 over the samples (key, caption, image size), like `PairTable.fingerprint`."""
-        h = hashlib.sha256()
-        for key, caption, size in zip(self.keys, self.captions, self.sizes.tolist()):
-            h.update(f"{key}\0{caption}\0{size}\n".encode("utf-8", "surrogateescape"))
-        return h.hexdigest()
+        """sha256 over the samples (key, caption, image size), like `PairTable.fingerprint`; computed
+        once per table (its rows never change), so later calls (each checkpoint's check) cost nothing."""
+        if self._fingerprint is None:
+            self._fingerprint = rows_fingerprint(self.keys, self.captions, self.sizes)
+        return self._fingerprint
 
     def read_image_bytes(self, i: int) -> bytes:
         # os.pread needs no shared file position, so one descriptor per process is safe
