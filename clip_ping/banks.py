@@ -102,9 +102,11 @@ class ExtractConfig:
     data: str = option("", "pairs table (CSV/TSV), or a data set folder whose --split table is used")
     out: str = option("", "bank folder to write (created if needed)")
     split: str = option("train", "split table to use when --data is a data set folder")
-    image_teacher: str = option(DEFAULT_IMAGE_TEACHER, "image teacher: a registered name or timm:/open_clip: spec")
+    image_teacher: str = option(DEFAULT_IMAGE_TEACHER, "image teacher: a registered name, or timm:ARCH[:FILE] / open_clip:MODEL:FILE|TAG / "
+                                "open_clip:hf-hub:ORG/REPO (see clip_ping.teachers)")
     text_teacher: str = option(
-        DEFAULT_TEXT_TEACHER, "text teacher: a registered name or sentence-transformers:/hf:/open_clip: spec"
+        DEFAULT_TEXT_TEACHER, "text teacher: a registered name, or sentence-transformers:DIR|NAME / hf:DIR|ORG/REPO / "
+        "open_clip:MODEL:FILE|TAG (see clip_ping.teachers)"
     )
     batch_size: int = option(64, "rows per teacher forward pass")
     chunk_size: int = option(1024, "rows per resumable unit of work (a finished chunk is never recomputed)")

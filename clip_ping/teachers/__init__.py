@@ -24,9 +24,18 @@ Generic specs, for any local model:
 - ``open_clip:<model name>:<weights file>``: the image tower (as image teacher) or
   the text tower (as text teacher) of an open_clip model; the name is one of
   ``open_clip.list_models()`` or clip-ping's own configs, the file an open_clip
-  state dict or a clip-ping checkpoint (so a trained student can be a teacher).
+  state dict or a clip-ping checkpoint (so a trained student can be a teacher);
+  ``open_clip:local-dir:<folder>``: an open_clip model folder (e.g. a `clip-ping export`).
 - ``sentence-transformers:<local dir>``: a sentence-transformers text model.
 - ``hf:<local dir>``: a Hugging Face text encoder (``AutoModel``), mean-pooled.
+
+and by pretrained name, loaded by the library through its own cache (the Hugging Face
+hub where the machine reaches it; the user's ``HF_HUB_OFFLINE`` and cache are honoured,
+clip-ping sets neither; what cannot be loaded stops with one line):
+
+- ``timm:<arch>`` (timm's default weights), ``timm:<arch>.<tag>``, ``timm:hf-hub:<org>/<repo>``;
+- ``open_clip:<model>:<tag>`` (``open_clip.list_pretrained()``), ``open_clip:hf-hub:<org>/<repo>``;
+- ``sentence-transformers:<name>`` (e.g. ``all-MiniLM-L6-v2``), ``hf:<org>/<repo>``.
 
 Custom teachers
 ---------------

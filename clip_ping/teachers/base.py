@@ -4,12 +4,14 @@ precision (fp32, or bf16 under autocast) and its input size (`transform_at_size`
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, ContextManager, Iterator, cast
+from typing import Any, Callable, ContextManager, Iterator, TypeVar, cast
 
 import torch
 from PIL import Image
 
-from ..errors import ConfigError
+from ..errors import ClipPingError, ConfigError, DataError
+
+_T = TypeVar("_T")
 
 # Numeric precision of a teacher's forward pass: fp32, or bf16 under torch.autocast. bf16 pays only
 # where the hardware computes in it (GPUs; CPUs with AVX-512 BF16 or AMX); on an AVX2-only CPU
@@ -155,3 +157,17 @@ def running_in(precision: str, *teachers: Any) -> Iterator[None]:
         for t, p in zip(teachers, before):
             t.precision = p
 
+
+
+def from_hub(spec: str, load: Callable[[], _T], local_form: str) -> _T:
+    """Run ``load``, a library fetching pretrained weights through its own hub cache, and turn any failure
+    (offline, unknown repository, no weights) into one line. The libraries honour the user's
+    ``HF_HUB_OFFLINE`` and cache; clip-ping sets neither."""
+    try:
+        return load()
+    except ClipPingError:
+        raise
+    except Exception as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise DataError(f"teacher '{spec}': cannot load its pretrained weights from the hub or the local cache "
+                        f"({first[:200]}); with no network, save them where there is one and pass {local_form}") from None

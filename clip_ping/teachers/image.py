@@ -8,15 +8,17 @@ import torch
 from PIL import Image
 
 from ..errors import ConfigError
-from .base import ImageTeacher, freeze
+from .base import ImageTeacher, freeze, from_hub
 from .weights import load_by_name, load_weights_in_order, read_state_dict
 
 
 class TimmImageTeacher(ImageTeacher):
-    """A timm model with local weights; features are the pooled pre-classifier activations.
+    """A timm model; features are the pooled pre-classifier activations.
 
-    ``in_order=True`` maps the file's tensors onto the model by position
-    (`load_weights_in_order`); otherwise by name, ignoring classifier tensors.
+    With a weights file, ``in_order=True`` maps the file's tensors onto the model by
+    position (`load_weights_in_order`); otherwise by name, ignoring classifier tensors.
+    With ``weights=None`` timm loads its pretrained weights for ``arch`` (``resnet50``,
+    ``resnet50.a1_in1k``, ``hf-hub:ORG/REPO``) through its Hugging Face cache.
     """
 
     model: torch.nn.Module  # set in __init__ (the base class allows None)
@@ -24,7 +26,7 @@ class TimmImageTeacher(ImageTeacher):
     def __init__(
         self,
         arch: str,
-        weights: str | Path,
+        weights: str | Path | None,
         name: str | None = None,
         device: str = "cpu",
         in_order: bool = False,
@@ -32,19 +34,22 @@ class TimmImageTeacher(ImageTeacher):
         import timm
         from timm.data import create_transform, resolve_model_data_config
 
-        try:
+        spec = name or (f"timm:{arch}:{weights}" if weights is not None else f"timm:{arch}")
+        if not arch.startswith("hf-hub:") and not timm.is_model(arch):
+            raise ConfigError(f"timm has no model '{arch}' (see timm.list_models())")
+        if weights is None:
+            model = from_hub(spec, lambda: timm.create_model(arch, pretrained=True), "timm:<arch>:<weights file>")
+        else:
             # Full model first: in-order mapping needs the classifier's slots too.
             model = timm.create_model(arch, pretrained=False)
-        except RuntimeError as exc:  # timm: "Unknown model (...)"
-            raise ConfigError(f"timm has no model '{arch}': {exc}") from None
-        if in_order:
-            load_weights_in_order(model, weights)
-        else:
-            load_by_name(model, read_state_dict(weights), weights)
+            if in_order:
+                load_weights_in_order(model, weights)
+            else:
+                load_by_name(model, read_state_dict(weights), weights)
         model.reset_classifier(0)  # forward() now returns pooled features
         # channels_last: oneDNN's convolutions (depthwise above all) run 1.5-2x faster on CPU.
         self.model = freeze(model).to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
-        self.name = name or f"timm:{arch}:{weights}"
+        self.name = spec
         self.device = device
         self.dim = int(getattr(model, "num_features"))
         self.data_config = resolve_model_data_config(model)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -56,15 +57,18 @@ def _check_registrable(name: str, prefixes: tuple[str, ...]) -> None:
 
 def image_teacher_names() -> list[str]:
     """Registered image teacher names plus the generic spec forms."""
-    return sorted(_IMAGE_TEACHERS) + ["timm:<arch>:<weights file>", "open_clip:<model>:<weights file>"]
+    return sorted(_IMAGE_TEACHERS) + ["timm:<arch>[:<weights file>]", "open_clip:<model>:<weights file or tag>",
+                                      "open_clip:hf-hub:<org/repo>", "open_clip:local-dir:<folder>"]
 
 
 def text_teacher_names() -> list[str]:
     """Registered text teacher names plus the generic spec forms."""
     return sorted(_TEXT_TEACHERS) + [
-        "sentence-transformers:<dir>",
-        "hf:<dir>",
-        "open_clip:<model>:<weights file>",
+        "sentence-transformers:<dir or hub name>",
+        "hf:<dir or org/repo>",
+        "open_clip:<model>:<weights file or tag>",
+        "open_clip:hf-hub:<org/repo>",
+        "open_clip:local-dir:<folder>",
     ]
 
 
@@ -79,11 +83,11 @@ def image_teacher_factory(spec: str) -> ImageFactory:
         return _IMAGE_TEACHERS[spec]
     prefix, _, rest = spec.partition(":")
     if prefix == "timm" and rest:
-        arch, weights = _split_model_and_file(spec, rest)
+        arch, weights = _timm_spec(spec, rest)
         return lambda device: TimmImageTeacher(arch, weights, name=spec, device=device)
     if prefix == "open_clip" and rest:
-        model_name, weights = _split_model_and_file(spec, rest)
-        return lambda device: OpenClipImageTeacher(model_name, weights, name=spec, device=device)
+        model_name, weights, tag = _open_clip_spec(spec, rest)
+        return lambda device: OpenClipImageTeacher(model_name, weights, name=spec, device=device, pretrained=tag)
     raise ConfigError(f"unknown image teacher '{spec}'; known: {', '.join(image_teacher_names())}")
 
 
@@ -94,14 +98,14 @@ def text_teacher_factory(spec: str) -> TextFactory:
         return _TEXT_TEACHERS[spec]
     prefix, _, rest = spec.partition(":")
     if prefix == "sentence-transformers" and rest:
-        folder = _existing(rest, spec, want_dir=True)
-        return lambda device: SentenceTransformerTeacher(folder, name=spec, device=device)
+        where, hub = _folder_or_hub_name(spec, rest)
+        return lambda device: SentenceTransformerTeacher(where, name=spec, device=device, hub=hub)
     if prefix == "hf" and rest:
-        folder = _existing(rest, spec, want_dir=True)
-        return lambda device: HFTextTeacher(folder, name=spec, device=device)
+        where, hub = _folder_or_hub_name(spec, rest)
+        return lambda device: HFTextTeacher(where, name=spec, device=device, hub=hub)
     if prefix == "open_clip" and rest:
-        model_name, weights = _split_model_and_file(spec, rest)
-        return lambda device: OpenClipTextTeacher(model_name, weights, name=spec, device=device)
+        model_name, weights, tag = _open_clip_spec(spec, rest)
+        return lambda device: OpenClipTextTeacher(model_name, weights, name=spec, device=device, pretrained=tag)
     raise ConfigError(f"unknown text teacher '{spec}'; known: {', '.join(text_teacher_names())}")
 
 
@@ -135,12 +139,54 @@ def _checked(teacher: Any, spec: str, attrs: tuple[str, ...] = ("name", "dim", "
     return teacher
 
 
-def _split_model_and_file(spec: str, rest: str) -> tuple[str, Path]:
-    model, sep, path = rest.partition(":")
-    if not sep or not model or not path:
-        kind = spec.split(":", 1)[0]
-        raise ConfigError(f"teacher spec '{spec}' must look like {kind}:<model>:<weights file>")
-    return model, _existing(path, spec, want_dir=False)
+def _timm_spec(spec: str, rest: str) -> tuple[str, Path | None]:
+    """(arch, weights file) of ``timm:ARCH:FILE``; (arch, None) for timm's pretrained ``timm:ARCH``,
+    ``timm:ARCH.TAG`` or ``timm:hf-hub:ORG/REPO``."""
+    if rest.startswith("hf-hub:"):
+        return rest, None
+    arch, sep, path = rest.partition(":")
+    if not sep:
+        return arch, None
+    if not arch or not path:
+        raise ConfigError(f"teacher spec '{spec}' must look like timm:<arch> or timm:<arch>:<weights file>")
+    return arch, _existing(path, spec, want_dir=False)
+
+
+def _open_clip_spec(spec: str, rest: str) -> tuple[str, Path | None, str | None]:
+    """(model, weights file, pretrained tag) of ``open_clip:MODEL:FILE`` or ``open_clip:MODEL:TAG``;
+    (name, None, None) for ``open_clip:hf-hub:ORG/REPO`` and ``open_clip:local-dir:FOLDER``."""
+    if rest.startswith("hf-hub:"):
+        return rest, None, None
+    if rest.startswith("local-dir:"):
+        return "local-dir:" + str(_existing(rest[len("local-dir:"):], spec, want_dir=True)), None, None
+    model, sep, tail = rest.partition(":")
+    if not sep or not model or not tail:
+        raise ConfigError(f"teacher spec '{spec}' must look like open_clip:<model>:<weights file or pretrained tag>")
+    if Path(tail).expanduser().is_file():
+        return model, Path(tail).expanduser(), None
+    import open_clip
+
+    if open_clip.get_pretrained_cfg(model, tail):
+        return model, None, tail
+    if "/" in tail or Path(tail).suffix:
+        _existing(tail, spec, want_dir=False)  # a path: "weights file ... not found"
+    tags = open_clip.list_pretrained_tags_by_model(model)
+    raise ConfigError(f"teacher '{spec}': '{tail}' is neither a weights file nor a pretrained tag of open_clip model "
+                      f"{model} (tags: {', '.join(tags) or 'none'})")
+
+
+# A hub repository name: NAME or ORG/NAME (a path that does not exist looks otherwise: /..., ./..., ~/...)
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def _folder_or_hub_name(spec: str, rest: str) -> tuple[str, bool]:
+    """(where, from the hub): a local model folder, else a hub repository name the library loads."""
+    folder = Path(rest).expanduser()
+    if folder.is_dir():
+        return str(folder), False
+    if _REPO_ID.match(rest):
+        return rest, True
+    return str(_existing(rest, spec, want_dir=True)), False  # raises: "model folder ... not found"
 
 
 def _existing(path: str, spec: str, want_dir: bool) -> Path:
