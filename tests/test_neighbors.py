@@ -321,6 +321,15 @@ def test_two_process_search_killed_and_resumed_equals_one_process_byte_for_byte(
     expected = [(i, j) for i in range(n_blocks) for j in range(i, n_blocks) if not (i < 4 and j < 4)]
     assert sorted(tiles) == expected
     np.testing.assert_array_equal(one_i, brute_force(x, 4, groups, valid)[0])
+    # blocks of a torchrun search resume in one process too (the spec does not depend on the process count)
+    for late in (tmp_path / "resume").glob("block-*.npz"):
+        if int(late.stem[6:]) >= 4:
+            late.unlink()
+    stats: dict = {}
+    again = search_neighbors(x, 4, groups=groups, valid=valid, method="fast", resume_dir=tmp_path / "resume",
+                             stats=stats)
+    assert stats["blocks_resumed"] == 4
+    assert again[0].tobytes() == one_i.tobytes() and again[1].tobytes() == one_s.tobytes()
 
 
 def test_fast_search_streams_the_bank_instead_of_copying_it(monkeypatch):
