@@ -156,7 +156,7 @@ def prepare_data(n_train: int, k: int = 10, image_size: int = 64, progress: bool
     """
     from clip_ping.banks import ExtractConfig, extract_banks
     from clip_ping.data.synth import SynthConfig, generate_synthetic
-    from clip_ping.neighbors import NeighborsConfig, build_neighbors
+    from clip_ping.knn import NeighborsConfig, build_neighbors
 
     data = WORK / f"synth-{n_train}"
     t0 = time.perf_counter()
@@ -167,7 +167,7 @@ def prepare_data(n_train: int, k: int = 10, image_size: int = 64, progress: bool
     extract_banks(ExtractConfig(data=str(data / "train.csv"), out=str(banks), progress=progress))
     t2 = time.perf_counter()
     try:  # reuse any table that still matches this bank (settings checks change between versions)
-        from clip_ping.neighbors import load_neighbors
+        from clip_ping.knn import load_neighbors
 
         if load_neighbors(banks).k < k:
             raise ValueError("too few neighbours")

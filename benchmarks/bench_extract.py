@@ -169,7 +169,7 @@ def bench_teachers(csv_path: Path, rounds: int, batch_size: int) -> dict[str, An
 
 
 def bench_agreement(csv_path: Path, root: Path, base: dict[str, Any], others: list[str]) -> dict[str, Any]:
-    from clip_ping.neighbors import NeighborsConfig, build_neighbors, load_neighbors
+    from clip_ping.knn import NeighborsConfig, build_neighbors, load_neighbors
 
     image_teacher, text_teacher = load_image_teacher(DEFAULT_IMAGE_TEACHER), load_text_teacher(DEFAULT_TEXT_TEACHER)
     tables, seconds = {}, {}

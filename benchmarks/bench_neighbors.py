@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clip_ping.neighbors import (  # noqa: E402
+from clip_ping.knn import (  # noqa: E402
     default_nlist,
     search_neighbors,
     set_faiss_threads,

@@ -46,7 +46,7 @@ def peak_rss_gib() -> float:
 
 def stage(args: argparse.Namespace) -> dict[str, Any]:
     """One measurement in this process (called through ``--stage``)."""
-    from clip_ping.neighbors import default_nlist, search_neighbors
+    from clip_ping.knn import default_nlist, search_neighbors
 
     x = np.load(args.bank, mmap_mode="r")
     n, k = x.shape[0], args.k

@@ -238,7 +238,7 @@ def _worker_extract(p: dict[str, Any]) -> dict[str, Any]:
 
 
 def _worker_neighbors(p: dict[str, Any]) -> dict[str, Any]:
-    from clip_ping.neighbors import NeighborsConfig, build_neighbors
+    from clip_ping.knn import NeighborsConfig, build_neighbors
 
     path = build_neighbors(NeighborsConfig(banks=p["banks"], k=p["k"], progress=p["progress"], overwrite=p["overwrite"]))
     info = json.loads(Path(path).read_text())

@@ -6,8 +6,7 @@ Pipeline, one module each:
 
 __version__ = "0.1.0"
 
-# The stable Python API (clip_ping.api): the pipeline's stages as functions. `neighbors` and
-# `export` are there too; at the top level those names are the stages' modules.
-from .api import evaluate, extract, train  # noqa: E402
+# The stable Python API (clip_ping.api): the pipeline's stages as functions, one per command.
+from .api import evaluate, export, extract, neighbors, train  # noqa: E402
 
-__all__ = ["__version__", "evaluate", "extract", "train"]
+__all__ = ["__version__", "evaluate", "export", "extract", "neighbors", "train"]

@@ -6,10 +6,10 @@ path, plus keyword overrides, and returns what the command prints::
     import clip_ping
 
     clip_ping.extract({"data": "data/synth/train.csv", "out": "data/synth/banks"})
-    clip_ping.neighbors(banks="data/synth/banks", k=10)
+    clip_ping.knn(banks="data/synth/banks", k=10)
     run = clip_ping.train("run.yaml", out="runs/ping", steps=500)
     scores = clip_ping.evaluate(checkpoint="runs/ping", data="data/synth")
-    clip_ping.export(checkpoint="runs/ping", out="runs/ping-open_clip")
+    clip_ping.hub_export(checkpoint="runs/ping", out="runs/ping-open_clip")
 
 Configs are validated as on the command line (unknown keys are refused by
 name), the installed versions are checked, and a stage that needs a missing
@@ -57,7 +57,7 @@ def extract(cfg: ConfigLike = None, **overrides: Any) -> Any:
 
 
 def neighbors(cfg: ConfigLike = None, **overrides: Any) -> Any:
-    """Neighbour tables next to the banks (`clip_ping.neighbors.NeighborsConfig`)."""
+    """Neighbour tables next to the banks (`clip_ping.knn.NeighborsConfig`)."""
     return _run(("neighbors",), cfg, overrides)
 
 
@@ -72,5 +72,5 @@ def evaluate(cfg: ConfigLike = None, **overrides: Any) -> dict[str, Any]:
 
 
 def export(cfg: ConfigLike = None, **overrides: Any) -> dict[str, str]:
-    """An open_clip / Hugging Face hub folder with a model card (`clip_ping.export.ExportConfig`)."""
+    """An open_clip / Hugging Face hub folder with a model card (`clip_ping.hub_export.ExportConfig`)."""
     return _run(("export",), cfg, overrides)

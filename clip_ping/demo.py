@@ -61,7 +61,7 @@ def run_demo(cfg: DemoConfig) -> None:
     from .banks import ExtractConfig, extract_banks
     from .data.synth import SynthConfig, generate_synthetic
     from .evaluation.stage import EvalConfig, evaluate_from_config
-    from .neighbors import NeighborsConfig, build_neighbors
+    from .knn import NeighborsConfig, build_neighbors
     from .report import build_report
     from .trainer import train
 
@@ -109,6 +109,6 @@ def write_demo_neighbor_page(data_dir: Path, bank_dir: Path, report_dir: Path) -
 
     In the report folder rather than the bank's, so the report and its neighbour page move together.
     """
-    from .neighbors import ShowConfig, show_neighbors
+    from .knn import ShowConfig, show_neighbors
 
     return show_neighbors(ShowConfig(data=str(data_dir), banks=str(bank_dir), out=str(report_dir / NEIGHBOR_PAGE)))

@@ -62,7 +62,7 @@ def write_random_bank(data_dir, split: str = "train", k: int = 3, seed: int = 0,
     import numpy as np
 
     from clip_ping.data.table import open_table
-    from clip_ping.neighbors import NeighborsConfig, build_neighbors
+    from clip_ping.knn import NeighborsConfig, build_neighbors
 
     table = open_table(data_dir, split)
     n, rng = len(table), np.random.default_rng(seed)

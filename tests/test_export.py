@@ -2,7 +2,7 @@ import open_clip
 import torch
 from PIL import Image
 
-from clip_ping.export import ExportConfig, export_open_clip
+from clip_ping.hub_export import ExportConfig, export_open_clip
 from clip_ping.student import load_student
 from clip_ping.trainer import TrainConfig, Trainer
 

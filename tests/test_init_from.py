@@ -14,7 +14,7 @@ import yaml
 
 from clip_ping.checkpoints import load_checkpoint
 from clip_ping.errors import ConfigError, DataError
-from clip_ping.export import ExportConfig, export_open_clip
+from clip_ping.hub_export import ExportConfig, export_open_clip
 from clip_ping.student import create_student
 from clip_ping.trainer import TrainConfig, Trainer
 

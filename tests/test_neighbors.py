@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from clip_ping import neighbors as nb
+from clip_ping import knn as nb
 from clip_ping.errors import ConfigError, DataError
-from clip_ping.neighbors import (
+from clip_ping.knn import (
     NeighborQueue,
     NeighborsConfig,
     build_neighbors,
     load_neighbors,
     search_neighbors,
 )
-from clip_ping.neighbors import search as nb_search
-from clip_ping.neighbors import tiled as nb_tiled
+from clip_ping.knn import search as nb_search
+from clip_ping.knn import tiled as nb_tiled
 
 
 def clustered(n: int, d: int, n_clusters: int, seed: int = 0) -> np.ndarray:
@@ -163,7 +163,7 @@ def test_fast_multiplies_only_the_upper_triangle_of_tiles(monkeypatch):
 _KILL_SCRIPT = """
 import os, sys
 import numpy as np
-from clip_ping.neighbors import fast, search_neighbors, tiled
+from clip_ping.knn import fast, search_neighbors, tiled
 tiled.FAST_TILE_BYTES = 64 * 64 * 4
 saved = []
 def hook(b):
@@ -211,7 +211,7 @@ import torch.multiprocessing as mp
 
 
 def run(rank, folder):
-    from clip_ping.neighbors import search_neighbors, tiled
+    from clip_ping.knn import search_neighbors, tiled
     tiled.FAST_TILE_BYTES = 64 * 64 * 4
     dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2)
     z = np.load(f"{folder}/data.npz")
@@ -252,7 +252,7 @@ import torch.multiprocessing as mp
 
 
 def run(rank, folder, kill):
-    from clip_ping.neighbors import fast, search_neighbors, tiled
+    from clip_ping.knn import fast, search_neighbors, tiled
     tiled.FAST_TILE_BYTES = 64 * 64 * 4
     tiles = []
     tile = tiled.TiledCandidates._tile
@@ -592,7 +592,7 @@ def test_neighbor_page_is_written_and_references_existing_images(tmp_path, embed
 
     from PIL import Image
 
-    from clip_ping.neighbors import write_neighbor_page
+    from clip_ping.knn import write_neighbor_page
 
     csv, bank = make_dataset_with_bank(tmp_path / "data")
     out = tmp_path / "page" / "neighbors.html"
@@ -614,7 +614,7 @@ def test_neighbor_page_is_written_and_references_existing_images(tmp_path, embed
 
 
 def test_show_neighbors_cli_config(tmp_path):
-    from clip_ping.neighbors import ShowConfig, show_neighbors
+    from clip_ping.knn import ShowConfig, show_neighbors
 
     csv, bank = make_dataset_with_bank(tmp_path / "data")
     result = show_neighbors(ShowConfig(data=str(tmp_path / "data"), samples=5))

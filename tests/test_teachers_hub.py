@@ -166,7 +166,7 @@ def test_spec_parsing_without_loading(tmp_path):
 
 
 def test_an_exported_model_folder_is_a_teacher_by_local_dir(tmp_path):
-    from clip_ping.export import ExportConfig, export_open_clip
+    from clip_ping.hub_export import ExportConfig, export_open_clip
     from clip_ping.student import create_student
 
     student = create_student("ViT-XXS-8-64", seed=3)[0].eval()

@@ -119,7 +119,7 @@ def _suite_from_config(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.with_clip_benchmark and not (checkpoint / "open_clip_config.json").is_file():
         # clip_benchmark scores the exported model (as open_clip loads it); so does clip-ping, for a like comparison
         from ..environment import require
-        from ..export import ExportConfig, export_open_clip
+        from ..hub_export import ExportConfig, export_open_clip
 
         require("clip-benchmark")
         checkpoint = out.with_name(out.stem + "-export")

@@ -41,7 +41,7 @@ from ..banks import FeatureBanks, open_banks
 from ..distributed import gather_rows, own_rows
 from ..errors import ConfigError
 from ..heads import NeighborGuidance
-from ..neighbors import NeighborQueue
+from ..knn import NeighborQueue
 from ..teachers import ImageTeacher, TextTeacher, load_image_teacher, load_text_teacher
 from .base import ObjectiveSetup, StepContext
 from .clip_ping import ClipPingObjective, make_heads

@@ -16,8 +16,8 @@ import torch
 
 from ..banks import FeatureBanks, open_banks
 from ..heads import NeighborGuidance
+from ..knn import NeighborQueue
 from ..losses import ClipPingLoss
-from ..neighbors import NeighborQueue
 from .base import Objective, ObjectiveSetup, StepContext
 from .sources import DatasetNeighbors, NeighborSource, PrefetchNeighborRows, QueueNeighbors
 from .targets import StudentTableTargets, StudentTargets, TeacherTargets

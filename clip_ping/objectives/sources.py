@@ -14,7 +14,7 @@ import torch
 from ..banks import FeatureBanks
 from ..distributed import gather_rows, own_rows
 from ..errors import ConfigError
-from ..neighbors import NeighborQueue, NeighborTable
+from ..knn import NeighborQueue, NeighborTable
 
 
 class NeighborSource(Protocol):
@@ -42,7 +42,7 @@ class DatasetNeighbors:
     @classmethod
     def open(cls, bank_dir: Path, banks: FeatureBanks, top_k: int, seed: int) -> "DatasetNeighbors":
         """The neighbour table stored with ``banks``, checked to hold at least ``top_k`` neighbours."""
-        from ..neighbors import load_neighbors
+        from ..knn import load_neighbors
 
         table = load_neighbors(bank_dir, expected_fingerprint=banks.fingerprint())
         if top_k > table.k:
@@ -95,7 +95,7 @@ class PrefetchNeighborRows:
     def __call__(self, index: torch.Tensor, step: int) -> dict[str, Any]:
         if self._opened is None:
             from ..banks import open_banks
-            from ..neighbors import load_neighbors
+            from ..knn import load_neighbors
 
             table = load_neighbors(self.bank_dir, expected_fingerprint=self.bank_fingerprint)
             self._opened = (DatasetNeighbors(table, self.top_k, self.seed, self.rank, self.world),

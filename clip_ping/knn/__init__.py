@@ -7,7 +7,7 @@ One job per module:
 - `queue`   the training-time queue variant (neighbours among recent samples)
 - `show`    `clip-ping neighbors show`: the HTML page and label agreement
 
-The public names are re-exported here, so ``from clip_ping.neighbors import X`` works.
+The public names are re-exported here, so ``from clip_ping.knn import X`` works.
 """
 
 from .queue import NeighborQueue
