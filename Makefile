@@ -19,11 +19,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/clip-ping demo
 
-# the lint and the type check first: they take seconds and name the line
+# the lint and the type check first: they take seconds and name the line; the tests on
+# one worker process per core (at most 4), one torch thread each (tests/conftest.py)
 test: $(STAMP)
 	$(VENV)/bin/ruff check clip_ping tests benchmarks
 	$(VENV)/bin/mypy
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n auto --maxprocesses 4
 
 clean:
 	rm -rf runs .pytest_cache

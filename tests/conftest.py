@@ -6,6 +6,11 @@ import pytest
 # everything loads from installed packages; a hub lookup would be a bug
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Several test processes share the cores: one torch thread each (also in the processes they start),
+    # since threads of one process that wait for each other at every op crawl when the cores are shared.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
 def load_benchmark_script(name: str):
