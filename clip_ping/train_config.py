@@ -42,7 +42,7 @@ class TrainConfig(Config):
                                   choices=("dataset", "queue"))
     queue_size: int = option(4096, "FIFO queue length for neighbor_source=queue and for declip-nns")
     teacher_image_size: int | None = option(None, "a-clip-ping: run the online image teacher at this resolution "
-                                            "(none: the teacher's own)")
+                                            "(none: the bank's, i.e. the teacher's own unless extract set --teacher-image-size)")
     targets: str = option("teacher", "what u and v are pulled to: the neighbours' teacher features through the heads; "
                           "student (with neighbor_source=queue): the student's own stored embeddings of the neighbours; "
                           "student_table: the student's stored embeddings from a table over the whole data set, "

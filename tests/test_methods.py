@@ -403,3 +403,23 @@ def test_a_clip_ping_trains_with_the_default_teachers(tiny_synth, tmp_path):
     summary = Trainer(_cfg(data, tmp_path / "run", method="a-clip-ping", steps=1, teacher_image_size=96)).fit()
     assert summary["step"] == 1
     assert "loss_xnn" in (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
+def test_the_online_teacher_runs_at_the_banks_resolution_unless_asked_otherwise(tiny_banked, tmp_path, caplog):
+    import json
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_banked, data)
+    manifest = json.loads((data / "banks" / "manifest.json").read_text())
+    manifest["teacher_image_size"] = 32  # as written by extract --teacher-image-size 32
+    (data / "banks" / "manifest.json").write_text(json.dumps(manifest))
+
+    default = Trainer(_cfg(data, tmp_path / "a", method="a-clip-ping"))
+    assert default.objective.teachers.geometry.size == (32, 32)
+    assert "another resolution" not in caplog.text
+    asked = Trainer(_cfg(data, tmp_path / "b", method="a-clip-ping", teacher_image_size=48))
+    assert asked.objective.teachers.geometry.size == (48, 48)
+    assert "another resolution than the bank's (32)" in caplog.text
+    # a bank at the teacher's own size leaves the teacher at its own 40 px
+    assert Trainer(_cfg(tiny_banked, tmp_path / "c", method="a-clip-ping")).objective.teachers.geometry.size == (40, 40)

@@ -32,11 +32,13 @@ keeps its bank row as target.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
+from ..bank_format import identity_of
 from ..banks import FeatureBanks, open_banks
 from ..distributed import gather_rows, own_rows
 from ..errors import ConfigError
@@ -48,6 +50,8 @@ from .clip_ping import ClipPingObjective, make_heads
 from .sources import DatasetNeighbors, PrefetchNeighborRows
 from .targets import TeacherTargets
 from .views import ImageGeometry, geometry_of, to_teacher_input
+
+log = logging.getLogger(__name__)
 
 
 class OnlineTeachers:
@@ -129,6 +133,19 @@ class OnlineFeatureQueue(NeighborQueue):
         return cand_idx[slot_p], cand_idx[slot_q], rows
 
 
+def online_teacher_size(requested: int | None, banks: FeatureBanks) -> int | None:
+    """The side the online image teacher runs at: the bank's (so the online targets come from the teacher
+    that built the bank and its neighbours) unless the user asks for another, which is then logged."""
+    bank_size = identity_of(banks.manifest)["teacher_image_size"]
+    if requested is None:
+        return bank_size
+    if requested != bank_size:
+        log.warning("teacher_image_size %d: the online image teacher runs at another resolution than the bank's "
+                    "(%s), so its targets are not the features of the teacher that found the neighbours",
+                    requested, bank_size or "the teacher's own")
+    return requested
+
+
 class ActiveClipPingObjective(ClipPingObjective):
     name = "a-clip-ping"
 
@@ -156,7 +173,7 @@ class ActiveClipPingObjective(ClipPingObjective):
         device = str(setup.device)
         teachers = OnlineTeachers(load_image_teacher(names["image"]["name"], device),
                                   load_text_teacher(names["text"]["name"], device),
-                                  geometry_of(setup.image_transform), cfg.teacher_image_size)
+                                  geometry_of(setup.image_transform), online_teacher_size(cfg.teacher_image_size, banks))
         if (teachers.image.dim, teachers.text.dim) != (banks.image_dim, banks.text_dim):
             raise ConfigError(f"the teachers named by bank {bank_dir} give {teachers.image.dim}/{teachers.text.dim}-d "
                               f"features, the bank holds {banks.image_dim}/{banks.text_dim}-d")
