@@ -146,14 +146,35 @@ def resolve_profile(name: str, data: str, *, spec: dict[str, Any] | None = None,
     max_topk = 1
     for s, over in prof["setting_specs"].items():
         for key, value in over.items():
-            if key != "teacher" and key not in train_keys:
+            if key not in ("teacher", "neighbors") and key not in train_keys:
                 raise BenchError(f"setting {s}: {key!r} is not a TrainConfig option")
+        _check_neighbor_options(s, over.get("neighbors"))
         max_topk = max(max_topk, int(over.get("neighbor_topk", 1)))
     if prof["neighbor_k"] < max(10, max_topk):
         raise BenchError(f"neighbor_k must be at least max(10, largest neighbor_topk={max_topk})")
     if BASELINE not in prof["settings"]:
         raise BenchError(f"every profile needs the '{BASELINE}' baseline setting")
     return prof
+
+
+def _check_neighbor_options(setting: str, options: Any) -> None:
+    """A setting's own neighbour search (e.g. ``{method: ivf, nprobe: 4}``): search options only."""
+    if options is None:
+        return
+    from dataclasses import fields
+
+    from clip_ping.knn import NeighborsConfig
+
+    allowed = {f.name for f in fields(NeighborsConfig)} - {"banks", "k", "progress", "overwrite"}
+    if not isinstance(options, dict) or not options or set(options) - allowed:
+        raise BenchError(f"setting {setting}: 'neighbors' takes a mapping of search options "
+                         f"({', '.join(sorted(allowed))}), got {options!r}")
+
+
+def neighbor_variant_dir(bank: Path, options: dict[str, Any]) -> Path:
+    """The folder of a bank's second neighbour table: the bank's files linked, its own search."""
+    slug = "-".join(f"{k}{v}" for k, v in sorted(options.items()))
+    return bank.parent / f"{bank.name}-nn-{slug}"
 
 
 # --------------------------------------------------------------------------- plan
@@ -177,6 +198,7 @@ def make_plan(prof: dict[str, Any], out: Path) -> dict[str, Any]:
     data_dir = data_dir_for(prof)
     default_teacher = prof["image_teacher"]
     banks: dict[str, str] = {}
+    variants: dict[str, dict[str, Any]] = {}  # second neighbour tables over a teacher's bank
     runs = []
     # Seeds outer, settings inner: an interrupted benchmark has whole seeds, and runs
     # compared with each other are trained close in time (similar machine load).
@@ -184,17 +206,22 @@ def make_plan(prof: dict[str, Any], out: Path) -> dict[str, Any]:
         for setting in prof["settings"]:
             over = dict(prof["setting_specs"][setting])
             teacher = over.pop("teacher", default_teacher)
+            search = over.pop("neighbors", None)
             bank = bank_dir_for(data_dir, teacher, default_teacher)
             uses_bank = over.get("method", "clip-ping") not in NO_BANK_METHODS
             if uses_bank:
                 banks.setdefault(teacher, str(bank))
+                if search:
+                    variant = neighbor_variant_dir(bank, search)
+                    variants[str(variant)] = {"source": str(bank), "teacher": teacher, "options": dict(search)}
+                    bank = variant
             run_dir = out / "runs" / f"{setting}-seed{seed}"
             train = {**prof["train"], **over, "data": str(data_dir), "out": str(run_dir), "seed": seed,
                      "resume": "auto", "tensorboard": False, "progress": sys.stderr.isatty(),
                      "banks": str(bank) if uses_bank else None}
             runs.append({"setting": setting, "seed": seed, "run_dir": str(run_dir), "teacher": teacher,
                          "train": train})
-    return {"data_dir": str(data_dir), "banks": banks, "runs": runs}
+    return {"data_dir": str(data_dir), "banks": banks, "neighbor_variants": variants, "runs": runs}
 
 
 # --------------------------------------------------------------------------- stage workers (child processes)
@@ -240,9 +267,24 @@ def _worker_extract(p: dict[str, Any]) -> dict[str, Any]:
 def _worker_neighbors(p: dict[str, Any]) -> dict[str, Any]:
     from clip_ping.knn import NeighborsConfig, build_neighbors
 
-    path = build_neighbors(NeighborsConfig(banks=p["banks"], k=p["k"], progress=p["progress"], overwrite=p["overwrite"]))
+    path = build_neighbors(NeighborsConfig(banks=p["banks"], k=p["k"], progress=p["progress"], overwrite=p["overwrite"],
+                                           **p.get("options", {})))
     info = json.loads(Path(path).read_text())
     return {"k": info.get("k"), "method": info.get("method"), "mean_top1_score": info.get("mean_top1_score")}
+
+
+def top1_recall(exact_bank: Path, other_bank: Path) -> dict[str, float]:
+    """Recall@1 of a second neighbour table against the exact one, per side. A row counts as found when
+    its top-1 score reaches the exact top-1 score (1e-5): tied neighbours (features equal to float
+    precision, 18 % of OpenClipart v2's image rows) are equally right, whichever id a search returns."""
+    import numpy as np
+
+    out = {}
+    for side in ("image", "text"):
+        exact = np.load(exact_bank / f"neighbors_{side}_scores.npy")[:, 0]
+        found = np.load(other_bank / f"neighbors_{side}_scores.npy")[:, 0]
+        out[side] = round(float(np.mean(found >= exact - 1e-5)), 4)
+    return out
 
 
 def _checkpoint_step(run_dir: Path) -> int:
@@ -399,7 +441,35 @@ def prepare(prof: dict[str, Any], plan: dict[str, Any], state_dir: Path) -> dict
             record(f"neighbors:{teacher}", run_stage("neighbors", {
                 "banks": str(bank), "k": prof["neighbor_k"], "progress": progress,
                 "overwrite": bool(info)}, f"neighbors-{teacher}", state_dir))
+
+    for variant, spec in plan.get("neighbor_variants", {}).items():
+        key = f"neighbors:{Path(variant).name}"
+        result = prepare_neighbor_variant(Path(variant), spec, prof["neighbor_k"], records.get(key), state_dir, progress)
+        if result is not records.get(key):
+            record(key, result)
     return records
+
+
+def prepare_neighbor_variant(variant: Path, spec: dict[str, Any], k: int, done: dict[str, Any] | None,
+                             state_dir: Path, progress: bool = False) -> dict[str, Any]:
+    """A second neighbour table over a bank (``spec``: source bank, search options): the bank's
+    features and manifest linked, its own search, and its recall@1 against the source's exact table.
+    ``done`` is the earlier record, returned as is when the table is still that bank's."""
+    source = Path(spec["source"])
+    variant.mkdir(exist_ok=True)
+    for f in source.iterdir():  # the bank's features and manifest, shared; the neighbour files its own
+        if not f.name.startswith("neighbors") and not (variant / f.name).exists():
+            (variant / f.name).symlink_to(f.resolve())
+    info = _read_json(variant / "neighbors.json") or {}
+    fp = (_read_json(source / "manifest.json") or {}).get("fingerprint")
+    if done and info.get("bank_fingerprint") == fp and int(info.get("k", 0)) >= k:
+        print(f"[quality] neighbours {variant.name}: kept", flush=True)
+        return done
+    result = run_stage("neighbors", {"banks": str(variant), "k": k, "progress": progress, "overwrite": bool(info),
+                                     "options": spec["options"]}, f"neighbors-{variant.name}", state_dir)
+    result["top1_recall_vs_exact"] = top1_recall(source, variant)
+    print(f"[quality] neighbours {variant.name}: recall@1 vs exact {result['top1_recall_vs_exact']}", flush=True)
+    return result
 
 
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -671,7 +741,13 @@ def markdown(doc: dict[str, Any]) -> str:
              f"lr {prof['train']['lr']}, precision {prof['train']['precision']}, seeds {prof['seeds']}; "
              f"teachers {prof['image_teacher']} + {prof['text_teacher']}, k={prof['neighbor_k']} neighbours stored",
              "- cells: mean ± sample std over seeds (%); Δ: paired difference to plain CLIP at the same seed, "
-             "mean ± std over seeds", ""]
+             "mean ± std over seeds"]
+    for name, spec in (doc.get("neighbor_variants") or {}).items():
+        recall = spec.get("top1_recall_vs_exact") or {}
+        lines.append(f"- neighbour table `{name}`: search {spec['options']} over the {spec['teacher']} bank; recall@1 "
+                     f"against the exact table (ties count as found): image {recall.get('image')}, "
+                     f"text {recall.get('text')}")
+    lines.append("")
     for split, title in (("test", "Test split"), ("val", "Validation split")):
         block = doc["aggregate"].get(split)
         if not block or not block["settings"]:
@@ -757,7 +833,8 @@ def markdown(doc: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", default="quick", help="profile of quality_profiles.yaml (quick, full, tiny)")
+    parser.add_argument("--profile", default="quick",
+                        help="profile of quality_profiles.yaml (quick, full, duplicates, methods, approx-neighbors, tiny)")
     parser.add_argument("--data", default="openclipart", choices=("openclipart", "synth"))
     parser.add_argument("--out", default=None, help="work folder (default: benchmarks/work/quality_<data>)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the profile's seeds")
@@ -842,6 +919,9 @@ def main(argv: list[str] | None = None) -> int:
                                    if SECOND_BASELINE in prof["settings"] else None),
         "recommendation": recommend(agg, prof),
         "cost": cost_summary(results, records, prof["settings"], prof["image_teacher"]),
+        "neighbor_variants": {Path(v).name: {**spec, "top1_recall_vs_exact":
+                                             (records.get(f"neighbors:{Path(v).name}") or {}).get("top1_recall_vs_exact")}
+                              for v, spec in plan["neighbor_variants"].items()},
         "wall_seconds": time.perf_counter() - started,
         "train_and_eval_wall_seconds": train_wall,
     }

@@ -192,3 +192,44 @@ def test_combine_seeds_from_separate_files(quality):
     other["results"][1]["config"]["lr"] = 0.5
     with pytest.raises(combine.CombineError, match="setting clip-ping was trained with another config"):
         combine.combine([a, other], ["a.json", "e.json"])
+
+
+def test_approximate_neighbour_setting_gets_its_own_table_over_the_same_bank(quality, tmp_path):
+    prof = quality.resolve_profile("approx-neighbors", "openclipart")
+    assert prof["settings"] == ["clip", "clip-ping", "clip-ping-ivf-nprobe4"]
+    plan = quality.make_plan(prof, tmp_path)
+    bank = Path(plan["banks"]["efficientnet-lite0"])
+    (variant, spec), = plan["neighbor_variants"].items()
+    assert Path(variant) == bank.parent / "banks-nn-methodivf-nprobe4" and spec["source"] == str(bank)
+    assert spec["options"] == {"method": "ivf", "nprobe": 4}
+    banks_of = {r["setting"]: r["train"]["banks"] for r in plan["runs"] if r["seed"] == 0}
+    assert banks_of == {"clip": None, "clip-ping": str(bank), "clip-ping-ivf-nprobe4": variant}
+    with pytest.raises(quality.BenchError, match="search options"):
+        quality._check_neighbor_options("s", {"nprobe": 4, "banks": "elsewhere"})
+
+
+def test_top1_recall_counts_tied_neighbours_as_found(quality, tmp_path):
+    import numpy as np
+
+    exact, other = tmp_path / "exact", tmp_path / "other"
+    for folder, image, text in ((exact, [0.9, 0.8, 0.7, 0.5], [0.6, 0.6, 0.6, 0.6]),
+                                (other, [0.9, 0.8, 0.6, 0.5], [0.6, 0.5, 0.6, 0.6 - 1e-7])):
+        folder.mkdir()
+        for side, top1 in (("image", image), ("text", text)):
+            np.save(folder / f"neighbors_{side}_scores.npy", np.array([[s, s - 0.1] for s in top1], np.float32))
+    # image: row 2 found a worse neighbour; text: row 1 did, row 3 a tie within float rounding
+    assert quality.top1_recall(exact, other) == {"image": 0.75, "text": 0.75}
+
+
+def test_neighbour_variant_links_the_bank_and_searches_on_its_own(quality, tiny_banked, tmp_path):
+    import numpy as np
+
+    bank = tiny_banked / "banks"
+    variant = tmp_path / "banks-nn-methodexact"
+    spec = {"source": str(bank), "teacher": "t", "options": {"method": "exact"}}
+    result = quality.prepare_neighbor_variant(variant, spec, 3, None, tmp_path / "stages")
+    assert (variant / "image.npy").is_symlink() and not (variant / "neighbors_image.npy").is_symlink()
+    assert result["top1_recall_vs_exact"] == {"image": 1.0, "text": 1.0}
+    assert np.array_equal(np.load(variant / "neighbors_text.npy"), np.load(bank / "neighbors_text.npy"))
+    # kept on a second call, the record returned as it was
+    assert quality.prepare_neighbor_variant(variant, spec, 3, result, tmp_path / "stages") is result
