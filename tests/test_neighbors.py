@@ -73,6 +73,24 @@ def test_exact_methods_equal_brute_force(method):
     np.testing.assert_allclose(scores, ref_s, atol=1e-5)
 
 
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16-tiles", "fp32-tiles"])
+def test_fast_search_is_exact_with_either_tile_precision(bf16, monkeypatch):
+    """Both tile precisions run on any machine (bf16 is picked only where it is fast): the ids and the
+    float64 scores of a brute force, also where bf16 tile scores would order rows right but round scores."""
+    from clip_ping.knn import tiled
+
+    monkeypatch.setattr(tiled, "bf16_matmul_is_fast", lambda device="cpu": bf16)
+    x, groups, valid = with_duplicates(500, 16)
+    idx, scores = search_neighbors(x, 4, groups=groups, valid=valid, method="fast", block_size=100)
+    ref_i, ref_s = brute_force(x, 4, groups, valid)
+    np.testing.assert_allclose(scores, ref_s, atol=1e-5)
+    clean = clustered(400, 16, 10)
+    idx, scores = search_neighbors(clean, 5, method="fast", block_size=128)
+    ref_i, ref_s = brute_force(clean, 5)
+    np.testing.assert_array_equal(idx, ref_i)
+    np.testing.assert_allclose(scores, ref_s, atol=1e-5)
+
+
 @pytest.mark.parametrize("method", ["exact", "fast", "ivf", "hnsw"])
 def test_self_duplicates_and_invalid_rows_never_returned(method):
     x, groups, valid = with_duplicates(500, 16)

@@ -128,6 +128,8 @@ class FastSearch:
         nxt = cand_v[:, k] if cand_v.shape[1] > k else torch.full_like(last, float("-inf"))
         gaps = torch.cat([cand_v[:, :k], nxt[:, None]], 1).diff(dim=1).neg()  # >= 0, best first
         clear = (gaps > 2 * err[:, None]).all(dim=1) & exists[:, :k].all(dim=1)
+        if self.engine.dtype != torch.float32:
+            clear[:] = False  # bf16 tile scores order the rows but are not scores to keep: all re-scored
         top_i, top_s = samples[:, :k].clone(), cand_v[:, :k].clone()
         short = torch.zeros(len(rows), dtype=torch.bool)
         redo = (~clear).nonzero().flatten()
