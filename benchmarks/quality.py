@@ -431,11 +431,8 @@ def prepare(prof: dict[str, Any], plan: dict[str, Any], state_dir: Path) -> dict
                 "data": str(data_dir), "out": str(bank), "image_teacher": teacher,
                 "text_teacher": prof["text_teacher"], "progress": progress, "options": prof["extract"]},
                 f"extract-{teacher}", state_dir))
-        manifest = _read_json(bank / "manifest.json") or {}
         info = _read_json(bank / "neighbors.json") or {}
-        fp = manifest.get("fingerprint")
-        fresh = info and fp and info.get("bank_fingerprint") == fp and int(info.get("k", 0)) >= prof["neighbor_k"]
-        if fresh:
+        if _neighbors_fresh(info, bank, prof["neighbor_k"]):
             print(f"[quality] neighbours {teacher}: k={info['k']} in {bank}, kept", flush=True)
         else:
             record(f"neighbors:{teacher}", run_stage("neighbors", {
@@ -444,10 +441,15 @@ def prepare(prof: dict[str, Any], plan: dict[str, Any], state_dir: Path) -> dict
 
     for variant, spec in plan.get("neighbor_variants", {}).items():
         key = f"neighbors:{Path(variant).name}"
-        result = prepare_neighbor_variant(Path(variant), spec, prof["neighbor_k"], records.get(key), state_dir, progress)
-        if result is not records.get(key):
-            record(key, result)
+        record(key, prepare_neighbor_variant(Path(variant), spec, prof["neighbor_k"], records.get(key), state_dir,
+                                             progress))
     return records
+
+
+def _neighbors_fresh(info: dict[str, Any], bank: Path, k: int) -> bool:
+    """Whether a neighbour table (its ``neighbors.json`` ``info``) is of ``bank``'s features, with at least k."""
+    fp = (_read_json(bank / "manifest.json") or {}).get("fingerprint")
+    return bool(info and fp and info.get("bank_fingerprint") == fp and int(info.get("k", 0)) >= k)
 
 
 def prepare_neighbor_variant(variant: Path, spec: dict[str, Any], k: int, done: dict[str, Any] | None,
@@ -461,8 +463,7 @@ def prepare_neighbor_variant(variant: Path, spec: dict[str, Any], k: int, done: 
         if not f.name.startswith("neighbors") and not (variant / f.name).exists():
             (variant / f.name).symlink_to(f.resolve())
     info = _read_json(variant / "neighbors.json") or {}
-    fp = (_read_json(source / "manifest.json") or {}).get("fingerprint")
-    if done and info.get("bank_fingerprint") == fp and int(info.get("k", 0)) >= k:
+    if done and _neighbors_fresh(info, source, k):
         print(f"[quality] neighbours {variant.name}: kept", flush=True)
         return done
     result = run_stage("neighbors", {"banks": str(variant), "k": k, "progress": progress, "overwrite": bool(info),
