@@ -91,7 +91,7 @@ def test_fast_search_is_exact_with_either_tile_precision(bf16, monkeypatch):
     np.testing.assert_allclose(scores, ref_s, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["exact", "fast", "ivf", "hnsw"])
+@pytest.mark.parametrize("method", ["exact", "fast", "ivf", "ivfpq", "hnsw"])
 def test_self_duplicates_and_invalid_rows_never_returned(method):
     x, groups, valid = with_duplicates(500, 16)
     idx, scores = search_neighbors(x, 4, groups=groups, valid=valid, method=method, block_size=100)
@@ -134,6 +134,7 @@ def test_fast_matches_exact_on_clustered_data():
 def test_fast_certification_falls_back_to_exact(monkeypatch):
     """No margin and tiny score tiles: many rows are uncertified or chunked, the result stays exact."""
     monkeypatch.setattr(nb_tiled, "FAST_MARGIN", 0)
+    monkeypatch.setattr(nb_tiled, "FAST_MARGIN_BF16", 0)
     monkeypatch.setattr(nb_tiled, "FAST_TILE_BYTES", 64 * 1024)
     x = clustered(1500, 32, 3, seed=4)  # few, wide clusters: crowded top scores
     stats: dict = {}
@@ -375,6 +376,50 @@ def test_ivf_recall_is_high_when_probing_every_list():
     assert (hn_i[:, 0] == ex_i[:, 0]).mean() >= 0.95
 
 
+def test_ivfpq_streams_the_bank_and_rescores_exactly(monkeypatch):
+    """IVF-PQ adds the float16 bank chunk by chunk (never a float32 copy of it), probes nlist/4 lists,
+    and returns float64 scores in the exact methods' order; with a re-scoring depth of 1 it finds less."""
+    monkeypatch.setattr(nb_search, "_CHUNK", 700)  # several chunks added
+    monkeypatch.setattr(nb_search._Problem, "x", property(lambda self: pytest.fail("whole bank copied")))
+    x = clustered(3000, 32, 30, seed=5).astype(np.float16)
+    ref_i, ref_s = brute_force(x.astype(np.float32), 5)
+    stats: dict = {}
+    idx, scores = search_neighbors(x, 5, method="ivfpq", stats=stats)
+    assert stats["method"] == "ivfpq" and stats["k_factor"] == nb_search.DEFAULT_K_FACTOR
+    assert stats["nprobe"] == nb.default_nprobe_pq(stats["nlist"]) and stats["nlist"] > 1
+    found = idx[:, 0] == ref_i[:, 0]
+    assert found.mean() >= 0.97
+    # where the right neighbours were found, their scores are the float64 ones, best first
+    exact = np.take_along_axis(x.astype(np.float64) @ x.astype(np.float64).T, idx, axis=1)
+    np.testing.assert_allclose(scores, exact, atol=1e-6)
+    assert (np.diff(scores, axis=1) <= 0).all()
+    np.testing.assert_allclose(scores[found, 0], ref_s[found, 0], atol=1e-6)
+    shallow, _ = search_neighbors(x, 5, method="ivfpq", k_factor=1, nprobe=4)
+    assert (shallow[:, 0] == ref_i[:, 0]).mean() < found.mean()
+
+
+def test_ivfpq_refuses_tiny_banks_and_bad_k_factor():
+    with pytest.raises(ConfigError, match="at least 256"):
+        search_neighbors(clustered(200, 8, 4), 3, method="ivfpq")
+    with pytest.raises(ConfigError, match="k_factor"):
+        search_neighbors(clustered(400, 8, 4), 3, method="ivfpq", k_factor=0)
+    with pytest.raises(ConfigError, match="k_factor"):
+        NeighborsConfig(banks="b", k_factor=0).validate()
+
+
+@pytest.mark.parametrize("tiles", ["fp32", "bf16"])
+def test_tile_precision_is_a_choice_and_recorded(tiles):
+    x = clustered(600, 16, 6, seed=11)
+    stats: dict = {}
+    idx, scores = search_neighbors(x, 4, method="fast", tiles=tiles, stats=stats)
+    assert stats["tiles"] == tiles
+    ref_i, ref_s = brute_force(x, 4)
+    np.testing.assert_array_equal(idx, ref_i)
+    np.testing.assert_allclose(scores, ref_s, atol=1e-6)
+    with pytest.raises(ConfigError, match="tiles"):
+        search_neighbors(x, 4, method="fast", tiles="fp8")
+
+
 def test_large_duplicate_group_is_researched_not_returned():
     x = clustered(300, 8, 4, seed=6)
     groups = np.arange(300)
@@ -398,11 +443,12 @@ def test_too_few_eligible_rows_is_a_data_error():
 
 
 def test_auto_method_and_bad_method():
-    assert nb.resolve_method("auto", nb.AUTO_EXACT_MAX_ROWS + 1) == "ivf"
+    assert nb.resolve_method("auto", nb.AUTO_EXACT_MAX_ROWS + 1) == "ivfpq"
     # a GPU is never left idle for a CPU index: the tiled exact search runs on it at any size
     assert nb.resolve_method("auto", nb.AUTO_EXACT_MAX_ROWS + 1, device="cuda") == "fast"
     assert nb.default_nprobe(4000) == 250 and nb.default_nprobe(100) == 32 and nb.default_nprobe(10) == 10
-    assert nb.resolve_method("auto", 1000) in ("fast", "exact")
+    assert nb.resolve_method("auto", 1000) == "fast"
+    assert nb.default_nprobe_pq(4000) == 1000 and nb.default_nprobe_pq(40) == 32 and nb.default_nprobe_pq(10) == 10
     with pytest.raises(ConfigError):
         nb.resolve_method("brute", 10)
 

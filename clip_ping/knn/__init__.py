@@ -14,9 +14,9 @@ from .queue import NeighborQueue
 from .search import (
     AUTO_EXACT_MAX_ROWS,
     METHODS,
-    bf16_matmul_is_fast,
     default_nlist,
     default_nprobe,
+    default_nprobe_pq,
     resolve_method,
     search_neighbors,
     set_faiss_threads,
@@ -32,11 +32,12 @@ from .table import (
     build_neighbors,
     load_neighbors,
 )
+from .tiled import TILE_PRECISIONS, bf16_matmul_is_fast
 
 __all__ = [
-    "AUTO_EXACT_MAX_ROWS", "FORMAT_VERSION", "METHODS", "NEIGHBOR_FILES", "NEIGHBORS_JSON",
+    "AUTO_EXACT_MAX_ROWS", "FORMAT_VERSION", "METHODS", "TILE_PRECISIONS", "NEIGHBOR_FILES", "NEIGHBORS_JSON",
     "NeighborQueue", "NeighborTable", "NeighborsConfig", "ShowConfig",
-    "bank_fingerprint", "bf16_matmul_is_fast", "build_neighbors", "default_nlist", "default_nprobe",
+    "bank_fingerprint", "bf16_matmul_is_fast", "build_neighbors", "default_nlist", "default_nprobe", "default_nprobe_pq",
     "label_agreement", "load_neighbors", "resolve_method", "search_neighbors", "set_faiss_threads",
     "show_neighbors", "write_neighbor_page",
 ]

@@ -98,11 +98,12 @@ def _block_saved(b: int) -> None:
 class FastSearch:
     """The certified tiled search on a search problem (search._Problem): candidates, re-rank, certification."""
 
-    def __init__(self, prob: Any, device: torch.device) -> None:
+    def __init__(self, prob: Any, device: torch.device, tiles: str = "auto") -> None:
         self.prob, self.device = prob, device
         self.groups_db = prob.groups[prob.db_rows_t].to(device)
+        dtype = tiled.tile_dtype(tiles, device)
         self.engine = TiledCandidates(lambda a, b: prob.db_slice(a, b).to(device), prob.n_db, prob.src.shape[1],
-                                      self.groups_db, prob.k + tiled.FAST_MARGIN, device)
+                                      self.groups_db, prob.k + tiled.margin(dtype), device, dtype=dtype)
         self.local = torch.full((prob.n,), -1, dtype=torch.int64)
         self.local[prob.db_rows_t] = torch.arange(prob.n_db)
         self.uncertified = 0  # rows whose candidates could not be certified (searched again)

@@ -9,15 +9,20 @@ Search methods (`search_neighbors`)
 -----------------------------------
 ``exact``  FAISS ``IndexFlatIP``, queries in blocks (memory stays bounded).
 ``fast``   exact: tiled matrix products over the upper triangle of the self-join
-           (tiled.py; bf16 where it is fast: AMX / AVX512-BF16 / CUDA, else fp32),
+           (tiled.py; bf16 tiles where they are fast: AMX / CUDA, else fp32; ``tiles``),
            the bank streamed tile by tile from its memmap; each row's top-k is
            *certified* against the worst-case error of a tile score, and rows that
            are not are searched again in float64. So top-k equals the exact result
            (ties: the lower index first). Resumable per block (fast.py).
 ``ivf``    FAISS IVF-Flat (``nlist ~ 4 sqrt(N)``, ``nprobe`` = nlist / 16 lists searched): approximate.
+``ivfpq``  FAISS IVF with 4-bit fast-scan PQ codes, then the best ``k_factor`` x fetched
+           candidates re-scored from a float16 copy (``IVF{nlist},PQ{d/2}x4fs,Refine(SQfp16)``)
+           and their order taken from float64 scores: approximate; nprobe = nlist / 4.
+           The bank is added in chunks from its memmap (never copied whole to float32):
+           about d / 4 + 2 d bytes a row. Recall@1 >= 0.99 at 1M x 384 (BENCHMARKS.md).
 ``hnsw``   FAISS HNSW graph: approximate.
-``auto``   ``fast`` on a GPU at any size; on a CPU ``fast`` (or ``exact`` when bf16
-           is not fast here) up to `AUTO_EXACT_MAX_ROWS` rows, ``ivf`` above.
+``auto``   ``fast`` on a GPU at any size; on a CPU ``fast`` up to `AUTO_EXACT_MAX_ROWS`
+           rows, ``ivfpq`` above.
 
 Whatever the method, a neighbour is never the row itself, never a row of the
 same duplicate group (identical image bytes / caption), never an invalid row
@@ -40,17 +45,21 @@ from ..distributed import resolve_device
 from ..errors import ConfigError, DataError
 from . import tiled
 from .fast import FastSearch, open_store
-from .tiled import bf16_matmul_is_fast, exact_topk
+from .tiled import TILE_PRECISIONS, exact_scores, exact_topk
 
 log = logging.getLogger(__name__)
 
-METHODS = ("auto", "exact", "fast", "ivf", "hnsw")
+METHODS = ("auto", "exact", "fast", "ivf", "ivfpq", "hnsw")
 # Rows per chunk when a bank is read or converted in one pass.
 _CHUNK = 65536
-# Above this many searchable rows "auto" switches to IVF. An exact-quality
-# search costs 2 N^2 d flops: 500k x 384 is ~1.9e14, a few minutes with bf16 on
-# two cores, while 1M would take ~4x that; IVF stays within minutes at 1M+.
+# Above this many searchable rows "auto" switches (on a CPU) to IVF-PQ. An exact
+# search costs N^2 d flops (half self-join): 500k x 384 is ~1e14, under an hour on
+# two cores; at 1M, IVF-PQ at recall@1 0.99 was ~3.8x faster than exact (BENCHMARKS.md).
 AUTO_EXACT_MAX_ROWS = 500_000
+# IVF-PQ: fetched candidates re-scored per result (FAISS's k_factor); fewer rows refuse PQ
+# (its 16 centroids per sub-quantizer need training points).
+DEFAULT_K_FACTOR = 32
+MIN_PQ_ROWS = 256
 
 
 # --------------------------------------------------------------------------- helpers
@@ -76,9 +85,7 @@ def resolve_method(method: str, n_rows: int, device: str | torch.device = "cpu")
         return method
     if torch.device(device).type == "cuda":
         return "fast"  # tiled products on the GPU: exact and faster than a CPU index at any size
-    if n_rows > AUTO_EXACT_MAX_ROWS:
-        return "ivf"
-    return "fast" if bf16_matmul_is_fast(device) else "exact"
+    return "ivfpq" if n_rows > AUTO_EXACT_MAX_ROWS else "fast"
 
 
 def default_nlist(n_rows: int) -> int:
@@ -93,6 +100,15 @@ def default_nprobe(nlist: int) -> int:
     32 of 4,000 lists); a fixed share of the lists keeps it, at a cost that grows as N^2 / 16.
     """
     return int(min(nlist, max(32, round(nlist / 16))))
+
+
+def default_nprobe_pq(nlist: int) -> int:
+    """IVF-PQ lists probed per query: nlist / 4, at least 32.
+
+    PQ scans a list ~8x faster than IVF-Flat but ranks coarsely, so it probes more:
+    at 1M x 384 (4,000 lists, k_factor 32) nprobe 250 gave recall@1 0.974, 1,000 gave 0.994.
+    """
+    return int(min(nlist, max(32, round(nlist / 4))))
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
@@ -284,6 +300,41 @@ def _build_hnsw(prob: _Problem, m: int = 32, ef_construction: int = 80) -> Any:
     return index
 
 
+def _build_ivfpq(prob: _Problem, nprobe: int | None, k_factor: int, seed: int = 0) -> Any:
+    """IVF + 4-bit fast-scan PQ + a re-scoring copy, filled chunk by chunk from the source rows."""
+    import faiss
+
+    if prob.n_db < MIN_PQ_ROWS:
+        raise ConfigError(f"method ivfpq needs at least {MIN_PQ_ROWS} valid rows, got {prob.n_db}; use fast or exact")
+    if k_factor < 1:
+        raise ConfigError(f"k_factor must be at least 1, got {k_factor}")
+    d = prob.src.shape[1]
+    nlist = default_nlist(prob.n_db)
+    m = d // 2 if d % 2 == 0 else d  # 2 dimensions per 4-bit code
+    refine = "SQfp16" if prob.src.dtype == np.float16 else "Flat"  # a float16 bank is kept exactly
+    index = faiss.index_factory(d, f"IVF{nlist},PQ{m}x4fs,Refine({refine})", faiss.METRIC_INNER_PRODUCT)
+    n_train = min(prob.n_db, 40 * nlist)
+    sample = np.sort(np.random.default_rng(seed).choice(prob.n_db, n_train, replace=False))
+    index.train(np.ascontiguousarray(prob.rows(prob.db_rows_t[torch.from_numpy(sample)]).numpy()))
+    for start in range(0, prob.n_db, _CHUNK):
+        index.add(np.ascontiguousarray(prob.db_slice(start, min(prob.n_db, start + _CHUNK)).numpy()))
+    ivf = faiss.extract_index_ivf(index)
+    ivf.nprobe = int(min(nlist, nprobe)) if nprobe else default_nprobe_pq(nlist)
+    index.k_factor = float(k_factor)  # type: ignore[attr-defined]  # an IndexRefine (the factory's type is Index)
+    return index
+
+
+def _search_ivfpq(prob: _Problem, rows: torch.Tensor, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates from the index, re-scored in float64 and ordered (score, lower index) as the exact methods."""
+    q = prob.rows(rows)
+    _, local = state["index"].search(np.ascontiguousarray(q.numpy()), prob.fetch)
+    cand = _to_samples(prob, local)
+    scores = exact_scores(q, prob.rows(cand.clamp(min=0)))
+    scores.masked_fill_(cand < 0, float("-inf"))
+    scores, cand = tiled._ordered(scores, cand, prob.fetch)
+    return cand, scores.float()
+
+
 def _search_index(prob: _Problem, rows: torch.Tensor, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
     index = state["index"]
     if hasattr(index, "hnsw"):
@@ -301,6 +352,8 @@ def search_neighbors(
     block_size: int = 16384,
     nprobe: int | None = None,
     ef_search: int = 64,
+    k_factor: int = DEFAULT_K_FACTOR,
+    tiles: str = "auto",
     device: str | None = None,
     progress: bool = False,
     desc: str = "neighbours",
@@ -321,9 +374,13 @@ def search_neighbors(
     ``resume_dir`` (fast method, whole self-join): finished blocks are kept there, each
     written atomically, and a search killed at any point resumes from them; ``resume_key``
     names what the blocks belong to (e.g. the bank's fingerprint and the settings).
+    ``k_factor`` (ivfpq): candidates re-scored per fetched row. ``tiles`` (fast): the precision
+    of the score tiles, one of `TILE_PRECISIONS` (``auto``: bf16 where it is fast).
     """
     if block_size < 1:
         raise ConfigError(f"block_size must be at least 1, got {block_size}")
+    if tiles not in TILE_PRECISIONS:
+        raise ConfigError(f"tiles must be one of {', '.join(TILE_PRECISIONS)}, got {tiles!r}")
     set_faiss_threads()
     dev = _pick_device(device)
     prob = _Problem(np.asarray(features), k, groups, valid)
@@ -333,10 +390,13 @@ def search_neighbors(
     fast = None
     state: dict[str, Any] = {"ef_search": ef_search}
     if chosen == "fast":
-        fast = FastSearch(prob, dev)
+        fast = FastSearch(prob, dev, tiles)
         search: Callable = fast.rows
     elif chosen == "exact":
         search = lambda rows: prob.keep_first_k(rows, *_search_exact(prob, rows, state))  # noqa: E731
+    elif chosen == "ivfpq":
+        state["index"] = _build_ivfpq(prob, nprobe, k_factor)
+        search = lambda rows: prob.keep_first_k(rows, *_search_ivfpq(prob, rows, state))  # noqa: E731
     else:
         state["index"] = _build_ivf(prob, nprobe) if chosen == "ivf" else _build_hnsw(prob)
         search = lambda rows: prob.keep_first_k(rows, *_search_index(prob, rows, state))  # noqa: E731
@@ -385,6 +445,12 @@ def search_neighbors(
         if fast is not None:
             stats["fast_uncertified_rows"] = fast.uncertified
             stats["blocks_resumed"] = fast.resumed
-        if "index" in state and hasattr(state["index"], "nprobe"):
-            stats["nlist"], stats["nprobe"] = int(state["index"].nlist), int(state["index"].nprobe)
+            stats["tiles"] = "bf16" if fast.engine.dtype == torch.bfloat16 else "fp32"
+        if chosen in ("ivf", "ivfpq"):
+            import faiss
+
+            ivf = faiss.extract_index_ivf(state["index"])
+            stats["nlist"], stats["nprobe"] = int(ivf.nlist), int(ivf.nprobe)
+            if chosen == "ivfpq":
+                stats["k_factor"] = k_factor
     return out_i, out_s

@@ -26,7 +26,8 @@ from ..config import Config, option
 from ..distributed import init_from_env
 from ..errors import ConfigError, DataError
 from ..io import atomic_save_npy, atomic_write_json
-from .search import AUTO_EXACT_MAX_ROWS, METHODS, _pick_device, resolve_method, search_neighbors
+from .search import AUTO_EXACT_MAX_ROWS, DEFAULT_K_FACTOR, METHODS, _pick_device, resolve_method, search_neighbors
+from .tiled import TILE_PRECISIONS
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +54,18 @@ class NeighborsConfig(Config):
     banks: str = option("", "feature bank folder written by clip-ping extract (neighbour files are written into it)")
     k: int = option(10, "neighbours kept per sample, best first")
     method: str = option(
-        "auto", f"search method: exact (FAISS), fast (tiled, exact, resumable; bf16 + exact re-rank where bf16 is "
-        f"fast), ivf, hnsw (approximate); auto = fast on a GPU, else fast/exact up to {AUTO_EXACT_MAX_ROWS:,} rows "
-        "and ivf above", choices=METHODS)
+        "auto", f"search method: exact (FAISS), fast (tiled, exact, resumable), ivf, ivfpq, hnsw (approximate); "
+        f"auto = fast on a GPU, else fast up to {AUTO_EXACT_MAX_ROWS:,} rows and ivfpq above", choices=METHODS)
     exclude: str = option(
         "both", "duplicates that are never neighbours: both (same image bytes or same caption), "
         "same_side (same image for image-side, same caption for text-side), self (only the sample itself)",
         choices=("both", "same_side", "self"))
-    nprobe: int = option(0, "IVF lists searched per query (0: automatic, nlist/16 and at least 32); more is slower "
-                         "and more exact")
+    nprobe: int = option(0, "IVF lists searched per query (0: automatic, nlist/16 for ivf, nlist/4 for ivfpq, "
+                         "at least 32); more is slower and more exact")
+    k_factor: int = option(DEFAULT_K_FACTOR, "ivfpq: candidates re-scored exactly per neighbour fetched; more is "
+                           "slower and more exact")
+    tiles: str = option("auto", "fast: precision of the score tiles (auto: bf16 on AMX CPUs and GPUs, else fp32); "
+                        "the result is exact either way", choices=TILE_PRECISIONS)
     block_size: int = option(16384, "query rows per search block (bounds memory)")
     device: str = option("auto", "device of the fast method: auto, cpu, cuda")
     overwrite: bool = option(False, "rebuild the neighbour files even when up to date")
@@ -76,6 +80,10 @@ class NeighborsConfig(Config):
             raise ConfigError("config key 'block_size' must be at least 1")
         if self.nprobe < 0:
             raise ConfigError("config key 'nprobe' must be 0 (automatic) or more")
+        if self.k_factor < 1:
+            raise ConfigError("config key 'k_factor' must be at least 1")
+        if self.tiles not in TILE_PRECISIONS:
+            raise ConfigError(f"config key 'tiles': {self.tiles!r} is not one of {', '.join(TILE_PRECISIONS)}")
         if self.method not in METHODS:
             raise ConfigError(f"config key 'method': {self.method!r} is not one of {', '.join(METHODS)}")
 
@@ -149,7 +157,8 @@ def build_neighbors(cfg: NeighborsConfig) -> Path:
     # What makes a stored table reusable (fast and exact give the same result, so the
     # requested method is compared, not the one "auto" resolved to).
     settings = {"k": cfg.k, "requested_method": cfg.method, "exclude": cfg.exclude,
-                "nprobe": cfg.nprobe if method == "ivf" else None}
+                "nprobe": cfg.nprobe if method in ("ivf", "ivfpq") else None,
+                "k_factor": cfg.k_factor if method == "ivfpq" else None}
     json_path = bank_dir / NEIGHBORS_JSON
     old = _read_info(bank_dir)
     if old is not None and old.get("format") != FORMAT_VERSION:
@@ -184,7 +193,8 @@ def build_neighbors(cfg: NeighborsConfig) -> Path:
         t0 = time.perf_counter()
         idx, scores = search_neighbors(
             feats, cfg.k, groups=groups[side], valid=valid, method=method, block_size=cfg.block_size,
-            nprobe=cfg.nprobe or None, device=cfg.device, progress=cfg.progress, desc=f"{side}-side neighbours",
+            nprobe=cfg.nprobe or None, k_factor=cfg.k_factor, tiles=cfg.tiles, device=cfg.device,
+            progress=cfg.progress, desc=f"{side}-side neighbours",
             stats=stats, resume_dir=bank_dir / RESUME_DIR / side,
             resume_key=json.dumps({"bank": fingerprint, "side": side, **settings}, sort_keys=True),
         )

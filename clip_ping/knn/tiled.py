@@ -16,7 +16,7 @@ Exclusions (the row itself, its duplicate groups) are masked inside the tiles
 cost nothing extra. Invalid rows are not in the database.
 
 Exactness: tile scores are approximate (fp32 summation order, or bf16 where
-bf16 is fast: AMX, AVX512-BF16, CUDA). Each row's candidates are re-scored in
+bf16 products are fast: AMX, CUDA). Each row's candidates are re-scored in
 float64, ordered by (score, lower index) and *certified*: the k-th exact score
 must beat the c-th candidate score plus the worst-case error of a tile score.
 Rows that are not certified are searched again (`exact_rows`). So the result
@@ -41,11 +41,21 @@ USE_FAISS_HEAPS = True
 # Rows per group when a tile is read column-wise (see `_above`).
 ROWS_PER_GROUP = 16
 # Extra candidates beyond k: room for near-ties before a row must be re-searched.
+# bf16 scores are ~2^-8 relative off, so more rows fall within the error bound of their
+# k-th candidate: at 50k x 384 clustered rows, 8 left 12,782 rows uncertified (each then
+# searched again exactly), 24 left 999, 56 left 1 but slowed the heaps (BENCHMARKS.md).
 FAST_MARGIN = 8
+FAST_MARGIN_BF16 = 24
+TILE_PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def bf16_matmul_is_fast(device: str | torch.device = "cpu") -> bool:
-    """Whether a bf16 matrix product beats fp32 here: CUDA, or a CPU with AMX / AVX512-BF16."""
+    """Whether bf16 score tiles beat fp32 here: CUDA, or a CPU with AMX.
+
+    AVX512-BF16 alone is not enough: there the bf16 product is faster, but the wider
+    margin and the re-scoring it needs made the whole search slower than fp32 tiles
+    (50k x 384: 20.4 s against 14.7 s, BENCHMARKS.md).
+    """
     device = torch.device(device)
     if device.type == "cuda":
         return True
@@ -55,7 +65,23 @@ def bf16_matmul_is_fast(device: str | torch.device = "cpu") -> bool:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return any(flag in flags for flag in ("amx_bf16", "avx512_bf16"))
+    return "amx_bf16" in flags
+
+
+def tile_dtype(precision: str, device: str | torch.device = "cpu") -> torch.dtype:
+    """The dtype of the score tiles: ``auto`` (bf16 where it is fast), ``fp32`` or ``bf16``."""
+    if precision not in TILE_PRECISIONS:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"tile precision {precision!r} is not one of {', '.join(TILE_PRECISIONS)}")
+    if precision == "auto":
+        return torch.bfloat16 if bf16_matmul_is_fast(device) else torch.float32
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def margin(dtype: torch.dtype) -> int:
+    """Candidates kept beyond k for tiles of ``dtype``."""
+    return FAST_MARGIN if dtype == torch.float32 else FAST_MARGIN_BF16
 
 
 def tile_rows(n: int, tile_bytes: int | None = None) -> int:
@@ -121,16 +147,17 @@ class TiledCandidates:
 
     ``load(start, stop)`` returns database rows ``start:stop`` as a float32 tensor on
     ``device`` (so a bank can be streamed from its memmap). ``groups`` (n_db x G,
-    on ``device``) masks pairs that share an id in any column.
+    on ``device``) masks pairs that share an id in any column. ``dtype``: of the
+    score tiles (default: bf16 where it is fast, else fp32).
     """
 
     def __init__(self, load: Callable[[int, int], torch.Tensor], n_db: int, d: int, groups: torch.Tensor,
-                 c: int, device: torch.device, tile: int | None = None) -> None:
+                 c: int, device: torch.device, tile: int | None = None, dtype: torch.dtype | None = None) -> None:
         self.load, self.n_db, self.d, self.groups, self.device = load, n_db, d, groups, device
         self.c = min(c, n_db)
         self.tile = tile or tile_rows(n_db)
         self.n_blocks = -(-n_db // self.tile)
-        self.dtype = torch.bfloat16 if bf16_matmul_is_fast(device) else torch.float32
+        self.dtype = dtype or tile_dtype("auto", device)
         # On the CPU, FAISS's own per-row heaps take the tile's entries (one compiled pass);
         # elsewhere (CUDA) the torch threshold path does (`_feed_torch`, also tested on the CPU).
         self.heaps = device.type == "cpu" and USE_FAISS_HEAPS
