@@ -1,4 +1,4 @@
-"""Neighbour search benchmark: FAISS IndexFlatIP vs the fast bf16 path, IVF and HNSW.
+"""Neighbour search benchmark: FAISS IndexFlatIP vs the fast path (fp32 / bf16 tiles), IVF and HNSW.
 
 Default: 100,000 x 384 synthetic L2-normalised features with realistic
 structure (a Gaussian mixture of clusters of unequal size and spread, stored as
@@ -8,6 +8,7 @@ are reported. Prints a summary and writes benchmarks/results/neighbors.json.
 
     .venv/bin/python benchmarks/bench_neighbors.py --repeats 3            # ~10-20 minutes on 2 cores
     .venv/bin/python benchmarks/bench_neighbors.py --repeats 3 --no-approx --profile
+    .venv/bin/python benchmarks/bench_neighbors.py --repeats 3 --no-approx --tiles fp32 bf16   # both precisions
     .venv/bin/python benchmarks/bench_neighbors.py --big      # 1,000,000 x 384, approximate path only
     .venv/bin/python benchmarks/bench_neighbors.py --big --big-queries 0   # ... searching all 1M rows
 
@@ -137,23 +138,28 @@ def run_default(args: argparse.Namespace) -> dict[str, Any]:
     res["peak_gflops"] = {"fp32": round(matmul_peak(torch.float32), 1), "bf16": round(matmul_peak(torch.bfloat16), 1)}
     print(f"matmul peak: fp32 {res['peak_gflops']['fp32']} GFLOP/s, bf16 {res['peak_gflops']['bf16']} GFLOP/s", flush=True)
 
-    # Interleave baseline and fast path so a noisy neighbour on the machine hurts both alike.
-    fast_times, faiss_times = [], []
+    # Interleave baseline and fast path (each tile precision) so a noisy neighbour on the machine hurts all alike.
+    fast_times: dict[str, list[float]] = {t: [] for t in args.tiles}
+    faiss_times: list[float] = []
+    fast_out: dict[str, Any] = {}
     for rep in range(args.repeats):
         # k + 2: the row itself (FAISS does not exclude it) and one more to spot near-ties at the k-th place
         c0 = cpu_seconds()
         (ff_i, ff_s, t_faiss) = faiss_flat_raw(x, k + 2)
-        c1 = cpu_seconds()
+        cpu_faiss = cpu_seconds() - c0
         faiss_times.append(t_faiss)
-        stats: dict[str, Any] = {}
-        (fa_i, fa_s), t_fast = timed(lambda: search_neighbors(x, k, method="fast", stats=stats))
-        fast_times.append(t_fast)
-        cpu_faiss, cpu_fast = c1 - c0, cpu_seconds() - c1
-        print(f"  run {rep + 1}: FAISS IndexFlatIP {t_faiss:.1f} s ({cpu_faiss:.0f} CPU s), fast {t_fast:.1f} s "
-              f"({cpu_fast:.0f} CPU s; uncertified rows re-searched: {stats.get('fast_uncertified_rows')})", flush=True)
-    fs, ts = summary(faiss_times), summary(fast_times)
-    ratios = [a / b for a, b in zip(faiss_times, fast_times)]
-    t_faiss, t_fast = fs["median"], ts["median"]
+        line = f"  run {rep + 1}: FAISS IndexFlatIP {t_faiss:.1f} s ({cpu_faiss:.0f} CPU s)"
+        for tiles in args.tiles:
+            stats: dict[str, Any] = {}
+            c1 = cpu_seconds()
+            out, t_fast = timed(lambda: search_neighbors(x, k, method="fast", tiles=tiles, stats=stats))
+            fast_times[tiles].append(t_fast)
+            fast_out[tiles] = (*out, stats, cpu_seconds() - c1)
+            line += (f", fast ({stats['tiles']} tiles) {t_fast:.1f} s ({fast_out[tiles][3]:.0f} CPU s; uncertified "
+                     f"rows re-searched: {stats.get('fast_uncertified_rows')})")
+        print(line, flush=True)
+    fs = summary(faiss_times)
+    t_faiss = fs["median"]
 
     # Exact reference: the FAISS result without each row itself.
     not_self = ff_i != np.arange(n)[:, None]
@@ -163,27 +169,37 @@ def run_default(args: argparse.Namespace) -> dict[str, Any]:
     res["faiss_flat"] = {"time_s": round(t_faiss, 2), "median_s": round(t_faiss, 2), "min_s": round(fs["min"], 2),
                          "max_s": round(fs["max"], 2), "times_s": [round(t, 2) for t in faiss_times],
                          "cpu_s_last": round(cpu_faiss, 1), "gflops": round(flops / t_faiss / 1e9, 1)}
-    res["fast"] = {
-        "time_s": round(t_fast, 2), "median_s": round(t_fast, 2), "min_s": round(ts["min"], 2),
-        "max_s": round(ts["max"], 2), "times_s": [round(t, 2) for t in fast_times], "cpu_s_last": round(cpu_fast, 1),
-        "speedup_per_round": [round(r, 2) for r in ratios],
-        "speedup_median": round(summary(ratios)["median"], 2),
-        "gflops": round(flops / t_fast / 1e9, 1),
-        "speedup_vs_faiss_flat": round(t_faiss / t_fast, 2),
-        "top1_agreement": float((fa_i[:, 0] == ex_i[:, 0]).mean()),
-        "topk_set_agreement": float(np.mean([set(a) == set(b) for a, b in zip(fa_i, ex_i[:, :k])])),
-        "topk_set_agreement_without_ties": float(np.mean([set(a) == set(b) for a, b in
-                                                          zip(fa_i[clear], ex_i[clear, :k])])),
-        "max_score_diff": float(np.abs(fa_s - ex_s[:, :k]).max()),
-        "uncertified_rows": stats.get("fast_uncertified_rows"),
-    }
-    res["mean_top1_cosine"] = float(ex_s[:, 0].mean())
     print(f"FAISS IndexFlatIP: median {t_faiss:.1f} s (min {fs['min']:.1f}, max {fs['max']:.1f}; "
           f"{res['faiss_flat']['gflops']} GFLOP/s)", flush=True)
-    print(f"fast: median {t_fast:.1f} s (min {ts['min']:.1f}, max {ts['max']:.1f}; {res['fast']['gflops']} GFLOP/s) "
-          f"= {res['fast']['speedup_vs_faiss_flat']}x FAISS (per round: {res['fast']['speedup_per_round']}); "
-          f"top-1 agreement {res['fast']['top1_agreement']:.5f}, top-{k} sets {res['fast']['topk_set_agreement']:.5f}",
-          flush=True)
+    res["fast_by_tiles"] = {}
+    for tiles in args.tiles:
+        fa_i, fa_s, stats, cpu_fast = fast_out[tiles]
+        ts = summary(fast_times[tiles])
+        ratios = [a / b for a, b in zip(faiss_times, fast_times[tiles])]
+        t_fast = ts["median"]
+        entry = {
+            "tiles": stats["tiles"],
+            "time_s": round(t_fast, 2), "median_s": round(t_fast, 2), "min_s": round(ts["min"], 2),
+            "max_s": round(ts["max"], 2), "times_s": [round(t, 2) for t in fast_times[tiles]],
+            "cpu_s_last": round(cpu_fast, 1),
+            "speedup_per_round": [round(r, 2) for r in ratios],
+            "speedup_median": round(summary(ratios)["median"], 2),
+            "gflops": round(flops / t_fast / 1e9, 1),
+            "speedup_vs_faiss_flat": round(t_faiss / t_fast, 2),
+            "top1_agreement": float((fa_i[:, 0] == ex_i[:, 0]).mean()),
+            "topk_set_agreement": float(np.mean([set(a) == set(b) for a, b in zip(fa_i, ex_i[:, :k])])),
+            "topk_set_agreement_without_ties": float(np.mean([set(a) == set(b) for a, b in
+                                                              zip(fa_i[clear], ex_i[clear, :k])])),
+            "max_score_diff": float(np.abs(fa_s - ex_s[:, :k]).max()),
+            "uncertified_rows": stats.get("fast_uncertified_rows"),
+        }
+        res["fast_by_tiles"][tiles] = entry
+        print(f"fast ({entry['tiles']} tiles): median {t_fast:.1f} s (min {ts['min']:.1f}, max {ts['max']:.1f}; "
+              f"{entry['gflops']} GFLOP/s) = {entry['speedup_vs_faiss_flat']}x FAISS (per round: "
+              f"{entry['speedup_per_round']}); top-1 agreement {entry['top1_agreement']:.5f}, top-{k} sets "
+              f"{entry['topk_set_agreement']:.5f}", flush=True)
+    res["fast"] = res["fast_by_tiles"][args.tiles[0]]
+    res["mean_top1_cosine"] = float(ex_s[:, 0].mean())
 
     if args.profile:
         res["fast_profile"] = profile_fast(x, k)
@@ -266,6 +282,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved FAISS/fast rounds (median and spread)")
     parser.add_argument("--no-approx", action="store_true", help="skip IVF and HNSW in the default run")
+    parser.add_argument("--tiles", nargs="+", default=["auto"], choices=["auto", "fp32", "bf16"],
+                        help="tile precisions of the fast path, each timed in every round")
     parser.add_argument("--profile", action="store_true", help="profile one fast run (torch operators)")
     parser.add_argument("--nprobe", type=int, default=0, help="IVF lists probed (0: automatic)")
     parser.add_argument("--big", action="store_true", help="1,000,000 rows, approximate (IVF) path only")
