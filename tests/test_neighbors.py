@@ -608,6 +608,20 @@ def test_queue_returns_nearest_queued_sample():
     assert torch.equal(other.query(index, qa, qb)[0], p)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_queue_on_the_gpu_equals_the_cpu_queue():
+    torch.manual_seed(1)
+    cpu, gpu = NeighborQueue(16, 6, 5), NeighborQueue(16, 6, 5, device="cuda")
+    for step in range(3):
+        index, a, b = torch.arange(step * 8, step * 8 + 8), torch.randn(8, 6), torch.randn(8, 5)
+        p_cpu, q_cpu = cpu.query(index, a, b)
+        p_gpu, q_gpu = gpu.query(index.cuda(), a.cuda(), b.cuda())
+        assert p_gpu.device.type == "cuda" and torch.equal(p_gpu.cpu(), p_cpu) and torch.equal(q_gpu.cpu(), q_cpu)
+        cpu.push(index, a, b)
+        gpu.push(index.cuda(), a.cuda(), b.cuda())
+    assert all(v.device.type == "cpu" for v in gpu.state_dict().values() if isinstance(v, torch.Tensor))
+
+
 def test_queue_empty_searches_the_batch():
     queue = NeighborQueue(size=4, image_dim=3, text_dim=3)
     keys = torch.tensor([[1.0, 0, 0], [0.9, 0.1, 0], [0.2, 0, 1.0]])

@@ -117,20 +117,22 @@ class OnlineFeatureQueue(NeighborQueue):
     @torch.no_grad()
     def nearest_features(self, index: torch.Tensor, a: torch.Tensor, b: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
-        """(p, q, (a_p, b_p, a_q, b_q)) among the queue and this (global) batch, never the row itself."""
-        index = index.cpu()
-        cand_a, cand_b = torch.cat([self.image_keys, a.cpu()]), torch.cat([self.text_keys, b.cpu()])
+        """(p, q, (a_p, b_p, a_q, b_q)) among the queue and this (global) batch, never the row itself.
+
+        Searched on the queue's device; p and q come back on the CPU, the rows on the queue's device."""
+        index, a, b = self._here(index).long(), self._here(a).float(), self._here(b).float()
+        cand_a, cand_b = torch.cat([self.image_keys, a]), torch.cat([self.text_keys, b])
         cand_idx = torch.cat([self.indices, index])
         excluded = (cand_idx[None, :] < 0) | (cand_idx[None, :] == index[:, None])
-        own = torch.arange(len(index)) + len(self.indices)  # a row with no candidate keeps itself
+        own = torch.arange(len(index), device=self.device) + len(self.indices)  # a row with no candidate keeps itself
 
         def best(scores: torch.Tensor) -> torch.Tensor:
             top_s, top = scores.masked_fill(excluded, float("-inf")).max(dim=1)
             return torch.where(torch.isinf(top_s), own, top)
 
-        slot_p, slot_q = best(a.cpu() @ cand_a.T), best(b.cpu() @ cand_b.T)
+        slot_p, slot_q = best(a @ cand_a.T), best(b @ cand_b.T)
         rows = (cand_a[slot_p], cand_b[slot_p], cand_a[slot_q], cand_b[slot_q])
-        return cand_idx[slot_p], cand_idx[slot_q], rows
+        return cand_idx[slot_p].cpu(), cand_idx[slot_q].cpu(), rows
 
 
 def online_teacher_size(requested: int | None, banks: FeatureBanks) -> int | None:
@@ -185,7 +187,7 @@ class ActiveClipPingObjective(ClipPingObjective):
             preparer = NeighbourViews(str(bank_dir), banks.fingerprint(), cfg.neighbor_topk, cfg.seed, setup.table,
                                       setup.image_transform, len(setup.table) // cfg.batch_size)
         else:
-            source = OnlineFeatureQueue(cfg.queue_size, banks.image_dim, banks.text_dim)
+            source = OnlineFeatureQueue(cfg.queue_size, banks.image_dim, banks.text_dim, device=setup.device)
         return cls(banks, heads, teachers, source, preparer, *cfg.neighbor_weights, **cls._common_options(setup))
 
     @property

@@ -68,7 +68,8 @@ class ClipPingObjective(Objective):
         if cfg.neighbor_source == "dataset":
             source = DatasetNeighbors.open(bank_dir, banks, cfg.neighbor_topk, cfg.seed)
         else:
-            source = QueueNeighbors(NeighborQueue(cfg.queue_size, banks.image_dim, banks.text_dim), banks)
+            source = QueueNeighbors(NeighborQueue(cfg.queue_size, banks.image_dim, banks.text_dim, device=setup.device),
+                                    banks)
         heads = make_heads(setup, banks)
         targets: Targets
         if cfg.targets == "student":
