@@ -11,7 +11,11 @@ each stage runs in its own process (so its peak RSS is its own):
   *projected* from them unless ``--queries 0``), recall@1 and recall@k on
   ``--recall-queries`` of them against exact search;
 - ``fast``: the exact tiled search on the first ``--exact-n`` rows (streamed from the
-  memmap), projected to N by its N^2 cost (labelled as a projection).
+  memmap), projected to N by its N^2 cost (labelled as a projection), in 1 process and,
+  with ``--processes 1 2``, in 2 processes under torchrun (gloo; each process takes every
+  other row of tiles; peak RSS per process);
+- ``extract`` (``--extract-rows``): teacher extraction throughput (rows/s, default
+  teachers, ``--extract-precision``) on that many rows of the built-in synthetic data.
 
 Projections to 3M and 12M rows use the measured rates and the FLOP count; they are
 labelled as such; the approximate projection takes the fastest setting that
@@ -56,12 +60,27 @@ def stage(args: argparse.Namespace) -> dict[str, Any]:
     n, k = x.shape[0], args.k
     rng = np.random.default_rng(1)
     if args.stage == "fast":
+        from clip_ping.distributed import init_from_env, rank_and_world
+
+        init_from_env()
         sub = x[: args.exact_n]
         st: dict[str, Any] = {}
         t0 = time.perf_counter()
         search_neighbors(sub, k, method="fast", stats=st)
-        return {"rows": len(sub), "time_s": round(time.perf_counter() - t0, 1),
-                "uncertified_rows": st.get("fast_uncertified_rows"), "peak_rss_gib": peak_rss_gib()}
+        rank, world = rank_and_world()
+        out = {"rows": len(sub), "processes": world, "time_s": round(time.perf_counter() - t0, 1),
+               "tiles": st.get("tiles"), "uncertified_rows": st.get("fast_uncertified_rows"),
+               "peak_rss_gib": peak_rss_gib()}
+        if world > 1:
+            import torch.distributed as dist
+
+            rss: list[Any] = [None] * world
+            dist.all_gather_object(rss, out["peak_rss_gib"])
+            out["peak_rss_gib_per_process"] = rss
+            dist.destroy_process_group()
+            if rank:
+                sys.exit(0)  # only the first process prints the result
+        return out
     if args.stage == "reference":
         queries = np.sort(rng.choice(n, size=args.queries, replace=False)) if args.queries else np.arange(n)
         check = queries[np.sort(rng.choice(len(queries), size=min(args.recall_queries, len(queries)), replace=False))]
@@ -88,8 +107,26 @@ def stage(args: argparse.Namespace) -> dict[str, Any]:
             **recall(idx[check_pos], ref), "peak_rss_gib": peak_rss_gib()}
 
 
-def run_stage(args: argparse.Namespace, name: str, extra: list[str]) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--stage", name, "--bank", str(args.bank), "--k", str(args.k),
+def extract_rate(rows: int, precision: str) -> dict[str, Any]:
+    """Teacher extraction (default teachers, 2 loader workers) on ``rows`` built-in synthetic pairs."""
+    from clip_ping.banks import ExtractConfig, extract_banks
+    from clip_ping.data.synth import SynthConfig, generate_synthetic
+
+    with tempfile.TemporaryDirectory(prefix="bench-scale-extract-") as tmp:
+        generate_synthetic(SynthConfig(out=f"{tmp}/data", n_train=rows, n_val=8, n_test=8, seed=0))
+        t0 = time.perf_counter()
+        extract_banks(ExtractConfig(data=f"{tmp}/data/train.csv", out=f"{tmp}/banks", precision=precision,
+                                    progress=False))
+        wall = time.perf_counter() - t0
+    return {"rows": rows, "precision": precision, "time_s": round(wall, 1), "rows_per_s": round(rows / wall, 1),
+            "note": "includes loading the teachers", "peak_rss_gib": peak_rss_gib()}
+
+
+def run_stage(args: argparse.Namespace, name: str, extra: list[str], processes: int = 1) -> dict[str, Any]:
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    cmd = [*launcher, __file__, "--stage", name, "--bank", str(args.bank), "--k", str(args.k),
            "--queries", str(args.queries), "--recall-queries", str(args.recall_queries),
            "--exact-n", str(args.exact_n), "--out-ref", str(args.out_ref), "--k-factor", str(args.k_factor), *extra]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -109,6 +146,9 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=20_000, help="rows the approximate search takes (0: all)")
     parser.add_argument("--recall-queries", type=int, default=2000)
     parser.add_argument("--exact-n", type=int, default=50_000, help="rows of the exact (fast) timing run")
+    parser.add_argument("--processes", type=int, nargs="+", default=[1], help="process counts of the exact run")
+    parser.add_argument("--extract-rows", type=int, default=0, help="rows of the extraction throughput run (0: none)")
+    parser.add_argument("--extract-precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--stage", help=argparse.SUPPRESS)
     parser.add_argument("--stage-nprobe", default="auto", help=argparse.SUPPRESS)
@@ -116,6 +156,9 @@ def main() -> None:
     parser.add_argument("--bank", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out-ref", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.stage == "extract":
+        print(json.dumps(extract_rate(args.extract_rows, args.extract_precision)))
+        return
     if args.stage:
         print(json.dumps(stage(args)))
         return
@@ -141,13 +184,21 @@ def main() -> None:
                   f"for {r['queries_searched']:,} rows -> self-join {r['self_join_s']:.0f} s"
                       f"{' (projected)' if r['self_join_projected'] else ''}; recall@1 {r['recall_at_1']:.4f}, "
                       f"recall@{args.k} {r[f'recall_at_{args.k}']:.4f}; peak RSS {r['peak_rss_gib']} GiB", flush=True)
+        if args.extract_rows:
+            res["extract"] = run_stage(args, "extract", ["--extract-rows", str(args.extract_rows),
+                                                         "--extract-precision", args.extract_precision])
+            print(f"extraction: {res['extract']['rows_per_s']} rows/s ({args.extract_precision})", flush=True)
         if args.exact_n:
-            r = run_stage(args, "fast", [])
-            scale = (args.n / r["rows"]) ** 2
-            r["self_join_projected_s"] = round(r["time_s"] * scale, 0)
-            res["fast"] = r
-            print(f"exact (fast) on {r['rows']:,} rows: {r['time_s']} s, peak RSS {r['peak_rss_gib']} GiB -> "
-                  f"{args.n:,} rows projected (N^2) {r['self_join_projected_s']:.0f} s", flush=True)
+            res["fast_by_processes"] = {}
+            for procs in args.processes:
+                r = run_stage(args, "fast", [], processes=procs)
+                scale = (args.n / r["rows"]) ** 2
+                r["self_join_projected_s"] = round(r["time_s"] * scale, 0)
+                res["fast_by_processes"][str(procs)] = r
+                print(f"exact (fast, {r['tiles']} tiles, {procs} process(es)) on {r['rows']:,} rows: {r['time_s']} s, "
+                      f"peak RSS {r.get('peak_rss_gib_per_process', r['peak_rss_gib'])} GiB -> {args.n:,} rows "
+                      f"projected (N^2) {r['self_join_projected_s']:.0f} s", flush=True)
+            r = res["fast"] = res["fast_by_processes"][str(args.processes[0])]
             rate = r["rows"] ** 2 * args.d / r["time_s"]  # multiply-adds per second of the half self-join
             res["projection"] = {  # labelled: from the measured rate and the N^2 d FLOP count
                 f"{m}M_exact_s": round((m * 1e6) ** 2 * args.d / rate, 0) for m in (3, 12)}
