@@ -131,15 +131,19 @@ def test_fast_matches_exact_on_clustered_data():
     np.testing.assert_allclose(fa_s, ex_s[:, :10], atol=1e-5)
 
 
-def test_fast_certification_falls_back_to_exact(monkeypatch):
-    """No margin and tiny score tiles: many rows are uncertified or chunked, the result stays exact."""
+@pytest.mark.parametrize("tiles", ["fp32", "bf16"])
+def test_fast_certification_falls_back_to_exact(monkeypatch, tiles):
+    """No margin and tiny score tiles: many rows are uncertified or chunked, the result stays exact.
+    After bf16 tiles the uncertified rows take a fp32 pass first; only what that cannot certify is scanned in float64."""
     monkeypatch.setattr(nb_tiled, "FAST_MARGIN", 0)
     monkeypatch.setattr(nb_tiled, "FAST_MARGIN_BF16", 0)
     monkeypatch.setattr(nb_tiled, "FAST_TILE_BYTES", 64 * 1024)
     x = clustered(1500, 32, 3, seed=4)  # few, wide clusters: crowded top scores
     stats: dict = {}
-    idx, scores = search_neighbors(x, 5, method="fast", block_size=256, stats=stats)
+    idx, scores = search_neighbors(x, 5, method="fast", block_size=256, stats=stats, tiles=tiles)
     assert stats["fast_uncertified_rows"] > 0 and stats["rows_researched"] >= stats["fast_uncertified_rows"]
+    if tiles == "bf16":
+        assert stats["fast_float64_rows"] < stats["fast_uncertified_rows"]
     ref_i, ref_s = brute_force(x, 5)
     np.testing.assert_array_equal(idx, ref_i)
     np.testing.assert_allclose(scores, ref_s, atol=1e-5)

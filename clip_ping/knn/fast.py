@@ -102,16 +102,47 @@ class FastSearch:
         self.prob, self.device = prob, device
         self.groups_db = prob.groups[prob.db_rows_t].to(device)
         dtype = tiled.tile_dtype(tiles, device)
-        self.engine = TiledCandidates(lambda a, b: prob.db_slice(a, b).to(device), prob.n_db, prob.src.shape[1],
-                                      self.groups_db, prob.k + tiled.margin(dtype), device, dtype=dtype)
+        self.engine = self._engine(dtype)
+        self._fp32_engine: TiledCandidates | None = None  # bf16 searches: the second pass of uncertified rows
         self.local = torch.full((prob.n,), -1, dtype=torch.int64)
         self.local[prob.db_rows_t] = torch.arange(prob.n_db)
         self.uncertified = 0  # rows whose candidates could not be certified (searched again)
         self.researched = 0  # rows searched again exactly inside the blocks
+        self.float64_rows = 0  # of those, rows that needed the float64 scan
         self.resumed = 0  # blocks read back from a previous run
 
-    def finish(self, rows: torch.Tensor, cand_v: torch.Tensor, cand_j: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _engine(self, dtype: torch.dtype) -> TiledCandidates:
+        prob, device = self.prob, self.device
+        return TiledCandidates(lambda a, b: prob.db_slice(a, b).to(device), prob.n_db, prob.src.shape[1],
+                               self.groups_db, prob.k + tiled.margin(dtype), device, dtype=dtype)
+
+    def research(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-k of rows the tiles could not certify.
+
+        After bf16 tiles, first fp32 tiles against the whole database for these rows only:
+        their error bound is ~2^16 times smaller, so nearly every row certifies there, and a
+        fp32 pass costs a fraction of the float64 scan (`exact_rows`) the rest still get.
+        """
+        self.researched += len(rows)
+        if self.engine.dtype == torch.float32:
+            self.float64_rows += len(rows)
+            return self.prob.exact_rows(rows)
+        if self._fp32_engine is None:
+            self._fp32_engine = self._engine(torch.float32)
+        idx, sc, short = self._candidates(self._fp32_engine, rows)
+        if short.any():
+            self.float64_rows += int(short.sum())
+            idx[short], sc[short] = self.prob.exact_rows(rows[short])
+        return idx, sc
+
+    def _candidates(self, engine: TiledCandidates, rows: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dev = self.device
+        v, j = engine.queries(self.prob.rows(rows).to(dev), self.prob.groups[rows].to(dev), self.local[rows].to(dev))
+        return self.finish(rows, v, j, engine)
+
+    def finish(self, rows: torch.Tensor, cand_v: torch.Tensor, cand_j: torch.Tensor,
+               engine: TiledCandidates | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Top-k of sample rows from their candidates: (indices, scores, rows not certified).
 
         A tile score is within ``err`` of the exact score. When the first k+1 candidates are
@@ -119,17 +150,17 @@ class FastSearch:
         every row of a bf16 search) are re-scored in float64 and ordered by (score, lower
         index); they are certified when the k-th exact score beats the c-th tile score + err.
         """
-        prob, k = self.prob, self.prob.k
+        prob, k, engine = self.prob, self.prob.k, engine or self.engine
         cand_v, cand_j = cand_v.cpu(), cand_j.cpu()
         q = prob.rows(rows)
         exists = torch.isfinite(cand_v)
         samples = torch.where(exists, prob.db_rows_t[cand_j.clamp(min=0)], prob.n)
         last = cand_v[:, -1]
-        err = self.engine.error_bound(q, last)
+        err = engine.error_bound(q, last)
         nxt = cand_v[:, k] if cand_v.shape[1] > k else torch.full_like(last, float("-inf"))
         gaps = torch.cat([cand_v[:, :k], nxt[:, None]], 1).diff(dim=1).neg()  # >= 0, best first
         clear = (gaps > 2 * err[:, None]).all(dim=1) & exists[:, :k].all(dim=1)
-        if self.engine.dtype != torch.float32:
+        if engine.dtype != torch.float32:
             clear[:] = False  # bf16 tile scores order the rows but are not scores to keep: all re-scored
         top_i, top_s = samples[:, :k].clone(), cand_v[:, :k].clone()
         short = torch.zeros(len(rows), dtype=torch.bool)
@@ -143,7 +174,8 @@ class FastSearch:
             certified = torch.isinf(last[r]) | (ex_s[:, -1] > last[r].double() + err[r].double())
             top_i[r], top_s[r] = ex_i, ex_s.float()
             short[r] = ~certified | torch.isinf(ex_s[:, -1])  # -inf: fewer than k eligible; the fallback says so
-            self.uncertified += int((~certified).sum())
+            if engine is self.engine:
+                self.uncertified += int((~certified).sum())
         return top_i, top_s, short
 
     def spec(self, key: str) -> dict[str, Any]:
@@ -178,8 +210,7 @@ class FastSearch:
             rows = prob.db_rows_t[lo:hi]
             idx, sc, short = self.finish(rows, v, j)
             if short.any():
-                idx[short], sc[short] = prob.exact_rows(rows[short])
-                self.researched += int(short.sum())
+                idx[short], sc[short] = self.research(rows[short])
             if store is not None and rank == 0:
                 store.save(b, idx, sc)
             yield rows, idx, sc, torch.zeros(len(rows), dtype=torch.bool)
@@ -216,7 +247,8 @@ class FastSearch:
                 yield b, v[b_lo - lo:b_hi - lo], j[b_lo - lo:b_hi - lo]
 
     def rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Any sample rows against the database (no symmetry)."""
-        dev = self.device
-        v, j = self.engine.queries(self.prob.rows(rows).to(dev), self.prob.groups[rows].to(dev), self.local[rows].to(dev))
-        return self.finish(rows, v, j)
+        """Any sample rows against the database (no symmetry); uncertified rows searched again here."""
+        idx, sc, short = self._candidates(self.engine, rows)
+        if short.any():
+            idx[short], sc[short] = self.research(rows[short])
+        return idx, sc, torch.zeros(len(rows), dtype=torch.bool)

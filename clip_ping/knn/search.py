@@ -9,7 +9,7 @@ Search methods (`search_neighbors`)
 -----------------------------------
 ``exact``  FAISS ``IndexFlatIP``, queries in blocks (memory stays bounded).
 ``fast``   exact: tiled matrix products over the upper triangle of the self-join
-           (tiled.py; bf16 tiles where they are fast: AMX / CUDA, else fp32; ``tiles``),
+           (tiled.py; bf16 tiles on CUDA, fp32 on CPUs, where bf16 did not pay; ``tiles``),
            the bank streamed tile by tile from its memmap; each row's top-k is
            *certified* against the worst-case error of a tile score, and rows that
            are not are searched again in float64. So top-k equals the exact result
@@ -444,6 +444,7 @@ def search_neighbors(
         })
         if fast is not None:
             stats["fast_uncertified_rows"] = fast.uncertified
+            stats["fast_float64_rows"] = fast.float64_rows
             stats["blocks_resumed"] = fast.resumed
             stats["tiles"] = "bf16" if fast.engine.dtype == torch.bfloat16 else "fp32"
         if chosen in ("ivf", "ivfpq"):

@@ -64,7 +64,7 @@ class NeighborsConfig(Config):
                          "at least 32); more is slower and more exact")
     k_factor: int = option(DEFAULT_K_FACTOR, "ivfpq: candidates re-scored exactly per neighbour fetched; more is "
                            "slower and more exact")
-    tiles: str = option("auto", "fast: precision of the score tiles (auto: bf16 on AMX CPUs and GPUs, else fp32); "
+    tiles: str = option("auto", "fast: precision of the score tiles (auto: bf16 on GPUs, fp32 on CPUs); "
                         "the result is exact either way", choices=TILE_PRECISIONS)
     block_size: int = option(16384, "query rows per search block (bounds memory)")
     device: str = option("auto", "device of the fast method: auto, cpu, cuda")

@@ -15,8 +15,8 @@ Exclusions (the row itself, its duplicate groups) are masked inside the tiles
 (only tiles that share a group id are masked), so duplicate groups of any size
 cost nothing extra. Invalid rows are not in the database.
 
-Exactness: tile scores are approximate (fp32 summation order, or bf16 where
-bf16 products are fast: AMX, CUDA). Each row's candidates are re-scored in
+Exactness: tile scores are approximate (fp32 summation order, or bf16 on CUDA
+or when asked for). Each row's candidates are re-scored in
 float64, ordered by (score, lower index) and *certified*: the k-th exact score
 must beat the c-th candidate score plus the worst-case error of a tile score.
 Rows that are not certified are searched again (`exact_rows`). So the result
@@ -25,7 +25,6 @@ equals a float64 brute force, ties broken by the lower index.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -50,26 +49,18 @@ TILE_PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def bf16_matmul_is_fast(device: str | torch.device = "cpu") -> bool:
-    """Whether bf16 score tiles beat fp32 here: CUDA, or a CPU with AMX.
+    """Whether bf16 score tiles beat fp32 here: on CUDA only.
 
-    AVX512-BF16 alone is not enough: there the bf16 product is faster, but the wider
-    margin and the re-scoring it needs made the whole search slower than fp32 tiles
-    (50k x 384: 20.4 s against 14.7 s, BENCHMARKS.md).
+    On CPUs the bf16 product is faster (AMX: 3.6x fp32), but the search is not: bf16 tiles
+    come out rounded to 2^-8, so every row's candidates must be re-scored in float64 and
+    more rows miss certification. Measured (BENCHMARKS.md): 100k x 384 on an AMX Xeon,
+    86-87 CPU s against 65-68 with fp32 tiles; 50k on an AVX512-BF16 EPYC, 20.4 s against 14.7.
     """
-    device = torch.device(device)
-    if device.type == "cuda":
-        return True
-    if device.type != "cpu":
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags
+    return torch.device(device).type == "cuda"
 
 
 def tile_dtype(precision: str, device: str | torch.device = "cpu") -> torch.dtype:
-    """The dtype of the score tiles: ``auto`` (bf16 where it is fast), ``fp32`` or ``bf16``."""
+    """The dtype of the score tiles: ``auto`` (bf16 on CUDA, else fp32), ``fp32`` or ``bf16``."""
     if precision not in TILE_PRECISIONS:
         from ..errors import ConfigError
 
