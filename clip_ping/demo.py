@@ -4,18 +4,27 @@ data synth -> extract -> neighbors -> train (clip and clip-ping, same data,
 steps, student and seeds) -> eval -> report, whose index.html links the
 neighbour page (`neighbors show`) written beside it. Each stage is skipped when
 its output is already complete, so an interrupted demo picks up where it stopped.
+
+With ``--jobs 2`` (the default on 2+ cores) the work runs as two processes with
+half the cores each: the CLIP runs need no banks, so they train while the
+teachers extract; the CLIP-PING runs start when the neighbours are there. Small
+models use two single-threaded processes better than one two-threaded one.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+import os
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from .config import Config, borrow, option
+from .errors import ConfigError
 from .objectives import OBJECTIVES
 from .report import NEIGHBOR_PAGE
 from .trainer import TrainConfig
@@ -33,6 +42,8 @@ class DemoConfig(Config):
     data_seed: int = option(0, "seed of the built-in data set")
     seeds: list[int] = option([0, 1], "training seeds; every seed trains both methods")
     neighbor_k: int = option(10, "neighbours kept per sample")
+    jobs: int = option(0, "processes working side by side, each with its share of the cores "
+                          "(0: 2 on machines with 2 or more cores, else 1; 1: one stage after another)")
     # passed on to every training run: help and defaults are TrainConfig's, but for the demo's length and
     # precision (bf16 autocast is ~3x faster than fp32 on CPUs with AMX)
     model: str = borrow(TrainConfig, "model")
@@ -44,6 +55,10 @@ class DemoConfig(Config):
     precision: str = borrow(TrainConfig, "precision", "bf16")
     workers: int = borrow(TrainConfig, "workers")
     progress: bool = borrow(TrainConfig, "progress")
+
+    def validate(self) -> None:
+        if self.jobs < 0:
+            raise ConfigError("config key 'jobs' must be 0 (automatic) or more")
 
 
 TRAIN_OPTIONS = ("model", "epochs", "batch_size", "lr", "lambda_nn", "lambda_xnn", "precision", "workers", "progress")
@@ -57,51 +72,116 @@ def _timed(timings: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
     return result
 
 
-def run_demo(cfg: DemoConfig) -> None:
+def _jobs(cfg: DemoConfig) -> int:
+    return cfg.jobs or (2 if (os.cpu_count() or 1) >= 2 else 1)
+
+
+def _prepare_banks(data_dir: Path, bank_dir: Path, cfg: DemoConfig, progress: bool) -> dict[str, float]:
+    """Teachers' banks and neighbour tables (what the CLIP-PING runs need)."""
     from .banks import ExtractConfig, extract_banks
-    from .data.synth import SynthConfig, generate_synthetic
-    from .evaluation.stage import EvalConfig, evaluate_from_config
     from .knn import NeighborsConfig, build_neighbors
-    from .report import build_report
+
+    timings: dict[str, float] = {}
+    _timed(timings, "extract", lambda: extract_banks(ExtractConfig(data=str(data_dir / "train.csv"), out=str(bank_dir),
+                                                                   workers=cfg.workers, progress=progress)))
+    _timed(timings, "neighbors", lambda: build_neighbors(NeighborsConfig(banks=str(bank_dir), k=cfg.neighbor_k,
+                                                                         progress=progress)))
+    return timings
+
+
+def _train_and_evaluate(train_cfg: TrainConfig, data_dir: Path, workers: int) -> dict[str, float]:
+    """One run: train, then evaluate on the test split (skipped when its eval.json exists)."""
+    from .evaluation.stage import EvalConfig, evaluate_from_config
     from .trainer import train
+
+    timings: dict[str, float] = {}
+    run_dir = Path(train_cfg.out)
+    if (run_dir / "eval.json").is_file():
+        log.info("demo: %s already trained and evaluated, skipped", run_dir)
+        return timings
+    _timed(timings, f"train {train_cfg.method}", lambda: train(train_cfg))
+    eval_cfg = EvalConfig(checkpoint=str(run_dir), data=str(data_dir), split="test", out=str(run_dir / "eval.json"),
+                          workers=workers)
+    _timed(timings, f"eval {train_cfg.method}", lambda: evaluate_from_config(eval_cfg))
+    return timings
+
+
+def _in_worker(threads: int, fn: Callable[..., dict[str, float]], *args: Any) -> dict[str, float]:
+    """Run ``fn`` in a pool process with ``threads`` torch threads, logging as the parent does."""
+    import torch
+
+    torch.set_num_threads(threads)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return fn(*args)
+
+
+def run_demo(cfg: DemoConfig) -> None:
+    from .data.synth import SynthConfig, generate_synthetic
+    from .report import build_report
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     data_dir, bank_dir = out / "data", out / "data" / "banks"
     timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+    jobs = _jobs(cfg)
 
     synth_cfg = SynthConfig(out=str(data_dir), seed=cfg.data_seed, n_train=cfg.n_train, n_val=cfg.n_val,
                             n_test=cfg.n_test, image_size=cfg.image_size)
     _timed(timings, "data synth", lambda: generate_synthetic(synth_cfg))
-    _timed(timings, "extract", lambda: extract_banks(ExtractConfig(data=str(data_dir / "train.csv"), out=str(bank_dir),
-                                                                   workers=cfg.workers, progress=cfg.progress)))
-    _timed(timings, "neighbors", lambda: build_neighbors(NeighborsConfig(banks=str(bank_dir), k=cfg.neighbor_k)))
 
-    run_dirs = []
+    progress = cfg.progress and jobs == 1  # bars of side-by-side processes would overwrite each other
+    runs: dict[str, list[TrainConfig]] = {"clip": [], "clip-ping": []}
     for seed in cfg.seeds:
-        for method in ("clip", "clip-ping"):
-            run_dir = out / "runs" / f"{method}-seed{seed}"
-            run_dirs.append(run_dir)
-            if (run_dir / "eval.json").is_file():
-                log.info("demo: %s already trained and evaluated, skipped", run_dir)
-                continue
+        for method in runs:
             options = {k: getattr(cfg, k) for k in TRAIN_OPTIONS
                        if OBJECTIVES[method].weighs_neighbor_terms or not k.startswith("lambda_")}
-            train_cfg = TrainConfig(data=str(data_dir), banks=str(bank_dir), out=str(run_dir), method=method,
-                                    seed=seed, resume="auto", tensorboard=False, **options)
-            _timed(timings, f"train {method}", lambda: train(train_cfg))
-            eval_cfg = EvalConfig(checkpoint=str(run_dir), data=str(data_dir), split="test",
-                                  out=str(run_dir / "eval.json"), workers=cfg.workers)
-            _timed(timings, f"eval {method}", lambda: evaluate_from_config(eval_cfg))
+            options["progress"] = progress
+            runs[method].append(TrainConfig(data=str(data_dir), banks=str(bank_dir), out=str(out / "runs" / f"{method}-seed{seed}"),
+                                            method=method, seed=seed, resume="auto", tensorboard=False, **options))
+    run_dirs = [Path(c.out) for pair in zip(runs["clip"], runs["clip-ping"]) for c in pair]
+
+    if jobs == 1:
+        for key, value in _prepare_banks(data_dir, bank_dir, cfg, progress).items():
+            timings[key] = value
+        for train_cfg in (c for pair in zip(runs["clip"], runs["clip-ping"]) for c in pair):
+            _add(timings, _train_and_evaluate(train_cfg, data_dir, cfg.workers))
+    else:
+        _run_side_by_side(cfg, jobs, data_dir, bank_dir, runs, timings, progress)
 
     report_dir = out / "report"
     _timed(timings, "neighbour page", lambda: write_demo_neighbor_page(data_dir, bank_dir, report_dir))
     _timed(timings, "report", lambda: build_report(run_dirs, report_dir))
+    timings["total (wall)"] = round(time.perf_counter() - t_start, 1)
     (out / "timings.json").write_text(json.dumps(timings, indent=2))
     table = (report_dir / "report.md").read_text()
     print(table)
-    print(f"\nstage times (s): {json.dumps(timings)}")
+    print(f"\nstage times (s; side by side they overlap, so the total is less than their sum): {json.dumps(timings)}")
     print(f"report: {report_dir / 'index.html'} (neighbour page: {report_dir / NEIGHBOR_PAGE})")
+
+
+def _add(total: dict[str, float], part: dict[str, float]) -> None:
+    for key, value in part.items():
+        total[key] = round(total.get(key, 0.0) + value, 2)
+
+
+def _run_side_by_side(cfg: DemoConfig, jobs: int, data_dir: Path, bank_dir: Path, runs: dict[str, list[TrainConfig]],
+                      timings: dict[str, float], progress: bool) -> None:
+    """Banks first in one process while the CLIP runs train in the others; CLIP-PING once the banks are there."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    log.info("demo: %d processes side by side, %d torch thread(s) each", jobs, threads)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        banks = pool.submit(_in_worker, threads, _prepare_banks, data_dir, bank_dir, cfg, progress)
+        pending: set[Future] = {banks}
+        pending |= {pool.submit(_in_worker, threads, _train_and_evaluate, c, data_dir, cfg.workers) for c in runs["clip"]}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                _add(timings, future.result())  # a failed stage raises here, with its own error
+                if future is banks:
+                    pending |= {pool.submit(_in_worker, threads, _train_and_evaluate, c, data_dir, cfg.workers)
+                                for c in runs["clip-ping"]}
 
 
 def write_demo_neighbor_page(data_dir: Path, bank_dir: Path, report_dir: Path) -> dict[str, Any]:

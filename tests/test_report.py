@@ -271,3 +271,45 @@ def test_old_and_new_clip_runs_are_one_setting_but_lambdas_still_split_clip_ping
     assert [s.name for s in settings] == ["clip", "clip-ping lambda_nn=0.5", "clip-ping lambda_nn=1.0"]
     assert comparable_options({"method": "slip", "lambda_nn": 0.5, "lr": 1}) == {"method": "slip", "lr": 1}
     assert comparable_options({"method": "unknown", "lambda_nn": 0.5}) == {"method": "unknown", "lambda_nn": 0.5}
+
+
+def test_demo_side_by_side_starts_clip_ping_only_when_the_banks_are_there(monkeypatch, tmp_path):
+    """`--jobs 2`: the CLIP runs start beside the bank extraction, CLIP-PING's after it; stage times add up."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from clip_ping import demo as demo_mod
+    from clip_ping.errors import ConfigError
+
+    events: list[str] = []
+    lock = threading.Lock()
+
+    def prepare(data_dir, bank_dir, cfg, progress):
+        time.sleep(0.3)
+        with lock:
+            events.append("banks")
+        return {"extract": 2.0, "neighbors": 0.5}
+
+    def train_and_evaluate(run, data_dir, workers):
+        with lock:
+            events.append(f"{run.method}-{run.seed}")
+        return {f"train {run.method}": 1.0, f"eval {run.method}": 0.25}
+
+    monkeypatch.setattr(demo_mod, "ProcessPoolExecutor", lambda max_workers, mp_context: ThreadPoolExecutor(max_workers))
+    monkeypatch.setattr(demo_mod, "_in_worker", lambda threads, fn, *args: fn(*args))
+    monkeypatch.setattr(demo_mod, "_prepare_banks", prepare)
+    monkeypatch.setattr(demo_mod, "_train_and_evaluate", train_and_evaluate)
+    runs = {m: [SimpleNamespace(method=m, seed=s) for s in (0, 1)] for m in ("clip", "clip-ping")}
+    timings: dict[str, float] = {}
+    demo_mod._run_side_by_side(demo_mod.DemoConfig(out=str(tmp_path)), 2, tmp_path, tmp_path / "banks", runs, timings,
+                               progress=False)
+
+    assert sorted(events) == ["banks", "clip-0", "clip-1", "clip-ping-0", "clip-ping-1"]
+    assert events.index("clip-0") < events.index("banks")  # CLIP needs no banks: it ran during the extraction
+    assert all(events.index(f"clip-ping-{s}") > events.index("banks") for s in (0, 1))
+    assert timings == {"extract": 2.0, "neighbors": 0.5, "train clip": 2.0, "eval clip": 0.5,
+                       "train clip-ping": 2.0, "eval clip-ping": 0.5}
+    with pytest.raises(ConfigError, match="jobs"):
+        demo_mod.DemoConfig(jobs=-1)
