@@ -267,6 +267,53 @@ def test_two_process_gloo_search_equals_one_process_byte_for_byte(tmp_path, monk
     np.testing.assert_array_equal(one_i, brute_force(x, 4, groups, valid)[0])
 
 
+_TWO_PROCESS_INDEX_SCRIPT = """
+import sys
+import numpy as np
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def run(rank, folder, method):
+    from clip_ping.knn import search as nb_search
+    searched = []
+    for name in ("_search_exact", "_search_ivfpq"):
+        inner = getattr(nb_search, name)
+        setattr(nb_search, name, lambda prob, rows, state, inner=inner: searched.append(len(rows)) or inner(prob, rows, state))
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store-{method}", rank=rank, world_size=2)
+    z = np.load(f"{folder}/data.npz")
+    idx, scores = nb_search.search_neighbors(z["x"], 4, groups=z["groups"], valid=z["valid"], method=method,
+                                             block_size=100)
+    np.savez(f"{folder}/{method}-rank{rank}.npz", idx=idx, scores=scores, searched=sum(searched))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    mp.spawn(run, args=(sys.argv[1], sys.argv[2]), nprocs=2)
+"""
+
+
+@pytest.mark.parametrize("method", ["exact", "ivfpq"])
+def test_two_process_index_search_splits_the_queries_and_equals_one_process(tmp_path, method):
+    """FAISS methods under torchrun: each process searches every other block of rows, all end with one table,
+    the one a single process finds."""
+    import os
+    import subprocess
+    import sys
+
+    x, groups, valid = with_duplicates(600, 12, seed=11)  # 6 blocks of 100 rows
+    np.savez(tmp_path / "data.npz", x=x, groups=groups, valid=valid)
+    script = tmp_path / "two_index.py"
+    script.write_text(_TWO_PROCESS_INDEX_SCRIPT)
+    subprocess.run([sys.executable, str(script), str(tmp_path), method], check=True, timeout=300,
+                   env={**os.environ, "PYTHONPATH": str(Path(nb.__file__).parents[2])})
+    one_i, one_s = search_neighbors(x, 4, groups=groups, valid=valid, method=method, block_size=100)
+    for rank in (0, 1):
+        with np.load(tmp_path / f"{method}-rank{rank}.npz") as z:
+            assert z["idx"].tobytes() == one_i.tobytes() and z["scores"].tobytes() == one_s.tobytes()
+            assert int(z["searched"]) == 300  # half the rows each, not all of them twice
+
+
 _TWO_PROCESS_KILL_SCRIPT = """
 import json, os, sys, time
 import numpy as np

@@ -24,6 +24,11 @@ Search methods (`search_neighbors`)
 ``auto``   ``fast`` on a GPU at any size; on a CPU ``fast`` up to `AUTO_EXACT_MAX_ROWS`
            rows, ``ivfpq`` above.
 
+Under torchrun every method spreads over the processes: ``fast`` by rows of tiles
+(fast.py), the FAISS methods by blocks of query rows (each process builds the
+index, searches every K-th block and sends it to the others); every process ends
+with the same table.
+
 Whatever the method, a neighbour is never the row itself, never a row of the
 same duplicate group (identical image bytes / caption), never an invalid row
 (an image that did not decode). Rows for which the first candidates are not
@@ -41,7 +46,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from ..distributed import resolve_device
+from ..distributed import collective_device, rank_and_world, resolve_device
 from ..errors import ConfigError, DataError
 from . import tiled
 from .fast import FastSearch, open_store
@@ -343,6 +348,42 @@ def _search_index(prob: _Problem, rows: torch.Tensor, state: dict) -> tuple[torc
     return _to_samples(prob, local), torch.from_numpy(scores)
 
 
+def _query_blocks(queries: torch.Tensor, block_size: int, k: int, search: Callable
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(positions, indices, scores, short) of query blocks; under torchrun each process searches every
+    K-th block and sends it to the others, round by round, so all hold the same table."""
+    starts = list(range(0, len(queries), block_size))
+    rank, world = rank_and_world()
+    for first in range(0, len(starts), world):
+        round_starts = starts[first:first + world]
+        mine = None
+        if rank < len(round_starts):
+            mine = search(queries[round_starts[rank]:round_starts[rank] + block_size])
+        for owner, start in enumerate(round_starts):
+            pos = torch.arange(start, min(start + block_size, len(queries)))
+            if world > 1:
+                found = _from_owner(mine if owner == rank else None, owner, len(pos), k)
+            else:
+                assert mine is not None
+                found = mine
+            yield pos, *found
+
+
+def _from_owner(result: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, owner: int, n: int, k: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A block's (indices n x k, scores n x k, short n) as process ``owner`` found them, in every process."""
+    import torch.distributed as dist
+
+    dev = collective_device()
+    empty = (torch.empty(n, k, dtype=torch.int64), torch.empty(n, k), torch.empty(n, dtype=torch.bool))
+    out = []
+    for part in (result or empty):
+        buf = part.to(torch.uint8 if part.dtype == torch.bool else part.dtype).to(dev).contiguous()
+        dist.broadcast(buf, src=owner)
+        out.append(buf.cpu().to(part.dtype))
+    return out[0], out[1], out[2]
+
+
 def search_neighbors(
     features: np.ndarray,
     k: int,
@@ -412,9 +453,7 @@ def search_neighbors(
             resume = open_store(Path(resume_dir), fast.spec(resume_key)) if resume_dir is not None else None
             yield from fast.all_rows(resume)
             return
-        for start in range(0, len(queries), block_size):
-            rows = queries[start:start + block_size]
-            yield torch.arange(start, start + len(rows)), *search(rows)
+        yield from _query_blocks(queries, block_size, k, search)
 
     out_i = np.empty((len(queries), k), dtype=np.int64)
     out_s = np.empty((len(queries), k), dtype=np.float32)
