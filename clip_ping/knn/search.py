@@ -12,7 +12,7 @@ Search methods (`search_neighbors`)
            (tiled.py; bf16 tiles on CUDA, fp32 on CPUs, where bf16 did not pay; ``tiles``),
            the bank streamed tile by tile from its memmap; each row's top-k is
            *certified* against the worst-case error of a tile score, and rows that
-           are not are searched again in float64. So top-k equals the exact result
+           are not are searched again (fp32 tiles after bf16 ones, then float64). So top-k equals the exact result
            (ties: the lower index first). Resumable per block (fast.py).
 ``ivf``    FAISS IVF-Flat (``nlist ~ 4 sqrt(N)``, ``nprobe`` = nlist / 16 lists searched): approximate.
 ``ivfpq``  FAISS IVF with 4-bit fast-scan PQ codes, then the best ``k_factor`` x fetched
@@ -59,7 +59,7 @@ METHODS = ("auto", "exact", "fast", "ivf", "ivfpq", "hnsw")
 _CHUNK = 65536
 # Above this many searchable rows "auto" switches (on a CPU) to IVF-PQ. An exact
 # search costs N^2 d flops (half self-join): 500k x 384 is ~1e14, under an hour on
-# two cores; at 1M, IVF-PQ at recall@1 0.99 was ~3.8x faster than exact (BENCHMARKS.md).
+# two cores; at 1M, IVF-PQ at recall@1 0.996 was 3.9x faster than exact (BENCHMARKS.md).
 AUTO_EXACT_MAX_ROWS = 500_000
 # IVF-PQ: fetched candidates re-scored per result (FAISS's k_factor); fewer rows refuse PQ
 # (its 16 centroids per sub-quantizer need training points).
@@ -111,7 +111,8 @@ def default_nprobe_pq(nlist: int) -> int:
     """IVF-PQ lists probed per query: nlist / 4, at least 32.
 
     PQ scans a list ~8x faster than IVF-Flat but ranks coarsely, so it probes more:
-    at 1M x 384 (4,000 lists, k_factor 32) nprobe 250 gave recall@1 0.974, 1,000 gave 0.994.
+    at 1M x 384 (4,000 lists, k_factor 32) nprobe 250 gave recall@1 0.978, 1,000 gave 0.996
+    (BENCHMARKS.md, "Neighbour search at scale").
     """
     return int(min(nlist, max(32, round(nlist / 4))))
 
