@@ -140,19 +140,18 @@ def run_demo(cfg: DemoConfig) -> None:
             options["progress"] = progress
             runs[method].append(TrainConfig(data=str(data_dir), banks=str(bank_dir), out=str(out / "runs" / f"{method}-seed{seed}"),
                                             method=method, seed=seed, resume="auto", tensorboard=False, **options))
-    run_dirs = [Path(c.out) for pair in zip(runs["clip"], runs["clip-ping"]) for c in pair]
+    in_order = [c for pair in zip(runs["clip"], runs["clip-ping"]) for c in pair]
 
     if jobs == 1:
-        for key, value in _prepare_banks(data_dir, bank_dir, cfg, progress).items():
-            timings[key] = value
-        for train_cfg in (c for pair in zip(runs["clip"], runs["clip-ping"]) for c in pair):
+        _add(timings, _prepare_banks(data_dir, bank_dir, cfg, progress))
+        for train_cfg in in_order:
             _add(timings, _train_and_evaluate(train_cfg, data_dir, cfg.workers))
     else:
         _run_side_by_side(cfg, jobs, data_dir, bank_dir, runs, timings, progress)
 
     report_dir = out / "report"
     _timed(timings, "neighbour page", lambda: write_demo_neighbor_page(data_dir, bank_dir, report_dir))
-    _timed(timings, "report", lambda: build_report(run_dirs, report_dir))
+    _timed(timings, "report", lambda: build_report([Path(c.out) for c in in_order], report_dir))
     timings["total (wall)"] = round(time.perf_counter() - t_start, 1)
     (out / "timings.json").write_text(json.dumps(timings, indent=2))
     table = (report_dir / "report.md").read_text()
