@@ -233,3 +233,18 @@ def test_neighbour_variant_links_the_bank_and_searches_on_its_own(quality, tiny_
     assert np.array_equal(np.load(variant / "neighbors_text.npy"), np.load(bank / "neighbors_text.npy"))
     # kept on a second call, the record returned as it was
     assert quality.prepare_neighbor_variant(variant, spec, 3, result, tmp_path / "stages") is result
+
+
+def test_quality_pairs_gives_seed_paired_deltas_between_any_two_settings(tmp_path, capsys):
+    pairs = load_benchmark_script("quality_pairs")
+    runs = []
+    for seed, (a, b) in enumerate([(14.0, 12.0), (15.0, 12.0), (13.0, 13.0)]):
+        runs.append({"setting": "clip-ping-dup-mask", "seed": seed, "metrics": {"test": {"i2t/R@1": a}}})
+        runs.append({"setting": "clip-dup-mask", "seed": seed, "metrics": {"test": {"i2t/R@1": b}}})
+    runs.append({"setting": "clip-dup-mask", "seed": 7, "metrics": {"test": {"i2t/R@1": 99.0}}})  # unpaired: ignored
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"results": runs}))
+    assert pairs.main([str(path), "clip-ping-dup-mask:clip-dup-mask", "--splits", "test"]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| clip-ping-dup-mask")][0]
+    assert row.split(" | ")[2:4] == ["3", "+1.67 ± 1.53"]  # differences 2, 3, 0
+    assert pairs.main([str(path), "clip-ping:clip"]) == 2  # unknown settings are refused
