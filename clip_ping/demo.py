@@ -5,10 +5,11 @@ steps, student and seeds) -> eval -> report, whose index.html links the
 neighbour page (`neighbors show`) written beside it. Each stage is skipped when
 its output is already complete, so an interrupted demo picks up where it stopped.
 
-With ``--jobs 2`` (the default on 2+ cores) the work runs as two processes with
-half the cores each: the CLIP runs need no banks, so they train while the
-teachers extract; the CLIP-PING runs start when the neighbours are there. Small
-models use two single-threaded processes better than one two-threaded one.
+With ``--jobs 2`` the work runs as two processes with half the cores each: the
+CLIP runs need no banks, so they train while the teachers extract; the CLIP-PING
+runs start when the neighbours are there. On a 2-core CPU this was measured
+slower than one stage after another (BENCHMARKS.md, "The demo side by side"),
+so the default is 1; it is there for machines with more cores.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ class DemoConfig(Config):
     data_seed: int = option(0, "seed of the built-in data set")
     seeds: list[int] = option([0, 1], "training seeds; every seed trains both methods")
     neighbor_k: int = option(10, "neighbours kept per sample")
-    jobs: int = option(0, "processes working side by side, each with its share of the cores "
-                          "(0: 2 on machines with 2 or more cores, else 1; 1: one stage after another)")
+    jobs: int = option(1, "processes working side by side, each with its share of the cores "
+                          "(1: one stage after another; 2: CLIP trains while the teachers extract)")
     # passed on to every training run: help and defaults are TrainConfig's, but for the demo's length and
     # precision (bf16 autocast is ~3x faster than fp32 on CPUs with AMX)
     model: str = borrow(TrainConfig, "model")
@@ -57,8 +58,8 @@ class DemoConfig(Config):
     progress: bool = borrow(TrainConfig, "progress")
 
     def validate(self) -> None:
-        if self.jobs < 0:
-            raise ConfigError("config key 'jobs' must be 0 (automatic) or more")
+        if self.jobs < 1:
+            raise ConfigError("config key 'jobs' must be 1 or more")
 
 
 TRAIN_OPTIONS = ("model", "epochs", "batch_size", "lr", "lambda_nn", "lambda_xnn", "precision", "workers", "progress")
@@ -70,10 +71,6 @@ def _timed(timings: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
     timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t0, 2)
     log.info("demo: %s done in %.1f s", name, time.perf_counter() - t0)
     return result
-
-
-def _jobs(cfg: DemoConfig) -> int:
-    return cfg.jobs or (2 if (os.cpu_count() or 1) >= 2 else 1)
 
 
 def _prepare_banks(data_dir: Path, bank_dir: Path, cfg: DemoConfig, progress: bool) -> dict[str, float]:
@@ -125,7 +122,7 @@ def run_demo(cfg: DemoConfig) -> None:
     data_dir, bank_dir = out / "data", out / "data" / "banks"
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
-    jobs = _jobs(cfg)
+    jobs = cfg.jobs
 
     synth_cfg = SynthConfig(out=str(data_dir), seed=cfg.data_seed, n_train=cfg.n_train, n_val=cfg.n_val,
                             n_test=cfg.n_test, image_size=cfg.image_size)

@@ -312,4 +312,4 @@ def test_demo_side_by_side_starts_clip_ping_only_when_the_banks_are_there(monkey
     assert timings == {"extract": 2.0, "neighbors": 0.5, "train clip": 2.0, "eval clip": 0.5,
                        "train clip-ping": 2.0, "eval clip-ping": 0.5}
     with pytest.raises(ConfigError, match="jobs"):
-        demo_mod.DemoConfig(jobs=-1)
+        demo_mod.DemoConfig(jobs=0)
