@@ -180,8 +180,9 @@ def main() -> None:
             for nprobe in args.nprobe:
                 r = run_stage(args, "approx", ["--stage-method", method, "--stage-nprobe", nprobe])
                 res["approx"].append(r)
-                print(f"{method} nlist {r['nlist']} nprobe {r['nprobe']}: index {r['index_s']:.0f} s, search {r['search_s']:.0f} s "
-                  f"for {r['queries_searched']:,} rows -> self-join {r['self_join_s']:.0f} s"
+                print(f"{method} nlist {r['nlist']} nprobe {r['nprobe']}: index {r['index_s']:.0f} s, "
+                      f"search {r['search_s']:.0f} s for {r['queries_searched']:,} rows -> self-join "
+                      f"{r['self_join_s']:.0f} s"
                       f"{' (projected)' if r['self_join_projected'] else ''}; recall@1 {r['recall_at_1']:.4f}, "
                       f"recall@{args.k} {r[f'recall_at_{args.k}']:.4f}; peak RSS {r['peak_rss_gib']} GiB", flush=True)
         if args.extract_rows:
