@@ -35,13 +35,20 @@ Profiles are in ``benchmarks/quality_profiles.yaml``. The quick and full
 profiles share their training options, so ``full`` reuses the clip and
 clip-ping runs of ``quick`` in the same ``--out``. A run folder trained with
 other options is refused, never silently reused.
+
+Several invocations may share one ``--out`` (one per core, say, each with its
+own ``--tag``): the preparation holds a lock the others wait for, and each run
+is taken by one invocation only (a lock per run, released by the system if
+its holder dies); the others skip it and move on.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime as _dt
+import fcntl
 import json
 import os
 import platform
@@ -51,6 +58,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -496,20 +504,53 @@ def check_run_folder(run: dict[str, Any]) -> None:
                          "use another --out, or delete that folder to retrain it")
 
 
-def train_and_evaluate(prof: dict[str, Any], plan: dict[str, Any], state_dir: Path) -> None:
+@contextlib.contextmanager
+def exclusive(path: Path, *, wait: bool) -> Iterator[bool]:
+    """Hold an advisory lock on ``path`` for the block; yields False at once (``wait=False``) when
+    another process holds it. The system releases it when its holder exits, even by kill -9."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _evaluated(run: dict[str, Any]) -> bool:
+    run_dir = Path(run["run_dir"])
+    return (run_dir / "eval.json").is_file() and (run_dir / "eval_val.json").is_file()
+
+
+def train_and_evaluate(prof: dict[str, Any], plan: dict[str, Any], state_dir: Path) -> list[str]:
+    """Train and evaluate every run not evaluated yet; returns the names of the runs another
+    invocation was running (left to it)."""
     for run in plan["runs"]:  # refuse mismatched folders before spending any time
         check_run_folder(run)
-    todo = [r for r in plan["runs"]
-            if not ((Path(r["run_dir"]) / "eval.json").is_file() and (Path(r["run_dir"]) / "eval_val.json").is_file())]
+    todo = [r for r in plan["runs"] if not _evaluated(r)]
     print(f"[quality] {len(plan['runs']) - len(todo)} runs evaluated already (skipped), {len(todo)} to do", flush=True)
-    t0 = time.perf_counter()
+    t0, ran, elsewhere = time.perf_counter(), 0, []
     for i, run in enumerate(todo, 1):
-        run_dir = Path(run["run_dir"])
-        run_stage("run", {"train": run["train"], "eval": prof["eval"], "progress": sys.stderr.isatty()},
-                  f"run-{run_dir.name}", state_dir)
-        per_run = (time.perf_counter() - t0) / i
+        name = Path(run["run_dir"]).name
+        with exclusive(state_dir / f"run-{name}.lock", wait=False) as mine:
+            if not mine:
+                print(f"[quality] run-{name}: another invocation is running it; skipped", flush=True)
+                elsewhere.append(name)
+                continue
+            if _evaluated(run):  # finished by another invocation since the list was made
+                print(f"[quality] run-{name}: evaluated by another invocation; skipped", flush=True)
+                continue
+            run_stage("run", {"train": run["train"], "eval": prof["eval"], "progress": sys.stderr.isatty()},
+                      f"run-{name}", state_dir)
+        ran += 1
+        per_run = (time.perf_counter() - t0) / ran
         print(f"[quality] {i}/{len(todo)} runs done; about {per_run * (len(todo) - i) / 60:.0f} min left "
               f"at {per_run:.0f} s per run", flush=True)
+    return elsewhere
 
 
 # --------------------------------------------------------------------------- metrics and aggregation
@@ -877,10 +918,17 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"[quality] profile {prof['name']}, data {prof['data_name']}: {len(plan['runs'])} runs "
               f"({len(prof['settings'])} settings x {len(prof['seeds'])} seeds) into {out}", flush=True)
-        records = prepare(prof, plan, state_dir)
+        with exclusive(state_dir / "prepare.lock", wait=False) as first:
+            if not first:
+                print("[quality] another invocation is preparing the data, banks or neighbours; waiting", flush=True)
+        with exclusive(state_dir / "prepare.lock", wait=True):
+            records = prepare(prof, plan, state_dir)
         t_train = time.perf_counter()
-        train_and_evaluate(prof, plan, state_dir)
+        elsewhere = train_and_evaluate(prof, plan, state_dir)
         train_wall = time.perf_counter() - t_train
+        if elsewhere:
+            print(f"[quality] {len(elsewhere)} runs were left to another invocation ({', '.join(elsewhere)}); "
+                  "the results below lack them until this command runs again after it", flush=True)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

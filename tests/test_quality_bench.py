@@ -248,3 +248,49 @@ def test_quality_pairs_gives_seed_paired_deltas_between_any_two_settings(tmp_pat
     row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| clip-ping-dup-mask")][0]
     assert row.split(" | ")[2:4] == ["3", "+1.67 ± 1.53"]  # differences 2, 3, 0
     assert pairs.main([str(path), "clip-ping:clip"]) == 2  # unknown settings are refused
+
+
+def test_two_invocations_share_an_out_folder_without_running_a_run_twice(quality, tmp_path, monkeypatch):
+    prof = quality.resolve_profile("tiny", "synth", settings=["clip"], seeds=[0, 1, 2])
+    plan = quality.make_plan(prof, tmp_path)
+    state_dir = tmp_path / "stages"
+    ran = []
+
+    def fake_run_stage(stage, payload, tag, state):
+        ran.append(tag)
+        other = Path(plan["runs"][2]["run_dir"])  # meanwhile, "another invocation" finishes seed 2
+        other.mkdir(parents=True, exist_ok=True)
+        for name in ("eval.json", "eval_val.json"):
+            (other / name).write_text("{}")
+        return {}
+
+    monkeypatch.setattr(quality, "run_stage", fake_run_stage)
+    with quality.exclusive(state_dir / "run-clip-seed0.lock", wait=False) as held:  # "another invocation" runs seed 0
+        assert held
+        elsewhere = quality.train_and_evaluate(prof, plan, state_dir)
+    assert ran == ["run-clip-seed1"] and elsewhere == ["clip-seed0"]
+    with quality.exclusive(state_dir / "run-clip-seed0.lock", wait=False) as free:  # released with its block
+        assert free
+
+
+def test_a_run_lock_is_released_when_its_holder_is_killed(quality, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    lock = tmp_path / "run-x.lock"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time\n"
+        f"h = open({str(lock)!r}, 'a'); fcntl.flock(h, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with quality.exclusive(lock, wait=False) as mine:
+            assert not mine
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=10)
+        with quality.exclusive(lock, wait=False) as mine:
+            assert mine
+    finally:
+        holder.kill()
+        holder.stdout.close()
