@@ -10,6 +10,10 @@ do not measure the same thing: another profile, data set, student, training
 settings, teachers or evaluation, a run whose training config differs (paths
 aside), or the same (setting, seed) twice. The inputs, with their commands,
 dates and load averages, are listed in the output.
+
+``--settings`` keeps only those settings of every file (CLIP among them), so a
+setting too slow to run beside the others (A-CLIP-PING) can be pooled from
+files that ran it with different companions.
 """
 
 from __future__ import annotations
@@ -40,9 +44,24 @@ class CombineError(Exception):
     pass
 
 
-def combine(docs: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
-    """One result document from ``docs`` (quality.py JSON), recomputing every aggregate over all seeds."""
+def restrict(doc: dict[str, Any], settings: list[str], name: str) -> dict[str, Any]:
+    """``doc`` with only the runs and profile entries of ``settings`` (each must be in it)."""
+    missing = [s for s in settings if s not in doc["profile"]["settings"]]
+    if missing:
+        raise CombineError(f"{name} has no setting {', '.join(missing)} (it has {', '.join(doc['profile']['settings'])})")
+    specs = {k: v for k, v in doc["profile"]["setting_specs"].items() if k in settings}
+    return {**doc, "profile": {**doc["profile"], "settings": list(settings), "setting_specs": specs},
+            "results": [r for r in doc["results"] if r["setting"] in settings]}
+
+
+def combine(docs: list[dict[str, Any]], names: list[str], settings: list[str] | None = None) -> dict[str, Any]:
+    """One result document from ``docs`` (quality.py JSON), recomputing every aggregate over all seeds;
+    with ``settings``, over those settings only."""
     quality = _quality()
+    if settings is not None:
+        if quality.BASELINE not in settings:
+            raise CombineError(f"--settings must include the baseline '{quality.BASELINE}'")
+        docs = [restrict(doc, settings, name) for doc, name in zip(docs, names)]
     first = docs[0]
     for doc, name in zip(docs[1:], names[1:]):
         for key in PROFILE_KEYS:
@@ -98,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="+", type=Path, help="quality.py result JSON files (two or more)")
     parser.add_argument("--tag", required=True, help="suffix of the combined files: quality_<profile>_<data>_<tag>")
+    parser.add_argument("--settings", nargs="+", default=None,
+                        help="keep only these settings of every file (clip among them); default: all, equal in every file")
     parser.add_argument("--results", type=Path, default=BENCH / "results", help="folder to write them into")
     args = parser.parse_args(argv)
     if len(args.files) < 2:
@@ -109,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                 docs.append(json.loads(path.read_text()))
             except (OSError, json.JSONDecodeError) as exc:
                 raise CombineError(f"cannot read {path}: {exc}") from None
-        doc = combine(docs, [str(p) for p in args.files])
+        doc = combine(docs, [str(p) for p in args.files], args.settings)
     except CombineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

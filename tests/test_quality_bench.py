@@ -194,6 +194,26 @@ def test_combine_seeds_from_separate_files(quality):
         combine.combine([a, other], ["a.json", "e.json"])
 
 
+def test_combine_keeps_only_the_settings_asked_for(quality):
+    """A slow setting run with other companions at each seed is pooled over the settings every file holds."""
+    combine = load_benchmark_script("quality_combine")
+    boosts = {"clip": {0: 0.0, 1: 1.0}, "clip-ping": {0: 2.0, 1: 1.5}}
+    a, b = _doc(quality, [0], boosts), _doc(quality, [1], boosts)
+    b = combine.restrict(b, ["clip", "clip-ping"], "b.json")
+    a["profile"]["settings"] = a["profile"]["settings"] + ["slip"]  # a ran one more setting than b
+    a["profile"]["setting_specs"] = {**a["profile"]["setting_specs"], "slip": {"method": "slip"}}
+    with pytest.raises(combine.CombineError, match="profile key 'settings'"):
+        combine.combine([a, b], ["a.json", "b.json"])
+    doc = combine.combine([a, b], ["a.json", "b.json"], settings=["clip", "clip-ping"])
+    assert doc["profile"]["settings"] == ["clip", "clip-ping"] and doc["profile"]["seeds"] == [0, 1]
+    delta = doc["aggregate"]["test"]["settings"]["clip-ping"]["metrics"]["t2i/R@1"]["delta_vs_clip"]
+    assert delta["n"] == 2 and delta["mean"] == pytest.approx(1.25)
+    with pytest.raises(combine.CombineError, match="b.json has no setting slip"):
+        combine.combine([a, b], ["a.json", "b.json"], settings=["clip", "slip"])
+    with pytest.raises(combine.CombineError, match="must include the baseline"):
+        combine.combine([a, b], ["a.json", "b.json"], settings=["clip-ping"])
+
+
 def test_approximate_neighbour_setting_gets_its_own_table_over_the_same_bank(quality, tmp_path):
     prof = quality.resolve_profile("approx-neighbors", "openclipart")
     assert prof["settings"] == ["clip", "clip-ping", "clip-ping-ivf-nprobe4"]

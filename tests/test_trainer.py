@@ -287,3 +287,19 @@ def test_one_run_loader_continues_epoch_after_epoch_with_steps_tagged():
         assert indices == list(EpochBatchSampler(40, 8, seed=1, epoch=epoch))[b]
         assert {e for _, e, _ in batch} == {epoch}
     assert [batch[0][2] for batch in run] == list(range(13, 20))
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_without_native_arithmetic_is_warned_and_auto_picks_fp32(tiny_synth, tmp_path, monkeypatch, caplog,
+                                                                       native):
+    """bf16 on a CPU that emulates it is many times slower: the trainer says so, and the demo's auto avoids it."""
+    from clip_ping import distributed
+    from clip_ping.demo import train_precision
+
+    monkeypatch.setattr(distributed, "native_bf16", lambda device: native)
+    with caplog.at_level("WARNING", logger="clip_ping.trainer"):
+        Trainer(_cfg(tiny_synth, tmp_path / "run", precision="bf16", steps=1))
+    warned = [r for r in caplog.records if "no native bf16" in r.getMessage()]
+    assert len(warned) == (0 if native else 1)
+    assert train_precision("auto", "cpu") == ("bf16" if native else "fp32")
+    assert train_precision("fp32", "cpu") == "fp32" and train_precision("bf16", "cpu") == "bf16"

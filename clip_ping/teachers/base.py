@@ -9,6 +9,7 @@ from typing import Any, Callable, ContextManager, Iterator, TypeVar, cast
 import torch
 from PIL import Image
 
+from ..distributed import native_bf16  # noqa: F401  (re-exported: teachers and banks ask it)
 from ..errors import ClipPingError, ConfigError, DataError
 
 _T = TypeVar("_T")
@@ -17,16 +18,6 @@ _T = TypeVar("_T")
 # where the hardware computes in it (GPUs; CPUs with AVX-512 BF16 or AMX); on an AVX2-only CPU
 # oneDNN emulates it and a bf16 matmul is ~25x slower than fp32 (BENCHMARKS.md).
 PRECISIONS = ("fp32", "bf16")
-
-
-def native_bf16(device: str | torch.device) -> bool:
-    """Whether ``device`` computes in bf16 natively (so bf16 teachers are faster than fp32, not slower)."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    if dev.type == "cpu":
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return False
 
 
 def autocast(device: str | torch.device, precision: str) -> ContextManager[Any]:
