@@ -1,7 +1,7 @@
 """Guidance heads: carry frozen teacher features into the student's space.
 
 ``h_A: R^{d_a} -> R^d`` (image teacher) and ``h_B: R^{d_b} -> R^d`` (text
-teacher), linear by default or a small MLP (METHOD.md [choice]); outputs are
+teacher), a small MLP by default (TrainConfig.head) or linear (METHOD.md [choice]); outputs are
 L2-normalised. With ``scale_mode="per_term"`` the NN and XNN terms get their
 own learnable logit scales, kept here so the student model stays a plain
 open_clip model.

@@ -58,7 +58,8 @@ class TrainConfig(Config):
                                        "none: the paper's, see docs/METHOD.md)")
     peer_temperature: float | None = option(None, "temperature of slip's SimCLR term and of relational's similarity "
                                             "distributions (none: 0.1)")
-    head: str = option("linear", "teacher-to-student heads h_A, h_B", choices=("linear", "mlp"))
+    head: str = option("mlp", "teacher-to-student heads h_A, h_B: mlp (chosen on the val split, BENCHMARKS.md) or linear",
+                       choices=("linear", "mlp"))
     logit_scales: str = option("shared", "one logit scale for all terms, or one per term", choices=("shared", "per_term"))
     duplicate_captions: str = option("none", "rows of a batch with identical captions, in the CLIP term of every method: "
                                      "none (negatives of each other, as in CLIP), mask (not negatives), "

@@ -290,5 +290,5 @@ def test_resuming_with_other_heads_names_the_setting_that_differs(tiny_banked, t
     run = tmp_path / "run"
     common = ["--data", tiny_banked, "--out", run, "--method", "clip-ping"]
     assert _run(capsys, *TRAIN, *common)[0] == 0
-    code, _, err = _run(capsys, *TRAIN, *common, "--resume", "latest", "--head", "mlp", "--steps", "3")
-    assert code == 2 and "--head linear -> mlp" in _one_clear_line(err)
+    code, _, err = _run(capsys, *TRAIN, *common, "--resume", "latest", "--head", "linear", "--steps", "3")
+    assert code == 2 and "--head mlp -> linear" in _one_clear_line(err)
