@@ -55,8 +55,10 @@ import platform
 import resource
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -365,15 +367,46 @@ def stage_worker(spec_path: str) -> int:
 # --------------------------------------------------------------------------- parent: stages in subprocesses
 
 
+def run_forwarding_stop_signals(argv: list[str]) -> tuple[int, str | None]:
+    """Run ``argv`` and wait for it, passing SIGTERM and SIGINT on to it.
+
+    Without this, ``kill`` of an invocation ended it at once and left its stage
+    worker training, no longer under the invocation's run lock, so a second
+    invocation could start the same run in the same folder. The trainer stops
+    at the next step boundary with a checkpoint; the invocation waits for that.
+    Returns the worker's exit code and the name of the signal that stopped it, if any.
+    """
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        return subprocess.run(argv).returncode, None
+    proc = subprocess.Popen(argv)
+    received: list[str] = []
+
+    def forward(signum: int, _frame: Any) -> None:
+        received.append(signal.Signals(signum).name)
+        proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        returncode = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return returncode, (received[0] if received else None)
+
+
 def run_stage(stage: str, payload: dict[str, Any], tag: str, state_dir: Path) -> dict[str, Any]:
     state_dir.mkdir(parents=True, exist_ok=True)
     spec_path, result_path = state_dir / f"{tag}.spec.json", state_dir / f"{tag}.result.json"
     result_path.unlink(missing_ok=True)
     spec_path.write_text(json.dumps({"stage": stage, "payload": payload, "result": str(result_path)}, indent=2))
     print(f"[quality] {tag}: running", flush=True)
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--stage-worker", str(spec_path)])
-    if proc.returncode != 0 or not result_path.is_file():
-        raise BenchError(f"stage {tag} failed (exit code {proc.returncode}); see the output above. "
+    returncode, stopped_by = run_forwarding_stop_signals(
+        [sys.executable, str(Path(__file__).resolve()), "--stage-worker", str(spec_path)])
+    if stopped_by is not None:
+        raise BenchError(f"stopped by {stopped_by} during stage {tag} (its worker stopped too); run the same command "
+                         "again to go on: a training resumes from its last checkpoint")
+    if returncode != 0 or not result_path.is_file():
+        raise BenchError(f"stage {tag} failed (exit code {returncode}); see the output above. "
                          "Fix it and run the same command again: finished work is kept")
     result = json.loads(result_path.read_text())
     print(f"[quality] {tag}: done in {result['seconds']:.1f} s, peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)

@@ -5,6 +5,10 @@ is `python benchmarks/quality.py --profile tiny --data synth` (a few minutes).
 """
 
 import json
+import os
+import signal
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -314,3 +318,37 @@ def test_a_run_lock_is_released_when_its_holder_is_killed(quality, tmp_path):
     finally:
         holder.kill()
         holder.stdout.close()
+
+
+def test_stopping_an_invocation_stops_its_stage_worker_and_waits_for_it(quality, tmp_path):
+    """kill of quality.py reaches the worker (which stops cleanly) instead of leaving it running, unlocked."""
+    ready, log = tmp_path / "ready", tmp_path / "worker.log"
+    worker = (
+        "import signal, sys, time, pathlib\n"
+        f"log = pathlib.Path({str(log)!r})\n"
+        "def stop(signum, frame):\n"
+        "    time.sleep(0.3)  # a step finishing and its checkpoint being written\n"
+        "    log.write_text('stopped by ' + signal.Signals(signum).name)\n"
+        "    sys.exit(3)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        f"pathlib.Path({str(ready)!r}).touch()\n"
+        "time.sleep(60)\n"
+        "log.write_text('never stopped')\n"
+    )
+
+    def kill_when_ready():
+        for _ in range(200):
+            if ready.exists():
+                break
+            threading.Event().wait(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    killer = threading.Thread(target=kill_when_ready)
+    killer.start()
+    returncode, stopped_by = quality.run_forwarding_stop_signals([sys.executable, "-c", worker])
+    killer.join()
+    assert stopped_by == "SIGTERM" and returncode == 3
+    assert log.read_text() == "stopped by SIGTERM"  # the worker finished its stop before the invocation went on
+    assert signal.getsignal(signal.SIGTERM) is before  # this process's own handler is back
+    assert quality.run_forwarding_stop_signals([sys.executable, "-c", "pass"]) == (0, None)
