@@ -69,7 +69,7 @@ from .bank_writer import extract_chunks
 from .config import option
 from .data.pairs import data_fingerprint
 from .data.table import PairSource, open_table
-from .distributed import init_from_env, resolve_device
+from .distributed import init_from_env, resolve_device, warn_if_bf16_is_emulated
 from .errors import ConfigError, DataError
 from .io import atomic_save_npy, atomic_write_json
 from .teachers import (
@@ -81,7 +81,6 @@ from .teachers import (
     image_teacher_factory,
     load_image_teacher,
     load_text_teacher,
-    native_bf16,
     running_in,
     text_teacher_factory,
     transform_at_size,
@@ -226,9 +225,7 @@ def _extract(
 
     run = _on_rank0(rank, world, lambda: _start_or_resume(out, cfg, table, identity, image_teacher, text_teacher, state))
     mine = run["pending"][rank::world]
-    if cfg.precision == "bf16" and not native_bf16(cfg.device):
-        log.warning("precision bf16 on %s, which has no native bf16 arithmetic: the teachers run many times slower "
-                    "than in fp32 (see BENCHMARKS.md)", cfg.device)
+    warn_if_bf16_is_emulated(cfg.precision, cfg.device, log, "the teachers run")
     size = cfg.teacher_image_size
     transform = image_teacher.transform if size is None else transform_at_size(image_teacher, size)
     with running_in(cfg.precision, image_teacher, text_teacher):  # teachers handed in get their own back after

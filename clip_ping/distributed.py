@@ -8,6 +8,7 @@ built on the device that backend expects.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -41,6 +42,13 @@ def native_bf16(device: str | torch.device) -> bool:
     if dev.type == "cpu":
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     return False
+
+
+def warn_if_bf16_is_emulated(precision: str, device: str | torch.device, log: logging.Logger, what: str) -> None:
+    """One warning, where bf16 is asked for on a device that would emulate it (``what`` runs many times slower)."""
+    if precision == "bf16" and not native_bf16(device):
+        log.warning("precision bf16 on %s, which has no native bf16 arithmetic: %s many times slower than in fp32 "
+                    "(see BENCHMARKS.md; try --precision fp32)", device, what)
 
 
 def resolve_device(name: str) -> torch.device:

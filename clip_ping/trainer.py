@@ -98,9 +98,7 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.device = dist_utils.resolve_device(cfg.device)
         self.rank, self.world = dist_utils.init_from_env(self.device)
-        if cfg.precision == "bf16" and not dist_utils.native_bf16(self.device):
-            log.warning("precision bf16 on %s, which has no native bf16 arithmetic: training runs many times slower "
-                        "than in fp32 (try --precision fp32)", self.device)
+        dist_utils.warn_if_bf16_is_emulated(cfg.precision, self.device, log, "training runs")
         if cfg.batch_size % self.world:
             raise ConfigError(f"config key 'batch_size': {cfg.batch_size} does not split over {self.world} processes")
         self.run_dir = Path(cfg.out)

