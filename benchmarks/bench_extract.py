@@ -2,6 +2,7 @@
 
     python benchmarks/bench_extract.py                                  # fp32 vs bf16, 512 built-in rows, 3 rounds
     python benchmarks/bench_extract.py --variants fp32 bf16 bf16-64px --rounds 5
+    python benchmarks/bench_extract.py --variants fp32 fp32-compiled --rows 2048   # torch.compile, cold each round
     python benchmarks/bench_extract.py --teachers                       # forward passes alone, per precision
     python benchmarks/bench_extract.py --agreement --rows 4000          # top-1 neighbours: bf16 banks vs fp32
     python benchmarks/bench_extract.py --agreement --agreement-variants fp32-112px fp32-64px --rows 4000
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import shutil
 import sys
 import tempfile
@@ -50,9 +52,12 @@ from clip_ping.data.csv_reader import read_pairs
 from clip_ping.data.images import load_image
 from clip_ping.teachers import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER, load_image_teacher, load_text_teacher  # noqa: E402
 
-# name -> ExtractConfig settings. "fp32" is extraction as it was before the precision option.
+# name -> ExtractConfig settings. "fp32" is extraction as it was before the precision and compile options;
+# every variant runs the teachers uncompiled (BASE_SETTINGS) unless it says otherwise.
+BASE_SETTINGS: dict[str, Any] = {"compile": "off"}
 VARIANTS: dict[str, dict[str, Any]] = {
     "fp32": {"precision": "fp32"},
+    "fp32-compiled": {"precision": "fp32", "compile": "on"},
     "bf16": {"precision": "bf16"},
     "bf16-w0": {"precision": "bf16", "workers": 0},
     "bf16-w1": {"precision": "bf16", "workers": 1},
@@ -89,15 +94,38 @@ def make_data(root: Path, data: str | None, rows: int) -> Path:
     return out
 
 
+class Teachers:
+    """The default teachers, loaded once (load time is not extraction time). A variant that compiles the image
+    teacher gets a fresh one each time and a new, empty inductor cache, so every round pays the compile a
+    first extraction on a new machine pays."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.made = root, 0
+        self.image, self.text = load_image_teacher(DEFAULT_IMAGE_TEACHER), load_text_teacher(DEFAULT_TEXT_TEACHER)
+
+    def for_variant(self, name: str) -> tuple[Any, Any]:
+        if settings_of(name).get("compile") == "off":
+            return self.image, self.text
+        self.made += 1
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.root / f"inductor_cache_{self.made}")
+        torch._dynamo.reset()
+        return load_image_teacher(DEFAULT_IMAGE_TEACHER), self.text
+
+
+def settings_of(name: str) -> dict[str, Any]:
+    return {**BASE_SETTINGS, **VARIANTS[name]}
+
+
 def bench_speed(csv_path: Path, root: Path, names: list[str], rounds: int, base: dict[str, Any]) -> dict[str, Any]:
-    image_teacher, text_teacher = load_image_teacher(DEFAULT_IMAGE_TEACHER), load_text_teacher(DEFAULT_TEXT_TEACHER)
+    teachers = Teachers(root)
     n_rows = len(read_pairs(csv_path))
 
     def run(name: str):
         def go(round_: int) -> None:
             out = root / f"bank_{name}"
             shutil.rmtree(out, ignore_errors=True)
-            cfg = ExtractConfig(data=str(csv_path), out=str(out), progress=False, **{**base, **VARIANTS[name]})
+            cfg = ExtractConfig(data=str(csv_path), out=str(out), progress=False, **{**base, **settings_of(name)})
+            image_teacher, text_teacher = teachers.for_variant(name)
             extract_banks(cfg, image_teacher=image_teacher, text_teacher=text_teacher)
             shutil.rmtree(out, ignore_errors=True)
         return go
@@ -111,7 +139,7 @@ def bench_speed(csv_path: Path, root: Path, names: list[str], rounds: int, base:
         ratios = [a / b for a, b in zip(seconds[names[0]], seconds[name])]  # per round: paired
         s["speedup_vs_first_per_round"] = [round(r, 2) for r in ratios]
         s["speedup_vs_first_median"] = round(float(np.median(ratios)), 2)
-        result["variants"][name] = {"settings": VARIANTS[name], "seconds": [round(x, 2) for x in seconds[name]], **s}
+        result["variants"][name] = {"settings": settings_of(name), "seconds": [round(x, 2) for x in seconds[name]], **s}
         table.append([name, s["rows_per_s_median"], f"{s['rows_per_s_min']:.1f}-{s['rows_per_s_max']:.1f}",
                       s["speedup_vs_first_median"], " ".join(f"{r:.2f}" for r in ratios)])
     print_table(table, ["variant", "rows/s median", "rows/s min-max", f"x {names[0]} (median)", "x per round"],
@@ -171,12 +199,13 @@ def bench_teachers(csv_path: Path, rounds: int, batch_size: int) -> dict[str, An
 def bench_agreement(csv_path: Path, root: Path, base: dict[str, Any], others: list[str]) -> dict[str, Any]:
     from clip_ping.knn import NeighborsConfig, build_neighbors, load_neighbors
 
-    image_teacher, text_teacher = load_image_teacher(DEFAULT_IMAGE_TEACHER), load_text_teacher(DEFAULT_TEXT_TEACHER)
+    teachers = Teachers(root)
     tables, seconds = {}, {}
     for name in ("fp32", *others):
         out = root / f"agree_{name}"
         t0 = time.perf_counter()
-        extract_banks(ExtractConfig(data=str(csv_path), out=str(out), progress=False, **{**base, **VARIANTS[name]}),
+        image_teacher, text_teacher = teachers.for_variant(name)
+        extract_banks(ExtractConfig(data=str(csv_path), out=str(out), progress=False, **{**base, **settings_of(name)}),
                       image_teacher=image_teacher, text_teacher=text_teacher)
         seconds[name] = round(time.perf_counter() - t0, 1)
         build_neighbors(NeighborsConfig(banks=str(out), k=5, method="exact", progress=False))

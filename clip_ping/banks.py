@@ -85,6 +85,7 @@ from .teachers import (
     text_teacher_factory,
     transform_at_size,
 )
+from .teachers.base import COMPILE_SETTINGS, compile_wanted
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,9 @@ class ExtractConfig:
     teacher_image_size: int | None = option(None, "side in pixels the image teacher sees (default: its own, e.g. 224 "
                                             "for EfficientNet-Lite0); smaller is faster for small images (the "
                                             "built-in data is 64 px). Part of the bank's identity")
+    compile: str = option("auto", "torch.compile the image teacher (auto: on a CPU with a C++ compiler, for 2,048 "
+                          "images or more: ~2x faster after a ~30 s compile; features match the uncompiled "
+                          "teacher's to ~1e-5, so not part of the bank's identity)", choices=COMPILE_SETTINGS)
     workers: int = option(2, "DataLoader processes decoding and preprocessing images while the teachers run "
                           "(0: in the main process)")
     device: str = option("auto", "device of the teachers: auto (this process's GPU under torchrun, else the CPU), cpu, cuda, cuda:N")
@@ -225,6 +229,10 @@ def _extract(
 
     run = _on_rank0(rank, world, lambda: _start_or_resume(out, cfg, table, identity, image_teacher, text_teacher, state))
     mine = run["pending"][rank::world]
+    n_mine = sum(min(run["chunk_size"], len(table) - c * run["chunk_size"]) for c in mine)
+    if compile_wanted(cfg.compile, cfg.device, n_mine):
+        log.info("compiling the image teacher (torch.compile, %d rows a call)", run["batch_size"])
+        image_teacher.compile(run["batch_size"])
     warn_if_bf16_is_emulated(cfg.precision, cfg.device, log, "the teachers run")
     size = cfg.teacher_image_size
     transform = image_teacher.transform if size is None else transform_at_size(image_teacher, size)

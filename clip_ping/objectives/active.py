@@ -40,11 +40,12 @@ import torch.nn.functional as F
 
 from ..bank_format import identity_of
 from ..banks import FeatureBanks, open_banks
-from ..distributed import gather_rows, own_rows
+from ..distributed import gather_rows, own_rows, rank_and_world
 from ..errors import ConfigError
 from ..heads import NeighborGuidance
 from ..knn import NeighborQueue
 from ..teachers import ImageTeacher, TextTeacher, load_image_teacher, load_text_teacher
+from ..teachers.base import compile_wanted
 from .base import ObjectiveSetup, StepContext
 from .clip_ping import ClipPingObjective, make_heads
 from .sources import DatasetNeighbors, PrefetchNeighborRows
@@ -148,6 +149,17 @@ def online_teacher_size(requested: int | None, banks: FeatureBanks) -> int | Non
     return requested
 
 
+def compile_online_teacher(image: ImageTeacher, cfg: Any, n_rows: int, device: torch.device) -> None:
+    """Compile the online image teacher for this run's calls (the local batch of views, once or twice a step)."""
+    _, world = rank_and_world()
+    rows = cfg.batch_size // world
+    steps = cfg.steps if cfg.steps is not None else cfg.epochs * (n_rows // cfg.batch_size)
+    calls_per_step = 2 if cfg.neighbor_source == "dataset" else 1
+    if compile_wanted(cfg.teacher_compile, device, rows * calls_per_step * steps):
+        log.info("a-clip-ping: compiling the online image teacher (torch.compile, %d rows a call)", rows)
+        image.compile(rows)
+
+
 class ActiveClipPingObjective(ClipPingObjective):
     name = "a-clip-ping"
 
@@ -179,6 +191,7 @@ class ActiveClipPingObjective(ClipPingObjective):
         if (teachers.image.dim, teachers.text.dim) != (banks.image_dim, banks.text_dim):
             raise ConfigError(f"the teachers named by bank {bank_dir} give {teachers.image.dim}/{teachers.text.dim}-d "
                               f"features, the bank holds {banks.image_dim}/{banks.text_dim}-d")
+        compile_online_teacher(teachers.image, cfg, len(setup.table), setup.device)
         heads = make_heads(setup, banks)  # the same heads as CLIP-PING's at this seed
         source: DatasetNeighbors | OnlineFeatureQueue
         preparer = None
