@@ -267,6 +267,7 @@ METHOD_SETTINGS: dict[str, dict[str, Any]] = {
     "clip-ping": {"method": "clip-ping"},
     "a-clip-ping": {"method": "a-clip-ping"},
     "a-clip-ping-queue": {"method": "a-clip-ping", "neighbor_source": "queue"},
+    "a-clip-ping-uncompiled": {"method": "a-clip-ping", "teacher_compile": "off"},  # the online teacher as before
     "xnn-other": {"method": "clip-ping", "xnn_pairing": "other"},
     "student-table": {"method": "clip-ping", "targets": "student_table"},
     "collisions-positives": {"method": "clip-ping", "collisions": "positives"},

@@ -56,7 +56,7 @@ COMMANDS = [
     Command(("report",), "clip_ping.report:ReportConfig", "clip_ping.report:report_from_config",
             "compare runs: markdown table, training curves, bar charts, index.html", needs=("report",)),
     Command(("demo",), "clip_ping.demo:DemoConfig", "clip_ping.demo:run_demo",
-            "the whole pipeline on the built-in data: CLIP vs CLIP-PING, with a report",
+            "the whole pipeline on the built-in data: CLIP vs CLIP-PING, with a report", "clip_ping.plan:plan_demo",
             needs=("teachers", "faiss-cpu", "probe", "report")),
 ]
 

@@ -110,6 +110,14 @@ def plan_config_only(cfg: Any) -> dict[str, Any]:
     return {"stage": type(cfg).__name__, "config": dataclasses.asdict(cfg)}
 
 
+def plan_demo(cfg: Any) -> dict[str, Any]:
+    """The demo's configuration, and the precision ``auto`` resolves to on this machine."""
+    from .demo import train_precision
+    from .train_config import TrainConfig
+
+    return {**plan_config_only(cfg), "training_precision": train_precision(cfg.precision, TrainConfig.device)}
+
+
 def student_cost_per_sample(model: torch.nn.Module, precision: str = "fp32") -> tuple[float, float]:
     """(FLOPs, activation bytes) of one forward and backward pass of one image-text pair.
 

@@ -303,3 +303,9 @@ def test_bf16_without_native_arithmetic_is_warned_and_auto_picks_fp32(tiny_synth
     assert len(warned) == (0 if native else 1)
     assert train_precision("auto", "cpu") == ("bf16" if native else "fp32")
     assert train_precision("fp32", "cpu") == "fp32" and train_precision("bf16", "cpu") == "bf16"
+    # the demo's --dry-run shows what auto resolves to on this machine
+    from clip_ping.demo import DemoConfig
+    from clip_ping.plan import plan_demo
+
+    assert plan_demo(DemoConfig())["training_precision"] == ("bf16" if native else "fp32")
+    assert plan_demo(DemoConfig(precision="fp32"))["training_precision"] == "fp32"
