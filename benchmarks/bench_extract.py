@@ -4,6 +4,7 @@
     python benchmarks/bench_extract.py --variants fp32 bf16 bf16-64px --rounds 5
     python benchmarks/bench_extract.py --variants fp32 fp32-compiled --rows 2048   # torch.compile, cold each round
     python benchmarks/bench_extract.py --teachers                       # forward passes alone, per precision
+    python benchmarks/bench_extract.py --teachers --teacher-precisions fp32 --compiled   # and the compiled image teacher
     python benchmarks/bench_extract.py --agreement --rows 4000          # top-1 neighbours: bf16 banks vs fp32
     python benchmarks/bench_extract.py --agreement --agreement-variants fp32-112px fp32-64px --rows 4000
     python benchmarks/bench_extract.py --agreement --data benchmarks/work/openclipart/train.csv --rows 0
@@ -155,8 +156,14 @@ def statistics_of(seconds: list[float], rows: int) -> dict[str, Any]:
             "rows_per_s_max": round(rows / s["min"], 1)}
 
 
-def bench_teachers(csv_path: Path, rounds: int, batch_size: int) -> dict[str, Any]:
-    image_teacher, text_teacher = load_image_teacher(DEFAULT_IMAGE_TEACHER), load_text_teacher(DEFAULT_TEXT_TEACHER)
+def bench_teachers(csv_path: Path, root: Path, rounds: int, batch_size: int, precisions: list[str],
+                   compiled: bool) -> dict[str, Any]:
+    """Each teacher's forward alone per precision; with ``compiled`` also the image teacher compiled (its
+    first call, in this process with an empty inductor cache, timed apart: that is the compile)."""
+    if "fp32" not in precisions:
+        raise SystemExit("--teacher-precisions must include fp32 (the reference of the ratios)")
+    teachers = Teachers(root)
+    image_teacher, text_teacher = teachers.image, teachers.text
     table = read_pairs(csv_path)
     n = min(len(table), 2 * batch_size)
     before = torch.get_num_threads()
@@ -176,11 +183,21 @@ def bench_teachers(csv_path: Path, rounds: int, batch_size: int) -> dict[str, An
         return go
 
     fns = {f"{kind} {p}": forward(t, p, x) for kind, t, x in (("image", image_teacher, images), ("text", text_teacher, captions))
-           for p in ("fp32", "bf16")}
+           for p in precisions}
+    first_call_s = None
+    if compiled:
+        fast, _ = teachers.for_variant("fp32-compiled")
+        fast.compile(batch_size)
+        t0 = time.perf_counter()
+        fast.encode(images[:batch_size])
+        first_call_s = round(time.perf_counter() - t0, 1)
+        print(f"image teacher compiled: first call (the compile, empty cache) {first_call_s} s", flush=True)
+        fns["image fp32 compiled"] = forward(fast, "fp32", images)
     seconds = interleaved(fns, repeats=rounds, warmup=1)
     counts = {"image": len(images), "text": len(captions)}
     result: dict[str, Any] = {"decode_transform_images_per_s_1thread": round(decode, 1),
-                              "input": list(images.shape[1:]), "batch_size": batch_size, "forward": {}}
+                              "input": list(images.shape[1:]), "batch_size": batch_size,
+                              "compiled_first_call_s": first_call_s, "forward": {}}
     rows = []
     for name, secs in seconds.items():
         kind = name.split()[0]
@@ -234,6 +251,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (unless a variant sets them)")
     parser.add_argument("--teachers", action="store_true", help="measure the forward passes alone instead")
+    parser.add_argument("--teacher-precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                        help="--teachers: the precisions of the forward passes")
+    parser.add_argument("--compiled", action="store_true", help="--teachers: also the image teacher compiled")
     parser.add_argument("--agreement", action="store_true", help="measure top-1 neighbour agreement instead")
     parser.add_argument("--agreement-variants", nargs="+", default=["bf16"], choices=sorted(VARIANTS),
                         help="the banks compared with fp32's by --agreement")
@@ -250,7 +270,8 @@ def main() -> None:
         csv_path = make_data(root, args.data, args.rows)
         source = args.data or "built-in synthetic data (64 px)"
         if args.teachers:
-            kind, result = "teachers", bench_teachers(csv_path, args.rounds, args.batch_size)
+            kind, result = "teachers", bench_teachers(csv_path, root, args.rounds, args.batch_size,
+                                                      args.teacher_precisions, args.compiled)
         elif args.agreement:
             kind, result = "agreement", bench_agreement(csv_path, root, base, args.agreement_variants)
         else:

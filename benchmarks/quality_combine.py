@@ -14,6 +14,13 @@ dates and load averages, are listed in the output.
 ``--settings`` keeps only those settings of every file (CLIP among them), so a
 setting too slow to run beside the others (A-CLIP-PING) can be pooled from
 files that ran it with different companions.
+
+``--assume KEY=VALUE`` fills a training key that a file does not name (in its
+profile's ``train`` and in each run's config) with VALUE: for a key that was
+made explicit after older files ran with it at its default then, e.g.
+``--assume head=linear`` for the methods profile's seeds before 2026-12-02. A
+file that names the key with another value is still refused. The assumption is
+recorded in the output's notes.
 """
 
 from __future__ import annotations
@@ -54,10 +61,33 @@ def restrict(doc: dict[str, Any], settings: list[str], name: str) -> dict[str, A
             "results": [r for r in doc["results"] if r["setting"] in settings]}
 
 
-def combine(docs: list[dict[str, Any]], names: list[str], settings: list[str] | None = None) -> dict[str, Any]:
+def assume(doc: dict[str, Any], assumed: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` with each key of ``assumed`` that its profile's train keys, or a run's config, do not name set."""
+    if not assumed:
+        return doc
+    train = {**assumed, **doc["profile"]["train"]}
+    runs = [{**run, "config": {**assumed, **run["config"]}} for run in doc["results"]]
+    return {**doc, "profile": {**doc["profile"], "train": train}, "results": runs}
+
+
+def parse_assumptions(items: list[str]) -> dict[str, Any]:
+    import yaml
+
+    assumed = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CombineError(f"--assume takes KEY=VALUE, got {item!r}")
+        assumed[key] = yaml.safe_load(value)
+    return assumed
+
+
+def combine(docs: list[dict[str, Any]], names: list[str], settings: list[str] | None = None,
+            assumed: dict[str, Any] | None = None) -> dict[str, Any]:
     """One result document from ``docs`` (quality.py JSON), recomputing every aggregate over all seeds;
-    with ``settings``, over those settings only."""
+    with ``settings``, over those settings only; ``assumed`` fills training keys a file does not name."""
     quality = _quality()
+    docs = [assume(doc, assumed or {}) for doc in docs]
     if settings is not None:
         if quality.BASELINE not in settings:
             raise CombineError(f"--settings must include the baseline '{quality.BASELINE}'")
@@ -101,7 +131,8 @@ def combine(docs: list[dict[str, Any]], names: list[str], settings: list[str] | 
                     "load_average_end": [s["machine"].get("load_average_end") for s in sources]},
         "notes": list(first.get("notes", [])) + [
             "combined from " + "; ".join(f"{s['file']} (seeds {s['seeds']}, {s['date']})" for s in sources)
-            + " with benchmarks/quality_combine.py; the load averages above are those of each source"],
+            + " with benchmarks/quality_combine.py; the load averages above are those of each source"] + (
+            [f"assumed for files that do not name them: {assumed}"] if assumed else []),
         "results": results,
         "aggregate": agg,
         "aggregate_vs_clip_ping": (quality.aggregate(results, settings, baseline=quality.SECOND_BASELINE)
@@ -119,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", required=True, help="suffix of the combined files: quality_<profile>_<data>_<tag>")
     parser.add_argument("--settings", nargs="+", default=None,
                         help="keep only these settings of every file (clip among them); default: all, equal in every file")
+    parser.add_argument("--assume", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="training keys a file does not name, taken as VALUE (e.g. head=linear)")
     parser.add_argument("--results", type=Path, default=BENCH / "results", help="folder to write them into")
     args = parser.parse_args(argv)
     if len(args.files) < 2:
@@ -130,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                 docs.append(json.loads(path.read_text()))
             except (OSError, json.JSONDecodeError) as exc:
                 raise CombineError(f"cannot read {path}: {exc}") from None
-        doc = combine(docs, [str(p) for p in args.files], args.settings)
+        doc = combine(docs, [str(p) for p in args.files], args.settings, parse_assumptions(args.assume))
     except CombineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -123,7 +123,7 @@ class ExtractConfig:
                                             "for EfficientNet-Lite0); smaller is faster for small images (the "
                                             "built-in data is 64 px). Part of the bank's identity")
     compile: str = option("auto", "torch.compile the image teacher (auto: on a CPU with a C++ compiler, for 2,048 "
-                          "images or more: ~2x faster after a ~30 s compile; features match the uncompiled "
+                          "images or more: a ~1.5x faster forward after a ~30 s compile; features match the uncompiled "
                           "teacher's to ~1e-5, so not part of the bank's identity)", choices=COMPILE_SETTINGS)
     workers: int = option(2, "DataLoader processes decoding and preprocessing images while the teachers run "
                           "(0: in the main process)")

@@ -218,6 +218,24 @@ def test_combine_keeps_only_the_settings_asked_for(quality):
         combine.combine([a, b], ["a.json", "b.json"], settings=["clip-ping"])
 
 
+def test_combine_fills_a_key_older_files_left_at_its_default_only_when_told(quality):
+    combine = load_benchmark_script("quality_combine")
+    boosts = {"clip": {0: 0.0, 1: 1.0}, "clip-ping": {0: 2.0, 1: 1.5}}
+    old, new = _doc(quality, [0], boosts), _doc(quality, [1], boosts)
+    new["profile"]["train"] = {**new["profile"]["train"], "head": "linear"}  # the profile made it explicit
+    for run in new["results"]:
+        run["config"]["head"] = "linear"
+    with pytest.raises(combine.CombineError, match="profile key 'train'"):
+        combine.combine([old, new], ["old.json", "new.json"])
+    doc = combine.combine([old, new], ["old.json", "new.json"], assumed=combine.parse_assumptions(["head=linear"]))
+    assert doc["profile"]["seeds"] == [0, 1] and "assumed for files that do not name them: {'head': 'linear'}" in doc["notes"]
+    # a file that names the key with another value is still another experiment
+    with pytest.raises(combine.CombineError, match="profile key 'train'"):
+        combine.combine([old, new], ["old.json", "new.json"], assumed={"head": "mlp"})
+    with pytest.raises(combine.CombineError, match="KEY=VALUE"):
+        combine.parse_assumptions(["head"])
+
+
 def test_approximate_neighbour_setting_gets_its_own_table_over_the_same_bank(quality, tmp_path):
     prof = quality.resolve_profile("approx-neighbors", "openclipart")
     assert prof["settings"] == ["clip", "clip-ping", "clip-ping-ivf-nprobe4"]

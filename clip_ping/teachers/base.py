@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "bf16")
 
 # torch.compile of the image teacher (inductor, weights frozen as constants): on a 2-core AVX2 CPU
-# EfficientNet-Lite0 at 224 px runs ~2x faster after a ~20-30 s compile (BENCHMARKS.md), so "auto"
-# compiles on a CPU with a C++ compiler when there are enough images to win that time back.
+# EfficientNet-Lite0's forward at 224 px runs ~1.5x faster after a ~30 s compile (BENCHMARKS.md), so
+# "auto" compiles on a CPU with a C++ compiler when there are enough images to win that time back.
 COMPILE_SETTINGS = ("auto", "on", "off")
 AUTO_COMPILE_MIN_IMAGES = 2048
 
