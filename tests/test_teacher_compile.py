@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from clip_ping.errors import ConfigError
-from clip_ping.teachers import load_image_teacher
 from clip_ping.teachers import base as teacher_base
+from clip_ping.teachers import load_image_teacher
 from clip_ping.teachers.base import AUTO_COMPILE_MIN_IMAGES, compile_wanted
 
 

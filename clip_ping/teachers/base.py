@@ -91,7 +91,7 @@ class ImageTeacher:
             raise ConfigError(f"teacher compile needs a batch of at least 1 row, got {rows}")
         if self._eager_model is None:
             self._eager_model = self.model
-            self.model = torch.compile(self.model, dynamic=False, options={"freezing": True})
+            self.model = cast(torch.nn.Module, torch.compile(self.model, dynamic=False, options={"freezing": True}))
         self._fixed_rows = rows
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
