@@ -26,7 +26,7 @@ PRECISIONS = ("fp32", "bf16")
 # EfficientNet-Lite0's forward at 224 px runs ~1.5x faster after a ~30 s compile (BENCHMARKS.md), so
 # "auto" compiles on a CPU with a C++ compiler when there are enough images to win that time back.
 COMPILE_SETTINGS = ("auto", "on", "off")
-AUTO_COMPILE_MIN_IMAGES = 2048
+AUTO_COMPILE_MIN_IMAGES = 4096  # above the ~3,300 images where a ~30 s compile pays on a 2-core AVX2 CPU
 
 
 def compile_wanted(setting: str, device: str | torch.device, images: int) -> bool:
