@@ -73,7 +73,7 @@ def plan_train(cfg: Any) -> dict[str, Any]:
     steps_per_epoch = n // cfg.batch_size
     if steps_per_epoch == 0:
         raise ConfigError(f"config key 'batch_size': {cfg.batch_size} is larger than the data set ({n} pairs)")
-    total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
+    total_steps = cfg.total_steps(n)
     model, transform, _, _ = create_student(cfg.model, seed=cfg.seed)
     init = None
     if cfg.init_from:  # a local source is read and checked against the student; a hub name is fetched at start

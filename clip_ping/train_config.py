@@ -13,6 +13,7 @@ from .config import Config, option
 from .errors import ConfigError
 from .objectives import OBJECTIVES
 from .run_logs import parse_log_to
+from .teachers.base import COMPILE_SETTINGS
 
 log = logging.getLogger(__name__)
 DEFAULT_LAMBDA = 0.5  # weight of each of the NN and XNN terms (docs/METHOD.md)
@@ -45,7 +46,7 @@ class TrainConfig(Config):
                                             "(none: the bank's, i.e. the teacher's own unless extract set --teacher-image-size)")
     teacher_compile: str = option("auto", "a-clip-ping: torch.compile the online image teacher (auto: on a CPU with a "
                                   "C++ compiler: a-clip-ping's step ~1.4x faster after a ~30 s compile; features match "
-                                  "the uncompiled teacher's to ~1e-5)", choices=("auto", "on", "off"))
+                                  "the uncompiled teacher's to ~1e-5)", choices=COMPILE_SETTINGS)
     targets: str = option("teacher", "what u and v are pulled to: the neighbours' teacher features through the heads; "
                           "student (with neighbor_source=queue): the student's own stored embeddings of the neighbours; "
                           "student_table: the student's stored embeddings from a table over the whole data set, "
@@ -105,6 +106,10 @@ class TrainConfig(Config):
     log_to: str = option("auto", "where metrics go, comma-separated: jsonl, tensorboard, wandb (WANDB_MODE=offline "
                                  "works); auto: jsonl + tensorboard when installed; none (see clip_ping.run_logs)")
     run_name: str | None = option(None, "the run's name in W&B (default: the run folder's name)")
+
+    def total_steps(self, n_pairs: int) -> int:
+        """Steps of the run on ``n_pairs`` training pairs: ``steps``, else ``epochs`` epochs of whole batches."""
+        return self.steps if self.steps is not None else self.epochs * (n_pairs // self.batch_size)
 
     def validate(self) -> None:
         self._settle_lambdas()

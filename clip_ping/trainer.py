@@ -124,7 +124,7 @@ class Trainer:
         self.steps_per_epoch = len(self.table) // cfg.batch_size
         if self.steps_per_epoch == 0:
             raise ConfigError(f"config key 'batch_size': {cfg.batch_size} is larger than the data set ({len(self.table)} pairs)")
-        self.total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * self.steps_per_epoch
+        self.total_steps = cfg.total_steps(len(self.table))
         self.step = 0
         self.epoch, self.batch_in_epoch = 0, 0  # data position, saved in checkpoints
         self._stop_signal: str | None = None

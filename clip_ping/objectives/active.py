@@ -33,7 +33,7 @@ keeps its bank row as target.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,9 @@ from .clip_ping import ClipPingObjective, make_heads
 from .sources import DatasetNeighbors, PrefetchNeighborRows
 from .targets import TeacherTargets
 from .views import ImageGeometry, geometry_of, to_teacher_input
+
+if TYPE_CHECKING:
+    from ..train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -149,13 +152,12 @@ def online_teacher_size(requested: int | None, banks: FeatureBanks) -> int | Non
     return requested
 
 
-def compile_online_teacher(image: ImageTeacher, cfg: Any, n_rows: int, device: torch.device) -> None:
+def compile_online_teacher(image: ImageTeacher, cfg: TrainConfig, n_rows: int, device: torch.device) -> None:
     """Compile the online image teacher for this run's calls (the local batch of views, once or twice a step)."""
     _, world = rank_and_world()
     rows = cfg.batch_size // world
-    steps = cfg.steps if cfg.steps is not None else cfg.epochs * (n_rows // cfg.batch_size)
     calls_per_step = 2 if cfg.neighbor_source == "dataset" else 1
-    if compile_wanted(cfg.teacher_compile, device, rows * calls_per_step * steps):
+    if compile_wanted(cfg.teacher_compile, device, rows * calls_per_step * cfg.total_steps(n_rows)):
         log.info("a-clip-ping: compiling the online image teacher (torch.compile, %d rows a call)", rows)
         image.compile(rows)
 
