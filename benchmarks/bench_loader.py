@@ -9,6 +9,8 @@ caption tokenised per batch, batched by `collate_pairs` (as the trainer does):
 
 * ``csv``: `PairDataset` over the `PairTable` of ``train.csv``, wrapped as the
   trainer does (`SeededAugmentation`, `EpochBatchSampler`), DataLoader workers 0/1/2;
+* ``csv-cached``: the same, with the decoded images in memory (`DecodedImages`,
+  filled once before the passes; its fill time is reported beside them);
 * ``shards-random``: the same `PairDataset` over a `ShardTable` (random access by
   byte offset into the tars), same sampler;
 * ``shards-stream``: `ShardStream` (webdataset, tars read sequentially, split
@@ -43,7 +45,8 @@ import _common as C  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from clip_ping.data.csv_reader import read_pairs
+from clip_ping.data.csv_reader import read_pairs  # noqa: E402
+from clip_ping.data.image_cache import GIB, DecodedImages  # noqa: E402
 from clip_ping.data.pairs import PairDataset, collate_pairs  # noqa: E402
 from clip_ping.data.convert import ConvertConfig, convert  # noqa: E402
 from clip_ping.data.shards import open_shards  # noqa: E402
@@ -69,13 +72,23 @@ def make_shards(data: Path, samples_per_shard: int) -> Path:
     return descriptor
 
 
-def loaders(data: Path, descriptor: Path, model: str, batch: int, workers: list[int]) -> dict[str, Callable[[int], DataLoader]]:
-    """name -> (epoch -> DataLoader) for every reader and worker count."""
+READERS = ("csv", "csv-cached", "shards-random", "shards-stream")
+
+
+def loaders(data: Path, descriptor: Path | None, model: str, batch: int, workers: list[int],
+            readers: list[str]) -> tuple[dict[str, Callable[[int], DataLoader]], dict[str, float]]:
+    """name -> (epoch -> DataLoader) for every reader and worker count; and the image cache's fill time."""
     _, preprocess_train, _, tokenizer = create_student(model, seed=0)
     csv_table = read_pairs(data / "train.csv")
-    shard_table = open_shards(descriptor)
+    shard_table = open_shards(descriptor) if descriptor is not None else None
     collate = partial(collate_pairs, tokenizer=tokenizer)
     out: dict[str, Callable[[int], DataLoader]] = {}
+    setup: dict[str, float] = {}
+    cached = DecodedImages(csv_table)
+    if "csv-cached" in readers:
+        t0 = time.perf_counter()
+        cached.fill(workers=max(workers))
+        setup = {"image_cache_fill_s": time.perf_counter() - t0, "image_cache_gib": cached.nbytes / GIB}
 
     def mapped(table):
         def make(w: int, epoch: int) -> DataLoader:
@@ -90,10 +103,10 @@ def loaders(data: Path, descriptor: Path, model: str, batch: int, workers: list[
         return DataLoader(ds, batch_size=batch, num_workers=w, collate_fn=collate)
 
     for w in workers:
-        out[f"csv w={w}"] = partial(mapped(csv_table), w)
-        out[f"shards-random w={w}"] = partial(mapped(shard_table), w)
-        out[f"shards-stream w={w}"] = partial(stream, w)
-    return out
+        makers = {"csv": partial(mapped(csv_table), w), "csv-cached": partial(mapped(cached), w),
+                  "shards-random": partial(mapped(shard_table), w), "shards-stream": partial(stream, w)}
+        out.update({f"{name} w={w}": makers[name] for name in readers})
+    return out, setup
 
 
 def time_pass(make: Callable[[int], DataLoader], epoch: int, n_batches: int) -> dict[str, float]:
@@ -117,8 +130,9 @@ def time_pass(make: Callable[[int], DataLoader], epoch: int, n_batches: int) -> 
 def student_compute(data: Path, model: str, batch: int, steps: int, warmup: int) -> dict[str, Any]:
     from bench_train import preload_batches, train_config
 
+    methods = ("clip", "clip-ping") if (data / "banks").is_dir() else ("clip",)
     trainers = {m: Trainer(train_config(data, C.WORK / "runs" / f"loader-{m}", m, model, batch, "fp32", 0, 10**6))
-                for m in ("clip", "clip-ping")}
+                for m in methods}
     batches = preload_batches(trainers["clip"], min(warmup + steps, 4))
     times = C.interleaved({m: (lambda r, t=t: t.train_step(batches[r % len(batches)])) for m, t in trainers.items()},
                           repeats=steps, warmup=warmup)
@@ -139,6 +153,10 @@ def main() -> None:
     ap.add_argument("--samples-per-shard", type=int, default=500, help="samples per tar shard (default 500)")
     ap.add_argument("--compute-steps", type=int, default=8, help="measured student steps per method (default 8)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads of this process (default 0: torch's default)")
+    ap.add_argument("--readers", default=",".join(READERS), help=f"comma list of {', '.join(READERS)} (default all)")
+    ap.add_argument("--data", default=None, help="a data set folder with train.csv (default: the built-in data, "
+                                                  "--n-train pairs)")
+    ap.add_argument("--out", default=None, help="results JSON name (default loader / loader_quick)")
     args = ap.parse_args()
     C.quiet_logging()
     if args.threads:
@@ -150,10 +168,16 @@ def main() -> None:
     result: dict[str, Any] = {"machine": C.machine_facts(), "args": vars(args)}
     print(f"load average at start: {result['machine']['load_avg_start']}  (torch threads {torch.get_num_threads()})")
 
-    data = C.prepare_data(args.n_train)
-    descriptor = make_shards(data, args.samples_per_shard)
-    makers = loaders(data, descriptor, args.model, args.batch_size, workers)
-    n_batches = min(args.batches, args.n_train // args.batch_size)
+    readers = [r for r in args.readers.split(",") if r]
+    if set(readers) - set(READERS):
+        raise SystemExit(f"unknown reader(s) {', '.join(sorted(set(readers) - set(READERS)))}; known: {', '.join(READERS)}")
+    data = Path(args.data).resolve() if args.data else C.prepare_data(args.n_train)
+    descriptor = make_shards(data, args.samples_per_shard) if any(r.startswith("shards") for r in readers) else None
+    makers, setup = loaders(data, descriptor, args.model, args.batch_size, workers, readers)
+    result["setup"] = setup
+    if setup:
+        print(f"image cache filled in {setup['image_cache_fill_s']:.1f} s ({setup['image_cache_gib']:.3f} GiB)")
+    n_batches = min(args.batches, len(read_pairs(data / "train.csv")) // args.batch_size)
     runs: dict[str, list[dict[str, float]]] = {k: [] for k in makers}
     names = list(makers)
     for r in range(args.repeats):
@@ -184,7 +208,7 @@ def main() -> None:
     C.print_table([[m, c["samples_per_s"], c["step_s_median"]] for m, c in compute.items()],
                   ["student (compute only)", "samples/s", "step s"])
     result["student_samples_per_s_max"] = need
-    path = C.write_json("loader_quick" if args.quick else "loader", result)
+    path = C.write_json(args.out or ("loader_quick" if args.quick else "loader"), result)
     print(f"\nload average at end: {result['machine']['load_avg_end']}\nwrote {path}")
 
 

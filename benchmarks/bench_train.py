@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/bench_train.py                   # ViT-XXS-8-64 (+ ViT-XS-16 unless --no-xs)
     .venv/bin/python benchmarks/bench_train.py --vs-open-clip    # clip-ping plain CLIP vs open_clip_train
     .venv/bin/python benchmarks/bench_train.py --methods         # step time of every method vs CLIP-PING
+    .venv/bin/python benchmarks/bench_train.py --image-cache     # Trainer.fit with decoded images in memory or not
 
 Default mode, per model and precision (fp32, bf16), in one process:
 
@@ -37,6 +38,11 @@ neighbours' views and SLIP's its extra views, prepared by the loader workers as
 in training), one step of each in turn per round; the median step time and the
 paired per-round ratio to CLIP-PING and to CLIP. The loader work itself
 (A-CLIP-PING decodes two neighbour images per row) is not in these step times.
+
+``--image-cache``: plain-CLIP `Trainer.fit` with ``image_cache`` off and on, each in
+a fresh process, alternated (off on, on off, ...); the median step after warm-up
+per side and round, and each fit's wall time, which on the cached side includes
+decoding every image once. ``--data DIR`` measures on another data set folder.
 
 Data: the built-in synthetic set (`clip_ping.data.synth`), banks from the default
 teachers, neighbours k=10; made once into ``benchmarks/work/``. Results:
@@ -315,10 +321,22 @@ def _child_clip_ping(spec: dict[str, Any]) -> None:
     shutil.rmtree(out, ignore_errors=True)
     cfg = train_config(Path(spec["data"]), out, "clip", spec["model"], spec["batch"], spec["precision"],
                        spec["workers"], spec["steps"])
+    cfg = dataclasses.replace(cfg, image_cache=spec.get("image_cache", cfg.image_cache))
     trainer = TimedTrainer(cfg)
     trainer.fit()
     shutil.rmtree(out, ignore_errors=True)
     print("CLIPPING_INTERVALS " + json.dumps(trainer.intervals()), flush=True)
+
+
+def clip_ping_child(spec: dict[str, Any], env: dict[str, str]) -> list[float]:
+    """The step intervals of a plain-CLIP `Trainer.fit` run in a fresh process (see `_child_clip_ping`)."""
+    spec = {"out": str(C.WORK / "runs" / "vs-clip-ping"), **spec}
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_child-clip-ping", json.dumps(spec)],
+                          capture_output=True, text=True, env=env)
+    line = next((s for s in proc.stdout.splitlines() if s.startswith("CLIPPING_INTERVALS ")), None)
+    if proc.returncode or line is None:
+        raise RuntimeError(f"clip-ping child failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line.split(" ", 1)[1])
 
 
 def _child_open_clip(argv: list[str]) -> None:
@@ -377,14 +395,8 @@ def vs_open_clip(data: Path, model: str, batch: int, precision: str, epochs: int
         for side in order:
             t0 = time.perf_counter()
             if side == "clip-ping":
-                spec = {"data": str(data), "out": str(C.WORK / "runs" / "vs-clip-ping"), "model": model, "batch": batch,
-                        "precision": precision, "workers": workers, "steps": steps}
-                proc = subprocess.run([sys.executable, me, "--_child-clip-ping", json.dumps(spec)],
-                                      capture_output=True, text=True, env=env)
-                line = next((s for s in proc.stdout.splitlines() if s.startswith("CLIPPING_INTERVALS ")), None)
-                if proc.returncode or line is None:
-                    raise RuntimeError(f"clip-ping child failed:\n{proc.stderr[-3000:]}")
-                iv = json.loads(line.split(" ", 1)[1])
+                iv = clip_ping_child({"data": str(data), "model": model, "batch": batch, "precision": precision,
+                                      "workers": workers, "steps": steps}, env)
             else:
                 name = f"bench-{model}-{precision}-{r}-{os.getpid()}"
                 shutil.rmtree(logs / name, ignore_errors=True)
@@ -417,6 +429,45 @@ def vs_open_clip(data: Path, model: str, batch: int, precision: str, epochs: int
     }
 
 
+# --------------------------------------------------------------------------- the decoded-image cache
+
+
+def vs_image_cache(data: Path, model: str, batch: int, precision: str, epochs: int, warmup: int, workers: int,
+                   rounds: int) -> dict[str, Any]:
+    """Plain-CLIP `Trainer.fit` with ``image_cache`` off and on, each in a fresh process, alternated.
+
+    The step medians leave out the first ``warmup`` steps (the cached side decodes every
+    image before its first step); the fit walls include that decode.
+    """
+    from clip_ping.data.table import open_table
+
+    steps = epochs * (len(open_table(data, "train")) // batch)
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    per: dict[str, list[float]] = {"off": [], "on": []}
+    round_medians: dict[str, list[float]] = {"off": [], "on": []}
+    walls: dict[str, list[float]] = {"off": [], "on": []}
+    for r in range(rounds):
+        for side in (["off", "on"] if r % 2 == 0 else ["on", "off"]):
+            iv = clip_ping_child({"data": str(data), "model": model, "batch": batch, "precision": precision,
+                                  "workers": workers, "steps": steps, "image_cache": side}, env)
+            per[side] += iv[warmup:]
+            round_medians[side].append(statistics.median(iv[warmup:]))
+            walls[side].append(round(sum(iv), 2))
+            print(f"  [image cache {side}] round {r}: {len(iv)} steps, median {round_medians[side][-1]:.3f} s/step, "
+                  f"fit {walls[side][-1]:.1f} s", flush=True)
+    st = {m: C.stats(v) for m, v in per.items()}
+    step_ratios = [off / on for off, on in zip(round_medians["off"], round_medians["on"])]
+    fit_ratios = [off / on for off, on in zip(walls["off"], walls["on"])]
+    return {
+        "data": str(data), "model": model, "precision": precision, "batch_size": batch, "workers": workers,
+        "epochs": epochs, "steps": steps, "warmup_steps_dropped": warmup, "rounds": rounds, "step_s": st,
+        "round_step_medians": round_medians, "fit_wall_s": walls,
+        "samples_per_s": {m: sps(batch, s["median"]) for m, s in st.items()},
+        "speedup_step": st["off"]["median"] / st["on"]["median"], "round_step_speedups": step_ratios,
+        "round_fit_speedups": fit_ratios, "fit_speedup_median": statistics.median(fit_ratios),
+    }
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -435,6 +486,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="short smoke run: small data, few steps, ViT-XXS only")
     ap.add_argument("--vs-open-clip", action="store_true", help="compare clip-ping plain CLIP with open_clip_train")
     ap.add_argument("--methods", action="store_true", help="step time of every method setting vs CLIP-PING")
+    ap.add_argument("--image-cache", action="store_true",
+                    help="plain CLIP Trainer.fit with --image-cache off against on (fresh processes, alternated)")
+    ap.add_argument("--data", default=None,
+                    help="--vs-open-clip / --image-cache: a data set folder with train.csv (default: built-in data)")
     ap.add_argument("--method-settings", default=",".join(METHOD_SETTINGS),
                     help=f"--methods: comma list of {', '.join(METHOD_SETTINGS)}")
     ap.add_argument("--xs", dest="xs", action="store_true", default=None, help="also ViT-XS-16 (default on, off with --quick)")
@@ -473,7 +528,24 @@ def main() -> None:
 
     result: dict[str, Any] = {"machine": C.machine_facts(), "args": vars(args), "target_ratio": TARGET_RATIO}
     print(f"load average at start: {result['machine']['load_avg_start']}  (torch threads {torch.get_num_threads()})")
-    data = C.prepare_data(args.n_train)
+    data = Path(args.data).resolve() if args.data else C.prepare_data(args.n_train)
+
+    if args.image_cache:
+        result["image_cache"] = []
+        rows = []
+        for precision in precisions:
+            print(f"[image cache] ViT-XXS-8-64 {precision} batch {args.batch_size}, {args.epochs} epochs of {data}",
+                  flush=True)
+            res = vs_image_cache(data, "ViT-XXS-8-64", args.batch_size, precision, args.epochs, args.warmup,
+                                 args.workers, args.vs_rounds)
+            result["image_cache"].append(res)
+            rows.append([precision, res["steps"], res["step_s"]["off"]["median"], res["step_s"]["on"]["median"],
+                         res["speedup_step"], " ".join(f"{x:.3f}" for x in res["round_fit_speedups"])])
+        C.print_table(rows, ["prec", "steps", "off step s", "on step s", "step off/on", "fit off/on per round"],
+                      "plain CLIP end to end, image cache off vs on (median step after warm-up)")
+        path = C.write_json(args.out or "train_image_cache", result)
+        print(f"\nload average at end: {result['machine']['load_avg_end']}\nwrote {path}")
+        return
 
     if args.methods:
         settings = [n for n in args.method_settings.split(",") if n]

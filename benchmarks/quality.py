@@ -81,7 +81,8 @@ REFERENCE = "clip-ping"  # the current defaults; a change is recommended only wh
 APT_PACKAGES = ("openclipart-png", "openclipart-svg")
 # TrainConfig keys that do not change what a run computes (a finished run may differ here).
 BOOKKEEPING = {"out", "resume", "workers", "progress", "tensorboard", "device", "log_every", "save_every",
-               "keep_checkpoints", "overwrite", "prefetch_batches", "max_skipped_fraction"}
+               "keep_checkpoints", "overwrite", "prefetch_batches", "max_skipped_fraction", "image_cache",
+               "image_cache_gb"}
 STAGE_TIMINGS = "quality_timing.json"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .config import Config, option
+from .data.image_cache import CACHE_SETTINGS
 from .errors import ConfigError
 from .objectives import OBJECTIVES
 from .run_logs import parse_log_to
@@ -89,6 +90,10 @@ class TrainConfig(Config):
     seed: int = option(0, "seed of weights, data order, augmentation and neighbour draws")
     workers: int = option(2, "data loader worker processes")
     prefetch_batches: int = option(2, "batches each loader worker prepares ahead")
+    image_cache: str = option("auto", "keep the decoded training images in memory, decoded once per run (same pixels, "
+                              "same results): auto when each image is read twice or more and they fit "
+                              "--image-cache-gb; random data_mode only", choices=CACHE_SETTINGS)
+    image_cache_gb: float = option(4.0, "memory the image cache may take, per process (GiB)")
     threads: int = option(0, "torch threads of the training process (0: torch's default)")
     data_mode: str = option("random", "random: shuffled random access (CSV or shards, exact resume at any step); "
                             "stream: read WebDataset shards sequentially with a shuffle buffer", choices=("random", "stream"))
@@ -136,6 +141,8 @@ class TrainConfig(Config):
         for key in ("workers", "threads", "warmup_steps", "keep_checkpoints"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"config key '{key}' must be 0 or more, got {getattr(self, key)}")
+        if not (math.isfinite(self.image_cache_gb) and self.image_cache_gb > 0):
+            raise ConfigError(f"config key 'image_cache_gb' must be a positive number, got {self.image_cache_gb}")
         if not 0 <= self.max_skipped_fraction <= 1:
             raise ConfigError("config key 'max_skipped_fraction' must lie in [0, 1]")
         if self.resume is not None and self.overwrite:

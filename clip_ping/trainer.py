@@ -45,6 +45,7 @@ from .checkpoints import (
     settings_that_differ,
 )
 from .config import save_yaml
+from .data.image_cache import GIB, DecodedImages, cache_decision
 from .data.order import RunBatches, SeededAugmentation, collate_and_prepare, ignore_stop_signals
 from .data.pairs import PairDataset
 from .data.table import open_table
@@ -104,6 +105,9 @@ class Trainer:
         self.run_dir = Path(cfg.out)
         self.table = open_table(cfg.data, "train")
         self.data_fingerprint = self.table.fingerprint()  # once: it reads every row's file size
+        self.image_cache = self._image_cache()
+        if self.image_cache is not None:
+            self.table = self.image_cache  # the objective's extra views read through it too
         self.model, self.preprocess_train, _, self.tokenizer = create_student(cfg.model, seed=cfg.seed)
         if cfg.init_from and cfg.resume is None:
             # before the run folder is touched, so a source that cannot be read costs nothing; a resumed run's
@@ -133,6 +137,28 @@ class Trainer:
         self._run_next: tuple[int, int] = (-1, -1)  # (epoch, batch) it yields next
 
     # -- set-up ---------------------------------------------------------------
+
+    def _image_cache(self) -> DecodedImages | None:
+        """The decoded-image cache when this run uses one (filled by the first loader), else None."""
+        cfg = self.cfg
+        if cfg.data_mode != "random" or len(self.table) == 0:
+            return None
+        reads = cfg.total_steps(len(self.table)) * cfg.batch_size / self.world / len(self.table)
+        use, why = cache_decision(cfg.image_cache, self.table, reads, cfg.image_cache_gb)
+        log.info("image cache: %s (%s)", "on" if use else "off", why)
+        return DecodedImages(self.table) if use else None
+
+    def _fill_image_cache(self) -> None:
+        cache = self.image_cache
+        if cache is None or cache.filled:
+            return
+        started = time.perf_counter()
+        if cache.fill(self.cfg.workers, self.cfg.progress and dist_utils.is_main_process(),
+                      int(self.cfg.image_cache_gb * GIB)):
+            log.info("image cache: %d images, %.2f GiB, decoded in %.1f s", len(cache), cache.nbytes / GIB,
+                     time.perf_counter() - started)
+        else:  # over budget: the wrapper stays empty and reads from the table
+            self.image_cache = None
 
     def _wrap(self, encoders: StudentEncoders) -> torch.nn.Module:
         """DDP over several processes (bucketed gradient all-reduce overlapped with the
@@ -345,6 +371,7 @@ class Trainer:
 
     def _loader(self, epoch: int, start_batch: int) -> DataLoader:
         """The batches of the rest of the run, from batch ``start_batch`` of ``epoch`` (at step ``self.step``)."""
+        self._fill_image_cache()  # before the workers fork, so they share its pages
         # captions are tokenized per batch in collate: one tokenizer call per batch costs less than one per sample
         views = self.objective.view_transforms(self.preprocess_train)
         dataset = SeededAugmentation(PairDataset(self.table, self.preprocess_train, view_transforms=views), self.cfg.seed)

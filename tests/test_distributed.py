@@ -29,7 +29,8 @@ def _one_step(cfg: TrainConfig) -> dict:
     batch = next(iter(trainer._loader(epoch=0, start_batch=0)))
     result = trainer.train_step(batch)
     grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-    return {"loss": result.loss, "grads": grads, "rows": batch["index"].tolist()}
+    cached = trainer.image_cache is not None and trainer.image_cache.filled
+    return {"loss": result.loss, "grads": grads, "rows": batch["index"].tolist(), "cached": cached}
 
 
 def _worker(rank: int, world: int, port: int, cfg: TrainConfig, out_dir: str) -> None:
@@ -42,12 +43,15 @@ def _worker(rank: int, world: int, port: int, cfg: TrainConfig, out_dir: str) ->
 
 
 @pytest.mark.parametrize("extra", [{}, {"local_loss": True}, {"duplicate_captions": "positives"},
-                                   {"duplicate_captions": "mask", "local_loss": True}])
+                                   {"duplicate_captions": "mask", "local_loss": True}, {"image_cache": "on"}])
 def test_two_processes_match_one_process(tiny_synth, tmp_path, extra):
-    single = _one_step(_config(tiny_synth, tmp_path / "single", **{k: v for k, v in extra.items() if k != "local_loss"}))
+    one_process = {k: v for k, v in extra.items() if k not in ("local_loss", "image_cache")}
+    single = _one_step(_config(tiny_synth, tmp_path / "single", image_cache="off", **one_process))
+    assert not single["cached"]
     cfg = _config(tiny_synth, tmp_path / "multi", **extra)
     mp.start_processes(_worker, args=(2, _free_port(), cfg, str(tmp_path)), nprocs=2, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert all(r["cached"] == (extra.get("image_cache") == "on") for r in ranks)
     # each process saw its half of the same global batch
     assert ranks[0]["rows"] + ranks[1]["rows"] == single["rows"]
     for r in ranks:
