@@ -34,7 +34,7 @@ ESTIMATE_ROWS = 32  # rows decoded to estimate the cache's size
 
 
 class _Decode(Dataset):
-    """Row i -> (i, H x W x 3 uint8 array, None) or (i, None, the decode error's message)."""
+    """Row i -> (i, H x W x 3 uint8 tensor, None) or (i, None, the decode error's message)."""
 
     def __init__(self, table: PairSource) -> None:
         self.table = table
@@ -42,15 +42,23 @@ class _Decode(Dataset):
     def __len__(self) -> int:
         return len(self.table)
 
-    def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, str | None]:
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            return i, np.asarray(self.table.open_image(i), dtype=np.uint8), None
+            # a tensor crosses from a worker through shared memory; a pickled array would be copied through a pipe
+            return i, torch.from_numpy(np.array(self.table.open_image(i), dtype=np.uint8)), None
         except ImageDecodeError as exc:
             return i, None, str(exc)
 
 
-def _as_is(sample: Any) -> Any:
-    return sample  # keep the arrays as they are (the default would make read-only tensors of them)
+FILL_BATCH = 64  # rows per message from a decoding worker: one message per image costs more than its decode
+
+
+def _pack(rows: list[tuple[int, torch.Tensor | None, str | None]]) -> dict[str, Any]:
+    """A worker's rows as one flat tensor (one shared-memory transfer) with their indices, shapes and errors."""
+    kept = [(i, pixels) for i, pixels, _ in rows if pixels is not None]
+    return {"index": [i for i, _ in kept], "shape": [tuple(p.shape[:2]) for _, p in kept],
+            "pixels": torch.cat([p.reshape(-1) for _, p in kept]) if kept else torch.empty(0, dtype=torch.uint8),
+            "errors": {i: error for i, _, error in rows if error is not None}}
 
 
 class DecodedImages:
@@ -110,28 +118,30 @@ class DecodedImages:
         Returns False, leaving the cache empty, when the pixels would exceed
         ``max_bytes``. While the buffer is packed, memory peaks at about twice its size.
         """
-        loader = DataLoader(_Decode(self.table), batch_size=None, num_workers=workers, collate_fn=_as_is,
+        loader = DataLoader(_Decode(self.table), batch_size=FILL_BATCH, num_workers=workers, collate_fn=_pack,
                             worker_init_fn=ignore_stop_signals if workers else None)
-        arrays: list[np.ndarray | None] = [None] * len(self.table)
+        arrays: list[torch.Tensor | None] = [None] * len(self.table)
         errors: dict[int, str] = {}
         total = 0
-        for i, pixels, error in tqdm(loader, total=len(self.table), desc="decoding images into memory",
-                                     unit="img", disable=not progress):
-            if error is not None:
-                errors[i] = error
-                continue
-            assert pixels is not None
-            total += pixels.nbytes
-            if max_bytes is not None and total > max_bytes:
-                log.info("image cache: the decoded images pass %.2f GiB after %d of %d rows; reading from disk",
-                         max_bytes / GIB, i + 1, len(self.table))
-                return False
-            arrays[i] = pixels
+        with tqdm(total=len(self.table), desc="decoding images into memory", unit="img", disable=not progress) as bar:
+            for part in loader:
+                errors.update(part["errors"])
+                total += part["pixels"].numel()
+                if max_bytes is not None and total > max_bytes:
+                    log.info("image cache: the decoded images pass %.2f GiB after %d of %d rows; reading from disk",
+                             max_bytes / GIB, bar.n + len(part["index"]) + len(part["errors"]), len(self.table))
+                    return False
+                start = 0
+                for i, (height, width) in zip(part["index"], part["shape"]):
+                    size = height * width * 3
+                    arrays[i] = part["pixels"][start:start + size].view(height, width, 3)
+                    start += size
+                bar.update(len(part["index"]) + len(part["errors"]))
         shapes = torch.tensor([a.shape[:2] if a is not None else (0, 0) for a in arrays], dtype=torch.long)
         sizes = shapes[:, 0] * shapes[:, 1] * 3
         self._offsets = torch.cumsum(sizes, 0) - sizes
-        self._pixels = torch.from_numpy(np.concatenate([a.reshape(-1) for a in arrays if a is not None]
-                                                       or [np.empty(0, dtype=np.uint8)]))
+        self._pixels = torch.cat([a.reshape(-1) for a in arrays if a is not None]
+                                 or [torch.empty(0, dtype=torch.uint8)])
         self._shapes, self._errors = shapes, errors
         return True
 
