@@ -44,7 +44,7 @@ class _Decode(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            # a tensor crosses from a worker through shared memory; a pickled array would be copied through a pipe
+            # a writable copy as a tensor: `_pack` joins a worker's rows into one tensor, sent through shared memory
             return i, torch.from_numpy(np.array(self.table.open_image(i), dtype=np.uint8)), None
         except ImageDecodeError as exc:
             return i, None, str(exc)
