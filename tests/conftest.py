@@ -13,6 +13,29 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
+def crash_and_resume(cfg_of, tmp_path, crash_step=2):
+    """Run straight; run again crashing before ``crash_step`` (after a checkpoint) and resume;
+    return both final checkpoints. ``cfg_of(out, **overrides)`` makes each run's TrainConfig."""
+    from clip_ping.checkpoints import load_checkpoint
+    from clip_ping.trainer import Trainer
+
+    Trainer(cfg_of(tmp_path / "straight")).fit()
+    crashing = Trainer(cfg_of(tmp_path / "resumed"))
+    real_step = crashing.train_step
+
+    def crash(batch):
+        if crashing.step == crash_step:
+            raise KeyboardInterrupt  # stands in for a kill after the checkpoint of step crash_step
+        return real_step(batch)
+
+    crashing.train_step = crash
+    with pytest.raises(KeyboardInterrupt):
+        crashing.fit()
+    Trainer(cfg_of(tmp_path / "resumed", resume="latest")).fit()
+    return (load_checkpoint(tmp_path / "straight" / "checkpoints" / "latest.pt"),
+            load_checkpoint(tmp_path / "resumed" / "checkpoints" / "latest.pt"))
+
+
 def load_benchmark_script(name: str):
     """A script of benchmarks/ imported as a module (they are scripts, not a package)."""
     import importlib.util

@@ -1,11 +1,12 @@
 """The decoded-image cache: the table's own pixels from memory, the same run with or without it."""
 
+import logging
 import shutil
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, crash_and_resume
 
 from clip_ping.checkpoints import load_checkpoint
 from clip_ping.data.image_cache import GIB, DecodedImages, cache_decision
@@ -84,33 +85,21 @@ def test_a_budget_that_is_not_a_positive_number_is_refused(tiny_synth, tmp_path,
         _cfg(tiny_synth, tmp_path / "run", image_cache_gb=value)
 
 
-def test_a_cached_run_equals_an_uncached_one_and_resumes_exactly(tiny_synth, tmp_path):
-    cached_run = Trainer(_cfg(tiny_synth, tmp_path / "cached", image_cache="on", workers=2))
-    assert cached_run.image_cache is not None
-    cached_run.fit()
-    assert cached_run.image_cache.filled
-    plain = Trainer(_cfg(tiny_synth, tmp_path / "plain", image_cache="off", workers=2))
-    assert plain.image_cache is None
-    plain.fit()
+def test_a_cached_run_equals_an_uncached_one_and_resumes_exactly(tiny_synth, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="clip_ping.trainer"):
+        straight, resumed = crash_and_resume(
+            lambda out, **kw: _cfg(tiny_synth, out, image_cache="on", workers=2, **kw), tmp_path, crash_step=4)
+    # both the straight run and the resumed one decoded every image into memory
+    assert caplog.text.count(f"image cache: {len(open_table(tiny_synth, 'train'))} images") >= 2
+    plain_run = Trainer(_cfg(tiny_synth, tmp_path / "plain", image_cache="off", workers=2))
+    assert plain_run.image_cache is None
+    plain_run.fit()
 
-    crashing = Trainer(_cfg(tiny_synth, tmp_path / "resumed", image_cache="on", workers=2))
-    real_step = crashing.train_step
-
-    def crash_at_step_4(batch):
-        if crashing.step == 4:
-            raise KeyboardInterrupt  # a kill after the step-3 checkpoint
-        return real_step(batch)
-
-    crashing.train_step = crash_at_step_4
-    with pytest.raises(KeyboardInterrupt):
-        crashing.fit()
-    Trainer(_cfg(tiny_synth, tmp_path / "resumed", image_cache="on", workers=2, resume="latest")).fit()
-
-    a, b, c = (load_checkpoint(tmp_path / run / "checkpoints" / "latest.pt") for run in ("plain", "cached", "resumed"))
-    assert a["step"] == b["step"] == c["step"] == 6
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-        assert torch.equal(a["model"][key], c["model"][key]), key
+    plain = load_checkpoint(tmp_path / "plain" / "checkpoints" / "latest.pt")
+    assert plain["step"] == straight["step"] == resumed["step"] == 6
+    for key in plain["model"]:
+        assert torch.equal(plain["model"][key], straight["model"][key]), key
+        assert torch.equal(plain["model"][key], resumed["model"][key]), key
 
 
 def test_an_undecodable_image_is_skipped_and_counted_as_without_the_cache(broken, tmp_path):

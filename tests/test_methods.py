@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, crash_and_resume
 
 from clip_ping.checkpoints import load_checkpoint
 from clip_ping.losses import ClipPingLoss, info_nce
@@ -139,26 +139,6 @@ def test_each_reading_trains(tiny_banked, tmp_path, name):
     assert summary["step"] == 3
     state = load_checkpoint(tmp_path / name / "checkpoints" / "latest.pt")
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
-
-
-def crash_and_resume(cfg_of, tmp_path, crash_step=2):
-    """Run straight; run again crashing before ``crash_step`` (after a checkpoint) and resume;
-    return both final checkpoints."""
-    Trainer(cfg_of(tmp_path / "straight")).fit()
-    crashing = Trainer(cfg_of(tmp_path / "resumed"))
-    real_step = crashing.train_step
-
-    def crash(batch):
-        if crashing.step == crash_step:
-            raise KeyboardInterrupt  # stands in for a kill after the checkpoint of step crash_step
-        return real_step(batch)
-
-    crashing.train_step = crash
-    with pytest.raises(KeyboardInterrupt):
-        crashing.fit()
-    Trainer(cfg_of(tmp_path / "resumed", resume="latest")).fit()
-    return (load_checkpoint(tmp_path / "straight" / "checkpoints" / "latest.pt"),
-            load_checkpoint(tmp_path / "resumed" / "checkpoints" / "latest.pt"))
 
 
 def assert_same_weights_and_state(a, b):
