@@ -39,7 +39,7 @@ def build(installer: str, work: Path) -> dict[str, float | str]:
     seconds = time.perf_counter() - t0
     if done.returncode != 0:
         raise SystemExit(f"make venv INSTALLER={installer} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    if "installing with pip" in done.stdout and installer == "uv":
+    if installer == "uv" and "installing with pip" in done.stdout.splitlines():  # the echo's output, not the recipe
         raise SystemExit("uv could not install here; make fell back to pip, so this round would time pip twice")
     check = subprocess.run([str(clone / ".venv/bin/python"), "-c",
                             "import clip_ping.cli, torch, open_clip; print(torch.__version__)"],
