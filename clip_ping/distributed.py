@@ -8,8 +8,10 @@ built on the device that backend expects.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -42,6 +44,28 @@ def native_bf16(device: str | torch.device) -> bool:
     if dev.type == "cpu":
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     return False
+
+
+@contextlib.contextmanager
+def training_autocast(device: torch.device, precision: str) -> Iterator[None]:
+    """The context of the student's forward in training: autocast for bf16 / fp16 and, on a CPU,
+    scaled-dot-product attention through its math backend.
+
+    torch's CPU flash-attention backward is about 6x slower in bf16 than in fp32 (37 against
+    6 ms a call for ViT-XXS-8-64), enough to make bf16 steps slower than fp32 ones; the math
+    backend's matmuls run in bf16 like the rest (BENCHMARKS.md, "bf16 attention on a CPU").
+    """
+    if precision == "fp32":
+        yield
+        return
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.autocast(device.type, dtype=dtype))
+        if device.type == "cpu":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        yield
 
 
 def warn_if_bf16_is_emulated(precision: str, device: str | torch.device, log: logging.Logger, what: str) -> None:

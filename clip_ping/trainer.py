@@ -243,9 +243,7 @@ class Trainer:
     def _encode_all(self, images: torch.Tensor, texts: torch.Tensor, views: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, ...]:
         """(u, v, embeddings of each extra view) in fp32."""
-        precision = self.cfg.precision
-        dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-        with torch.autocast(self.device.type, dtype=dtype, enabled=precision != "fp32"):
+        with dist_utils.training_autocast(self.device, self.cfg.precision):
             out = self.encoders(images, texts) if views is None else self.encoders(images, texts, views)
         return tuple(t.float() for t in out)
 

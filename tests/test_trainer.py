@@ -309,3 +309,23 @@ def test_bf16_without_native_arithmetic_is_warned_and_auto_picks_fp32(tiny_synth
 
     assert plan_demo(DemoConfig())["training_precision"] == ("bf16" if native else "fp32")
     assert plan_demo(DemoConfig(precision="fp32"))["training_precision"] == "fp32"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_bf16_training_on_a_cpu_keeps_attention_off_the_flash_kernel(tiny_synth, tmp_path, precision):
+    """torch's CPU flash-attention backward is ~6x slower in bf16 than in fp32 (BENCHMARKS.md): a bf16
+    step runs attention through the math backend, whose matmuls are bf16; fp32 keeps the flash kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    trainer = Trainer(_cfg(tiny_synth, tmp_path / "run", precision=precision, steps=1))
+    batch = _first_batch(trainer)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        trainer.train_step(batch)
+    ops = {event.key for event in prof.key_averages()}
+    flash = {op for op in ops if "flash_attention" in op}
+    assert "aten::scaled_dot_product_attention" in ops
+    if precision == "bf16":
+        assert not flash and "aten::_scaled_dot_product_attention_math" in ops
+        assert any(op.startswith("aten::bmm") or op == "aten::matmul" for op in ops)
+    else:
+        assert flash
