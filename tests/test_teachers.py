@@ -101,8 +101,64 @@ def test_lite0_weights_map_in_order_onto_timm():
     assert any(n.startswith(("palace", "monastery", "bell cote", "castle")) for n in names[:2]), names
 
 
-def test_teacher_uses_the_file_weights(lite0):
-    assert torch.equal(lite0.model.conv_stem.weight, read_state_dict(lite0_file())["_conv_stem.weight"])
+def test_teacher_uses_the_file_weights_with_its_batch_norms_folded(lite0):
+    """The teacher is the file's network with every batch norm folded into its convolution: same features to 1e-5."""
+    import timm
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    load_weights_in_order(model, lite0_file())
+    model.reset_classifier(0)
+    model.eval()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in lite0.model.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 49
+    x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        want, got = model(x), lite0.model(x.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert F.cosine_similarity(got, want).min() > 0.99999
+
+
+def _random_running_stats(model):
+    gen = torch.Generator().manual_seed(2)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+    return model.eval()
+
+
+def test_batch_norms_fold_into_the_convolutions_they_follow():
+    import timm
+
+    from clip_ping.teachers.image import fold_batch_norms
+
+    model = _random_running_stats(timm.create_model("resnet10t", pretrained=False, num_classes=0))
+    folded = fold_batch_norms(model, (3, 64, 64))
+    remaining = [m for m in folded.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert 0 < len(remaining) < sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the stem's stay
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.allclose(folded(x), model(x), atol=1e-4, rtol=1e-4)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules() if m not in remaining)  # original untouched
+
+
+def test_a_batch_norm_that_does_not_follow_its_convolution_is_left_alone():
+    """Pairs are read from the module tree: a forward that puts something between them is caught by the check."""
+    from clip_ping.teachers.image import fold_batch_norms
+
+    class ConvActNorm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+            self.bn = torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(torch.relu(self.conv(x))).mean((2, 3))
+
+    model = _random_running_stats(ConvActNorm())
+    assert fold_batch_norms(model, (3, 8, 8)) is model
 
 
 def test_minilm_features(minilm):
