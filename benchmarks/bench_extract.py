@@ -59,6 +59,7 @@ BASE_SETTINGS: dict[str, Any] = {"compile": "off"}
 VARIANTS: dict[str, dict[str, Any]] = {
     "fp32": {"precision": "fp32"},
     "fp32-compiled": {"precision": "fp32", "compile": "on"},
+    "fp32-unfolded": {"precision": "fp32"},  # the image teacher's batch norms not folded into its convolutions
     "bf16": {"precision": "bf16"},
     "bf16-w0": {"precision": "bf16", "workers": 0},
     "bf16-w1": {"precision": "bf16", "workers": 1},
@@ -103,8 +104,14 @@ class Teachers:
     def __init__(self, root: Path) -> None:
         self.root, self.made = root, 0
         self.image, self.text = load_image_teacher(DEFAULT_IMAGE_TEACHER), load_text_teacher(DEFAULT_TEXT_TEACHER)
+        self.unfolded: Any = None
 
     def for_variant(self, name: str) -> tuple[Any, Any]:
+        if name == "fp32-unfolded":
+            if self.unfolded is None:
+                self.unfolded = load_image_teacher(DEFAULT_IMAGE_TEACHER)
+                self.unfolded.model = self.unfolded._with_batch_norms
+            return self.unfolded, self.text
         if settings_of(name).get("compile") == "off":
             return self.image, self.text
         self.made += 1
