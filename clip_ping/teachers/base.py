@@ -22,11 +22,12 @@ log = logging.getLogger(__name__)
 # oneDNN emulates it and a bf16 matmul is ~25x slower than fp32 (BENCHMARKS.md).
 PRECISIONS = ("fp32", "bf16")
 
-# torch.compile of the image teacher (inductor, weights frozen as constants): on a 2-core AVX2 CPU
-# EfficientNet-Lite0's forward at 224 px runs ~1.5x faster after a ~30 s compile (BENCHMARKS.md), so
-# "auto" compiles on a CPU with a C++ compiler when there are enough images to win that time back.
+# torch.compile of the image teacher (inductor, weights frozen as constants). Most of what it gained
+# (1.4-1.5x on EfficientNet-Lite0 at 224 px) came from folding the batch norms, which the teacher now
+# does without compiling; over the folded forward it gains ~1.06x for a ~28 s compile (BENCHMARKS.md),
+# so "auto" compiles on a CPU with a C++ compiler only when there are enough images to win that back.
 COMPILE_SETTINGS = ("auto", "on", "off")
-AUTO_COMPILE_MIN_IMAGES = 4096  # above the ~3,300 images where a ~30 s compile pays on a 2-core AVX2 CPU
+AUTO_COMPILE_MIN_IMAGES = 50_000  # above the ~38,000 images where the compile pays on a 2-core AMX CPU
 
 
 def compile_wanted(setting: str, device: str | torch.device, images: int) -> bool:
