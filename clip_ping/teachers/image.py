@@ -72,7 +72,6 @@ class TimmImageTeacher(ImageTeacher):
         return (self._with_batch_norms if eager_low_precision else self.model)(images)
 
 
-
 def fold_batch_norms(model: torch.nn.Module, input_size: tuple[int, ...], atol: float = 1e-4) -> torch.nn.Module:
     """``model`` (frozen, eval mode) with each batch norm that directly follows a convolution folded into it.
 
