@@ -110,7 +110,7 @@ class Teachers:
         if name == "fp32-unfolded":
             if self.unfolded is None:
                 self.unfolded = load_image_teacher(DEFAULT_IMAGE_TEACHER)
-                self.unfolded.model = self.unfolded._with_batch_norms
+                self.unfolded.model = self.unfolded.model_as_loaded
             return self.unfolded, self.text
         if settings_of(name).get("compile") == "off":
             return self.image, self.text

@@ -37,7 +37,8 @@ for side, spec in json.loads(sys.argv[1]):
     if side == "image":
         x = torch.linspace(-1, 1, 3 * 64 * 64).reshape(1, 3, 64, 64)
         features = teacher.encode(x)
-        state = {k: v.sum().item() for k, v in teacher.model.state_dict().items()}
+        loaded = getattr(teacher, "model_as_loaded", teacher.model)  # a timm teacher runs with its batch norms folded
+        state = {k: v.sum().item() for k, v in loaded.state_dict().items()}
     else:
         features = teacher.encode(["a red square", "two dogs"])
         state = {}

@@ -56,8 +56,8 @@ class TimmImageTeacher(ImageTeacher):
         # channels_last: oneDNN's convolutions (depthwise above all) run 1.5-2x faster on CPU.
         folded = fold_batch_norms(model, self.data_config["input_size"])
         self.model = folded.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
-        # bf16 runs the batch norms as they are: folded scales rounded into bf16 weights lose accuracy
-        self._with_batch_norms = model.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
+        # the network with the weights as loaded; bf16 runs it: folded scales rounded into bf16 weights lose accuracy
+        self.model_as_loaded = model.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.name = spec
         self.device = device
         self._transform = create_transform(**self.data_config, is_training=False)
@@ -69,7 +69,7 @@ class TimmImageTeacher(ImageTeacher):
         if images.dim() == 4:
             images = images.contiguous(memory_format=torch.channels_last)
         eager_low_precision = self.precision != "fp32" and self._eager_model is None
-        return (self._with_batch_norms if eager_low_precision else self.model)(images)
+        return (self.model_as_loaded if eager_low_precision else self.model)(images)
 
 
 def fold_batch_norms(model: torch.nn.Module, input_size: tuple[int, ...], atol: float = 1e-4) -> torch.nn.Module:
