@@ -12,10 +12,12 @@ venv: $(STAMP)
 # see DEVELOPERS.md). uv installs it and the package about 4x faster than pip
 # (parallel downloads and unpacking; BENCHMARKS.md, "Building the venv"). uv reads
 # its own index settings, not pip.conf, so where it cannot install, pip does.
-# `make venv INSTALLER=pip` skips uv.
+# `make venv INSTALLER=pip` skips uv. --compile-bytecode writes the .pyc files at
+# install, as pip does: where PYTHONDONTWRITEBYTECODE is set, nothing writes them
+# later, and every process would compile open_clip, timm and transformers again.
 PAIR := "torch==2.14.1" "torchvision==0.29.1"
 PIP := $(VENV)/bin/python -m pip install --quiet --disable-pip-version-check
-UV := $(VENV)/bin/uv pip install --quiet --python $(VENV)/bin/python
+UV := $(VENV)/bin/uv pip install --quiet --compile-bytecode --python $(VENV)/bin/python
 INSTALLER ?= uv
 
 $(STAMP): pyproject.toml
