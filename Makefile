@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 venv: $(STAMP)
 
 # The tested torch/torchvision pair is pinned here (pyproject.toml only states ranges;
-# see DEVELOPERS.md). uv installs it and the package about 4x faster than pip
+# see DEVELOPERS.md). uv installs it and the package about 2x faster than pip
 # (parallel downloads and unpacking; BENCHMARKS.md, "Building the venv"). uv reads
 # its own index settings, not pip.conf, so where it cannot install, pip does.
 # `make venv INSTALLER=pip` skips uv. --compile-bytecode writes the .pyc files at
