@@ -5,11 +5,16 @@ steps, student and seeds) -> eval -> report, whose index.html links the
 neighbour page (`neighbors show`) written beside it. Each stage is skipped when
 its output is already complete, so an interrupted demo picks up where it stopped.
 
-With ``--jobs 2`` the work runs as two processes with half the cores each: the
-CLIP runs need no banks, so they train while the teachers extract; the CLIP-PING
-runs start when the neighbours are there. On a 2-core CPU this was measured
-slower than one stage after another (BENCHMARKS.md, "The demo side by side"),
-so the default is 1; it is there for machines with more cores.
+The teachers extract with every core; then, on a CPU, the training runs go two
+at a time, each in a process with half the cores (``--jobs``). On 2 cores two
+1-thread trainings do 1.25x the work of one 2-thread training (the student's
+small kernels scale poorly over threads), so side by side wins there
+(BENCHMARKS.md, "The demo's runs side by side"). With a GPU the runs take turns
+on it (``--jobs 1``).
+
+The image teacher sees the 64 px pictures at 96 px, not at its own 224 px: 3.5x
+less extraction, and CLIP-PING's results stay within the seed spread of the
+224 px bank's (BENCHMARKS.md, "The teacher's input size in the demo").
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import logging
 import multiprocessing
 import os
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -43,8 +48,12 @@ class DemoConfig(Config):
     data_seed: int = option(0, "seed of the built-in data set")
     seeds: list[int] = option([0, 1], "training seeds; every seed trains both methods")
     neighbor_k: int = option(10, "neighbours kept per sample")
-    jobs: int = option(1, "processes working side by side, each with its share of the cores "
-                          "(1: one stage after another; 2: CLIP trains while the teachers extract)")
+    teacher_image_size: int = option(96, "side in pixels the image teacher sees; the built-in images are 64 px "
+                                     "(224, EfficientNet-Lite0's own, extracts 3.5x slower for results within "
+                                     "the seed spread)")
+    jobs: int | None = option(None, "training runs side by side, each in a process with its share of the cores "
+                                    "(default: 2 on a CPU with 2 or more cores, 1 with a GPU); the teachers "
+                                    "extract before them, with every core")
     # passed on to every training run: help and defaults are TrainConfig's, but for the demo's length
     model: str = borrow(TrainConfig, "model")
     epochs: int = borrow(TrainConfig, "epochs", 6)
@@ -59,8 +68,10 @@ class DemoConfig(Config):
     progress: bool = borrow(TrainConfig, "progress")
 
     def validate(self) -> None:
-        if self.jobs < 1:
-            raise ConfigError("config key 'jobs' must be 1 or more")
+        if self.jobs is not None and self.jobs < 1:
+            raise ConfigError("config key 'jobs' must be 1 or more (or unset: 2 on a CPU, 1 with a GPU)")
+        if self.teacher_image_size < 16:
+            raise ConfigError(f"config key 'teacher_image_size' must be at least 16 pixels, got {self.teacher_image_size}")
 
 
 TRAIN_OPTIONS = ("model", "epochs", "batch_size", "lr", "lambda_nn", "lambda_xnn", "precision", "workers", "progress")
@@ -75,6 +86,15 @@ def train_precision(asked: str, device: str) -> str:
     return "bf16" if native_bf16(resolve_device(device)) else "fp32"
 
 
+def demo_jobs(asked: int | None, device: str) -> int:
+    """Processes side by side: as asked, else 2 on a CPU with 2 or more cores and 1 on a GPU (the runs take turns)."""
+    from .distributed import resolve_device
+
+    if asked is not None:
+        return asked
+    return 2 if resolve_device(device).type == "cpu" and (os.cpu_count() or 1) >= 2 else 1
+
+
 def _timed(timings: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
     t0 = time.perf_counter()
     result = fn()
@@ -83,14 +103,15 @@ def _timed(timings: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
     return result
 
 
-def _prepare_banks(data_dir: Path, bank_dir: Path, cfg: DemoConfig, progress: bool) -> dict[str, float]:
+def _prepare_banks(data_dir: Path, bank_dir: Path, cfg: DemoConfig, workers: int, progress: bool) -> dict[str, float]:
     """Teachers' banks and neighbour tables (what the CLIP-PING runs need)."""
     from .banks import ExtractConfig, extract_banks
     from .knn import NeighborsConfig, build_neighbors
 
     timings: dict[str, float] = {}
     _timed(timings, "extract", lambda: extract_banks(ExtractConfig(data=str(data_dir / "train.csv"), out=str(bank_dir),
-                                                                   workers=cfg.workers, progress=progress)))
+                                                                   teacher_image_size=cfg.teacher_image_size,
+                                                                   workers=workers, progress=progress)))
     _timed(timings, "neighbors", lambda: build_neighbors(NeighborsConfig(banks=str(bank_dir), k=cfg.neighbor_k,
                                                                          progress=progress)))
     return timings
@@ -132,36 +153,40 @@ def run_demo(cfg: DemoConfig) -> None:
     data_dir, bank_dir = out / "data", out / "data" / "banks"
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
-    jobs = cfg.jobs
+    jobs = demo_jobs(cfg.jobs, TrainConfig.device)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    # side by side, a run's loader workers come out of its own share of the cores: with one core
+    # each, a worker would preempt the training thread, so the loader runs in the training process
+    run_workers = cfg.workers if jobs == 1 else min(cfg.workers, threads - 1)
 
     synth_cfg = SynthConfig(out=str(data_dir), seed=cfg.data_seed, n_train=cfg.n_train, n_val=cfg.n_val,
                             n_test=cfg.n_test, image_size=cfg.image_size)
     _timed(timings, "data synth", lambda: generate_synthetic(synth_cfg))
 
-    progress = cfg.progress and jobs == 1  # bars of side-by-side processes would overwrite each other
     precision = train_precision(cfg.precision, TrainConfig.device)
     log.info("demo: training precision %s (asked: %s)", precision, cfg.precision)
-    runs: dict[str, list[TrainConfig]] = {"clip": [], "clip-ping": []}
+    runs: list[TrainConfig] = []
     for seed in cfg.seeds:
-        for method in runs:
+        for method in ("clip", "clip-ping"):
             options = {k: getattr(cfg, k) for k in TRAIN_OPTIONS
                        if OBJECTIVES[method].weighs_neighbor_terms or not k.startswith("lambda_")}
-            options["progress"] = progress
+            options["progress"] = cfg.progress and jobs == 1  # bars of side-by-side processes would overwrite each other
+            options["workers"] = run_workers
             options["precision"] = precision
-            runs[method].append(TrainConfig(data=str(data_dir), banks=str(bank_dir), out=str(out / "runs" / f"{method}-seed{seed}"),
-                                            method=method, seed=seed, resume="auto", tensorboard=False, **options))
-    in_order = [c for pair in zip(runs["clip"], runs["clip-ping"]) for c in pair]
+            runs.append(TrainConfig(data=str(data_dir), banks=str(bank_dir), out=str(out / "runs" / f"{method}-seed{seed}"),
+                                    method=method, seed=seed, resume="auto", tensorboard=False, **options))
 
+    # the teachers first, with every core: beside a training, on one core, extraction took longer than both in turn
+    _add(timings, _prepare_banks(data_dir, bank_dir, cfg, cfg.workers, cfg.progress))
     if jobs == 1:
-        _add(timings, _prepare_banks(data_dir, bank_dir, cfg, progress))
-        for train_cfg in in_order:
-            _add(timings, _train_and_evaluate(train_cfg, data_dir, cfg.workers))
+        for train_cfg in runs:
+            _add(timings, _train_and_evaluate(train_cfg, data_dir, run_workers))
     else:
-        _run_side_by_side(cfg, jobs, data_dir, bank_dir, runs, timings, progress)
+        _train_side_by_side(runs, jobs, threads, run_workers, data_dir, timings, cfg.progress)
 
     report_dir = out / "report"
     _timed(timings, "neighbour page", lambda: write_demo_neighbor_page(data_dir, bank_dir, report_dir))
-    _timed(timings, "report", lambda: build_report([Path(c.out) for c in in_order], report_dir))
+    _timed(timings, "report", lambda: build_report([Path(c.out) for c in runs], report_dir))
     timings["total (wall)"] = round(time.perf_counter() - t_start, 1)
     (out / "timings.json").write_text(json.dumps(timings, indent=2))
     table = (report_dir / "report.md").read_text()
@@ -175,22 +200,22 @@ def _add(total: dict[str, float], part: dict[str, float]) -> None:
         total[key] = round(total.get(key, 0.0) + value, 2)
 
 
-def _run_side_by_side(cfg: DemoConfig, jobs: int, data_dir: Path, bank_dir: Path, runs: dict[str, list[TrainConfig]],
-                      timings: dict[str, float], progress: bool) -> None:
-    """Banks first in one process while the CLIP runs train in the others; CLIP-PING once the banks are there."""
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    log.info("demo: %d processes side by side, %d torch thread(s) each", jobs, threads)
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        banks = pool.submit(_in_worker, threads, _prepare_banks, data_dir, bank_dir, cfg, progress)
-        pending: set[Future] = {banks}
-        pending |= {pool.submit(_in_worker, threads, _train_and_evaluate, c, data_dir, cfg.workers) for c in runs["clip"]}
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                _add(timings, future.result())  # a failed stage raises here, with its own error
-                if future is banks:
-                    pending |= {pool.submit(_in_worker, threads, _train_and_evaluate, c, data_dir, cfg.workers)
-                                for c in runs["clip-ping"]}
+def _train_side_by_side(runs: list[TrainConfig], jobs: int, threads: int, workers: int, data_dir: Path,
+                        timings: dict[str, float], progress: bool) -> None:
+    """The runs (each trained, then evaluated) in ``jobs`` processes of ``threads`` torch threads each.
+
+    The processes' own bars would overwrite each other, so one bar here counts the finished runs.
+    """
+    from tqdm.auto import tqdm
+
+    log.info("demo: %d runs in %d processes side by side, %d torch thread(s) and %d loader worker(s) each",
+             len(runs), jobs, threads, workers)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool, \
+            tqdm(total=len(runs), desc="demo: runs", unit="run", disable=not progress) as bar:
+        futures = [pool.submit(_in_worker, threads, _train_and_evaluate, c, data_dir, workers) for c in runs]
+        for future in as_completed(futures):
+            _add(timings, future.result())  # a failed run raises here, with its own error
+            bar.update()
 
 
 def write_demo_neighbor_page(data_dir: Path, bank_dir: Path, report_dir: Path) -> dict[str, Any]:

@@ -273,43 +273,67 @@ def test_old_and_new_clip_runs_are_one_setting_but_lambdas_still_split_clip_ping
     assert comparable_options({"method": "unknown", "lambda_nn": 0.5}) == {"method": "unknown", "lambda_nn": 0.5}
 
 
-def test_demo_side_by_side_starts_clip_ping_only_when_the_banks_are_there(monkeypatch, tmp_path):
-    """`--jobs 2`: the CLIP runs start beside the bank extraction, CLIP-PING's after it; stage times add up."""
+def test_demo_extracts_with_every_core_then_trains_side_by_side_on_a_cpu(monkeypatch, tmp_path):
+    """Unset --jobs is 2 on a CPU with 2+ cores, 1 with a GPU. The teachers extract first, in the demo's own
+    process with its loader workers and at the demo's teacher size; then the four runs train two at a time, each
+    process with one thread and no loader worker (a worker would preempt the training thread); stage times add up."""
     import threading
-    import time
     from concurrent.futures import ThreadPoolExecutor
-    from types import SimpleNamespace
 
+    import torch
+
+    import clip_ping.banks
+    import clip_ping.evaluation.stage
+    import clip_ping.knn
+    import clip_ping.trainer
     from clip_ping import demo as demo_mod
     from clip_ping.errors import ConfigError
 
-    events: list[str] = []
-    lock = threading.Lock()
-
-    def prepare(data_dir, bank_dir, cfg, progress):
-        time.sleep(0.3)
-        with lock:
-            events.append("banks")
-        return {"extract": 2.0, "neighbors": 0.5}
-
-    def train_and_evaluate(run, data_dir, workers):
-        with lock:
-            events.append(f"{run.method}-{run.seed}")
-        return {f"train {run.method}": 1.0, f"eval {run.method}": 0.25}
-
-    monkeypatch.setattr(demo_mod, "ProcessPoolExecutor", lambda max_workers, mp_context: ThreadPoolExecutor(max_workers))
-    monkeypatch.setattr(demo_mod, "_in_worker", lambda threads, fn, *args: fn(*args))
-    monkeypatch.setattr(demo_mod, "_prepare_banks", prepare)
-    monkeypatch.setattr(demo_mod, "_train_and_evaluate", train_and_evaluate)
-    runs = {m: [SimpleNamespace(method=m, seed=s) for s in (0, 1)] for m in ("clip", "clip-ping")}
-    timings: dict[str, float] = {}
-    demo_mod._run_side_by_side(demo_mod.DemoConfig(out=str(tmp_path)), 2, tmp_path, tmp_path / "banks", runs, timings,
-                               progress=False)
-
-    assert sorted(events) == ["banks", "clip-0", "clip-1", "clip-ping-0", "clip-ping-1"]
-    assert events.index("clip-0") < events.index("banks")  # CLIP needs no banks: it ran during the extraction
-    assert all(events.index(f"clip-ping-{s}") > events.index("banks") for s in (0, 1))
-    assert timings == {"extract": 2.0, "neighbors": 0.5, "train clip": 2.0, "eval clip": 0.5,
-                       "train clip-ping": 2.0, "eval clip-ping": 0.5}
+    monkeypatch.setattr(demo_mod.os, "cpu_count", lambda: 2)
+    assert demo_mod.demo_jobs(None, "cpu") == 2
+    assert demo_mod.demo_jobs(1, "cpu") == 1
+    with monkeypatch.context() as one_core:
+        one_core.setattr(demo_mod.os, "cpu_count", lambda: 1)
+        assert demo_mod.demo_jobs(None, "cpu") == 1
+    with monkeypatch.context() as gpu:
+        gpu.setattr("clip_ping.distributed.resolve_device", lambda name: torch.device("cuda", 0))
+        assert demo_mod.demo_jobs(None, "auto") == 1
     with pytest.raises(ConfigError, match="jobs"):
         demo_mod.DemoConfig(jobs=0)
+    with pytest.raises(ConfigError, match="teacher_image_size"):
+        demo_mod.DemoConfig(teacher_image_size=8)
+
+    events: list[tuple[str, object]] = []
+    lock = threading.Lock()
+
+    def record(kind):
+        def stage(cfg):
+            with lock:
+                events.append((kind, cfg))
+        return stage
+
+    monkeypatch.setattr(demo_mod, "ProcessPoolExecutor", lambda max_workers, mp_context: ThreadPoolExecutor(max_workers))
+    monkeypatch.setattr(demo_mod, "_in_worker", lambda threads, fn, *args: events.append(("threads", threads)) or fn(*args))
+    monkeypatch.setattr(clip_ping.banks, "extract_banks", record("extract"))
+    monkeypatch.setattr(clip_ping.knn, "build_neighbors", record("neighbors"))
+    monkeypatch.setattr(clip_ping.trainer, "train", record("train"))
+    monkeypatch.setattr(clip_ping.evaluation.stage, "evaluate_from_config", record("eval"))
+    monkeypatch.setattr(demo_mod, "write_demo_neighbor_page", lambda *a: None)
+    monkeypatch.setattr("clip_ping.report.build_report", lambda runs, out: (out.mkdir(parents=True, exist_ok=True),
+                                                                          (out / "report.md").write_text("table")))
+    monkeypatch.setattr("clip_ping.data.synth.generate_synthetic", lambda c: None)
+    demo_mod.run_demo(demo_mod.DemoConfig(out=str(tmp_path), progress=False))
+
+    kinds = [kind for kind, _ in events]
+    assert kinds[:2] == ["extract", "neighbors"]  # before any run, not inside a side-by-side process
+    extract = events[0][1]
+    assert extract.teacher_image_size == 96 and extract.workers == demo_mod.DemoConfig.workers
+    trains = [cfg for kind, cfg in events if kind == "train"]
+    assert sorted((c.method, c.seed) for c in trains) == [("clip", 0), ("clip", 1), ("clip-ping", 0), ("clip-ping", 1)]
+    assert {c.workers for c in trains} == {0} and {c.workers for kind, c in events if kind == "eval"} == {0}
+    assert [cfg for kind, cfg in events if kind == "threads"] == [1] * 4
+    timings = json.loads((tmp_path / "timings.json").read_text())
+    assert {k for k in timings if k.startswith(("train", "eval"))} == {"train clip", "eval clip", "train clip-ping",
+                                                                        "eval clip-ping"}  # merged from the processes
+
+
