@@ -129,7 +129,7 @@ def _train_and_evaluate(train_cfg: TrainConfig, data_dir: Path, workers: int) ->
         return timings
     _timed(timings, f"train {train_cfg.method}", lambda: train(train_cfg))
     eval_cfg = EvalConfig(checkpoint=str(run_dir), data=str(data_dir), split="test", out=str(run_dir / "eval.json"),
-                          workers=workers)
+                          workers=workers, progress=train_cfg.progress)
     _timed(timings, f"eval {train_cfg.method}", lambda: evaluate_from_config(eval_cfg))
     return timings
 

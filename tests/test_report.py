@@ -322,15 +322,17 @@ def test_demo_extracts_with_every_core_then_trains_side_by_side_on_a_cpu(monkeyp
     monkeypatch.setattr("clip_ping.report.build_report", lambda runs, out: (out.mkdir(parents=True, exist_ok=True),
                                                                           (out / "report.md").write_text("table")))
     monkeypatch.setattr("clip_ping.data.synth.generate_synthetic", lambda c: None)
-    demo_mod.run_demo(demo_mod.DemoConfig(out=str(tmp_path), progress=False))
+    demo_mod.run_demo(demo_mod.DemoConfig(out=str(tmp_path), progress=True))
 
     kinds = [kind for kind, _ in events]
     assert kinds[:2] == ["extract", "neighbors"]  # before any run, not inside a side-by-side process
     extract = events[0][1]
-    assert extract.teacher_image_size == 96 and extract.workers == demo_mod.DemoConfig.workers
+    assert extract.teacher_image_size == 96 and extract.workers == demo_mod.DemoConfig.workers and extract.progress
     trains = [cfg for kind, cfg in events if kind == "train"]
     assert sorted((c.method, c.seed) for c in trains) == [("clip", 0), ("clip", 1), ("clip-ping", 0), ("clip-ping", 1)]
-    assert {c.workers for c in trains} == {0} and {c.workers for kind, c in events if kind == "eval"} == {0}
+    evals = [cfg for kind, cfg in events if kind == "eval"]
+    assert {c.workers for c in trains} == {0} and {c.workers for c in evals} == {0}
+    assert not any(c.progress for c in trains + evals)  # bars of side-by-side processes would overwrite each other
     assert [cfg for kind, cfg in events if kind == "threads"] == [1] * 4
     timings = json.loads((tmp_path / "timings.json").read_text())
     assert {k for k in timings if k.startswith(("train", "eval"))} == {"train clip", "eval clip", "train clip-ping",
