@@ -111,11 +111,12 @@ def plan_config_only(cfg: Any) -> dict[str, Any]:
 
 
 def plan_demo(cfg: Any) -> dict[str, Any]:
-    """The demo's configuration, and the precision ``auto`` resolves to on this machine."""
-    from .demo import train_precision
+    """The demo's configuration, and what its unset options resolve to on this machine."""
+    from .demo import demo_jobs, train_precision
     from .train_config import TrainConfig
 
-    return {**plan_config_only(cfg), "training_precision": train_precision(cfg.precision, TrainConfig.device)}
+    return {**plan_config_only(cfg), "training_precision": train_precision(cfg.precision, TrainConfig.device),
+            "training_processes_side_by_side": demo_jobs(cfg.jobs, TrainConfig.device)}
 
 
 def student_cost_per_sample(model: torch.nn.Module, precision: str = "fp32") -> tuple[float, float]:

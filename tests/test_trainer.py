@@ -1,5 +1,6 @@
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -309,6 +310,8 @@ def test_bf16_without_native_arithmetic_is_warned_and_auto_picks_fp32(tiny_synth
 
     assert plan_demo(DemoConfig())["training_precision"] == ("bf16" if native else "fp32")
     assert plan_demo(DemoConfig(precision="fp32"))["training_precision"] == "fp32"
+    assert plan_demo(DemoConfig(jobs=1))["training_processes_side_by_side"] == 1
+    assert plan_demo(DemoConfig())["training_processes_side_by_side"] == (2 if (os.cpu_count() or 1) >= 2 else 1)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
