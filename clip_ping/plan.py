@@ -98,8 +98,8 @@ def plan_train(cfg: Any) -> dict[str, Any]:
         "train_flop_total": f"{flop_per_sample * cfg.batch_size * total_steps:.3g} FLOP",
         "weights_and_optimizer_memory": _gb(state_bytes) + " per process",
         "activation_memory": _gb(activation_bytes * cfg.batch_size // world)
-        + f" per process ({activation_bytes / 1e6:.1f} MB per pair, {cfg.precision}; measured with the CPU's attention "
-          "kernels: an upper bound where flash attention runs)",
+        + f" per process ({activation_bytes / 1e6:.1f} MB per pair, {cfg.precision}; measured as a CPU step runs "
+          "attention: an upper bound where flash attention runs)",
         "checkpoint_disk": _gb(checkpoint_bytes * (cfg.keep_checkpoints + 1)),
         "uses_banks": objective.uses_banks,
     }
@@ -127,6 +127,8 @@ def student_cost_per_sample(model: torch.nn.Module, precision: str = "fp32") -> 
     """
     from torch.utils.flop_counter import FlopCounterMode
 
+    from .distributed import training_autocast
+
     size = model.visual.image_size
     size = size if isinstance(size, (tuple, list)) else (size, size)
     context = int(getattr(model, "context_length", 77))
@@ -139,9 +141,9 @@ def student_cost_per_sample(model: torch.nn.Module, precision: str = "fp32") -> 
         return t
 
     counter = FlopCounterMode(display=False)
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    # the context of a CPU training step: in bf16/fp16 its attention runs the math kernel, which saves more
     with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast("cpu", dtype=dtype, enabled=precision != "fp32"):
+            training_autocast(torch.device("cpu"), precision):
         u = model.encode_image(images, normalize=True)
         v = model.encode_text(texts, normalize=True)
         (u.float() * v.float()).sum().backward()

@@ -332,3 +332,27 @@ def test_bf16_training_on_a_cpu_keeps_attention_off_the_flash_kernel(tiny_synth,
         assert any(op.startswith("aten::bmm") or op == "aten::matmul" for op in ops)
     else:
         assert flash
+
+
+def test_dry_run_memory_counts_what_a_cpu_bf16_step_saves(monkeypatch):
+    """A bf16 training step on a CPU runs attention through the math kernel, which saves each layer's attention
+    probabilities (heads x T x T, bf16) for the backward pass: the dry run's activation estimate counts them."""
+    import contextlib
+
+    from clip_ping import distributed
+    from clip_ping.plan import student_cost_per_sample
+    from clip_ping.student import create_student
+
+    model = create_student("ViT-XXS-8-64", seed=0)[0]
+    _, counted = student_cost_per_sample(model, "bf16")
+
+    @contextlib.contextmanager
+    def autocast_only(device, precision):  # the fused attention kernel, which keeps no T x T matrix
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+
+    monkeypatch.setattr(distributed, "training_autocast", autocast_only)
+    _, fused = student_cost_per_sample(model, "bf16")
+    vision_tokens, text_tokens, heads = (64 // 8) ** 2 + 1, 32, 4  # ViT-XXS-8-64: 4 + 3 layers of 4 heads
+    probabilities = 2 * heads * (4 * vision_tokens ** 2 + 3 * text_tokens ** 2)
+    assert counted - fused >= probabilities
