@@ -24,7 +24,7 @@ import logging
 import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -127,7 +127,11 @@ def _train_and_evaluate(train_cfg: TrainConfig, data_dir: Path, workers: int) ->
     if (run_dir / "eval.json").is_file():
         log.info("demo: %s already trained and evaluated, skipped", run_dir)
         return timings
-    _timed(timings, f"train {train_cfg.method}", lambda: train(train_cfg))
+    summary = _timed(timings, f"train {train_cfg.method}", lambda: train(train_cfg))
+    if summary.get("stopped_by"):
+        # not evaluated: an eval.json would mark the run finished, and the next demo would skip it half-trained
+        raise KeyboardInterrupt(f"{run_dir} stopped by {summary['stopped_by']} at step {summary['step']}; "
+                                "run the demo again to resume it")
     eval_cfg = EvalConfig(checkpoint=str(run_dir), data=str(data_dir), split="test", out=str(run_dir / "eval.json"),
                           workers=workers, progress=train_cfg.progress)
     _timed(timings, f"eval {train_cfg.method}", lambda: evaluate_from_config(eval_cfg))
@@ -210,12 +214,20 @@ def _train_side_by_side(runs: list[TrainConfig], jobs: int, threads: int, worker
 
     log.info("demo: %d runs in %d processes side by side, %d torch thread(s) and %d loader worker(s) each",
              len(runs), jobs, threads, workers)
+    waiting = list(runs)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool, \
             tqdm(total=len(runs), desc="demo: runs", unit="run", disable=not progress) as bar:
-        futures = [pool.submit(_in_worker, threads, _train_and_evaluate, c, data_dir, workers) for c in runs]
-        for future in as_completed(futures):
-            _add(timings, future.result())  # a failed run raises here, with its own error
-            bar.update()
+        # a run is handed over only when a process is free, so after a failed or stopped run (Ctrl-C reaches
+        # every process) no new one starts: leaving the block waits for the runs in progress to save and stop
+        running = {pool.submit(_in_worker, threads, _train_and_evaluate, waiting.pop(0), data_dir, workers)
+                   for _ in range(min(jobs, len(waiting)))}
+        while running:
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                _add(timings, future.result())  # a failed or stopped run raises here, with its own error
+                bar.update()
+                if waiting:
+                    running.add(pool.submit(_in_worker, threads, _train_and_evaluate, waiting.pop(0), data_dir, workers))
 
 
 def write_demo_neighbor_page(data_dir: Path, bank_dir: Path, report_dir: Path) -> dict[str, Any]:

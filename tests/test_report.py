@@ -273,19 +273,70 @@ def test_old_and_new_clip_runs_are_one_setting_but_lambdas_still_split_clip_ping
     assert comparable_options({"method": "unknown", "lambda_nn": 0.5}) == {"method": "unknown", "lambda_nn": 0.5}
 
 
-def test_demo_extracts_with_every_core_then_trains_side_by_side_on_a_cpu(monkeypatch, tmp_path):
-    """Unset --jobs is 2 on a CPU with 2+ cores, 1 with a GPU. The teachers extract first, in the demo's own
-    process with its loader workers and at the demo's teacher size; then the four runs train two at a time, each
-    process with one thread and no loader worker (a worker would preempt the training thread); stage times add up."""
+def _fake_demo_stages(monkeypatch, train_summary=lambda cfg: {"step": 6, "stopped_by": None}):
+    """The demo's stages recorded instead of run, in order (kind, config); its processes are threads."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
-
-    import torch
 
     import clip_ping.banks
     import clip_ping.evaluation.stage
     import clip_ping.knn
     import clip_ping.trainer
+    from clip_ping import demo as demo_mod
+
+    events: list[tuple[str, object]] = []
+    lock = threading.Lock()
+
+    def record(kind, result=lambda cfg: None):
+        def stage(cfg):
+            with lock:
+                events.append((kind, cfg))
+            return result(cfg)
+        return stage
+
+    monkeypatch.setattr(demo_mod, "ProcessPoolExecutor", lambda max_workers, mp_context: ThreadPoolExecutor(max_workers))
+    monkeypatch.setattr(demo_mod, "_in_worker", lambda threads, fn, *args: events.append(("threads", threads)) or fn(*args))
+    monkeypatch.setattr(clip_ping.banks, "extract_banks", record("extract"))
+    monkeypatch.setattr(clip_ping.knn, "build_neighbors", record("neighbors"))
+    monkeypatch.setattr(clip_ping.trainer, "train", record("train", train_summary))
+    monkeypatch.setattr(clip_ping.evaluation.stage, "evaluate_from_config", record("eval"))
+    monkeypatch.setattr(demo_mod, "write_demo_neighbor_page", lambda *a: None)
+    monkeypatch.setattr("clip_ping.report.build_report", lambda runs, out: (out.mkdir(parents=True, exist_ok=True),
+                                                                          (out / "report.md").write_text("table")))
+    monkeypatch.setattr("clip_ping.data.synth.generate_synthetic", lambda c: None)
+    return events
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_stopped_demo_run_is_not_evaluated_and_no_other_run_starts(monkeypatch, tmp_path, jobs):
+    """Ctrl-C: the trainer saves and returns "stopped"; the demo must not evaluate that run (its eval.json would
+    make the next demo skip it half-trained) nor start another run; it stops as interrupted."""
+    import time
+
+    from clip_ping import demo as demo_mod
+
+    def summary(cfg):
+        if (cfg.method, cfg.seed) == ("clip", 0):
+            return {"step": 3, "stopped_by": "SIGINT"}
+        time.sleep(0.3)  # the other run in progress side by side ends later
+        return {"step": 186, "stopped_by": None}
+
+    events = _fake_demo_stages(monkeypatch, summary)
+    with pytest.raises(KeyboardInterrupt, match="stopped by SIGINT at step 3"):
+        demo_mod.run_demo(demo_mod.DemoConfig(out=str(tmp_path), progress=False, jobs=jobs))
+    trained = [(c.method, c.seed) for kind, c in events if kind == "train"]
+    evaluated = [Path(c.checkpoint).name for kind, c in events if kind == "eval"]
+    assert trained == [("clip", 0)] if jobs == 1 else sorted(trained) == [("clip", 0), ("clip-ping", 0)]
+    assert "clip-seed0" not in evaluated and not (tmp_path / "timings.json").exists()
+
+
+def test_demo_extracts_with_every_core_then_trains_side_by_side_on_a_cpu(monkeypatch, tmp_path):
+    """Unset --jobs is 2 on a CPU with 2+ cores, 1 with a GPU. The teachers extract first, in the demo's own
+    process with its loader workers and at the demo's teacher size; then the four runs train two at a time, each
+    process with one thread and no loader worker (a worker would preempt the training thread); stage times add up."""
+
+    import torch
+
     from clip_ping import demo as demo_mod
     from clip_ping.errors import ConfigError
 
@@ -303,25 +354,7 @@ def test_demo_extracts_with_every_core_then_trains_side_by_side_on_a_cpu(monkeyp
     with pytest.raises(ConfigError, match="teacher_image_size"):
         demo_mod.DemoConfig(teacher_image_size=8)
 
-    events: list[tuple[str, object]] = []
-    lock = threading.Lock()
-
-    def record(kind):
-        def stage(cfg):
-            with lock:
-                events.append((kind, cfg))
-        return stage
-
-    monkeypatch.setattr(demo_mod, "ProcessPoolExecutor", lambda max_workers, mp_context: ThreadPoolExecutor(max_workers))
-    monkeypatch.setattr(demo_mod, "_in_worker", lambda threads, fn, *args: events.append(("threads", threads)) or fn(*args))
-    monkeypatch.setattr(clip_ping.banks, "extract_banks", record("extract"))
-    monkeypatch.setattr(clip_ping.knn, "build_neighbors", record("neighbors"))
-    monkeypatch.setattr(clip_ping.trainer, "train", record("train"))
-    monkeypatch.setattr(clip_ping.evaluation.stage, "evaluate_from_config", record("eval"))
-    monkeypatch.setattr(demo_mod, "write_demo_neighbor_page", lambda *a: None)
-    monkeypatch.setattr("clip_ping.report.build_report", lambda runs, out: (out.mkdir(parents=True, exist_ok=True),
-                                                                          (out / "report.md").write_text("table")))
-    monkeypatch.setattr("clip_ping.data.synth.generate_synthetic", lambda c: None)
+    events = _fake_demo_stages(monkeypatch)
     demo_mod.run_demo(demo_mod.DemoConfig(out=str(tmp_path), progress=True))
 
     kinds = [kind for kind, _ in events]
