@@ -29,12 +29,10 @@ from _common import WORK, machine_facts, print_table, write_json
 
 from clip_ping.banks import ExtractConfig, extract_banks
 from clip_ping.data.synth import SynthConfig, generate_synthetic
-from clip_ping.demo import TRAIN_OPTIONS, DemoConfig, train_precision
-from clip_ping.evaluation.stage import EvalConfig, evaluate_from_config
+from clip_ping.demo import DemoConfig, demo_run_config, train_and_evaluate, train_precision
 from clip_ping.knn import NeighborsConfig, build_neighbors
-from clip_ping.objectives import OBJECTIVES
 from clip_ping.report import build_report
-from clip_ping.trainer import TrainConfig, train
+from clip_ping.trainer import TrainConfig
 
 HEADLINE = ("zeroshot/shape/top1", "zeroshot/color/top1", "zeroshot/count/top1",
             "retrieval/image_to_text/R@1", "retrieval/text_to_image/R@1")  # paths into eval.json, percent
@@ -49,18 +47,13 @@ def make_banks(data_dir: Path, size: int | None, demo: DemoConfig) -> tuple[Path
     return bank_dir, time.perf_counter() - started
 
 
-def train_and_eval(run_dir: Path, method: str, seed: int, data_dir: Path, bank_dir: Path | None,
+def train_and_eval(run_dir: Path, method: str, seed: int, data_dir: Path, bank_dir: Path,
                    demo: DemoConfig) -> dict[str, float]:
-    eval_path = run_dir / "eval.json"
-    if not eval_path.is_file():
-        options = {k: getattr(demo, k) for k in TRAIN_OPTIONS
-                   if OBJECTIVES[method].weighs_neighbor_terms or not k.startswith("lambda_")}
-        options.update(progress=False, precision=train_precision(demo.precision, TrainConfig.device))
-        train(TrainConfig(data=str(data_dir), banks=str(bank_dir) if bank_dir else None, out=str(run_dir),
-                          method=method, seed=seed, resume="auto", tensorboard=False, **options))
-        evaluate_from_config(EvalConfig(checkpoint=str(run_dir), data=str(data_dir), split="test", out=str(eval_path),
-                                        workers=demo.workers))
-    result = json.loads(eval_path.read_text())
+    """One run as the demo trains and evaluates it (a run stopped by Ctrl-C is not evaluated); its headline metrics."""
+    precision = train_precision(demo.precision, TrainConfig.device)
+    train_and_evaluate(demo_run_config(demo, method, seed, data_dir, bank_dir, run_dir, precision, demo.workers,
+                                       progress=False), data_dir, demo.workers)
+    result = json.loads((run_dir / "eval.json").read_text())
     return {key: float(_at(result, key)) for key in HEADLINE}
 
 
@@ -91,7 +84,8 @@ def main() -> None:
         banks[name], extract_seconds[name] = make_banks(data_dir, None if size == 224 else size, demo)
         print(f"{name}: banks and neighbours in {extract_seconds[name]:.1f} s", flush=True)
 
-    settings: dict[str, tuple[str, Path | None]] = {"clip": ("clip", None)}
+    # plain CLIP reads no bank; the demo gives it the bank folder all the same
+    settings: dict[str, tuple[str, Path]] = {"clip": ("clip", next(iter(banks.values())))}
     settings.update({name: ("clip-ping", bank) for name, bank in banks.items()})
     per_seed: dict[str, list[dict[str, float]]] = {name: [] for name in settings}
     run_dirs, names = [], []
