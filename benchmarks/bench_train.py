@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/bench_train.py --vs-open-clip    # clip-ping plain CLIP vs open_clip_train
     .venv/bin/python benchmarks/bench_train.py --methods         # step time of every method vs CLIP-PING
     .venv/bin/python benchmarks/bench_train.py --image-cache     # Trainer.fit with decoded images in memory or not
+    .venv/bin/python benchmarks/bench_train.py --attention-blocks  # open_clip's custom attention block vs default
 
 Default mode, per model and precision (fp32, bf16), in one process:
 
@@ -43,6 +44,11 @@ paired per-round ratio to CLIP-PING and to CLIP. The loader work itself
 a fresh process, alternated (off on, on off, ...); the median step after warm-up
 per side and round, and each fit's wall time, which on the cached side includes
 decoding every image once. ``--data DIR`` measures on another data set folder.
+
+``--attention-blocks``: CLIP-PING `Trainer.train_step` on the shipped ViT-XXS-8-64 config
+(open_clip's custom attention block) and on the same config with open_clip's default
+block (``nn.MultiheadAttention``), same batches, one step of each in turn; ``--threads``
+sets the torch threads (the demo trains with 1 per process).
 
 Data: the built-in synthetic set (`clip_ping.data.synth`), banks from the default
 teachers, neighbours k=10; made once into ``benchmarks/work/``. Results:
@@ -284,6 +290,43 @@ METHOD_SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
+def register_block_variant(model: str, block_type: str) -> str:
+    """An open_clip config name for ``model`` with another attention block (same widths, depths, names)."""
+    import open_clip
+
+    from clip_ping.student import MODEL_CONFIG_DIR, register_model_configs
+
+    register_model_configs()
+    cfg = json.loads((MODEL_CONFIG_DIR / f"{model}.json").read_text())
+    for tower in ("vision_cfg", "text_cfg"):
+        cfg[tower]["block_type"] = block_type
+    folder = C.WORK / "model_configs"
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"{model}-{block_type}-block"
+    (folder / f"{name}.json").write_text(json.dumps(cfg, indent=4))
+    open_clip.add_model_config(folder)
+    return name
+
+
+def attention_blocks(data: Path, model: str, batch: int, precision: str, steps: int, warmup: int,
+                     method: str = "clip-ping") -> dict[str, Any]:
+    """`Trainer.train_step` of the shipped config (open_clip's custom block) against the same config with
+    open_clip's default block (nn.MultiheadAttention), same batches, one step of each in turn."""
+    names = {block: register_block_variant(model, block) for block in ("default", "custom")}
+    run_root = C.WORK / "runs"
+    trainers = {block: Trainer(train_config(data, run_root / f"blocks-{block}", method, name, batch, precision, 0,
+                                            10**6))
+                for block, name in names.items()}
+    batches = preload_batches(trainers["default"], warmup + steps)
+    times = C.interleaved({b: (lambda r, t=t: t.train_step(batches[r % len(batches)])) for b, t in trainers.items()},
+                          repeats=steps, warmup=warmup)
+    st = {b: C.stats(v) for b, v in times.items()}
+    return {"model": model, "method": method, "precision": precision, "batch_size": batch, "steps": steps,
+            "warmup": warmup, "threads": torch.get_num_threads(), "step_s": st,
+            "speedup_custom": st["default"]["median"] / st["custom"]["median"],
+            "speedup_paired_median": statistics.median(d / c for d, c in zip(times["default"], times["custom"]))}
+
+
 def methods_cost(data: Path, model: str, batch: int, precision: str, steps: int, warmup: int,
                  settings: list[str]) -> dict[str, Any]:
     """Median step time of each method setting, interleaved, and its paired ratio to CLIP-PING and CLIP."""
@@ -488,6 +531,8 @@ def main() -> None:
     ap.add_argument("--methods", action="store_true", help="step time of every method setting vs CLIP-PING")
     ap.add_argument("--image-cache", action="store_true",
                     help="plain CLIP Trainer.fit with --image-cache off against on (fresh processes, alternated)")
+    ap.add_argument("--attention-blocks", action="store_true",
+                    help="CLIP-PING steps with open_clip's custom attention block (shipped) against its default block")
     ap.add_argument("--data", default=None,
                     help="--vs-open-clip / --image-cache: a data set folder with train.csv (default: built-in data)")
     ap.add_argument("--method-settings", default=",".join(METHOD_SETTINGS),
@@ -544,6 +589,22 @@ def main() -> None:
         C.print_table(rows, ["prec", "steps", "off step s", "on step s", "step off/on", "fit off/on per round"],
                       "plain CLIP end to end, image cache off vs on (median step after warm-up)")
         path = C.write_json(args.out or "train_image_cache", result)
+        print(f"\nload average at end: {result['machine']['load_avg_end']}\nwrote {path}")
+        return
+
+    if args.attention_blocks:
+        result["attention_blocks"] = []
+        rows = []
+        for precision in precisions:
+            print(f"[attention blocks] ViT-XXS-8-64 {precision} batch {args.batch_size}: {args.warmup}+{args.steps} "
+                  "steps each", flush=True)
+            res = attention_blocks(data, "ViT-XXS-8-64", args.batch_size, precision, args.steps, args.warmup)
+            result["attention_blocks"].append(res)
+            rows.append([precision, res["threads"], res["step_s"]["default"]["median"],
+                         res["step_s"]["custom"]["median"], res["speedup_custom"], res["speedup_paired_median"]])
+        C.print_table(rows, ["prec", "threads", "default s", "custom s", "default/custom", "paired"],
+                      "CLIP-PING Trainer.train_step, open_clip's default attention block vs the custom one (median)")
+        path = C.write_json(args.out or "train_attention_blocks", result)
         print(f"\nload average at end: {result['machine']['load_avg_end']}\nwrote {path}")
         return
 

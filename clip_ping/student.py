@@ -70,6 +70,23 @@ class _quiet_random_init_warning(logging.Filter):
         logging.getLogger().removeFilter(self)
 
 
+def enable_grad_checkpointing(model: torch.nn.Module) -> int:
+    """Recompute each transformer block's activations in the backward pass; returns the number of blocks.
+
+    open_clip 3.3's own switch (``set_grad_checkpointing``) calls each block with the default block's
+    arguments, which the custom attention block of the shipped configs does not take. torch's composable
+    checkpoint wraps each block in place instead (as open_clip's ``impl='composable'`` does), so parameter
+    names and checkpoints stay as they are.
+    """
+    from torch.distributed._composable import checkpoint
+
+    blocks = [block for module in model.modules() if isinstance(getattr(module, "resblocks", None), torch.nn.ModuleList)
+              for block in module.resblocks]
+    for block in blocks:
+        checkpoint(block)
+    return len(blocks)
+
+
 def embed_dim(model: Any) -> int:
     """The width of the shared image-text space of an open_clip model."""
     if hasattr(model, "text_projection"):

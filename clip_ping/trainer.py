@@ -55,7 +55,7 @@ from .pretrained import init_student
 from .run_folder import config_to_record, run_folder_problem, truncate_metrics
 from .run_logs import RunLogs
 from .schedule import warmup_cosine_lr
-from .student import StudentEncoders, create_student, embed_dim
+from .student import StudentEncoders, create_student, embed_dim, enable_grad_checkpointing
 from .train_config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ class Trainer:
             init_student(self.model, cfg.init_from, cfg.model)
         self.model.to(self.device)
         if cfg.grad_checkpointing:
-            self.model.set_grad_checkpointing(True)
+            enable_grad_checkpointing(self.model)
         self.objective = build_objective(ObjectiveSetup(cfg, self.table, embed_dim(self.model), self.device,
                                                         self.preprocess_train))
         self.encoders = self._wrap(StudentEncoders(self.model, self.objective))

@@ -35,3 +35,27 @@ def test_exported_model_loads_in_open_clip_with_the_same_embeddings(tiny_synth, 
     again.eval()
     with torch.no_grad():
         assert torch.allclose(again.encode_text(their_tokenizer(captions), normalize=True), txt_ours, atol=1e-6)
+
+
+def test_shipped_configs_compute_what_open_clips_default_block_computes_on_the_same_weights():
+    """The shipped configs use open_clip's custom attention block (faster on a CPU). A model of the same config
+    with open_clip's default block holds the same tensors under the same names and computes the same
+    embeddings, so checkpoints saved before the switch load, and either block can read the other's weights."""
+    import json
+
+    from clip_ping.student import MODEL_CONFIG_DIR, create_student
+
+    ours, _, _, tokenizer = create_student("ViT-XXS-8-64", seed=0)
+    cfg = json.loads((MODEL_CONFIG_DIR / "ViT-XXS-8-64.json").read_text())
+    assert cfg["vision_cfg"]["block_type"] == cfg["text_cfg"]["block_type"] == "custom"
+    for tower in ("vision_cfg", "text_cfg"):
+        cfg[tower]["block_type"] = "default"
+    default = open_clip.model.CLIP(**cfg)
+    assert type(default.visual.transformer.resblocks[0]) is not type(ours.visual.transformer.resblocks[0])
+    default.load_state_dict(ours.state_dict())  # strict: same names, same shapes
+    ours.eval(), default.eval()
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    texts = tokenizer(["a red circle", "two small blue stars on a grey background", ""])
+    with torch.no_grad():
+        assert torch.allclose(ours.encode_image(images), default.encode_image(images), atol=1e-5)
+        assert torch.allclose(ours.encode_text(texts), default.encode_text(texts), atol=1e-5)

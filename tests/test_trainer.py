@@ -356,3 +356,20 @@ def test_dry_run_memory_counts_what_a_cpu_bf16_step_saves(monkeypatch):
     vision_tokens, text_tokens, heads = (64 // 8) ** 2 + 1, 32, 4  # ViT-XXS-8-64: 4 + 3 layers of 4 heads
     probabilities = 2 * heads * (4 * vision_tokens ** 2 + 3 * text_tokens ** 2)
     assert counted - fused >= probabilities
+
+
+def test_grad_checkpointing_recomputes_every_block_and_keeps_the_parameter_names(tiny_synth, tmp_path):
+    plain = Trainer(_cfg(tiny_synth, tmp_path / "a"))
+    checkpointed = Trainer(_cfg(tiny_synth, tmp_path / "b", grad_checkpointing=True))
+    assert list(checkpointed.model.state_dict()) == list(plain.model.state_dict())
+    def attention_calls_in_one_step(trainer: Trainer) -> int:
+        calls = []
+        for tower in (trainer.model.visual.transformer, trainer.model.transformer):
+            for block in tower.resblocks:
+                block.attn.register_forward_hook(lambda module, args, out: calls.append(module))
+        trainer.train_step(_first_batch(trainer))
+        return len(calls)
+
+    blocks = len(plain.model.visual.transformer.resblocks) + len(plain.model.transformer.resblocks)
+    assert attention_calls_in_one_step(plain) == blocks
+    assert attention_calls_in_one_step(checkpointed) == 2 * blocks  # run again in the backward pass
