@@ -59,3 +59,29 @@ def test_shipped_configs_compute_what_open_clips_default_block_computes_on_the_s
     with torch.no_grad():
         assert torch.allclose(ours.encode_image(images), default.encode_image(images), atol=1e-5)
         assert torch.allclose(ours.encode_text(texts), default.encode_text(texts), atol=1e-5)
+
+
+def test_a_student_starts_from_the_weights_open_clips_default_block_draws_from_the_same_seed(tmp_path):
+    """The custom block draws wider attention weights; the student keeps the default block's initial
+    weights (those of earlier versions, seed for seed), which trained better in the demo."""
+    import json
+
+    from clip_ping.student import MODEL_CONFIG_DIR, create_student
+
+    cfg = json.loads((MODEL_CONFIG_DIR / "ViT-XXS-8-64.json").read_text())
+    for tower in ("vision_cfg", "text_cfg"):
+        cfg[tower]["block_type"] = "default"
+    (tmp_path / "XXS-default-block.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path)
+    for seed in (0, 5):
+        torch.manual_seed(seed)
+        expected = open_clip.create_model("XXS-default-block").state_dict()
+        torch.manual_seed(123)
+        student = create_student("ViT-XXS-8-64", seed=seed)[0]
+        assert type(student.visual.transformer.resblocks[0]).__name__ == "CustomResidualAttentionBlock"
+        got = student.state_dict()
+        assert list(got) == list(expected)
+        assert all(torch.equal(got[k], expected[k]) for k in got)
+        drawn_after = torch.rand(3)
+        torch.manual_seed(123)
+        assert torch.equal(drawn_after, torch.rand(3))  # the caller's generator is left as it was
