@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .checkpoints import nonfinite_tensors
 from .config import Config, option
@@ -53,6 +54,7 @@ def export_open_clip(cfg: ExportConfig) -> dict[str, str]:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"config key 'out': cannot create {out} ({exc.strerror})") from None
+    model_cfg = portable_model_config(model_cfg)
     image_size = model_cfg["vision_cfg"]["image_size"]
     preprocess_cfg = {
         "size": [image_size, image_size] if isinstance(image_size, int) else list(image_size),
@@ -75,6 +77,18 @@ def export_open_clip(cfg: ExportConfig) -> dict[str, str]:
     verify_export(out)  # what open_clip loads is what was trained
     return {"exported": str(out), "model": model_name,
             "load_with": f"open_clip.create_model_and_transforms('local-dir:{out}')"}
+
+
+def portable_model_config(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """``model_cfg`` without the towers' ``block_type``.
+
+    The shipped configs name open_clip's custom attention block, which trains faster on a CPU but which
+    open_clip before 3.0 does not know. Its parameters and function are the default block's, so the export
+    leaves the key out and loads in any open_clip. A tower with custom-block features (``qk_norm``...)
+    still gets the custom block: open_clip picks it for them when no block type is named.
+    """
+    return {key: ({k: v for k, v in value.items() if k != "block_type"} if isinstance(value, dict) else value)
+            for key, value in model_cfg.items()}
 
 
 def _run_folder(checkpoint: str | Path) -> Path | None:
