@@ -4,6 +4,7 @@
   teachers) and neighbour tables, made once and cached under ``benchmarks/work/``;
 - `interleaved`: A/B(/C...) timing, one call of each in turn (ABAB...), warm-up
   calls discarded, so a machine whose load drifts slows every side alike;
+- `revision_tree`: a git revision checked out beside this tree, for A/B runs of two versions;
 - `machine_facts`, `write_json`, `print_table`.
 
 The machine this runs on is usually shared, so absolute numbers are noisy;
@@ -38,6 +39,19 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 log = logging.getLogger("bench")
+
+
+def revision_tree(rev: str) -> Path:
+    """A git worktree of revision ``rev`` under ``benchmarks/work/revisions/`` (made once), to run its code
+    beside this tree's with the same Python environment."""
+    import subprocess
+
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    tree = WORK / "revisions" / commit
+    if not tree.is_dir():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), commit], check=True)
+    return tree
 
 
 # --------------------------------------------------------------------------- machine, output

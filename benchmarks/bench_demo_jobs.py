@@ -4,7 +4,7 @@ or, with ``--against REV``, this tree's demo against the demo of git revision RE
 Each demo runs in a fresh process into a fresh folder, B A A B ... (the first round
 starts with the default), so a machine whose speed drifts slows both sides alike.
 Prints each run's wall time and stage times (timings.json) and the ratio per round.
-REV runs from a git worktree under ``benchmarks/work/demo-against/`` with the same
+REV runs from a git worktree under ``benchmarks/work/revisions/`` with the same
 Python environment (so only the package's code differs).
 
     .venv/bin/python benchmarks/bench_demo_jobs.py --rounds 2
@@ -26,19 +26,14 @@ import subprocess
 import sys
 import time
 
-from _common import ROOT, WORK, load_average, machine_facts, print_table, write_json
+from _common import ROOT, WORK, load_average, machine_facts, print_table, revision_tree, write_json
 
 SIDES = {"default": (ROOT, []), "jobs1": (ROOT, ["--jobs", "1"])}
 
 
 def add_revision_side(rev: str) -> str:
     """A side that runs the demo of git revision ``rev`` (checked out once into a worktree)."""
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev], capture_output=True, text=True,
-                            check=True).stdout.strip()
-    tree = WORK / "demo-against" / commit
-    if not tree.is_dir():
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), commit], check=True)
-    SIDES[rev] = (tree, [])
+    SIDES[rev] = (revision_tree(rev), [])
     return rev
 
 

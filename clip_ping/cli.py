@@ -66,7 +66,27 @@ def _load(spec: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def requested_command(argv: list[str]) -> tuple[str, ...]:
+    """The command path the command line names: its leading words, after the global flags, while they name a
+    command or a group (``["neighbors", "show", "--banks", "b"]`` -> ``("neighbors", "show")``)."""
+    words = iter(argv)
+    path: tuple[str, ...] = ()
+    for word in words:
+        if not word.startswith("-"):
+            path = (word,)
+            break
+    else:
+        return ()
+    for word in words:
+        if not any(c.path[:len(path) + 1] == (*path, word) for c in COMMANDS):
+            break
+        path = (*path, word)
+    return path
+
+
+def build_parser(only: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
+    """The whole command line. With ``only``, the flags of that command alone are built: a command's flags
+    import its config module (for most, torch), which ``clip-ping --help`` does not need."""
     from . import __version__
 
     parser = argparse.ArgumentParser(
@@ -89,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
             groups[parent] = parent_parser.add_subparsers(dest="_".join(parent) + "_action", metavar="ACTION")
         sub = groups[parent].add_parser(command.path[-1], help=command.help, description=command.help)
         sub.set_defaults(_command=command)
-        add_config_arguments(sub, _load(command.config))
+        if only is None or command.path == only:
+            add_config_arguments(sub, _load(command.config))
         sub.add_argument("--dry-run", action="store_true",
                          help="validate the configuration, open the data and print the plan (rows, steps, memory, disk); do no work")
         parsers[command.path] = sub
@@ -107,7 +128,7 @@ def _print_result(result: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(only=requested_command(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from clip_ping.cli import main
+from clip_ping.cli import main, requested_command
 
 
 def _run(capsys, *argv):
@@ -65,12 +65,39 @@ def test_method_variants_train(pipeline, capsys, variant):
 
 
 def test_help_of_every_stage(capsys):
-    for argv in (["--help"], ["train", "--help"], ["extract", "--help"], ["neighbors", "--help"], ["eval", "--help"],
-                 ["data", "synth", "--help"], ["demo", "--help"], ["report", "--help"]):
+    # each stage's help lists that stage's own flags (built only for the command named)
+    for argv, flag in ((["--help"], "demo"), (["train", "--help"], "--lambda-nn"), (["extract", "--help"], "--image-teacher"),
+                       (["neighbors", "--help"], "--banks"), (["neighbors", "show", "--help"], "--out"),
+                       (["eval", "--help"], "--checkpoint"), (["data", "synth", "--help"], "--n-train"),
+                       (["-v", "demo", "--help"], "--teacher-image-size"), (["report", "--help"], "--names")):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 0
-        assert "usage: clip-ping" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "usage: clip-ping" in out and flag in out, argv
+
+
+def test_the_command_named_on_the_line_is_found():
+    assert requested_command([]) == ()
+    assert requested_command(["--help"]) == ()
+    assert requested_command(["-v", "train", "--method", "clip", "--data", "d"]) == ("train",)
+    assert requested_command(["neighbors", "show", "--banks", "b"]) == ("neighbors", "show")
+    assert requested_command(["neighbors", "--banks", "show"]) == ("neighbors",)
+    assert requested_command(["data", "synth"]) == ("data", "synth")
+    assert requested_command(["data"]) == ("data",)
+    assert requested_command(["trian", "--help"]) == ("trian",)
+
+
+def test_top_level_help_does_not_import_torch():
+    """`clip-ping --help` is a new user's first command: it lists the commands without loading torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom clip_ping.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch imported' if 'torch' in sys.modules else 'torch not imported')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "usage: clip-ping" in done.stdout and "train" in done.stdout
+    assert done.stdout.strip().endswith("torch not imported"), done.stdout[-300:] + done.stderr[-1000:]
 
 
 def _assert_one_line_error(code, err, *fragments):
