@@ -59,8 +59,9 @@ def create_student(model_name: str, seed: int | None = None) -> tuple[torch.nn.M
             torch.manual_seed(seed)
         initial = _default_block_initial_weights(model_name)
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(model_name)
-    if initial is not None:
-        model.load_state_dict(initial)
+    own = model.state_dict()
+    if initial is not None and initial.keys() == own.keys() and all(initial[k].shape == v.shape for k, v in own.items()):
+        model.load_state_dict(initial)  # not where custom-block features (qk_norm...) add parameters of their own
     tokenizer = open_clip.get_tokenizer(model_name)
     return model, preprocess_train, preprocess_val, tokenizer
 

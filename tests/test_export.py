@@ -89,3 +89,21 @@ def test_a_student_starts_from_the_weights_open_clips_default_block_draws_from_t
         drawn_after = torch.rand(3)
         torch.manual_seed(123)
         assert torch.equal(drawn_after, torch.rand(3))  # the caller's generator is left as it was
+
+
+def test_a_config_whose_custom_block_has_parameters_of_its_own_builds(tmp_path):
+    """qk_norm gives the custom block norms the default block lacks: its own initial weights are kept."""
+    import copy
+
+    from clip_ping.student import create_student
+
+    cfg = copy.deepcopy(json.loads((MODEL_CONFIG_DIR / "ViT-XXS-8-64.json").read_text()))
+    cfg["vision_cfg"]["qk_norm"] = True
+    (tmp_path / "XXS-qk-norm.json").write_text(json.dumps(cfg))
+    try:
+        open_clip.add_model_config(tmp_path)
+        a, b = create_student("XXS-qk-norm", seed=0)[0], create_student("XXS-qk-norm", seed=0)[0]
+    finally:
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+    assert any("ln_q" in name for name in a.state_dict())
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())  # still seeded
