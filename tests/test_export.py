@@ -93,11 +93,7 @@ def test_a_student_starts_from_the_weights_open_clips_default_block_draws_from_t
 
 def test_a_config_whose_custom_block_has_parameters_of_its_own_builds(tmp_path):
     """qk_norm gives the custom block norms the default block lacks: its own initial weights are kept."""
-    import copy
-
-    from clip_ping.student import create_student
-
-    cfg = copy.deepcopy(json.loads((MODEL_CONFIG_DIR / "ViT-XXS-8-64.json").read_text()))
+    cfg = json.loads((MODEL_CONFIG_DIR / "ViT-XXS-8-64.json").read_text())
     cfg["vision_cfg"]["qk_norm"] = True
     (tmp_path / "XXS-qk-norm.json").write_text(json.dumps(cfg))
     try:
