@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .errors import DataError
-from .io import atomic_torch_save, atomic_write_text, remove_stale_temporaries
+from .io import atomic_link, atomic_torch_save, atomic_write_text, remove_stale_temporaries
 
 __all__ = ["atomic_torch_save", "atomic_write_text", "load_checkpoint", "resolve_resume", "save_checkpoint"]
 
@@ -35,13 +35,16 @@ def save_checkpoint(state: dict[str, Any], folder: Path, step: int, keep: int = 
     """
     remove_stale_temporaries(folder) if folder.is_dir() else None  # left by a process killed mid-save
     step_path = folder / f"step_{step:07d}.pt"
+    latest = folder / "latest.pt"
     if keep > 0:
         atomic_torch_save(state, step_path)
-    atomic_torch_save(state, folder / "latest.pt")
+    # latest.pt is the step file under a second name: one write, not two
+    if keep == 0 or not atomic_link(step_path, latest):
+        atomic_torch_save(state, latest)
     step_files = sorted(folder.glob("step_*.pt"), key=lambda p: int(_STEP_FILE.search(p.name).group(1)))
     for old in step_files[:-keep] if keep > 0 else step_files:
         old.unlink(missing_ok=True)
-    return step_path if keep > 0 else folder / "latest.pt"
+    return step_path if keep > 0 else latest
 
 
 def resolve_resume(resume: str, run_dir: Path) -> Path | None:

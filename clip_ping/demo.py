@@ -9,8 +9,9 @@ The teachers extract with every core; then, on a CPU, the training runs go two
 at a time, each in a process with half the cores (``--jobs``). On 2 cores two
 1-thread trainings do 1.25x the work of one 2-thread training (the student's
 small kernels scale poorly over threads), so side by side wins there
-(BENCHMARKS.md, "The demo's runs side by side"). With a GPU the runs take turns
-on it (``--jobs 1``).
+(BENCHMARKS.md, "The demo's runs side by side"). The CLIP-PING runs, whose steps
+do more, go first, so the processes finish together. With a GPU the runs take
+turns on it (``--jobs 1``).
 
 The image teacher sees the 64 px pictures at 96 px, not at its own 224 px: 3.5x
 less extraction, and CLIP-PING's results stay within the seed spread of the
@@ -187,11 +188,13 @@ def run_demo(cfg: DemoConfig) -> None:
     # the teachers first, with every core: in a side-by-side process of one core, extraction took 35.5 s
     # against about 25 s, and the other process then trained alone at the end
     _add(timings, _prepare_banks(data_dir, bank_dir, cfg, cfg.workers, cfg.progress))
+    # the longer runs first (CLIP-PING's step does more), so processes side by side finish at about the same time
+    longest_first = sorted(runs, key=lambda c: not OBJECTIVES[c.method].weighs_neighbor_terms)
     if jobs == 1:
-        for train_cfg in runs:
+        for train_cfg in longest_first:
             _add(timings, train_and_evaluate(train_cfg, data_dir, run_workers))
     else:
-        _train_side_by_side(runs, jobs, threads, run_workers, data_dir, timings, cfg.progress)
+        _train_side_by_side(longest_first, jobs, threads, run_workers, data_dir, timings, cfg.progress)
 
     report_dir = out / "report"
     _timed(timings, "neighbour page", lambda: write_demo_neighbor_page(data_dir, bank_dir, report_dir))

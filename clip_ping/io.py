@@ -43,6 +43,24 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
         raise
 
 
+def atomic_link(source: str | Path, path: str | Path) -> bool:
+    """Make ``path`` a hard link to the complete file ``source``, atomically; False where links cannot be made.
+
+    Two names of one file: a checkpoint written once under both names costs one
+    write, not two. Neither name can be half-written, as ``source`` is complete.
+    """
+    path = Path(path)
+    tmp = _temporary(path)
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(source, tmp)
+        os.replace(tmp, path)
+    except OSError:  # a file system without hard links, say: the caller writes the file itself
+        tmp.unlink(missing_ok=True)
+        return False
+    return True
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 

@@ -45,9 +45,10 @@ from .checkpoints import (
     settings_that_differ,
 )
 from .config import save_yaml
+from .data.batch_transform import split_at_batch
 from .data.image_cache import GIB, DecodedImages, cache_decision
 from .data.order import RunBatches, SeededAugmentation, collate_and_prepare, ignore_stop_signals
-from .data.pairs import PairDataset
+from .data.pairs import PairDataset, tokenize_captions
 from .data.table import open_table
 from .errors import ClipPingError, ConfigError
 from .objectives import ObjectiveSetup, StepContext, build_objective
@@ -135,6 +136,9 @@ class Trainer:
         self._warned_skips = False
         self._run_batches: Iterator[dict[str, Any]] | None = None  # the random-mode loader, kept across epochs
         self._run_next: tuple[int, int] = (-1, -1)  # (epoch, batch) it yields next
+        self.caption_tokens: torch.Tensor | None = None  # made with the image cache's fill
+        # per sample the crop, per batch the float scaling and normalisation (the same tensors, less work)
+        self.sample_transform, self.finish_images = split_at_batch(self.preprocess_train)
 
     # -- set-up ---------------------------------------------------------------
 
@@ -156,6 +160,11 @@ class Trainer:
         if cache.fill(self.cfg.workers, self.cfg.progress and dist_utils.is_main_process(),
                       int(self.cfg.image_cache_gb * GIB)):
             log.info("image cache: %d images, %.2f GiB, decoded in %.1f s", len(cache), cache.nbytes / GIB,
+                     time.perf_counter() - started)
+            # the captions of a data set held in memory are tokenized once too, not again every epoch
+            started = time.perf_counter()
+            self.caption_tokens = tokenize_captions(self.table.captions, self.tokenizer)
+            log.info("caption tokens: %d captions tokenized in %.1f s", len(self.caption_tokens),
                      time.perf_counter() - started)
         else:  # over budget: the wrapper stays empty and reads from the table
             self.image_cache = None
@@ -359,7 +368,7 @@ class Trainer:
         if self.objective.view_transforms(self.preprocess_train):
             raise ConfigError(f"config key 'data_mode': --method {self.cfg.method} needs extra views of each image, "
                               "which only data_mode=random provides")
-        stream = ShardStream(self.table, self.preprocess_train, shuffle_buffer=self.cfg.shuffle_buffer,
+        stream = ShardStream(self.table, self.sample_transform, shuffle_buffer=self.cfg.shuffle_buffer,
                              shuffle_shards=True, seed=self.cfg.seed)
         stream.set_epoch(epoch)
         # the generator fixes each worker's seed, hence its augmentations, for this epoch
@@ -370,16 +379,19 @@ class Trainer:
     def _loader(self, epoch: int, start_batch: int) -> DataLoader:
         """The batches of the rest of the run, from batch ``start_batch`` of ``epoch`` (at step ``self.step``)."""
         self._fill_image_cache()  # before the workers fork, so they share its pages
-        # captions are tokenized per batch in collate: one tokenizer call per batch costs less than one per sample
+        # captions are tokenized per batch in collate (one tokenizer call per batch costs less than one per
+        # sample), unless the cache's fill tokenized them all
         views = self.objective.view_transforms(self.preprocess_train)
-        dataset = SeededAugmentation(PairDataset(self.table, self.preprocess_train, view_transforms=views), self.cfg.seed)
+        dataset = SeededAugmentation(PairDataset(self.table, self.sample_transform, view_transforms=views,
+                                                 caption_tokens=self.caption_tokens), self.cfg.seed)
         sampler = RunBatches(len(self.table), self.cfg.batch_size, self.cfg.seed, epoch, start_batch, self.step,
                              self.total_steps, self.rank, self.world)
         return DataLoader(dataset, batch_sampler=sampler, **self._loader_options(prepare=self.objective.batch_preparer()))
 
     def _loader_options(self, prepare: Any = None) -> dict[str, Any]:
         options: dict[str, Any] = {"num_workers": self.cfg.workers, "worker_init_fn": ignore_stop_signals,
-                                   "collate_fn": partial(collate_and_prepare, tokenizer=self.tokenizer, prepare=prepare),
+                                   "collate_fn": partial(collate_and_prepare, tokenizer=self.tokenizer, prepare=prepare,
+                                                         finish_images=self.finish_images),
                                    # page-locked batches copy to the GPU asynchronously (non_blocking)
                                    "pin_memory": self.device.type == "cuda"}
         if self.cfg.workers > 0:

@@ -123,3 +123,22 @@ def test_a_clip_ping_reads_its_neighbour_views_through_the_cache(tiny_banked, ti
         finals[setting] = load_checkpoint(tmp_path / setting / "checkpoints" / "latest.pt")
     for key, tensor in finals["off"]["model"].items():
         assert torch.equal(tensor, finals["on"]["model"][key]), key
+
+
+def test_a_cached_run_tokenizes_each_caption_once_and_keeps_the_raw_captions(tiny_synth, tmp_path):
+    trainer = Trainer(_cfg(tiny_synth, tmp_path / "run", image_cache="on"))
+    calls = []
+    tokenize = trainer.tokenizer
+    trainer.tokenizer = lambda texts: calls.append(len(texts)) or tokenize(texts)
+    batches = iter(trainer._loader(0, 0))
+    table = open_table(tiny_synth, "train")
+    assert calls == [len(table)]  # every caption, once, with the fill
+    for _ in range(3):
+        batch = next(batches)
+        rows = batch["index"].tolist()
+        assert batch["caption"] == [table.captions[i] for i in rows]  # for objectives that run a text teacher
+        assert torch.equal(batch["text"], tokenize(batch["caption"]))
+    assert calls == [len(table)]  # no batch tokenized again
+    uncached = Trainer(_cfg(tiny_synth, tmp_path / "plain", image_cache="off"))
+    uncached._loader(0, 0)
+    assert uncached.caption_tokens is None

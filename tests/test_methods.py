@@ -311,9 +311,9 @@ def test_the_teacher_sees_each_neighbour_in_the_view_the_student_gets_of_it_this
     assert prepared["step"] == 7 and prepared["ok_p"].all()
     p, q = trainer.objective.source.pick(batch["index"], 7)
     assert torch.equal(prepared["p"], p) and torch.equal(prepared["q"], q)
-    # the loader's own view of sample p_0 in epoch 1 (as when p_0 is a batch row)
+    # the loader's own view of sample p_0 in epoch 1 (as when p_0 is a batch row, whose pixels collate finishes)
     student_view = SeededAugmentation(trainer._loader(1, 0).dataset.dataset, trainer.cfg.seed)[(int(p[0]), 1, None)]
-    assert torch.equal(prepared["views_p"][0], student_view["image"])
+    assert torch.equal(prepared["views_p"][0], trainer.finish_images(student_view["image"][None])[0])
     assert prepared["captions_q"][3] == trainer.table.captions[int(q[3])]
 
 

@@ -115,12 +115,15 @@ class RunBatches(Sampler[list[tuple[int, int, int]]]):
 
 
 def collate_and_prepare(samples: list[dict[str, Any] | None], tokenizer: Any = None,
-                        prepare: Any = None) -> dict[str, Any]:
+                        prepare: Any = None, finish_images: Any = None) -> dict[str, Any]:
     """`collate_pairs`, then the objective's preparation of the batch for its step (in the worker)."""
-    batch = collate_pairs(samples, tokenizer=tokenizer)
+    batch = collate_pairs(samples, tokenizer=tokenizer, finish_images=finish_images)
     kept = [s for s in samples if s is not None]
-    if kept and isinstance(kept[0]["text"], str):
-        batch["caption"] = [s["text"] for s in kept]  # raw captions, for objectives that run a text teacher
+    # raw captions, for objectives that run a text teacher
+    if kept and "caption" in kept[0]:
+        batch["caption"] = [s["caption"] for s in kept]
+    elif kept and isinstance(kept[0]["text"], str):
+        batch["caption"] = [s["text"] for s in kept]
     if kept and "views" in kept[0]:
         batch["image_views"] = torch.stack([torch.stack(s["views"]) for s in kept])  # B x V x C x H x W
     steps = {s["step"] for s in samples if s is not None and "step" in s}

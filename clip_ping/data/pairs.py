@@ -187,12 +187,15 @@ class PairDataset(torch.utils.data.Dataset):
         image_transform: Callable[[Image.Image], torch.Tensor],
         tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
         view_transforms: Sequence[Callable[[Image.Image], torch.Tensor]] = (),
+        caption_tokens: torch.Tensor | None = None,
     ) -> None:
         self.table = table
         self.image_transform = image_transform
         # extra augmented views of the same decoded image (``sample["views"]``), drawn after the main one
         self.view_transforms = tuple(view_transforms)
         self.tokenizer = tokenizer
+        # every row's tokens, made once (`tokenize_captions`); the sample then also carries its ``caption``
+        self.caption_tokens = caption_tokens
         # Counted in the process that decodes (a worker's count stays in that worker);
         # batches carry their own ``n_skipped`` for totals across workers.
         self.n_decode_errors = 0
@@ -209,18 +212,37 @@ class PairDataset(torch.utils.data.Dataset):
             source_rows = getattr(self.table, "source_rows", None)  # CSV tables know their file's rows
             log.warning("sample %d (table row %d) dropped: %s", i, source_rows[i] + 1 if source_rows else i + 1, exc)
             return None
-        text: Any = self.table.captions[i]
-        if self.tokenizer is not None:
+        caption = self.table.captions[i]
+        text: Any = caption
+        if self.caption_tokens is not None:
+            text = self.caption_tokens[i]
+        elif self.tokenizer is not None:
             text = self.tokenizer([text])[0]
         sample = {"index": i, "image": self.image_transform(image), "text": text}
+        if self.caption_tokens is not None:
+            sample["caption"] = caption
         if self.view_transforms:
             sample["views"] = [t(image) for t in self.view_transforms]
         return sample
 
 
+def tokenize_captions(captions: Sequence[str], tokenizer: Callable[[list[str]], torch.Tensor],
+                      batch_size: int = 1024) -> torch.Tensor:
+    """Every caption's tokens (N x L), made once for a run that reads each row several times.
+
+    The tokenizer encodes each caption on its own, so a row's tokens are the ones
+    a batch of any make-up would give it.
+    """
+    if not captions:
+        return torch.empty(0, dtype=torch.long)
+    return torch.cat([tokenizer(list(captions[start:start + batch_size]))
+                      for start in range(0, len(captions), batch_size)])
+
+
 def collate_pairs(
     batch: Sequence[dict[str, Any] | None],
     tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
+    finish_images: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Stack a list of samples, dropping the ``None`` ones (undecodable images).
 
@@ -228,6 +250,8 @@ def collate_pairs(
     tensor B x L when tokens are available or ``tokenizer`` is given, else the list
     of captions) and ``n_skipped`` (int). A batch whose samples all failed has
     ``len(index) == 0``, ``image`` an empty tensor and ``text`` an empty list.
+    ``finish_images`` runs on the stacked images when they are uint8 (the batch
+    half of `clip_ping.data.batch_transform.split_at_batch`).
     Module-level so DataLoader workers can pickle it; bind a tokenizer with
     ``functools.partial(collate_pairs, tokenizer=tok)``.
     """
@@ -237,6 +261,8 @@ def collate_pairs(
         return {"index": torch.empty(0, dtype=torch.long), "image": torch.empty(0), "text": [], "n_skipped": n_skipped}
     index = torch.tensor([s["index"] for s in kept], dtype=torch.long)
     image = torch.stack([s["image"] for s in kept])
+    if finish_images is not None and image.dtype == torch.uint8:
+        image = finish_images(image)
     texts = [s["text"] for s in kept]
     if isinstance(texts[0], torch.Tensor):
         text: Any = torch.stack(texts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Sequence
 
 import torch
@@ -49,11 +50,13 @@ def encode_images(
     Returns (features, rows that decoded, in the order of ``features``, decode errors).
     Images that fail to decode are dropped by ``collate_pairs`` and counted.
     """
+    from ..data.batch_transform import split_at_batch
     from ..data.pairs import PairDataset, collate_pairs
 
-    dataset = torch.utils.data.Subset(PairDataset(table, preprocess), list(rows))
+    per_sample, finish = split_at_batch(preprocess)
+    dataset = torch.utils.data.Subset(PairDataset(table, per_sample), list(rows))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                         collate_fn=collate_pairs, shuffle=False)
+                                         collate_fn=partial(collate_pairs, finish_images=finish), shuffle=False)
     features, kept, n_errors = [], [], 0
     for batch in tqdm(loader, desc=f"encode {desc}", unit="batch", disable=not progress, leave=False):
         n_errors += int(batch["n_skipped"])
