@@ -54,12 +54,15 @@ from clip_ping.data.images import load_image
 from clip_ping.teachers import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER, load_image_teacher, load_text_teacher  # noqa: E402
 
 # name -> ExtractConfig settings. "fp32" is extraction as it was before the precision and compile options;
-# every variant runs the teachers uncompiled (BASE_SETTINGS) unless it says otherwise.
+# every variant runs the teachers uncompiled (BASE_SETTINGS) unless it says otherwise, and the text teacher
+# in the variant's precision unless it names a text precision ("fp32-text-bf16": the default on a device
+# with native bf16).
 BASE_SETTINGS: dict[str, Any] = {"compile": "off"}
 VARIANTS: dict[str, dict[str, Any]] = {
     "fp32": {"precision": "fp32"},
     "fp32-compiled": {"precision": "fp32", "compile": "on"},
     "fp32-unfolded": {"precision": "fp32"},  # the image teacher's batch norms not folded into its convolutions
+    "fp32-text-bf16": {"precision": "fp32", "text_precision": "bf16"},
     "bf16": {"precision": "bf16"},
     "bf16-w0": {"precision": "bf16", "workers": 0},
     "bf16-w1": {"precision": "bf16", "workers": 1},
@@ -121,7 +124,9 @@ class Teachers:
 
 
 def settings_of(name: str) -> dict[str, Any]:
-    return {**BASE_SETTINGS, **VARIANTS[name]}
+    settings = {**BASE_SETTINGS, **VARIANTS[name]}
+    settings.setdefault("text_precision", settings.get("precision", "fp32"))
+    return settings
 
 
 def bench_speed(csv_path: Path, root: Path, names: list[str], rounds: int, base: dict[str, Any]) -> dict[str, Any]:

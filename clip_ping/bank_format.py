@@ -35,8 +35,16 @@ BANK_FILES = ("image.npy", "text.npy", "valid.npy", "image_group.npy", "text_gro
 FORMAT_VERSION = 1
 
 # What makes two banks the same bank. Keys added after format 1's first release default to what
-# banks written before them were: fp32 teachers at their own resolution.
+# banks written before them were: fp32 teachers at their own resolution, the text teacher in the
+# image teacher's precision (one option set both).
 IDENTITY_DEFAULTS: dict[str, Any] = {"data_fingerprint_kind": "size", "precision": "fp32", "teacher_image_size": None}
+
+
+def with_identity_defaults(identity: dict[str, Any]) -> dict[str, Any]:
+    """``identity`` with the keys it was written without set to what they were then."""
+    full = {**IDENTITY_DEFAULTS, **identity}
+    full.setdefault("text_precision", full["precision"])
+    return full
 
 
 class FeatureBanks:
@@ -154,16 +162,16 @@ def check_table(manifest: dict[str, Any], table: PairSource, bank_dir: str | Pat
 def identity_of(manifest: dict[str, Any]) -> dict[str, Any]:
     """What a finished bank was built from and how (compared with a new request: the same -> the same bank)."""
     teachers = manifest.get("teachers", {})
-    return {
+    recorded: dict[str, Any] = {key: manifest[key] for key in ("data_fingerprint_kind", "precision", "text_precision",
+                                                "teacher_image_size") if key in manifest}
+    return with_identity_defaults({
         "data_fingerprint": manifest.get("data_fingerprint"),
-        "data_fingerprint_kind": manifest.get("data_fingerprint_kind", IDENTITY_DEFAULTS["data_fingerprint_kind"]),
         "count": manifest.get("count"),
         "image_teacher": teachers.get("image", {}).get("name"),
         "text_teacher": teachers.get("text", {}).get("name"),
         "dtype": manifest.get("dtype"),
-        "precision": manifest.get("precision", IDENTITY_DEFAULTS["precision"]),
-        "teacher_image_size": manifest.get("teacher_image_size", IDENTITY_DEFAULTS["teacher_image_size"]),
-    }
+        **recorded,
+    })
 
 
 # --------------------------------------------------------------------------- duplicate groups

@@ -114,14 +114,16 @@ def extract_chunks(
     chunks: list[int],
     workers: int,
     show_progress: bool,
-    precision: str = "fp32",
+    precisions: dict[str, str] | None = None,
     device: str = "cpu",
 ) -> None:
     """Compute and write the rows of ``chunks``; mark each chunk done once its rows are on disk.
 
-    The teachers run in ``precision`` (their ``precision`` attribute, set by the
-    caller, and an `autocast` around them for teachers that wrap others).
+    The teachers run in ``precisions`` (``{"image": ..., "text": ...}``, fp32 when
+    not given): their ``precision`` attribute, set by the caller, and an
+    `autocast` around them for teachers that wrap others.
     """
+    precisions = precisions or {"image": "fp32", "text": "fp32"}
     n, chunk_size, batch_size = len(table), run["chunk_size"], run["batch_size"]
     work = out / WORK_DIR
     image_bank = np.load(out / "image.npy", mmap_mode="r+")
@@ -148,14 +150,14 @@ def extract_chunks(
             chunk_start, chunk_stop = chunk * chunk_size, min((chunk + 1) * chunk_size, n)
             if start == chunk_start:  # a chunk's first batch: all its captions at once
                 captions = table.captions[chunk_start:chunk_stop]
-                with autocast(device, precision):
+                with autocast(device, precisions["text"]):
                     text_feats = encode_captions(text_teacher, captions, batch_size)
                 text_bank[chunk_start:chunk_stop] = text_feats.numpy().astype(dtype)
 
             # Undecodable images keep an all-zero row, so rows never shift.
             image_feats = torch.zeros(len(index), image_teacher.dim)
             if batch["image"] is not None:
-                with autocast(device, precision):
+                with autocast(device, precisions["image"]):
                     feats = image_teacher.encode(batch["image"])
                 _check_features(feats, image_teacher.dim, int(ok.sum()), "image", image_teacher.name)
                 image_feats[ok] = F.normalize(feats.float(), dim=-1)

@@ -309,12 +309,15 @@ def test_other_data_or_teachers_are_refused_unless_overwrite(pairs, reference, t
 def test_precision_and_teacher_image_size_make_another_bank(pairs, reference, tmp_path):
     with pytest.raises(DataError, match="precision fp32 -> bf16.*--overwrite"):
         extract_banks(tiny_cfg(pairs, reference, precision="bf16"))
-    # A bank written before the precision option (no such keys) is an fp32 bank at the teacher's own size.
+    # A bank written before the precision options (no such keys) is an fp32 bank at the teacher's own size,
+    # its text teacher in fp32 too.
     manifest = json.loads((reference / "manifest.json").read_text())
-    del manifest["precision"], manifest["teacher_image_size"]
+    del manifest["precision"], manifest["teacher_image_size"], manifest["text_precision"]
     (reference / "manifest.json").write_text(json.dumps(manifest))
-    extract_banks(tiny_cfg(pairs, reference))  # kept, not refused
+    extract_banks(tiny_cfg(pairs, reference, text_precision="fp32"))  # kept, not refused
     assert "precision" not in json.loads((reference / "manifest.json").read_text())
+    with pytest.raises(DataError, match="text_precision fp32 -> bf16"):
+        extract_banks(tiny_cfg(pairs, reference, text_precision="bf16"))
     with pytest.raises(DataError, match="teacher_image_size None -> 32"):
         extract_banks(tiny_cfg(pairs, reference, image_teacher="test-tiny-image", teacher_image_size=32))
     # An unfinished extraction of another precision is not resumed either: its rows would mix two precisions.
@@ -482,3 +485,35 @@ def test_banks_of_shards_equal_banks_of_the_same_csv(tmp_path):
     assert len(a) == len(b) == 30
     for name in ("image", "text", "valid", "image_group", "text_group"):
         assert np.array_equal(np.asarray(getattr(a, name)), np.asarray(getattr(b, name))), name
+
+
+def test_the_text_teacher_runs_in_bf16_where_bf16_is_native_and_the_image_teacher_in_fp32(pairs, tmp_path,
+                                                                                           monkeypatch):
+    import clip_ping.banks as banks_mod
+
+    seen: list[tuple[str, str, bool]] = []
+
+    class Recorded:  # what each teacher ran in: its precision and whether bf16 autocast was on
+        def _forward(self, x):
+            seen.append((self.name, self.precision, torch.is_autocast_enabled("cpu")))
+            return super()._forward(x)
+
+    image, text = type("Image", (Recorded, TinyImage), {})(), type("Text", (Recorded, TinyText), {})()
+    monkeypatch.setattr(banks_mod, "native_bf16", lambda device: True)
+    auto = open_banks(extract_banks(tiny_cfg(pairs, tmp_path / "auto"), image_teacher=image, text_teacher=text))
+    assert (auto.manifest["precision"], auto.manifest["text_precision"]) == ("fp32", "bf16")
+    assert set(seen) == {("tiny-image", "fp32", False), ("tiny-text", "bf16", True)}
+    assert image.precision == text.precision == "fp32"  # each teacher gets its own precision back
+    fp32 = open_banks(extract_banks(tiny_cfg(pairs, tmp_path / "fp32", text_precision="fp32")))
+    assert (fp32.manifest["precision"], fp32.manifest["text_precision"]) == ("fp32", "fp32")
+    # the fp32-text bank is another bank: asking for it under auto is refused, not mixed
+    with pytest.raises(DataError, match="text_precision fp32 -> bf16"):
+        extract_banks(tiny_cfg(pairs, tmp_path / "fp32"))
+    # where bf16 is emulated, auto follows --precision
+    monkeypatch.setattr(banks_mod, "native_bf16", lambda device: False)
+    assert banks_mod.text_precision(tiny_cfg(pairs, tmp_path / "x")) == "fp32"
+    assert banks_mod.text_precision(tiny_cfg(pairs, tmp_path / "x", precision="bf16")) == "bf16"
+    assert banks_mod.text_precision(tiny_cfg(pairs, tmp_path / "x", text_precision="bf16")) == "bf16"
+    extract_banks(tiny_cfg(pairs, tmp_path / "fp32"))  # auto is fp32 here: the same bank, kept
+    with pytest.raises(ConfigError, match="'text_precision': 'fp16' is not one of auto, fp32, bf16"):
+        extract_banks(tiny_cfg(pairs, tmp_path / "y", text_precision="fp16"))
