@@ -333,6 +333,38 @@ def test_evaluate_from_config_writes_eval_json(tiny_model, tmp_path, monkeypatch
         from_dict(EvalConfig, {"batch_size": 0})
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_eval_runs_the_model_in_its_precision_and_records_it(tiny_model, tmp_path, monkeypatch, precision):
+    import clip_ping.student
+
+    model, tokenizer, preprocess = tiny_model
+    data = _write_dataset(tmp_path / "data", n_train=6, n_val=3, n_test=6)
+    seen = []
+
+    class Recorded(torch.nn.Module):  # the model, noting whether bf16 autocast is on at each forward
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def encode_image(self, x):
+            seen.append(torch.is_autocast_enabled("cpu"))
+            return self.inner.encode_image(x)
+
+        def encode_text(self, x):
+            seen.append(torch.is_autocast_enabled("cpu"))
+            return self.inner.encode_text(x)
+
+    monkeypatch.setattr(clip_ping.student, "load_student", lambda path: (Recorded(), tokenizer, preprocess))
+    cfg = EvalConfig(checkpoint=str(tmp_path / "run"), data=str(data), workers=0, progress=False, precision=precision,
+                     out=str(tmp_path / "eval.json"))
+    result = evaluate_from_config(cfg)
+    assert seen and set(seen) == {precision == "bf16"}
+    assert json.loads((tmp_path / "eval.json").read_text())["precision"] == result["precision"] == precision
+    assert "linear_probe" in result and "retrieval" in result
+    with pytest.raises(ConfigError, match="'precision': 'fp16'"):
+        evaluate_from_config(EvalConfig(checkpoint=str(tmp_path / "run"), data=str(data), precision="fp16"))
+
+
 # ----------------------------------------------------------------------------- teacher reference
 
 from clip_ping.teachers import (  # noqa: E402

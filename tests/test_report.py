@@ -294,7 +294,13 @@ def _fake_demo_stages(monkeypatch, train_summary=lambda cfg: {"step": 6, "stoppe
             return result(cfg)
         return stage
 
-    monkeypatch.setattr(demo_mod, "ProcessPoolExecutor", lambda max_workers, mp_context: ThreadPoolExecutor(max_workers))
+    class RecordingPool(ThreadPoolExecutor):  # notes each run as it is handed out: (threads, fn, run config, ...)
+        def submit(self, fn, *args, **kwargs):
+            with lock:
+                events.append(("handed out", args[2]))
+            return super().submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(demo_mod, "ProcessPoolExecutor", lambda max_workers, mp_context: RecordingPool(max_workers))
     monkeypatch.setattr(demo_mod, "_in_worker", lambda threads, fn, *args: events.append(("threads", threads)) or fn(*args))
     monkeypatch.setattr(clip_ping.banks, "extract_banks", record("extract"))
     monkeypatch.setattr(clip_ping.knn, "build_neighbors", record("neighbors"))
@@ -364,9 +370,14 @@ def test_demo_extracts_with_every_core_then_trains_side_by_side_on_a_cpu(monkeyp
     trains = [cfg for kind, cfg in events if kind == "train"]
     assert sorted((c.method, c.seed) for c in trains) == [("clip", 0), ("clip", 1), ("clip-ping", 0), ("clip-ping", 1)]
     # the longer CLIP-PING runs are handed out first, so the two processes end at about the same time
-    assert sorted((c.method, c.seed) for c in trains[:2]) == [("clip-ping", 0), ("clip-ping", 1)]
+    handed_out = [(c.method, c.seed) for kind, c in events if kind == "handed out"]
+    assert handed_out == [("clip-ping", 0), ("clip-ping", 1), ("clip", 0), ("clip", 1)]
     evals = [cfg for kind, cfg in events if kind == "eval"]
     assert {c.workers for c in trains} == {0} and {c.workers for c in evals} == {0}
+    # each run is evaluated in the precision it trained in (bf16 where the CPU computes it natively)
+    precision = {Path(c.out).name: c.precision for c in trains}
+    assert {Path(c.checkpoint).name: c.precision for c in evals} == precision
+    assert set(precision.values()) == {demo_mod.train_precision("auto", "auto")}
     assert not any(c.progress for c in trains + evals)  # bars of side-by-side processes would overwrite each other
     assert [cfg for kind, cfg in events if kind == "threads"] == [1] * 4
     timings = json.loads((tmp_path / "timings.json").read_text())

@@ -14,6 +14,7 @@ from ..config import Config, option
 from ..errors import ConfigError, DataError
 from ..io import atomic_write_json, atomic_write_text
 from ..teachers import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
+from ..teachers.base import autocast
 from .linear_probe import DEFAULT_CS
 from .runner import evaluate, evaluate_teachers
 from .suite import run_suite, suite_markdown
@@ -47,6 +48,9 @@ class EvalConfig(Config):
     text_teacher: str = option(DEFAULT_TEXT_TEACHER, "text teacher of the reference; zero-shot and retrieval need "
                                                      "the same open_clip:<model>:<weights> spec as the image teacher")
     seed: int = option(0, "seed of the linear probe's train sub-sample")
+    precision: str = option("fp32", "precision of the model's forward passes: fp32, or bf16 (torch.autocast, as "
+                                    "open_clip_train evaluates a bf16 run; 1.6x faster on a CPU with AMX, scores "
+                                    "within a few tenths of a point)", choices=("fp32", "bf16"))
     device: str = option("auto", "torch device: auto (the GPU when there is one, else the CPU), cpu, cuda, cuda:N")
     progress: bool = option(True, "show progress bars")
 
@@ -59,6 +63,8 @@ class EvalConfig(Config):
             raise ConfigError("config key 'probe_max_train' must be at least 2")
         if not self.probe_cs or any(c <= 0 for c in self.probe_cs):
             raise ConfigError("config key 'probe_cs' must list positive numbers")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"config key 'precision': {self.precision!r} is not one of fp32, bf16")
 
 
 def default_output_path(checkpoint: str | Path) -> Path:
@@ -95,8 +101,10 @@ def evaluate_from_config(cfg: EvalConfig) -> dict[str, Any]:
     common: dict[str, Any] = dict(batch_size=cfg.batch_size, workers=cfg.workers, tasks=tasks, templates=templates,
                   names_file=cfg.names_file, probe_max_train=cfg.probe_max_train, probe_cs=cfg.probe_cs,
                   seed=cfg.seed, device=cfg.device, progress=cfg.progress)
-    result = evaluate(model, tokenizer, preprocess, cfg.data, cfg.split, linear_probe=cfg.linear_probe, **common)
+    with autocast(cfg.device, cfg.precision):
+        result = evaluate(model, tokenizer, preprocess, cfg.data, cfg.split, linear_probe=cfg.linear_probe, **common)
     result["checkpoint"] = str(cfg.checkpoint)
+    result["precision"] = cfg.precision
     if cfg.teacher_reference:
         result["teacher_reference"] = evaluate_teachers(*teachers, cfg.data, cfg.split, **common)
     out = Path(cfg.out) if cfg.out else default_output_path(cfg.checkpoint)
@@ -126,10 +134,12 @@ def _suite_from_config(cfg: EvalConfig) -> dict[str, Any]:
         export_open_clip(ExportConfig(checkpoint=cfg.checkpoint, out=str(checkpoint)))
     model, tokenizer, preprocess = load_student(checkpoint)
     model.to(cfg.device)
-    result = run_suite(model, tokenizer, preprocess, tasks, batch_size=cfg.batch_size, workers=cfg.workers,
-                       device=cfg.device, progress=cfg.progress, probe_max_train=cfg.probe_max_train,
-                       probe_cs=cfg.probe_cs, seed=cfg.seed, with_clip_benchmark=cfg.with_clip_benchmark)
-    result = {"checkpoint": str(cfg.checkpoint), "model": str(checkpoint), "suite": str(cfg.suite), **result}
+    with autocast(cfg.device, cfg.precision):
+        result = run_suite(model, tokenizer, preprocess, tasks, batch_size=cfg.batch_size, workers=cfg.workers,
+                           device=cfg.device, progress=cfg.progress, probe_max_train=cfg.probe_max_train,
+                           probe_cs=cfg.probe_cs, seed=cfg.seed, with_clip_benchmark=cfg.with_clip_benchmark)
+    result = {"checkpoint": str(cfg.checkpoint), "model": str(checkpoint), "suite": str(cfg.suite),
+              "precision": cfg.precision, **result}
     atomic_write_json(out, result)
     table = suite_markdown(result["table"])
     atomic_write_text(out.with_suffix(".md"), table)
