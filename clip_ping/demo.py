@@ -24,6 +24,7 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -158,7 +159,11 @@ def _in_worker(threads: int, fn: Callable[..., dict[str, float]], *args: Any) ->
     torch.set_num_threads(threads)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return fn(*args)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C stops a run as in one process
+    try:
+        return fn(*args)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run_demo(cfg: DemoConfig) -> None:
@@ -187,16 +192,22 @@ def run_demo(cfg: DemoConfig) -> None:
                             run_workers, run_progress)
             for seed in cfg.seeds for method in ("clip", "clip-ping")]
 
-    # the teachers first, with every core: in a side-by-side process of one core, extraction took 35.5 s
-    # against about 25 s, and the other process then trained alone at the end
-    _add(timings, _prepare_banks(data_dir, bank_dir, cfg, cfg.workers, cfg.progress))
     # the longer runs first (CLIP-PING's step does more), so processes side by side finish at about the same time
     longest_first = sorted(runs, key=lambda c: not OBJECTIVES[c.method].weighs_neighbor_terms)
     if jobs == 1:
+        _add(timings, _prepare_banks(data_dir, bank_dir, cfg, cfg.workers, cfg.progress))
         for train_cfg in longest_first:
             _add(timings, train_and_evaluate(train_cfg, data_dir, run_workers))
     else:
-        _train_side_by_side(longest_first, jobs, threads, run_workers, data_dir, timings, cfg.progress)
+        # the side-by-side processes start now and import the training code while the teachers load
+        # (single-threaded) and extract; the teachers go first, with every core: in a side-by-side process
+        # of one core, extraction took 35.5 s against about 25 s, and the other process then trained alone
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_start_process) as pool:
+            for _ in range(jobs):
+                pool.submit(int)  # processes start on demand: one task each starts them all
+            _add(timings, _prepare_banks(data_dir, bank_dir, cfg, cfg.workers, cfg.progress))
+            _train_side_by_side(pool, jobs, longest_first, threads, run_workers, data_dir, timings, cfg.progress)
 
     report_dir = out / "report"
     _timed(timings, "neighbour page", lambda: write_demo_neighbor_page(data_dir, bank_dir, report_dir))
@@ -214,9 +225,25 @@ def _add(total: dict[str, float], part: dict[str, float]) -> None:
         total[key] = round(total.get(key, 0.0) + value, 2)
 
 
-def _train_side_by_side(runs: list[TrainConfig], jobs: int, threads: int, workers: int, data_dir: Path,
-                        timings: dict[str, float], progress: bool) -> None:
-    """The runs (each trained, then evaluated) in ``jobs`` processes of ``threads`` torch threads each.
+def _start_process() -> None:
+    """A side-by-side process's start: the modules its runs need, imported before the first run is handed out.
+
+    While it waits for a run, Ctrl-C is the demo's to handle (it shuts the processes down); during a
+    run `_in_worker` gives it back to the run.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from . import trainer  # noqa: F401
+    from .evaluation import stage  # noqa: F401
+
+    try:
+        import sklearn.linear_model  # noqa: F401  (the linear probe; an optional extra)
+    except ImportError:
+        pass
+
+
+def _train_side_by_side(pool: ProcessPoolExecutor, jobs: int, runs: list[TrainConfig], threads: int, workers: int,
+                        data_dir: Path, timings: dict[str, float], progress: bool) -> None:
+    """The runs (each trained, then evaluated) in the ``jobs`` processes of ``pool``, ``threads`` torch threads each.
 
     The processes' own bars would overwrite each other, so one bar here counts the finished runs.
     """
@@ -225,8 +252,7 @@ def _train_side_by_side(runs: list[TrainConfig], jobs: int, threads: int, worker
     log.info("demo: %d runs in %d processes side by side, %d torch thread(s) and %d loader worker(s) each",
              len(runs), jobs, threads, workers)
     waiting = list(runs)
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool, \
-            tqdm(total=len(runs), desc="demo: runs", unit="run", disable=not progress) as bar:
+    with tqdm(total=len(runs), desc="demo: runs", unit="run", disable=not progress) as bar:
         # a run is handed over only when a process is free, so after a failed or stopped run (Ctrl-C reaches
         # every process) no new one starts: leaving the block waits for the runs in progress to save and stop
         def hand_over_next() -> Future:

@@ -381,3 +381,30 @@ def test_a_quoted_caption_with_a_line_break_is_still_one_row(tmp_path):
     (tmp_path / "pairs.csv").write_text('filepath,caption\na.png,"first line\nsecond line"\na.png,plain\n')
     table = read_pairs(tmp_path / "pairs.csv")
     assert table.captions == ["first line\nsecond line", "plain"] and table.skipped == {}
+
+
+def test_ctrl_c_stops_a_synth_with_workers_at_once_and_without_tracebacks(tmp_path: Path) -> None:
+    """Its workers used to die of the Ctrl-C mid-chunk, and the parent then waited for their chunks forever."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "synth"
+    cmd = [sys.executable, "-m", "clip_ping.cli", "data", "synth", "--out", str(out), "--n-train", "40000",
+           "--n-val", "10", "--n-test", "10", "--workers", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(out.rglob("*.png")):  # the workers are drawing
+        time.sleep(0.2)
+    assert any(out.rglob("*.png")), "synth wrote no image within 60 s"
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("synth hung after Ctrl-C")
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert not (out / "dataset.json").exists()  # not marked complete

@@ -297,10 +297,14 @@ def _fake_demo_stages(monkeypatch, train_summary=lambda cfg: {"step": 6, "stoppe
     class RecordingPool(ThreadPoolExecutor):  # notes each run as it is handed out: (threads, fn, run config, ...)
         def submit(self, fn, *args, **kwargs):
             with lock:
-                events.append(("handed out", args[2]))
+                events.append(("handed out", args[2]) if len(args) >= 3 else ("process start", fn))
             return super().submit(fn, *args, **kwargs)
 
-    monkeypatch.setattr(demo_mod, "ProcessPoolExecutor", lambda max_workers, mp_context: RecordingPool(max_workers))
+    def pool(max_workers, mp_context, initializer):  # threads cannot set signal handlers: the start is recorded
+        assert initializer is demo_mod._start_process
+        return RecordingPool(max_workers)
+
+    monkeypatch.setattr(demo_mod, "ProcessPoolExecutor", pool)
     monkeypatch.setattr(demo_mod, "_in_worker", lambda threads, fn, *args: events.append(("threads", threads)) or fn(*args))
     monkeypatch.setattr(clip_ping.banks, "extract_banks", record("extract"))
     monkeypatch.setattr(clip_ping.knn, "build_neighbors", record("neighbors"))
@@ -364,8 +368,10 @@ def test_demo_extracts_with_every_core_then_trains_side_by_side_on_a_cpu(monkeyp
     demo_mod.run_demo(demo_mod.DemoConfig(out=str(tmp_path), progress=True))
 
     kinds = [kind for kind, _ in events]
-    assert kinds[:2] == ["extract", "neighbors"]  # before any run, not inside a side-by-side process
-    extract = events[0][1]
+    # the two processes start first (they import the run code while the teachers load), then the teachers
+    # extract, before any run and not inside a side-by-side process
+    assert kinds[:4] == ["process start", "process start", "extract", "neighbors"]
+    extract = next(cfg for kind, cfg in events if kind == "extract")
     assert extract.teacher_image_size == 96 and extract.workers == demo_mod.DemoConfig.workers and extract.progress
     trains = [cfg for kind, cfg in events if kind == "train"]
     assert sorted((c.method, c.seed) for c in trains) == [("clip", 0), ("clip", 1), ("clip-ping", 0), ("clip-ping", 1)]
@@ -385,3 +391,30 @@ def test_demo_extracts_with_every_core_then_trains_side_by_side_on_a_cpu(monkeyp
                                                                         "eval clip-ping"}  # merged from the processes
 
 
+
+
+def test_a_side_by_side_process_imports_the_run_code_and_leaves_ctrl_c_to_the_demo_until_a_run_starts():
+    import signal
+    import subprocess
+    import sys
+
+    from clip_ping import demo as demo_mod
+
+    # in a fresh process, as the pool starts one: the run code imported, Ctrl-C ignored while it waits
+    check = ("import signal, sys; from clip_ping import demo; "
+             "assert 'clip_ping.evaluation.stage' not in sys.modules; demo._start_process(); "
+             "print('clip_ping.evaluation.stage' in sys.modules, 'sklearn.linear_model' in sys.modules, "
+             "signal.getsignal(signal.SIGINT) is signal.SIG_IGN)")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True", "True", "True"]
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        demo_mod._start_process()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # waiting: the demo stops the pool
+        during = []
+        demo_mod._in_worker(1, lambda: during.append(signal.getsignal(signal.SIGINT)) or {})
+        assert during == [signal.default_int_handler]  # a run stops on Ctrl-C as in one process
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)

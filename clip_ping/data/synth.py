@@ -28,6 +28,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -93,6 +94,12 @@ def make_sample(seed: int, split: str, index: int, cfg: SynthConfig) -> tuple[Im
     main = scene.objects[0]
     labels = {"shape": main.shape, "color": main.color, "count": COUNT_WORDS[len(scene.objects)]}
     return image, caption, labels
+
+
+def _leave_ctrl_c_to_the_parent() -> None:
+    """A synth worker ignores Ctrl-C: the parent stops the pool. (A worker killed by it mid-chunk would leave
+    the parent waiting for that chunk forever.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _write_chunk(args: tuple[SynthConfig, str, int, int, str]) -> list[tuple[str, str, dict[str, str]]]:
@@ -170,11 +177,17 @@ def generate_synthetic(cfg: SynthConfig, progress: bool = True) -> Path:
             results = map(_write_chunk, jobs)
         else:
             # The platform's default start method; _write_chunk and SynthConfig pickle fine.
-            pool = mp.get_context().Pool(workers)
+            pool = mp.get_context().Pool(workers, initializer=_leave_ctrl_c_to_the_parent)
             results = pool.imap(_write_chunk, jobs)  # imap keeps job order: rows stay in index order
         for job, chunk_rows in zip(jobs, results):
             rows[job[1]].extend(chunk_rows)
             bar.update(len(chunk_rows))
+    except BaseException:  # Ctrl-C or an error: the chunks in progress are not needed (the data set is rewritten)
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+            pool = None
+        raise
     finally:
         bar.close()
         if pool is not None:
