@@ -11,6 +11,9 @@ caption tokenised per batch, batched by `collate_pairs` (as the trainer does):
   trainer does (`SeededAugmentation`, `EpochBatchSampler`), DataLoader workers 0/1/2;
 * ``csv-cached``: the same, with the decoded images in memory (`DecodedImages`,
   filled once before the passes; its fill time is reported beside them);
+* ``csv-cached-split``: the cached table as the trainer reads it now: the crop per
+  sample, ToTensor + Normalize once per batch (`split_at_batch`), the captions
+  tokenized once (`tokenize_captions`);
 * ``shards-random``: the same `PairDataset` over a `ShardTable` (random access by
   byte offset into the tars), same sampler;
 * ``shards-stream``: `ShardStream` (webdataset, tars read sequentially, split
@@ -47,7 +50,8 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from clip_ping.data.csv_reader import read_pairs  # noqa: E402
 from clip_ping.data.image_cache import GIB, DecodedImages  # noqa: E402
-from clip_ping.data.pairs import PairDataset, collate_pairs  # noqa: E402
+from clip_ping.data.batch_transform import split_at_batch  # noqa: E402
+from clip_ping.data.pairs import PairDataset, collate_pairs, tokenize_captions  # noqa: E402
 from clip_ping.data.convert import ConvertConfig, convert  # noqa: E402
 from clip_ping.data.shards import open_shards  # noqa: E402
 from clip_ping.data.stream import ShardStream  # noqa: E402
@@ -72,7 +76,7 @@ def make_shards(data: Path, samples_per_shard: int) -> Path:
     return descriptor
 
 
-READERS = ("csv", "csv-cached", "shards-random", "shards-stream")
+READERS = ("csv", "csv-cached", "csv-cached-split", "shards-random", "shards-stream")
 
 
 def loaders(data: Path, descriptor: Path | None, model: str, batch: int, workers: list[int],
@@ -85,16 +89,23 @@ def loaders(data: Path, descriptor: Path | None, model: str, batch: int, workers
     out: dict[str, Callable[[int], DataLoader]] = {}
     setup: dict[str, float] = {}
     cached = DecodedImages(csv_table)
-    if "csv-cached" in readers:
+    # the trainer's loader on a cached data set: the crop per sample, ToTensor + Normalize per batch, tokens made once
+    sample_transform, finish_images = split_at_batch(preprocess_train)
+    tokens = tokenize_captions(csv_table.captions, tokenizer) if "csv-cached-split" in readers else None
+    if {"csv-cached", "csv-cached-split"} & set(readers):
         t0 = time.perf_counter()
         cached.fill(workers=max(workers))
         setup = {"image_cache_fill_s": time.perf_counter() - t0, "image_cache_gib": cached.nbytes / GIB}
 
-    def mapped(table):
+    def mapped(table, split: bool = False):
         def make(w: int, epoch: int) -> DataLoader:
-            ds = SeededAugmentation(PairDataset(table, preprocess_train), 0, epoch)
+            if split:
+                ds = SeededAugmentation(PairDataset(table, sample_transform, caption_tokens=tokens), 0, epoch)
+                collate_fn = partial(collate_pairs, tokenizer=tokenizer, finish_images=finish_images)
+            else:
+                ds, collate_fn = SeededAugmentation(PairDataset(table, preprocess_train), 0, epoch), collate
             return DataLoader(ds, batch_sampler=EpochBatchSampler(len(table), batch, 0, epoch), num_workers=w,
-                              collate_fn=collate)
+                              collate_fn=collate_fn)
         return make
 
     def stream(w: int, epoch: int) -> DataLoader:
@@ -104,6 +115,7 @@ def loaders(data: Path, descriptor: Path | None, model: str, batch: int, workers
 
     for w in workers:
         makers = {"csv": partial(mapped(csv_table), w), "csv-cached": partial(mapped(cached), w),
+                  "csv-cached-split": partial(mapped(cached, split=True), w),
                   "shards-random": partial(mapped(shard_table), w), "shards-stream": partial(stream, w)}
         out.update({f"{name} w={w}": makers[name] for name in readers})
     return out, setup

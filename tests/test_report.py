@@ -380,10 +380,8 @@ def test_demo_extracts_with_every_core_then_trains_side_by_side_on_a_cpu(monkeyp
     assert handed_out == [("clip-ping", 0), ("clip-ping", 1), ("clip", 0), ("clip", 1)]
     evals = [cfg for kind, cfg in events if kind == "eval"]
     assert {c.workers for c in trains} == {0} and {c.workers for c in evals} == {0}
-    # each run is evaluated in the precision it trained in (bf16 where the CPU computes it natively)
-    precision = {Path(c.out).name: c.precision for c in trains}
-    assert {Path(c.checkpoint).name: c.precision for c in evals} == precision
-    assert set(precision.values()) == {demo_mod.train_precision("auto", "auto")}
+    # every run is evaluated in fp32, whatever it trained in (bf16 moves retrieval by more than the seeds do)
+    assert {c.precision for c in evals} == {"fp32"}
     assert not any(c.progress for c in trains + evals)  # bars of side-by-side processes would overwrite each other
     assert [cfg for kind, cfg in events if kind == "threads"] == [1] * 4
     timings = json.loads((tmp_path / "timings.json").read_text())
