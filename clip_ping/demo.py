@@ -6,7 +6,8 @@ neighbour page (`neighbors show`) written beside it. Each stage is skipped when
 its output is already complete, so an interrupted demo picks up where it stopped.
 
 The teachers extract with every core; then, on a CPU, the training runs go two
-at a time, each in a process with half the cores (``--jobs``). On 2 cores two
+at a time, each in a process with half the cores (``--jobs``; the processes start
+while the teachers load, and import the training code meanwhile). On 2 cores two
 1-thread trainings do 1.25x the work of one 2-thread training (the student's
 small kernels scale poorly over threads), so side by side wins there
 (BENCHMARKS.md, "The demo's runs side by side"). The CLIP-PING runs, whose steps
