@@ -223,6 +223,7 @@ def _extract(
         text_teacher_factory(cfg.text_teacher)
     if table is None:
         table = open_table(cfg.data, cfg.split)
+    precisions = {"image": cfg.precision, "text": text_precision(cfg)}
     identity = {
         "data_fingerprint": data_fingerprint(table, cfg.fingerprint),
         "data_fingerprint_kind": cfg.fingerprint,
@@ -231,7 +232,7 @@ def _extract(
         "text_teacher": text_teacher.name if text_teacher is not None else cfg.text_teacher,
         "dtype": cfg.dtype,
         "precision": cfg.precision,
-        "text_precision": text_precision(cfg),
+        "text_precision": precisions["text"],
         "teacher_image_size": cfg.teacher_image_size,
     }
 
@@ -251,7 +252,6 @@ def _extract(
     if compile_wanted(cfg.compile, cfg.device, n_mine):
         log.info("compiling the image teacher (torch.compile, %d rows a call)", run["batch_size"])
         image_teacher.compile(run["batch_size"])
-    precisions = {"image": cfg.precision, "text": str(identity["text_precision"])}
     for side, precision in precisions.items():
         warn_if_bf16_is_emulated(precision, cfg.device, log, f"the {side} teacher runs")
     log.info("teachers' precision: image %s, text %s", precisions["image"], precisions["text"])
