@@ -49,7 +49,7 @@ class EvalConfig(Config):
                                                      "the same open_clip:<model>:<weights> spec as the image teacher")
     seed: int = option(0, "seed of the linear probe's train sub-sample")
     precision: str = option("fp32", "precision of the model's forward passes: fp32, or bf16 (torch.autocast, as "
-                                    "open_clip_train evaluates a bf16 run; 1.6x faster on a CPU with AMX, but the "
+                                    "open_clip_train evaluates a bf16 run; 1.5x faster on a CPU with AMX, but the "
                                     "features are rounded to bf16: their similarities tie, and retrieval R@k fell by "
                                     "up to 1.65 points on 1,000 pairs)", choices=("fp32", "bf16"))
     device: str = option("auto", "torch device: auto (the GPU when there is one, else the CPU), cpu, cuda, cuda:N")
