@@ -48,6 +48,7 @@ from _common import interleaved, load_average, machine_facts, print_table, quiet
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from clip_ping import bank_writer  # noqa: E402
 from clip_ping.banks import ExtractConfig, extract_banks  # noqa: E402
 from clip_ping.data.csv_reader import read_pairs
 from clip_ping.data.images import load_image
@@ -58,11 +59,23 @@ from clip_ping.teachers import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER, load
 # in the variant's precision unless it names a text precision ("fp32-text-bf16": the default on a device
 # with native bf16).
 BASE_SETTINGS: dict[str, Any] = {"compile": "off"}
+# variants whose image teacher is changed after loading (not extraction settings)
+TEACHER_CHANGES: dict[str, dict[str, bool]] = {
+    "fp32-unfolded": {"folded": False},
+    "fp32-whole-batch": {"whole_batch": True},
+    "issue-fp32": {"folded": False, "whole_batch": True},
+}
+PER_SAMPLE_TRANSFORM = {"fp32-text-bf16-per-sample", "issue-fp32"}  # bank_writer.SPLIT_TRANSFORM off
 VARIANTS: dict[str, dict[str, Any]] = {
     "fp32": {"precision": "fp32"},
     "fp32-compiled": {"precision": "fp32", "compile": "on"},
     "fp32-unfolded": {"precision": "fp32"},  # the image teacher's batch norms not folded into its convolutions
+    "fp32-whole-batch": {"precision": "fp32"},  # the image teacher's forward on the whole batch, not cache-sized calls
+    "issue-fp32": {"precision": "fp32"},  # extraction as issue 15 found it: unfolded, whole batches, text in fp32
     "fp32-text-bf16": {"precision": "fp32", "text_precision": "bf16"},
+    "fp32-text-bf16-compiled": {"precision": "fp32", "text_precision": "bf16", "compile": "on"},
+    # the teacher's whole transform per sample in the loader workers (float tensors), not split at the batch
+    "fp32-text-bf16-per-sample": {"precision": "fp32", "text_precision": "bf16"},
     "bf16": {"precision": "bf16"},
     "bf16-w0": {"precision": "bf16", "workers": 0},
     "bf16-w1": {"precision": "bf16", "workers": 1},
@@ -107,14 +120,19 @@ class Teachers:
     def __init__(self, root: Path) -> None:
         self.root, self.made = root, 0
         self.image, self.text = load_image_teacher(DEFAULT_IMAGE_TEACHER), load_text_teacher(DEFAULT_TEXT_TEACHER)
-        self.unfolded: Any = None
+        self.changed: dict[str, Any] = {}  # variant -> its image teacher changed as TEACHER_CHANGES says
 
     def for_variant(self, name: str) -> tuple[Any, Any]:
-        if name == "fp32-unfolded":
-            if self.unfolded is None:
-                self.unfolded = load_image_teacher(DEFAULT_IMAGE_TEACHER)
-                self.unfolded.model = self.unfolded.model_as_loaded
-            return self.unfolded, self.text
+        changes = TEACHER_CHANGES.get(name)
+        if changes:
+            if name not in self.changed:
+                teacher = load_image_teacher(DEFAULT_IMAGE_TEACHER)
+                if not changes.get("folded", True):
+                    teacher.model = teacher.model_as_loaded
+                if changes.get("whole_batch"):
+                    teacher.cpu_pixels_per_call = 0
+                self.changed[name] = teacher
+            return self.changed[name], self.text
         if settings_of(name).get("compile") == "off":
             return self.image, self.text
         self.made += 1
@@ -139,7 +157,11 @@ def bench_speed(csv_path: Path, root: Path, names: list[str], rounds: int, base:
             shutil.rmtree(out, ignore_errors=True)
             cfg = ExtractConfig(data=str(csv_path), out=str(out), progress=False, **{**base, **settings_of(name)})
             image_teacher, text_teacher = teachers.for_variant(name)
-            extract_banks(cfg, image_teacher=image_teacher, text_teacher=text_teacher)
+            bank_writer.SPLIT_TRANSFORM = name not in PER_SAMPLE_TRANSFORM
+            try:
+                extract_banks(cfg, image_teacher=image_teacher, text_teacher=text_teacher)
+            finally:
+                bank_writer.SPLIT_TRANSFORM = True
             shutil.rmtree(out, ignore_errors=True)
         return go
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .bank_format import WORK_DIR, chunk_marker
+from .data.batch_transform import split_at_batch
 from .data.images import ImageDecodeError, load_image
 from .data.table import PairSource
 from .errors import ClipPingError
@@ -30,6 +31,8 @@ from .teachers import ImageTeacher, TextTeacher, autocast
 log = logging.getLogger(__name__)
 
 _MAX_DECODE_WARNINGS = 10
+# Split the teacher's transform at the batch (`split_at_batch`); False: the whole transform per sample (benchmarks).
+SPLIT_TRANSFORM = True
 
 
 class _ImageRows(torch.utils.data.Dataset):
@@ -133,8 +136,11 @@ def extract_chunks(
     dtype = image_bank.dtype
 
     batches = list(chunk_batches(chunks, n, chunk_size, batch_size))
+    # Workers crop and keep uint8 pixels; the batch is scaled and normalised here at once (the same tensor,
+    # a quarter of the bytes between processes).
+    per_sample, finish = split_at_batch(image_transform, rgb_input=True) if SPLIT_TRANSFORM else (image_transform, None)
     loader = torch.utils.data.DataLoader(
-        _ImageRows(table, image_transform),
+        _ImageRows(table, per_sample),
         batch_sampler=_BatchList(batches),
         num_workers=workers,
         collate_fn=_collate_rows,
@@ -157,8 +163,9 @@ def extract_chunks(
             # Undecodable images keep an all-zero row, so rows never shift.
             image_feats = torch.zeros(len(index), image_teacher.dim)
             if batch["image"] is not None:
+                images = batch["image"] if finish is None else finish(batch["image"])
                 with autocast(device, precisions["image"]):
-                    feats = image_teacher.encode(batch["image"])
+                    feats = image_teacher.encode(images)
                 _check_features(feats, image_teacher.dim, int(ok.sum()), "image", image_teacher.name)
                 image_feats[ok] = F.normalize(feats.float(), dim=-1)
 

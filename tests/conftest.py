@@ -141,8 +141,6 @@ def _register_tiny_teachers():
             self.model.requires_grad_(False)
             self._transform = T.Compose([T.Resize(40), T.CenterCrop(40), T.ToTensor(), T.Normalize([0.5] * 3, [0.25] * 3)])
 
-        def transform(self, img):
-            return self._transform(img)
 
         def _forward(self, images):
             return self.model(images).mean(dim=(2, 3))

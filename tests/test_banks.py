@@ -517,3 +517,22 @@ def test_the_text_teacher_runs_in_bf16_where_bf16_is_native_and_the_image_teache
     extract_banks(tiny_cfg(pairs, tmp_path / "fp32"))  # auto is fp32 here: the same bank, kept
     with pytest.raises(ConfigError, match="'text_precision': 'fp16' is not one of auto, fp32, bf16"):
         extract_banks(tiny_cfg(pairs, tmp_path / "y", text_precision="fp16"))
+
+
+def test_the_teacher_transform_split_at_the_batch_gives_the_bank_of_the_whole_transform(pairs, tmp_path, monkeypatch):
+    """Workers crop and keep uint8 pixels, the batch is normalised before the teacher: the same bank, bit for bit."""
+    from clip_ping import bank_writer
+
+    splits = []
+    real_split = bank_writer.split_at_batch
+    monkeypatch.setattr(bank_writer, "split_at_batch",
+                        lambda transform, rgb_input=False: splits.append(real_split(transform, rgb_input)) or splits[-1])
+    settings = dict(image_teacher="test-tiny-image", dtype="float32", workers=1)
+    split = extract_banks(tiny_cfg(pairs, tmp_path / "split", **settings))
+    assert len(splits) == 1 and splits[0][1] is not None  # the teacher's ToTensor + Normalize ran on the batch
+    monkeypatch.setattr(bank_writer, "SPLIT_TRANSFORM", False)
+    whole = extract_banks(tiny_cfg(pairs, tmp_path / "whole", **settings))
+    assert len(splits) == 1  # the whole transform per sample: not split
+    assert_same_bank(split, whole)
+    image = np.load(split / "image.npy")
+    assert np.abs(image[0] - image[1]).max() > 1e-3  # the rows are different images' features

@@ -118,6 +118,53 @@ def test_teacher_uses_the_file_weights_with_its_batch_norms_folded(lite0):
     assert F.cosine_similarity(got, want).min() > 0.99999
 
 
+def test_a_cpu_batch_runs_in_cache_sized_calls_with_the_whole_batch_features(lite0, monkeypatch):
+    """On a CPU the image teacher splits a batch into calls of about CPU_PIXELS_PER_CALL input pixels (4 images at
+    224 px); the features are those of one call over the whole batch."""
+    from clip_ping.teachers.base import CPU_PIXELS_PER_CALL
+
+    x = torch.randn(9, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    calls: list[int] = []
+    forward = lite0._forward
+    monkeypatch.setattr(lite0, "_forward", lambda images: calls.append(len(images)) or forward(images))
+    split = lite0.encode(x)
+    assert calls == [4, 4, 1] and CPU_PIXELS_PER_CALL // (224 * 224) == 4
+    monkeypatch.setattr(lite0, "cpu_pixels_per_call", 0)  # 0: the whole batch in one call
+    calls.clear()
+    whole = lite0.encode(x)
+    assert calls == [9]
+    assert torch.allclose(split, whole, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(split[:1], split[1:2], atol=1e-2)  # the rows are different images
+    monkeypatch.setattr(lite0, "cpu_pixels_per_call", CPU_PIXELS_PER_CALL)
+    assert lite0.rows_per_call(torch.zeros(64, 3, 112, 112)) == 16  # a quarter of the pixels: four times the rows
+    assert lite0.rows_per_call(torch.zeros(2, 3, 448, 448)) == 1  # never fewer than one
+    assert lite0.rows_per_call(torch.zeros(64, 3, 224, 224, device="meta")) == 64  # off the CPU: the whole batch
+
+
+def test_the_loader_gets_a_teachers_own_transform_unless_the_teacher_overrides_transform(lite0):
+    from torchvision import transforms as T
+
+    from clip_ping.teachers.base import image_transform_of
+
+    assert isinstance(image_transform_of(lite0), T.Compose)  # splittable at the batch
+
+    class Overriding(ImageTeacher):
+        _transform = T.Compose([T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
+
+        def transform(self, img):  # does more than _transform: the loader must call it whole
+            return self._transform(img).flip(0)
+
+    class LooksLikeATeacher:
+        _transform = Overriding._transform
+
+        def transform(self, img):
+            return self._transform(img)
+
+    for teacher in (Overriding(), LooksLikeATeacher()):
+        got = image_transform_of(teacher)
+        assert not isinstance(got, T.Compose) and got.__self__ is teacher and got.__func__ is type(teacher).transform
+
+
 def _random_running_stats(model):
     gen = torch.Generator().manual_seed(2)
     for m in model.modules():

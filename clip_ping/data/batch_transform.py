@@ -1,6 +1,6 @@
 """An image transform split at the batch: geometry per sample, the pixels' float arithmetic once per batch.
 
-open_clip's transforms end in ``ToTensor`` (8-bit pixels to floats in [0, 1])
+open_clip's transforms (and timm's, which the image teachers use) end in ``ToTensor`` (8-bit pixels to floats in [0, 1])
 and ``Normalize``. Per sample, those two cost about as much as the random crop
 itself (a dozen small tensor calls each). On the stacked uint8 batch the same
 arithmetic runs once, and every element goes through the same float operations
@@ -55,15 +55,17 @@ def _makes_rgb(step: Any) -> bool:
     return getattr(step, "__name__", None) == "_convert_to_rgb"
 
 
-def split_at_batch(transform: Callable) -> tuple[Callable, BatchNormalize | None]:
+def split_at_batch(transform: Callable, rgb_input: bool = False) -> tuple[Callable, BatchNormalize | None]:
     """(per-sample transform giving uint8 tensors, the batch's finish), or ``(transform, None)``.
 
     Splits only a ``Compose`` that converts to RGB, then ends in ``ToTensor`` and
     ``Normalize`` with no in-place flag (open_clip's train and eval transforms);
-    any other transform runs whole per sample, as given.
+    with ``rgb_input`` (the caller feeds `images.load_image`'s RGB images) the
+    conversion need not be there (timm's eval transforms: resize, crop, ``ToTensor``
+    and ``Normalize``). Any other transform runs whole per sample, as given.
     """
     steps = list(getattr(transform, "transforms", []))
-    if (isinstance(transform, T.Compose) and len(steps) >= 3 and _makes_rgb(steps[-3])
+    if (isinstance(transform, T.Compose) and len(steps) >= 2 and (rgb_input or (len(steps) >= 3 and _makes_rgb(steps[-3])))
             and isinstance(steps[-2], T.ToTensor) and isinstance(steps[-1], T.Normalize) and not steps[-1].inplace):
         normalize = steps[-1]
         finish = BatchNormalize(tuple(float(m) for m in normalize.mean), tuple(float(s) for s in normalize.std))

@@ -48,10 +48,7 @@ Register a factory ``(device: str) -> teacher`` under a name::
         def __init__(self, device="cpu"):
             self.name, self.dim, self.device = "my-resnet", 2048, device
             self.model = ...           # any torch module, frozen
-            self._transform = ...      # PIL image -> C x H x W tensor
-
-        def transform(self, img):
-            return self._transform(img)
+            self._transform = ...      # PIL image -> C x H x W tensor (or override transform)
 
         def _forward(self, images):    # called under inference_mode, model in eval mode
             return self.model(images)

@@ -27,6 +27,12 @@ PRECISIONS = ("fp32", "bf16")
 # does without compiling; over the folded forward it gains ~1.06x for a ~28 s compile (BENCHMARKS.md),
 # so "auto" compiles on a CPU with a C++ compiler only when there are enough images to win that back.
 COMPILE_SETTINGS = ("auto", "on", "off")
+
+# On a CPU a convolutional teacher runs fastest when one call's activations stay in the cache: EfficientNet-Lite0
+# folded, 2 threads, went from 70 images/s at 64 rows a call to 121 at 4 (224 px), and peaked at about this many
+# input pixels a call at 112 and 64 px as well (BENCHMARKS.md, "The image teacher in cache-sized calls").
+# Splitting a batch changes no feature: each image's forward is independent of the others in the call.
+CPU_PIXELS_PER_CALL = 4 * 224 * 224
 AUTO_COMPILE_MIN_IMAGES = 50_000  # above the ~38,000 images where the compile pays on a 2-core AMX CPU
 
 
@@ -59,9 +65,9 @@ class ImageTeacher:
     """A frozen image encoder.
 
     Subclasses set ``name`` (the spec it was loaded from), ``dim`` (feature size)
-    and ``device``, and implement `transform` (the teacher's own preprocessing:
-    resolution, crop, mean/std) and ``_forward`` (a batch of transformed images
-    to features). `encode` wraps ``_forward`` in inference mode.
+    and ``device``, set ``_transform`` (the teacher's own preprocessing: resolution,
+    crop, mean/std; or override `transform`) and implement ``_forward`` (a batch of
+    transformed images to features). `encode` wraps ``_forward`` in inference mode.
     """
 
     name: str
@@ -70,10 +76,15 @@ class ImageTeacher:
     precision: str = "fp32"  # see PRECISIONS; set by load_image_teacher(..., precision=)
     model: torch.nn.Module | None = None
 
-    def transform(self, img: Image.Image) -> torch.Tensor:
-        """One RGB PIL image -> C x H x W float tensor, as this teacher expects it."""
-        raise NotImplementedError
+    _transform: Callable[[Image.Image], torch.Tensor] | None = None
 
+    def transform(self, img: Image.Image) -> torch.Tensor:
+        """One RGB PIL image -> C x H x W float tensor, as this teacher expects it (``_transform`` by default)."""
+        if self._transform is None:
+            raise NotImplementedError(f"image teacher '{self.name}' sets no _transform and does not override transform")
+        return self._transform(img)
+
+    cpu_pixels_per_call: int = CPU_PIXELS_PER_CALL  # see rows_per_call
     _eager_model: torch.nn.Module | None = None  # set while ``model`` is the compiled one
     _fixed_rows: int = 0  # rows of every compiled call (0: eager, any batch size)
     _compiled_ran: bool = False  # a compiled call has succeeded: later errors are real ones
@@ -102,15 +113,28 @@ class ImageTeacher:
         """
         if self.model is not None:
             self.model.eval()
+        images = images.to(self.device)
+        rows = self.rows_per_call(images)
         with torch.inference_mode(), autocast(self.device, self.precision):
             if self._fixed_rows:
-                out = self._forward_compiled(images.to(self.device))
+                out = self._forward_compiled(images, rows)
+            elif rows >= len(images):
+                out = self._forward(images)
             else:
-                out = self._forward(images.to(self.device))
+                out = torch.cat([self._forward(images[start:start + rows]) for start in range(0, len(images), rows)])
         return out.float().cpu()
 
-    def _forward_compiled(self, images: torch.Tensor) -> torch.Tensor:
-        n, parts = self._fixed_rows, []
+    def rows_per_call(self, images: torch.Tensor) -> int:
+        """Rows of one forward call: on a CPU as many images as fit ``cpu_pixels_per_call`` (at least one; 0: the
+        whole batch), elsewhere the whole batch. A compiled teacher calls with its fixed rows (or that many pixels
+        if fewer) whatever the batch, so that it compiles once."""
+        rows = self._fixed_rows or max(1, len(images))
+        if images.device.type == "cpu" and images.dim() == 4 and self.cpu_pixels_per_call:
+            rows = min(rows, max(1, self.cpu_pixels_per_call // (images.shape[-1] * images.shape[-2])))
+        return rows
+
+    def _forward_compiled(self, images: torch.Tensor, n: int) -> torch.Tensor:
+        parts = []
         for start in range(0, len(images), n):
             part = images[start:start + n]
             rows = len(part)
@@ -126,9 +150,19 @@ class ImageTeacher:
                 first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
                 log.warning("image teacher '%s': torch.compile failed (%s); running it uncompiled", self.name, first[:200])
                 self.model, self._eager_model, self._fixed_rows = self._eager_model, None, 0
-                return self._forward(images)
+                return torch.cat([self._forward(images[i:i + n]) for i in range(0, len(images), n)])
             self._compiled_ran = True
         return torch.cat(parts)
+
+
+def image_transform_of(teacher: Any) -> Callable[[Image.Image], torch.Tensor]:
+    """What ``teacher.transform`` does, as an object a loader can inspect and split (`split_at_batch`): the
+    teacher's ``_transform`` unless its class overrides `ImageTeacher.transform` (then the method, which may do
+    more; also for teachers that only look like an `ImageTeacher`)."""
+    own = getattr(teacher, "_transform", None)
+    if own is not None and getattr(type(teacher), "transform", None) is ImageTeacher.transform:
+        return cast(Callable[[Image.Image], torch.Tensor], own)
+    return cast(Callable[[Image.Image], torch.Tensor], teacher.transform)
 
 
 class TextTeacher:

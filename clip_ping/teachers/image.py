@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from ..errors import ConfigError
 from .base import ImageTeacher, freeze, from_hub
@@ -62,8 +61,6 @@ class TimmImageTeacher(ImageTeacher):
         self.device = device
         self._transform = create_transform(**self.data_config, is_training=False)
 
-    def transform(self, img: Image.Image) -> torch.Tensor:
-        return self._transform(img)
 
     def _forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dim() == 4:

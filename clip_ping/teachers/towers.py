@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from PIL import Image
 
 from ..errors import ConfigError, DataError
 from .base import ImageTeacher, TextTeacher, freeze, from_hub
@@ -75,8 +74,6 @@ class OpenClipImageTeacher(ImageTeacher):
         self.device = device
         self.dim = int(getattr(self.model.visual, "output_dim"))
 
-    def transform(self, img: Image.Image) -> torch.Tensor:
-        return self._transform(img)
 
     def _forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(images)
