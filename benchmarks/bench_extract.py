@@ -264,6 +264,10 @@ def bench_agreement(csv_path: Path, root: Path, base: dict[str, Any], others: li
     result: dict[str, Any] = {"rows": len(tables["fp32"].image), "reference": "fp32", "extract_seconds": seconds,
                               "agreement": {}}
     for other in others:
+        same = {side: bool(np.array_equal(np.load(root / "agree_fp32" / f"{side}.npy"),
+                                          np.load(root / f"agree_{other}" / f"{side}.npy"))) for side in ("image", "text")}
+        result.setdefault("bank_identical", {})[other] = same
+        print(f"{other} vs fp32, bank bytes identical: image {same['image']}, text {same['text']}")
         result["agreement"][other] = {}
         for side in ("image", "text"):
             a, b = np.asarray(getattr(tables["fp32"], side)), np.asarray(getattr(tables[other], side))

@@ -136,8 +136,8 @@ class ExtractConfig:
     teacher_image_size: int | None = option(None, "side in pixels the image teacher sees (default: its own, e.g. 224 "
                                             "for EfficientNet-Lite0); smaller is faster for small images (the "
                                             "built-in data is 64 px). Part of the bank's identity")
-    compile: str = option("auto", "torch.compile the image teacher (auto: on a CPU with a C++ compiler, for 50,000 "
-                          "images or more: a ~1.06x faster forward than the folded eager one after a ~30 s compile; "
+    compile: str = option("auto", "torch.compile the image teacher (auto: on a CPU with a C++ compiler, for 25,000 "
+                          "images or more: a ~1.26x faster forward than the eager one after a ~20 s compile; "
                           "features match the uncompiled "
                           "teacher's to ~1e-5, so not part of the bank's identity)", choices=COMPILE_SETTINGS)
     workers: int = option(2, "DataLoader processes decoding and preprocessing images while the teachers run "

@@ -46,8 +46,8 @@ class TrainConfig(Config):
     teacher_image_size: int | None = option(None, "a-clip-ping: run the online image teacher at this resolution "
                                             "(none: the bank's, i.e. the teacher's own unless extract set --teacher-image-size)")
     teacher_compile: str = option("auto", "a-clip-ping: torch.compile the online image teacher (auto: on a CPU with a "
-                                  "C++ compiler, for 50,000 teacher images or more; ~1.06x faster than the eager teacher, whose "
-                                  "batch norms are folded, after a ~30 s compile; features match the uncompiled teacher's "
+                                  "C++ compiler, for 25,000 teacher images or more; ~1.26x faster than the eager teacher, whose "
+                                  "batch norms are folded, after a ~20 s compile; features match the uncompiled teacher's "
                                   "to ~1e-5)", choices=COMPILE_SETTINGS)
     targets: str = option("teacher", "what u and v are pulled to: the neighbours' teacher features through the heads; "
                           "student (with neighbor_source=queue): the student's own stored embeddings of the neighbours; "

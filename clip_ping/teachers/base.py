@@ -22,10 +22,10 @@ log = logging.getLogger(__name__)
 # oneDNN emulates it and a bf16 matmul is ~25x slower than fp32 (BENCHMARKS.md).
 PRECISIONS = ("fp32", "bf16")
 
-# torch.compile of the image teacher (inductor, weights frozen as constants). Most of what it gained
-# (1.4-1.5x on EfficientNet-Lite0 at 224 px) came from folding the batch norms, which the teacher now
-# does without compiling; over the folded forward it gains ~1.06x for a ~28 s compile (BENCHMARKS.md),
-# so "auto" compiles on a CPU with a C++ compiler only when there are enough images to win that back.
+# torch.compile of the image teacher (inductor, weights frozen as constants). Over the folded forward in
+# cache-sized calls it gains ~1.26x for a compile of about 20 s, which an extraction of 6,371 OpenClipart rows
+# did not win back (1.16x slower from a fresh process; it pays from roughly 13,000 images by those figures,
+# BENCHMARKS.md), so "auto" compiles on a CPU with a C++ compiler only when there are enough images.
 COMPILE_SETTINGS = ("auto", "on", "off")
 
 # On a CPU a convolutional teacher runs fastest when one call's activations stay in the cache: EfficientNet-Lite0
@@ -33,7 +33,7 @@ COMPILE_SETTINGS = ("auto", "on", "off")
 # input pixels a call at 112 and 64 px as well (BENCHMARKS.md, "The image teacher in cache-sized calls").
 # Splitting a batch changes no feature: each image's forward is independent of the others in the call.
 CPU_PIXELS_PER_CALL = 4 * 224 * 224
-AUTO_COMPILE_MIN_IMAGES = 50_000  # above the ~38,000 images where the compile pays on a 2-core AMX CPU
+AUTO_COMPILE_MIN_IMAGES = 25_000  # about twice the ~13,000 images from which the compile pays on a 2-core AMX CPU
 
 
 def compile_wanted(setting: str, device: str | torch.device, images: int) -> bool:
