@@ -157,9 +157,10 @@ def resolve_profile(name: str, data: str, *, spec: dict[str, Any] | None = None,
     max_topk = 1
     for s, over in prof["setting_specs"].items():
         for key, value in over.items():
-            if key not in ("teacher", "neighbors") and key not in train_keys:
+            if key not in ("teacher", "neighbors", "extract") and key not in train_keys:
                 raise BenchError(f"setting {s}: {key!r} is not a TrainConfig option")
         _check_neighbor_options(s, over.get("neighbors"))
+        _check_extract_options(s, over.get("extract"))
         max_topk = max(max_topk, int(over.get("neighbor_topk", 1)))
     if prof["neighbor_k"] < max(10, max_topk):
         raise BenchError(f"neighbor_k must be at least max(10, largest neighbor_topk={max_topk})")
@@ -182,10 +183,28 @@ def _check_neighbor_options(setting: str, options: Any) -> None:
                          f"({', '.join(sorted(allowed))}), got {options!r}")
 
 
+def _check_extract_options(setting: str, options: Any) -> None:
+    """A setting's own bank (e.g. ``{precision: bf16}``): extraction options over the profile's ``extract``."""
+    if options is None:
+        return
+    from dataclasses import fields
+
+    from clip_ping.banks import ExtractConfig
+
+    allowed = {f.name for f in fields(ExtractConfig)} - {"data", "out", "split", "image_teacher", "text_teacher",
+                                                        "progress"}
+    if not isinstance(options, dict) or not options or set(options) - allowed:
+        raise BenchError(f"setting {setting}: 'extract' takes a mapping of extraction options "
+                         f"({', '.join(sorted(allowed))}), got {options!r}")
+
+
+def _slug(options: dict[str, Any]) -> str:
+    return "-".join(f"{k}{v}" for k, v in sorted(options.items()))
+
+
 def neighbor_variant_dir(bank: Path, options: dict[str, Any]) -> Path:
     """The folder of a bank's second neighbour table: the bank's files linked, its own search."""
-    slug = "-".join(f"{k}{v}" for k, v in sorted(options.items()))
-    return bank.parent / f"{bank.name}-nn-{slug}"
+    return bank.parent / f"{bank.name}-nn-{_slug(options)}"
 
 
 # --------------------------------------------------------------------------- plan
@@ -201,14 +220,22 @@ def data_dir_for(prof: dict[str, Any]) -> Path:
                    f"-seed{opts.get('seed', 0)}")
 
 
-def bank_dir_for(data_dir: Path, image_teacher: str, default_teacher: str) -> Path:
-    return data_dir / ("banks" if image_teacher == default_teacher else f"banks-{image_teacher}")
+def bank_dir_for(data_dir: Path, image_teacher: str, default_teacher: str, extract: dict[str, Any] | None = None) -> Path:
+    """``banks`` (the default teacher, the profile's extraction), else ``banks-<teacher>`` and/or ``-<options>``."""
+    parts = ([] if image_teacher == default_teacher else [image_teacher]) + ([_slug(extract)] if extract else [])
+    return data_dir / "-".join(["banks", *parts])
+
+
+def bank_name_for(image_teacher: str, extract: dict[str, Any] | None = None) -> str:
+    """The key of a bank in the plan and in the stage records: the teacher, plus its own extraction options."""
+    return f"{image_teacher}+{_slug(extract)}" if extract else image_teacher
 
 
 def make_plan(prof: dict[str, Any], out: Path) -> dict[str, Any]:
     data_dir = data_dir_for(prof)
     default_teacher = prof["image_teacher"]
-    banks: dict[str, str] = {}
+    banks: dict[str, str] = {}  # bank name (bank_name_for) -> folder
+    bank_specs: dict[str, dict[str, Any]] = {}  # bank name -> its image teacher and extraction options
     variants: dict[str, dict[str, Any]] = {}  # second neighbour tables over a teacher's bank
     runs = []
     # Seeds outer, settings inner: an interrupted benchmark has whole seeds, and runs
@@ -218,10 +245,13 @@ def make_plan(prof: dict[str, Any], out: Path) -> dict[str, Any]:
             over = dict(prof["setting_specs"][setting])
             teacher = over.pop("teacher", default_teacher)
             search = over.pop("neighbors", None)
-            bank = bank_dir_for(data_dir, teacher, default_teacher)
+            extract = over.pop("extract", None)
+            bank = bank_dir_for(data_dir, teacher, default_teacher, extract)
             uses_bank = over.get("method", "clip-ping") not in NO_BANK_METHODS
             if uses_bank:
-                banks.setdefault(teacher, str(bank))
+                name = bank_name_for(teacher, extract)
+                banks.setdefault(name, str(bank))
+                bank_specs.setdefault(name, {"image_teacher": teacher, "extract": {**prof["extract"], **(extract or {})}})
                 if search:
                     variant = neighbor_variant_dir(bank, search)
                     variants[str(variant)] = {"source": str(bank), "teacher": teacher, "options": dict(search)}
@@ -232,7 +262,8 @@ def make_plan(prof: dict[str, Any], out: Path) -> dict[str, Any]:
                      "banks": str(bank) if uses_bank else None}
             runs.append({"setting": setting, "seed": seed, "run_dir": str(run_dir), "teacher": teacher,
                          "train": train})
-    return {"data_dir": str(data_dir), "banks": banks, "neighbor_variants": variants, "runs": runs}
+    return {"data_dir": str(data_dir), "banks": banks, "bank_specs": bank_specs, "neighbor_variants": variants,
+            "runs": runs}
 
 
 # --------------------------------------------------------------------------- stage workers (child processes)
@@ -464,14 +495,15 @@ def prepare(prof: dict[str, Any], plan: dict[str, Any], state_dir: Path) -> dict
         record("data", run_stage("data", payload, "data", state_dir))
 
     # banks and neighbours, one pair per image teacher in use
-    for teacher, bank in plan["banks"].items():
+    for teacher, bank in plan["banks"].items():  # teacher: the bank's name (bank_name_for)
         bank = Path(bank)
+        spec = plan.get("bank_specs", {}).get(teacher, {"image_teacher": teacher, "extract": prof["extract"]})
         if (bank / "manifest.json").is_file():
             print(f"[quality] extract {teacher}: {bank} is complete, kept", flush=True)
         else:
             record(f"extract:{teacher}", run_stage("extract", {
-                "data": str(data_dir), "out": str(bank), "image_teacher": teacher,
-                "text_teacher": prof["text_teacher"], "progress": progress, "options": prof["extract"]},
+                "data": str(data_dir), "out": str(bank), "image_teacher": spec["image_teacher"],
+                "text_teacher": prof["text_teacher"], "progress": progress, "options": spec["extract"]},
                 f"extract-{teacher}", state_dir))
         info = _read_json(bank / "neighbors.json") or {}
         if _neighbors_fresh(info, bank, prof["neighbor_k"]):

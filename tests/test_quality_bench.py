@@ -250,6 +250,24 @@ def test_approximate_neighbour_setting_gets_its_own_table_over_the_same_bank(qua
         quality._check_neighbor_options("s", {"nprobe": 4, "banks": "elsewhere"})
 
 
+def test_setting_with_its_own_extraction_options_gets_its_own_bank(quality, tmp_path):
+    prof = quality.resolve_profile("bank-precision", "openclipart")
+    plan = quality.make_plan(prof, tmp_path)
+    default = Path(plan["banks"]["efficientnet-lite0"])
+    bf16 = Path(plan["banks"]["efficientnet-lite0+precisionbf16"])
+    assert bf16 == default.parent / "banks-precisionbf16"
+    specs = plan["bank_specs"]
+    assert specs["efficientnet-lite0"]["extract"] == prof["extract"]
+    assert specs["efficientnet-lite0+precisionbf16"] == {"image_teacher": "efficientnet-lite0",
+                                                         "extract": {**prof["extract"], "precision": "bf16"}}
+    banks_of = {r["setting"]: r["train"]["banks"] for r in plan["runs"] if r["seed"] == 1}
+    assert banks_of == {"clip": None, "clip-ping": str(default), "clip-ping-bank-bf16": str(bf16)}
+    assert all("extract" not in r["train"] for r in plan["runs"])  # not a training option
+    for bad in ({"precision": "bf16", "out": "elsewhere"}, {}, "bf16"):
+        with pytest.raises(quality.BenchError, match="extraction options"):
+            quality._check_extract_options("s", bad)
+
+
 def test_top1_recall_counts_tied_neighbours_as_found(quality, tmp_path):
     import numpy as np
 
