@@ -147,9 +147,32 @@ def settings_of(name: str) -> dict[str, Any]:
     return settings
 
 
+class EncodeTimer:
+    """Seconds spent inside a teacher's ``encode`` (wrapped on the instance), to split a run's wall time."""
+
+    def __init__(self, teacher: Any) -> None:
+        self.seconds, encode = 0.0, teacher.encode
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return encode(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+        teacher.encode = timed
+
+
+def timer_of(teacher: Any, timers: dict[int, EncodeTimer]) -> EncodeTimer:
+    if id(teacher) not in timers:
+        timers[id(teacher)] = EncodeTimer(teacher)
+    return timers[id(teacher)]
+
+
 def bench_speed(csv_path: Path, root: Path, names: list[str], rounds: int, base: dict[str, Any]) -> dict[str, Any]:
     teachers = Teachers(root)
     n_rows = len(read_pairs(csv_path))
+    timers: dict[int, EncodeTimer] = {}
+    parts: dict[str, list[tuple[float, float, float]]] = {name: [] for name in names}  # (wall, image, text) a round
 
     def run(name: str):
         def go(round_: int) -> None:
@@ -157,11 +180,15 @@ def bench_speed(csv_path: Path, root: Path, names: list[str], rounds: int, base:
             shutil.rmtree(out, ignore_errors=True)
             cfg = ExtractConfig(data=str(csv_path), out=str(out), progress=False, **{**base, **settings_of(name)})
             image_teacher, text_teacher = teachers.for_variant(name)
+            image_timer, text_timer = timer_of(image_teacher, timers), timer_of(text_teacher, timers)
+            image0, text0, t0 = image_timer.seconds, text_timer.seconds, time.perf_counter()
             bank_writer.SPLIT_TRANSFORM = name not in PER_SAMPLE_TRANSFORM
             try:
                 extract_banks(cfg, image_teacher=image_teacher, text_teacher=text_teacher)
             finally:
                 bank_writer.SPLIT_TRANSFORM = True
+            if round_ >= 1:  # after the warm-up round, as interleaved() keeps
+                parts[name].append((time.perf_counter() - t0, image_timer.seconds - image0, text_timer.seconds - text0))
             shutil.rmtree(out, ignore_errors=True)
         return go
 
@@ -174,10 +201,19 @@ def bench_speed(csv_path: Path, root: Path, names: list[str], rounds: int, base:
         ratios = [a / b for a, b in zip(seconds[names[0]], seconds[name])]  # per round: paired
         s["speedup_vs_first_per_round"] = [round(r, 2) for r in ratios]
         s["speedup_vs_first_median"] = round(float(np.median(ratios)), 2)
+        # where a run's time goes: inside the image teacher's encode, the text teacher's, and the rest (loader
+        # waits, normalising the batch, writing the bank), as shares of the run, median over rounds
+        shares = {key: float(np.median([p[i] / p[0] for p in parts[name]]))
+                  for i, key in ((1, "image_encode"), (2, "text_encode"))}
+        shares["rest"] = 1.0 - shares["image_encode"] - shares["text_encode"]
+        s["time_shares_median"] = {k: round(v, 3) for k, v in shares.items()}
+        s["encode_seconds"] = [[round(x, 2) for x in p] for p in parts[name]]  # (wall, image, text) a round
         result["variants"][name] = {"settings": settings_of(name), "seconds": [round(x, 2) for x in seconds[name]], **s}
         table.append([name, s["rows_per_s_median"], f"{s['rows_per_s_min']:.1f}-{s['rows_per_s_max']:.1f}",
-                      s["speedup_vs_first_median"], " ".join(f"{r:.2f}" for r in ratios)])
-    print_table(table, ["variant", "rows/s median", "rows/s min-max", f"x {names[0]} (median)", "x per round"],
+                      s["speedup_vs_first_median"], " ".join(f"{r:.2f}" for r in ratios),
+                      " / ".join(f"{100 * shares[k]:.0f}" for k in ("image_encode", "text_encode", "rest"))])
+    print_table(table, ["variant", "rows/s median", "rows/s min-max", f"x {names[0]} (median)", "x per round",
+                        "% image / text / rest"],
                 title=f"extract_banks end to end, {n_rows} rows, {rounds} rounds interleaved "
                       f"(first: {first['rows_per_s_median']:.1f} rows/s)")
     return result
