@@ -3,6 +3,7 @@
     python benchmarks/bench_extract.py                                  # fp32 vs bf16, 512 built-in rows, 3 rounds
     python benchmarks/bench_extract.py --variants fp32 bf16 bf16-64px --rounds 5
     python benchmarks/bench_extract.py --variants fp32 fp32-compiled --rows 2048   # torch.compile, cold each round
+    python benchmarks/bench_extract.py --variants fp32-text-bf16 fp32-text-bf16-compiled-warm --rows 2048   # compiled once
     python benchmarks/bench_extract.py --teachers                       # forward passes alone, per precision
     python benchmarks/bench_extract.py --teachers --teacher-precisions fp32 --compiled   # and the compiled image teacher
     python benchmarks/bench_extract.py --agreement --rows 4000          # top-1 neighbours: bf16 banks vs fp32
@@ -13,8 +14,9 @@ Speed (default): `extract_banks` end to end (default teachers, DataLoader
 workers, writing a bank) on the first ``--rows`` rows of a data set (default:
 the built-in synthetic data, 64 px, made here), each variant once per round in
 alternating order (ABBA...), after one warm-up round; medians, quartiles and
-the spread in rows/s, and each variant's median ratio to the first. The
-teachers are loaded once: load time is not extraction time.
+the spread in rows/s, each variant's median ratio to the first, and the shares of
+each run spent in the image teacher's ``encode``, the text teacher's and the rest.
+The teachers are loaded once: load time is not extraction time.
 
 ``--teachers``: each teacher's forward pass alone (inputs preprocessed), fp32
 and bf16 interleaved, and one process's decode + preprocessing rate.
