@@ -325,6 +325,15 @@ def bench_agreement(csv_path: Path, root: Path, base: dict[str, Any], others: li
     return result
 
 
+def check_variants(names: list[str]) -> None:
+    """Refuse a compiled-once variant beside a cold-compiled one: each cold compile resets torch.compile's
+    caches, the warm teacher's too, so the warm one would compile again and its rate mean nothing."""
+    cold = [v for v in names if settings_of(v).get("compile") == "on" and v not in COMPILED_ONCE]
+    if cold and COMPILED_ONCE & set(names):
+        raise SystemExit(f"{', '.join(sorted(COMPILED_ONCE))} cannot run beside {', '.join(cold)}: "
+                         "each cold compile resets torch.compile's caches, the warm teacher's too")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=None, help="pairs CSV/TSV to read (default: the built-in data, made here)")
@@ -349,10 +358,7 @@ def main() -> None:
     print(f"machine: {facts['cpu']}, {facts['cpu_count']} cores, torch {facts['torch']}, "
           f"{facts['torch_threads']} threads; load average at start {facts['load_avg_start']}", flush=True)
     base = {"batch_size": args.batch_size, "workers": args.workers}
-    cold = [v for v in args.variants if settings_of(v).get("compile") == "on" and v not in COMPILED_ONCE]
-    if cold and COMPILED_ONCE & set(args.variants):
-        raise SystemExit(f"{', '.join(sorted(COMPILED_ONCE))} cannot run beside {', '.join(cold)}: "
-                         "each cold compile resets torch.compile's caches, the warm teacher's too")
+    check_variants(args.variants)
     with tempfile.TemporaryDirectory(prefix="bench_extract_") as tmp:
         root = Path(tmp)
         csv_path = make_data(root, args.data, args.rows)
