@@ -126,6 +126,7 @@ class Teachers:
         self.root, self.made = root, 0
         self.image, self.text = load_image_teacher(DEFAULT_IMAGE_TEACHER), load_text_teacher(DEFAULT_TEXT_TEACHER)
         self.changed: dict[str, Any] = {}  # variant -> its image teacher changed as TEACHER_CHANGES says
+        self.compiled_once: dict[str, Any] = {}  # COMPILED_ONCE variant -> its teacher, compiled in its first round
 
     def for_variant(self, name: str) -> tuple[Any, Any]:
         changes = TEACHER_CHANGES.get(name)
@@ -140,14 +141,14 @@ class Teachers:
             return self.changed[name], self.text
         if settings_of(name).get("compile") == "off":
             return self.image, self.text
-        if name in COMPILED_ONCE and name in self.changed:
-            return self.changed[name], self.text
+        if name in self.compiled_once:
+            return self.compiled_once[name], self.text
         self.made += 1
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.root / f"inductor_cache_{self.made}")
         torch._dynamo.reset()
         teacher = load_image_teacher(DEFAULT_IMAGE_TEACHER)
         if name in COMPILED_ONCE:
-            self.changed[name] = teacher  # extract_banks compiles it on its first use; later rounds reuse that
+            self.compiled_once[name] = teacher  # extract_banks compiles it on its first use; later rounds reuse that
         return teacher, self.text
 
 

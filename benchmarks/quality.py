@@ -169,33 +169,32 @@ def resolve_profile(name: str, data: str, *, spec: dict[str, Any] | None = None,
     return prof
 
 
-def _check_neighbor_options(setting: str, options: Any) -> None:
-    """A setting's own neighbour search (e.g. ``{method: ivf, nprobe: 4}``): search options only."""
+def _check_options(setting: str, key: str, options: Any, config: type, fixed: set[str], what: str) -> None:
+    """A setting's own options under ``key``: a non-empty mapping of ``config``'s fields, less the ``fixed`` ones."""
     if options is None:
         return
     from dataclasses import fields
 
+    allowed = {f.name for f in fields(config)} - fixed
+    if not isinstance(options, dict) or not options or set(options) - allowed:
+        raise BenchError(f"setting {setting}: '{key}' takes a mapping of {what} "
+                         f"({', '.join(sorted(allowed))}), got {options!r}")
+
+
+def _check_neighbor_options(setting: str, options: Any) -> None:
+    """A setting's own neighbour search (e.g. ``{method: ivf, nprobe: 4}``): search options only."""
     from clip_ping.knn import NeighborsConfig
 
-    allowed = {f.name for f in fields(NeighborsConfig)} - {"banks", "k", "progress", "overwrite"}
-    if not isinstance(options, dict) or not options or set(options) - allowed:
-        raise BenchError(f"setting {setting}: 'neighbors' takes a mapping of search options "
-                         f"({', '.join(sorted(allowed))}), got {options!r}")
+    _check_options(setting, "neighbors", options, NeighborsConfig, {"banks", "k", "progress", "overwrite"},
+                   "search options")
 
 
 def _check_extract_options(setting: str, options: Any) -> None:
     """A setting's own bank (e.g. ``{precision: bf16}``): extraction options over the profile's ``extract``."""
-    if options is None:
-        return
-    from dataclasses import fields
-
     from clip_ping.banks import ExtractConfig
 
-    allowed = {f.name for f in fields(ExtractConfig)} - {"data", "out", "split", "image_teacher", "text_teacher",
-                                                        "progress"}
-    if not isinstance(options, dict) or not options or set(options) - allowed:
-        raise BenchError(f"setting {setting}: 'extract' takes a mapping of extraction options "
-                         f"({', '.join(sorted(allowed))}), got {options!r}")
+    _check_options(setting, "extract", options, ExtractConfig,
+                   {"data", "out", "split", "image_teacher", "text_teacher", "progress"}, "extraction options")
 
 
 def _slug(options: dict[str, Any]) -> str:
@@ -494,24 +493,24 @@ def prepare(prof: dict[str, Any], plan: dict[str, Any], state_dir: Path) -> dict
     else:
         record("data", run_stage("data", payload, "data", state_dir))
 
-    # banks and neighbours, one pair per image teacher in use
-    for teacher, bank in plan["banks"].items():  # teacher: the bank's name (bank_name_for)
+    # banks and neighbours, one pair per bank in use (an image teacher, or a setting's own extraction options)
+    for name, bank in plan["banks"].items():  # name: the teacher, plus the bank's own options (bank_name_for)
         bank = Path(bank)
-        spec = plan.get("bank_specs", {}).get(teacher, {"image_teacher": teacher, "extract": prof["extract"]})
+        spec = plan["bank_specs"][name]
         if (bank / "manifest.json").is_file():
-            print(f"[quality] extract {teacher}: {bank} is complete, kept", flush=True)
+            print(f"[quality] extract {name}: {bank} is complete, kept", flush=True)
         else:
-            record(f"extract:{teacher}", run_stage("extract", {
+            record(f"extract:{name}", run_stage("extract", {
                 "data": str(data_dir), "out": str(bank), "image_teacher": spec["image_teacher"],
                 "text_teacher": prof["text_teacher"], "progress": progress, "options": spec["extract"]},
-                f"extract-{teacher}", state_dir))
+                f"extract-{name}", state_dir))
         info = _read_json(bank / "neighbors.json") or {}
         if _neighbors_fresh(info, bank, prof["neighbor_k"]):
-            print(f"[quality] neighbours {teacher}: k={info['k']} in {bank}, kept", flush=True)
+            print(f"[quality] neighbours {name}: k={info['k']} in {bank}, kept", flush=True)
         else:
-            record(f"neighbors:{teacher}", run_stage("neighbors", {
+            record(f"neighbors:{name}", run_stage("neighbors", {
                 "banks": str(bank), "k": prof["neighbor_k"], "progress": progress,
-                "overwrite": bool(info)}, f"neighbors-{teacher}", state_dir))
+                "overwrite": bool(info)}, f"neighbors-{name}", state_dir))
 
     for variant, spec in plan.get("neighbor_variants", {}).items():
         key = f"neighbors:{Path(variant).name}"
