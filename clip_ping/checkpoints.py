@@ -8,14 +8,17 @@ checkpoint, whatever moment the process is killed at.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from .errors import DataError
-from .io import atomic_link, atomic_torch_save, atomic_write_text, remove_stale_temporaries
+from .config import Config, option
+from .errors import ConfigError, DataError
+from .io import atomic_link, atomic_torch_save, atomic_write_text, load_torch_file, remove_stale_temporaries
 
 __all__ = ["atomic_torch_save", "atomic_write_text", "load_checkpoint", "resolve_resume", "save_checkpoint"]
 
@@ -59,10 +62,98 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint's tensors and plain values, read without running code (`clip_ping.io.load_torch_file`)."""
+    state = load_torch_file(path)
+    if not isinstance(state, dict):
+        raise DataError(f"{path} is not a clip-ping checkpoint (it holds a {type(state).__name__}, not a dict)")
+    return state
+
+
+def numpy_rng_state() -> dict[str, Any]:
+    """numpy's global RNG state as tensors and plain values, which the safe loader reads (not numpy arrays)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"bit_generator": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def set_numpy_rng_state(state: Any) -> None:
+    """Restore what `numpy_rng_state` saved."""
+    np.random.set_state((state["bit_generator"], state["keys"].numpy().astype(np.uint32), state["pos"],
+                         state["has_gauss"], state["cached_gaussian"]))
+
+
+def plain(value: Any) -> Any:
+    """``value`` in the types the safe loader reads: dicts, lists, tuples, str, int, float, bool, None and
+    tensors (numpy arrays become tensors, numpy scalars numbers, any other object its ``str``)."""
+    if isinstance(value, dict):
+        return {k if isinstance(k, (int, str)) else str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list) or (isinstance(value, tuple) and type(value) is not tuple):  # a namedtuple: a list
+        return [plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(plain(v) for v in value)
+    if value is None or isinstance(value, (torch.Tensor, bool, int, float, str)):
+        return value
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.array(value))
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
+
+
+def convert_trusted_checkpoint(source: Path, out: Path) -> dict[str, Any]:
+    """Rewrite a checkpoint that only the unsafe loader reads (an earlier clip-ping's) in the safe form.
+
+    This *runs the file's pickled code*: only for a file the user trusts and names explicitly.
+    """
+    forced = os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)  # set by the CLI for every other load
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(source, map_location="cpu", weights_only=False)  # trusted-load: the user vouched for it
     except Exception as exc:
-        raise DataError(f"cannot read checkpoint {path}: {exc}") from None
+        raise DataError(f"cannot read checkpoint {source}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+    finally:
+        if forced is not None:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = forced
+    if not isinstance(state, dict):
+        raise DataError(f"{source} is not a clip-ping checkpoint (it holds a {type(state).__name__}, not a dict)")
+    rng = state.get("rng")
+    if isinstance(rng, dict) and isinstance(rng.get("numpy"), tuple):
+        name, keys, pos, has_gauss, cached = rng["numpy"]
+        rng = {**rng, "numpy": {"bit_generator": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                                "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
+        state = {**state, "rng": rng}
+    safe = plain(state)
+    atomic_torch_save(safe, out)
+    load_torch_file(out)  # proves the result reads safely
+    return safe
+
+
+@dataclasses.dataclass
+class ConvertCheckpointConfig(Config):
+    """`clip-ping convert-checkpoint`: an earlier checkpoint rewritten in the form loaded without running code."""
+
+    checkpoint: str = option("", "the checkpoint file to convert (it is read with the unsafe loader: trust it first)")
+    out: str | None = option(None, "where to write the converted checkpoint (default: NAME.safe.pt beside it; "
+                                   "never an existing file)")
+    trust_this_file: bool = option(False, "confirm that you trust the file: unpickling it runs any code it holds")
+
+    def validate(self) -> None:
+        if not self.checkpoint:
+            raise ConfigError("give the checkpoint to convert: --checkpoint FILE")
+
+
+def convert_checkpoint(cfg: ConvertCheckpointConfig) -> str:
+    """Convert ``cfg.checkpoint`` (only with ``--trust-this-file``) into a new file; returns what was written."""
+    source = Path(cfg.checkpoint)
+    if not source.is_file():
+        raise DataError(f"checkpoint not found: {source}")
+    out = Path(cfg.out) if cfg.out else source.with_name(f"{source.stem}.safe{source.suffix or '.pt'}")
+    if not cfg.trust_this_file:
+        raise ConfigError(f"converting {source} unpickles it, which runs any code it holds; if you trust the file, "
+                          "pass --trust-this-file")
+    if out.exists():
+        raise ConfigError(f"{out} exists; clip-ping does not overwrite it: pass another --out")
+    convert_trusted_checkpoint(source, out)
+    return f"wrote {out}: it loads without running code (e.g. --resume {out})"
 
 
 def settings_that_differ(saved: dict[str, Any], cfg: Any) -> str:

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -53,6 +54,9 @@ COMMANDS = [
             "zero-shot classification, retrieval and linear probe of a checkpoint"),
     Command(("export",), "clip_ping.hub_export:ExportConfig", "clip_ping.hub_export:export_open_clip",
             "write a checkpoint as an open_clip model folder (config JSON + weights)"),
+    Command(("convert-checkpoint",), "clip_ping.checkpoints:ConvertCheckpointConfig",
+            "clip_ping.checkpoints:convert_checkpoint",
+            "rewrite a checkpoint of an earlier clip-ping (which only the unsafe loader reads) in the safe form"),
     Command(("report",), "clip_ping.report:ReportConfig", "clip_ping.report:report_from_config",
             "compare runs: markdown table, training curves, bar charts, index.html", needs=("report",)),
     Command(("demo",), "clip_ping.demo:DemoConfig", "clip_ping.demo:run_demo",
@@ -139,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         group = getattr(args, "_groups", {}).get((args.command,)) if getattr(args, "command", None) else None
         (group or parser).print_help()
         return 1
+    # Every torch.load in this process, third-party code's included, reads tensors and plain values only
+    # (clip-ping's own calls say weights_only=True anyway); unless the user asked torch for the opposite.
+    if not os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):
+        os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:
         check_environment()
         if not args.dry_run:

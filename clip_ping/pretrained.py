@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from .errors import ClipPingError, ConfigError, DataError
+from .io import read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -121,25 +122,20 @@ def _folder(spec: str, folder: Path) -> InitSource:
 
 
 def read_weights(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The open_clip state dict in ``path``: a clip-ping checkpoint's ``model``, or what open_clip reads
-    from its own and third-party files (converted to open_clip's keys)."""
+    """The open_clip state dict in ``path``: a clip-ping checkpoint's ``model``, an open_clip state dict, or a
+    third-party layout open_clip converts. Read without running code from the file (`clip_ping.io.read_state_dict`)."""
     from open_clip.convert import convert_state_dict
-    from open_clip.factory import load_state_dict
 
     try:
-        if path.suffix in (".pt", ".pth"):
-            try:
-                state: Any = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception:  # a clip-ping checkpoint also holds its config and RNG states
-                state = torch.load(path, map_location="cpu", weights_only=False)
-            if isinstance(state, dict) and isinstance(state.get("model"), dict):
-                return dict(state["model"])
-        sd = load_state_dict(str(path))
-    except Exception as exc:  # truncated or foreign file
-        raise DataError(f"init_from: cannot read weights file {path}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
-    if not isinstance(sd, dict) or not sd:
+        sd = read_state_dict(path)
+    except DataError as exc:
+        raise DataError(f"init_from: {exc}") from None
+    if not sd:
         raise DataError(f"init_from: {path} does not hold a state dict")
-    return dict(convert_state_dict(model, sd))
+    try:
+        return dict(convert_state_dict(model, sd))
+    except Exception as exc:  # a layout open_clip recognises but cannot convert
+        raise DataError(f"init_from: cannot convert the weights in {path}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
 
 
 def first_mismatch(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> str | None:

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import ConfigError, DataError
+from .io import load_torch_file
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False
@@ -128,10 +129,10 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
         path = path / "checkpoints" / "latest.pt" if (path / "checkpoints").is_dir() else path / "latest.pt"
     if not path.is_file():
         raise DataError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # a truncated or foreign file
-        raise DataError(f"cannot read checkpoint {path}: {exc}") from None
+    state = load_torch_file(path)  # tensors and plain values only: never runs code from the file
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise DataError(f"{path} is not a clip-ping checkpoint (no 'model' weights in it)")
+    return state
 
 
 def load_export(folder: str | Path) -> tuple[torch.nn.Module, Any]:

@@ -30,7 +30,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -39,9 +38,12 @@ from . import distributed as dist_utils
 from .checkpoints import (
     load_checkpoint,
     nonfinite_tensors,
+    numpy_rng_state,
     objective_state_of_v1,
+    plain,
     resolve_resume,
     save_checkpoint,
+    set_numpy_rng_state,
     settings_that_differ,
 )
 from .config import save_yaml
@@ -196,9 +198,9 @@ class Trainer:
             "step": self.step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
-            "config": dataclasses.asdict(self.cfg),
+            "config": plain(dataclasses.asdict(self.cfg)),
             "data_fingerprint": self.data_fingerprint,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "rng": {"torch": torch.get_rng_state(), "numpy": numpy_rng_state(), "python": random.getstate()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -224,7 +226,7 @@ class Trainer:
         self.epoch = int(state.get("epoch", self.step // self.steps_per_epoch))
         self.batch_in_epoch = int(state.get("batch_in_epoch", self.step % self.steps_per_epoch))
         torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
+        set_numpy_rng_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
 
     def save(self) -> Path | None:

@@ -9,6 +9,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import ConfigError, DataError
+from ..io import read_state_dict
 from .base import ImageTeacher, TextTeacher, freeze, from_hub
 
 
@@ -36,28 +37,15 @@ def _create_open_clip(model_name: str, weights: Path | None, device: str, pretra
         else:
             model, _, preprocess = from_hub(spec, create, "open_clip:<model>:<weights file>")
         return freeze(model).to(device), preprocess
-    sd = _open_clip_state_dict(weights)
+    from open_clip.convert import convert_state_dict
+
+    sd = read_state_dict(weights)  # a clip-ping checkpoint's 'model' or a state dict; never runs code from the file
     model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None, device="cpu")
     try:
-        if isinstance(sd, str):
-            open_clip.load_checkpoint(model, sd, strict=True)  # converts third-party layouts
-        else:
-            model.load_state_dict(sd, strict=True)
-    except (RuntimeError, KeyError) as exc:
+        model.load_state_dict(convert_state_dict(model, sd), strict=True)  # open_clip converts third-party layouts
+    except (RuntimeError, KeyError, ValueError) as exc:
         raise DataError(f"weights file {weights} does not fit open_clip model '{model_name}': {str(exc).splitlines()[0]}") from None
     return freeze(model).to(device), preprocess
-
-
-def _open_clip_state_dict(weights: Path) -> Any:
-    """A clip-ping checkpoint holds the open_clip weights under 'model'; other files go to open_clip's loader."""
-    if weights.suffix in (".pt", ".pth"):
-        try:
-            ckpt = torch.load(weights, map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise DataError(f"cannot read weights file {weights}: {exc}") from None
-        if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
-            return ckpt["model"]
-    return str(weights)
 
 
 def _path(weights: str | Path | None) -> Path | None:

@@ -4,36 +4,13 @@ onto a model by name or, for files of another naming scheme, by position."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ..errors import DataError
+from ..io import read_state_dict
 
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.pth``/``.pt``/``.bin``/``.safetensors`` file (unwrapping ``state_dict``/``model``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"weights file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd: Any = load_file(str(path), device="cpu")
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated or foreign file
-        raise DataError(f"cannot read weights file {path}: {exc}") from None
-    for key in ("state_dict", "model", "module"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise DataError(f"weights file {path} does not hold a state dict of tensors")
-    # Checkpoints saved from DistributedDataParallel prefix every key.
-    if all(k.startswith("module.") for k in sd):
-        sd = {k[len("module.") :]: v for k, v in sd.items()}
-    return dict(sd)
+__all__ = ["load_weights_in_order", "read_state_dict"]
 
 
 def load_weights_in_order(model: torch.nn.Module, path: str | Path) -> dict[str, torch.Tensor]:
