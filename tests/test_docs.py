@@ -140,3 +140,31 @@ def test_benchmark_headings_name_topics_not_issue_numbers():
 
 def test_benchmarks_opens_with_the_current_figures():
     assert headings((REPO / "BENCHMARKS.md").read_text(encoding="utf-8"))[1] == "Current figures"
+
+
+# ---------------------------------------------------------------------------- the README's chart
+
+
+def test_the_readme_chart_draws_a_quality_results_file_with_the_reports_bar_chart(tmp_path):
+    from conftest import load_benchmark_script
+
+    chart = load_benchmark_script("headline_chart")
+    quality = {"results": [
+        {"setting": setting, "seed": seed,
+         "metrics": {"test": {"i2t/R@1": base + seed, "zs/shape/top1": 2 * base, "probe/shape": 50.0, "score": 1.0}}}
+        for setting, base in (("clip", 10.0), ("clip-ping", 12.0)) for seed in (0, 1)
+    ]}
+    results = chart.results_for_chart(quality, ["clip", "clip-ping"])
+    assert [s["name"] for s in results["settings"]] == ["clip", "clip-ping"]
+    assert set(results["metrics"]) == {"retrieval/image_to_text/R@1", "zeroshot/shape/top1",
+                                       "linear_probe/shape/accuracy"}  # no report key for the score
+    stats = results["metrics"]["retrieval/image_to_text/R@1"]["settings"]["clip-ping"]
+    assert stats["mean"] == 12.5 and stats["n"] == 2 and stats["values"] == [12.0, 13.0]
+    with pytest.raises(SystemExit, match="relational"):
+        chart.results_for_chart(quality, ["clip", "relational"])
+
+    from clip_ping.report_plots import plot_metric_bars
+
+    out = tmp_path / "chart.png"
+    assert plot_metric_bars(results, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
