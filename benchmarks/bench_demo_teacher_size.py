@@ -32,7 +32,7 @@ from clip_ping.data.synth import SynthConfig, generate_synthetic
 from clip_ping.demo import DemoConfig, demo_run_config, train_and_evaluate, train_precision
 from clip_ping.knn import NeighborsConfig, build_neighbors
 from clip_ping.report import build_report
-from clip_ping.trainer import TrainConfig
+from clip_ping.training.trainer import TrainConfig
 
 HEADLINE = ("zeroshot/shape/top1", "zeroshot/color/top1", "zeroshot/count/top1",
             "retrieval/image_to_text/R@1", "retrieval/text_to_image/R@1")  # paths into eval.json, percent

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .errors import ClipPingError, ConfigError, DataError
+from ..errors import ClipPingError, ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
