@@ -50,7 +50,7 @@ from _common import interleaved, load_average, machine_facts, print_table, quiet
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from clip_ping import bank_writer  # noqa: E402
+from clip_ping.banks import writer as bank_writer  # noqa: E402
 from clip_ping.banks import ExtractConfig, extract_banks  # noqa: E402
 from clip_ping.data.csv_reader import read_pairs
 from clip_ping.data.images import load_image

@@ -55,9 +55,9 @@ from clip_ping.data.pairs import PairDataset, collate_pairs, tokenize_captions  
 from clip_ping.data.convert import ConvertConfig, convert  # noqa: E402
 from clip_ping.data.shards import open_shards  # noqa: E402
 from clip_ping.data.stream import ShardStream  # noqa: E402
-from clip_ping.student import create_student  # noqa: E402
+from clip_ping.model.student import create_student  # noqa: E402
 from clip_ping.data.order import EpochBatchSampler, SeededAugmentation  # noqa: E402
-from clip_ping.trainer import Trainer  # noqa: E402
+from clip_ping.training.trainer import Trainer  # noqa: E402
 
 
 def make_shards(data: Path, samples_per_shard: int) -> Path:

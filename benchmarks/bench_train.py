@@ -75,8 +75,8 @@ import _common as C  # noqa: E402
 
 import torch  # noqa: E402
 
-from clip_ping.losses import info_nce  # noqa: E402
-from clip_ping.trainer import TrainConfig, Trainer  # noqa: E402
+from clip_ping.model.losses import info_nce  # noqa: E402
+from clip_ping.training.trainer import TrainConfig, Trainer  # noqa: E402
 
 TARGET_RATIO = 1.05
 PRECISIONS = ("fp32", "bf16")
@@ -294,7 +294,7 @@ def register_block_variant(model: str, block_type: str) -> str:
     """An open_clip config name for ``model`` with another attention block (same widths, depths, names)."""
     import open_clip
 
-    from clip_ping.student import MODEL_CONFIG_DIR, register_model_configs
+    from clip_ping.model.student import MODEL_CONFIG_DIR, register_model_configs
 
     register_model_configs()
     cfg = json.loads((MODEL_CONFIG_DIR / f"{model}.json").read_text())
@@ -387,7 +387,7 @@ def _child_open_clip(argv: list[str]) -> None:
     import open_clip
     import open_clip_train.main
 
-    from clip_ping.student import MODEL_CONFIG_DIR
+    from clip_ping.model.student import MODEL_CONFIG_DIR
 
     open_clip.add_model_config(MODEL_CONFIG_DIR)
     open_clip_train.main.main(argv)

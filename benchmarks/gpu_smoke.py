@@ -36,7 +36,7 @@ def main() -> int:
     from clip_ping.data.synth import SynthConfig, generate_synthetic
     from clip_ping.evaluation.stage import EvalConfig, evaluate_from_config
     from clip_ping.knn import NeighborsConfig, build_neighbors
-    from clip_ping.trainer import TrainConfig, train
+    from clip_ping.training.trainer import TrainConfig, train
 
     work = Path(args.work)
     data, banks = work / "data", work / "data" / "banks"

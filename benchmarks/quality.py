@@ -123,7 +123,7 @@ def resolve_profile(name: str, data: str, *, spec: dict[str, Any] | None = None,
     """The profile ``name`` merged over the defaults, with command-line overrides; validated."""
     from dataclasses import fields
 
-    from clip_ping.trainer import TrainConfig
+    from clip_ping.training.trainer import TrainConfig
 
     spec = spec or load_profiles()
     if name not in spec["profiles"]:
@@ -332,7 +332,7 @@ def _checkpoint_step(run_dir: Path) -> int:
     latest = run_dir / "checkpoints" / "latest.pt"
     if not latest.is_file():
         return 0
-    from clip_ping.checkpoints import load_checkpoint
+    from clip_ping.training.checkpoints import load_checkpoint
 
     return int(load_checkpoint(latest).get("step", 0))
 
@@ -340,7 +340,7 @@ def _checkpoint_step(run_dir: Path) -> int:
 def _worker_run(p: dict[str, Any]) -> dict[str, Any]:
     """Train (or resume) one run, then evaluate it on val and test; eval.json is written last."""
     from clip_ping.evaluation.stage import EvalConfig, evaluate_from_config
-    from clip_ping.trainer import TrainConfig, train
+    from clip_ping.training.trainer import TrainConfig, train
 
     run_dir = Path(p["train"]["out"])
     timing_path = run_dir / STAGE_TIMINGS
@@ -558,7 +558,7 @@ def check_run_folder(run: dict[str, Any]) -> None:
     old = yaml.safe_load(path.read_text()) or {}
     import dataclasses
 
-    from clip_ping.train_config import TrainConfig, comparable_options
+    from clip_ping.training.train_config import TrainConfig, comparable_options
 
     want = comparable_options(_comparable(dataclasses.asdict(TrainConfig(**run["train"]))))
     old = comparable_options(old)
@@ -701,7 +701,7 @@ def aggregate(results: list[dict[str, Any]], settings: list[str], baseline: str 
 
 
 def _setting_value(group: str, spec: dict[str, Any], default_teacher: str) -> Any:
-    from clip_ping.trainer import TrainConfig
+    from clip_ping.training.trainer import TrainConfig
 
     d = TrainConfig()
     if group == "lambdas":

@@ -6,10 +6,10 @@ path, plus keyword overrides, and returns what the command prints::
     import clip_ping
 
     clip_ping.extract({"data": "data/synth/train.csv", "out": "data/synth/banks"})
-    clip_ping.knn(banks="data/synth/banks", k=10)
+    clip_ping.neighbors(banks="data/synth/banks", k=10)
     run = clip_ping.train("run.yaml", out="runs/ping", steps=500)
     scores = clip_ping.evaluate(checkpoint="runs/ping", data="data/synth")
-    clip_ping.hub_export(checkpoint="runs/ping", out="runs/ping-open_clip")
+    clip_ping.export(checkpoint="runs/ping", out="runs/ping-open_clip")
 
 Configs are validated as on the command line (unknown keys are refused by
 name), the installed versions are checked, and a stage that needs a missing
@@ -62,7 +62,7 @@ def neighbors(cfg: ConfigLike = None, **overrides: Any) -> Any:
 
 
 def train(cfg: ConfigLike = None, **overrides: Any) -> dict[str, Any]:
-    """Stage 2: train a student (`clip_ping.trainer.TrainConfig`); returns step, checkpoint, ..."""
+    """Stage 2: train a student (`clip_ping.training.trainer.TrainConfig`); returns step, checkpoint, ..."""
     return _run(("train",), cfg, overrides)
 
 
@@ -72,5 +72,5 @@ def evaluate(cfg: ConfigLike = None, **overrides: Any) -> dict[str, Any]:
 
 
 def export(cfg: ConfigLike = None, **overrides: Any) -> dict[str, str]:
-    """An open_clip / Hugging Face hub folder with a model card (`clip_ping.hub_export.ExportConfig`)."""
+    """An open_clip / Hugging Face hub folder with a model card (`clip_ping.hub.export.ExportConfig`)."""
     return _run(("export",), cfg, overrides)

@@ -35,8 +35,8 @@ from typing import Any, Callable
 from .config import Config, borrow, option
 from .errors import ConfigError
 from .objectives import OBJECTIVES
-from .report import NEIGHBOR_PAGE
-from .trainer import TrainConfig
+from .report.build import NEIGHBOR_PAGE
+from .training.trainer import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def _timed(timings: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
 
 def _prepare_banks(data_dir: Path, bank_dir: Path, cfg: DemoConfig, workers: int, progress: bool) -> dict[str, float]:
     """Teachers' banks and neighbour tables (what the CLIP-PING runs need)."""
-    from .banks import ExtractConfig, extract_banks
+    from .banks.extract import ExtractConfig, extract_banks
     from .knn import NeighborsConfig, build_neighbors
 
     timings: dict[str, float] = {}
@@ -133,7 +133,7 @@ def _prepare_banks(data_dir: Path, bank_dir: Path, cfg: DemoConfig, workers: int
 def train_and_evaluate(train_cfg: TrainConfig, data_dir: Path, workers: int) -> dict[str, float]:
     """One run: train, then evaluate on the test split (skipped when its eval.json exists)."""
     from .evaluation.stage import EvalConfig, evaluate_from_config
-    from .trainer import train
+    from .training.trainer import train
 
     timings: dict[str, float] = {}
     run_dir = Path(train_cfg.out)
@@ -168,7 +168,7 @@ def _in_worker(threads: int, fn: Callable[..., dict[str, float]], *args: Any) ->
 
 def run_demo(cfg: DemoConfig) -> None:
     from .data.synth import SynthConfig, generate_synthetic
-    from .report import build_report
+    from .report.build import build_report
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -232,8 +232,8 @@ def _start_process() -> None:
     run `_in_worker` gives it back to the run.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from . import trainer  # noqa: F401
     from .evaluation import stage  # noqa: F401
+    from .training import trainer  # noqa: F401
 
     try:
         import sklearn.linear_model  # noqa: F401  (the linear probe; an optional extra)

@@ -28,7 +28,7 @@ def _gb(n_bytes: float) -> str:
 
 
 def plan_extract(cfg: Any) -> dict[str, Any]:
-    from .banks import MANIFEST, WORK_DIR
+    from .banks.extract import MANIFEST, WORK_DIR
     from .teachers import load_image_teacher, load_text_teacher
 
     table = open_table(cfg.data, cfg.split)
@@ -46,7 +46,7 @@ def plan_extract(cfg: Any) -> dict[str, Any]:
 
 
 def plan_neighbors(cfg: Any) -> dict[str, Any]:
-    from .banks import open_banks
+    from .banks.extract import open_banks
 
     banks = open_banks(cfg.banks)
     n = len(banks)
@@ -61,8 +61,8 @@ def plan_neighbors(cfg: Any) -> dict[str, Any]:
 
 def plan_train(cfg: Any) -> dict[str, Any]:
     from .distributed import resolve_device
+    from .model.student import create_student, embed_dim
     from .objectives import ObjectiveSetup, build_objective
-    from .student import create_student, embed_dim
 
     world = _world()
     if cfg.batch_size % world:
@@ -77,7 +77,7 @@ def plan_train(cfg: Any) -> dict[str, Any]:
     model, transform, _, _ = create_student(cfg.model, seed=cfg.seed)
     init = None
     if cfg.init_from:  # a local source is read and checked against the student; a hub name is fetched at start
-        from .pretrained import init_student, is_remote
+        from .hub.pretrained import init_student, is_remote
 
         init = (f"{cfg.init_from} (fetched by open_clip when the run starts)" if is_remote(cfg.init_from)
                 else init_student(model, cfg.init_from, cfg.model)["file"])
@@ -113,7 +113,7 @@ def plan_config_only(cfg: Any) -> dict[str, Any]:
 def plan_demo(cfg: Any) -> dict[str, Any]:
     """The demo's configuration, and what its unset options resolve to on this machine."""
     from .demo import demo_jobs, train_precision
-    from .train_config import TrainConfig
+    from .training.train_config import TrainConfig
 
     return {**plan_config_only(cfg), "training_precision": train_precision(cfg.precision, TrainConfig.device),
             "training_processes_side_by_side": demo_jobs(cfg.jobs, TrainConfig.device)}

@@ -16,8 +16,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 def crash_and_resume(cfg_of, tmp_path, crash_step=2):
     """Run straight; run again crashing before ``crash_step`` (after a checkpoint) and resume;
     return both final checkpoints. ``cfg_of(out, **overrides)`` makes each run's TrainConfig."""
-    from clip_ping.checkpoints import load_checkpoint
-    from clip_ping.trainer import Trainer
+    from clip_ping.training.checkpoints import load_checkpoint
+    from clip_ping.training.trainer import Trainer
 
     Trainer(cfg_of(tmp_path / "straight")).fit()
     crashing = Trainer(cfg_of(tmp_path / "resumed"))

@@ -8,7 +8,7 @@ import yaml
 import clip_ping
 from clip_ping import api
 from clip_ping.errors import ClipPingError
-from clip_ping.trainer import TrainConfig
+from clip_ping.training.trainer import TrainConfig
 
 
 def test_train_evaluate_export_from_python(tiny_synth, tmp_path):
@@ -30,7 +30,7 @@ def test_train_evaluate_export_from_python(tiny_synth, tmp_path):
 
 def test_every_stage_is_a_function_at_the_top_level():
     """`clip_ping.<stage>` is the function of `clip_ping.api`, also after the stage modules are imported."""
-    import clip_ping.hub_export  # noqa: F401  (importing a submodule must not shadow the function)
+    import clip_ping.hub.export  # noqa: F401  (importing a submodule must not shadow the function)
     import clip_ping.knn  # noqa: F401
 
     for name in ("train", "extract", "neighbors", "evaluate", "export"):

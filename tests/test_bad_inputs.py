@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from clip_ping.checkpoints import load_checkpoint
 from clip_ping.cli import main
 from clip_ping.data.csv_reader import read_pairs
+from clip_ping.training.checkpoints import load_checkpoint
 
 TRAIN = ["train", "--steps", "2", "--batch-size", "8", "--workers", "0", "--no-progress", "--no-tensorboard",
          "--method", "clip", "--log-every", "1"]

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from clip_ping.banks import (
+from clip_ping.banks.extract import (
     ExtractConfig,
     FeatureBanks,
     duplicate_groups_of_captions,
@@ -241,7 +241,7 @@ def test_resume_after_a_crash_mid_chunk(pairs, reference, tmp_path):
 
 
 def test_resume_after_a_crash_while_finishing(pairs, reference, tmp_path, monkeypatch):
-    import clip_ping.banks as banks_module  # the stage; it finishes the bank with its own names
+    import clip_ping.banks.extract as banks_module  # the stage; it finishes the bank with its own names
 
     def crash(captions):
         raise InjectedCrash("crash after the last chunk")
@@ -489,7 +489,7 @@ def test_banks_of_shards_equal_banks_of_the_same_csv(tmp_path):
 
 def test_the_text_teacher_runs_in_bf16_where_bf16_is_native_and_the_image_teacher_in_fp32(pairs, tmp_path,
                                                                                            monkeypatch):
-    import clip_ping.banks as banks_mod
+    import clip_ping.banks.extract as banks_mod
 
     seen: list[tuple[str, str, bool]] = []
 
@@ -521,7 +521,7 @@ def test_the_text_teacher_runs_in_bf16_where_bf16_is_native_and_the_image_teache
 
 def test_the_teacher_transform_split_at_the_batch_gives_the_bank_of_the_whole_transform(pairs, tmp_path, monkeypatch):
     """Workers crop and keep uint8 pixels, the batch is normalised before the teacher: the same bank, bit for bit."""
-    from clip_ping import bank_writer
+    from clip_ping.banks import writer as bank_writer
 
     splits = []
     real_split = bank_writer.split_at_batch

@@ -10,7 +10,7 @@ from clip_ping.data.batch_transform import BatchNormalize, PilToUint8, split_at_
 from clip_ping.data.order import SeededAugmentation
 from clip_ping.data.pairs import PairDataset, collate_pairs
 from clip_ping.data.table import open_table
-from clip_ping.student import create_student
+from clip_ping.model.student import create_student
 
 
 @pytest.mark.parametrize("which", ["train", "eval"])

@@ -18,7 +18,7 @@ from clip_ping.evaluation import clip_benchmark_run as cb
 from clip_ping.evaluation.layouts import read_class_folders, read_karpathy_json
 from clip_ping.evaluation.suite import run_suite
 from clip_ping.evaluation.suite_file import read_suite
-from clip_ping.hub_export import ExportConfig, export_open_clip
+from clip_ping.hub.export import ExportConfig, export_open_clip
 
 pytest.importorskip("clip_benchmark")
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from clip_ping.trainer import TrainConfig, Trainer
+from clip_ping.training.trainer import TrainConfig, Trainer
 
 
 def _free_port() -> int:

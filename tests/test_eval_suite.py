@@ -218,11 +218,11 @@ def test_linear_probes_on_class_folders_and_wds(tiny_model, tmp_path):
 ])
 def test_a_task_on_the_wrong_layout_fails_in_one_line_naming_the_expected_file(tmp_path, monkeypatch, capsys,
                                                                                tiny_model, task, expected):
-    import clip_ping.student
+    import clip_ping.model.student
 
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("not a data set")
-    monkeypatch.setattr(clip_ping.student, "load_student", lambda path: tiny_model)
+    monkeypatch.setattr(clip_ping.model.student, "load_student", lambda path: tiny_model)
     suite = _suite(tmp_path, [{"name": "t", **task}])
     assert main(["eval", "--suite", str(suite), "--checkpoint", "unused", "--out", str(tmp_path / "o.json"),
                  "--workers", "0", "--no-progress"]) == 2
@@ -243,9 +243,9 @@ def test_suite_file_mistakes_are_named(tmp_path):
 
 
 def test_cli_suite_writes_one_table(tiny_model, tmp_path, monkeypatch, tiny_synth):
-    import clip_ping.student
+    import clip_ping.model.student
 
-    monkeypatch.setattr(clip_ping.student, "load_student", lambda path: tiny_model)
+    monkeypatch.setattr(clip_ping.model.student, "load_student", lambda path: tiny_model)
     _class_folders(tmp_path / "colors" / "test", per_class=2)
     suite = _suite(tmp_path, [{"name": "colors", "kind": "zeroshot", "layout": "folders", "path": "colors"},
                               {"name": "flickr", "kind": "retrieval", "layout": "karpathy",

@@ -311,14 +311,14 @@ def test_user_templates_and_tasks_files(tiny_model, tmp_path):
 
 
 def test_evaluate_from_config_writes_eval_json(tiny_model, tmp_path, monkeypatch):
-    import clip_ping.student
+    import clip_ping.model.student
 
     model, tokenizer, preprocess = tiny_model
     data = _write_dataset(tmp_path / "data", n_train=6, n_val=3, n_test=6)
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     seen = []
-    monkeypatch.setattr(clip_ping.student, "load_student",
+    monkeypatch.setattr(clip_ping.model.student, "load_student",
                         lambda path: seen.append(path) or (model, tokenizer, preprocess))
     cfg = EvalConfig(checkpoint=str(run), data=str(data), workers=0, linear_probe=False, progress=False)
     result = evaluate_from_config(cfg)
@@ -335,7 +335,7 @@ def test_evaluate_from_config_writes_eval_json(tiny_model, tmp_path, monkeypatch
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_eval_runs_the_model_in_its_precision_and_records_it(tiny_model, tmp_path, monkeypatch, precision):
-    import clip_ping.student
+    import clip_ping.model.student
 
     model, tokenizer, preprocess = tiny_model
     data = _write_dataset(tmp_path / "data", n_train=6, n_val=3, n_test=6)
@@ -354,7 +354,7 @@ def test_eval_runs_the_model_in_its_precision_and_records_it(tiny_model, tmp_pat
             seen.append(torch.is_autocast_enabled("cpu"))
             return self.inner.encode_text(x)
 
-    monkeypatch.setattr(clip_ping.student, "load_student", lambda path: (Recorded(), tokenizer, preprocess))
+    monkeypatch.setattr(clip_ping.model.student, "load_student", lambda path: (Recorded(), tokenizer, preprocess))
     cfg = EvalConfig(checkpoint=str(tmp_path / "run"), data=str(data), workers=0, progress=False, precision=precision,
                      out=str(tmp_path / "eval.json"))
     result = evaluate_from_config(cfg)
@@ -403,14 +403,14 @@ class TinyLetterTeacher(TextTeacher):
 
 
 def test_teacher_reference_of_separate_teachers_is_a_linear_probe(tiny_model, tmp_path, monkeypatch):
-    import clip_ping.student
+    import clip_ping.model.student
     from clip_ping.report import build_report
 
     model, tokenizer, preprocess = tiny_model
     data = _write_dataset(tmp_path / "data", n_train=24, n_val=9, n_test=12)
     run = tmp_path / "run"
     run.mkdir()
-    monkeypatch.setattr(clip_ping.student, "load_student", lambda path: (model, tokenizer, preprocess))
+    monkeypatch.setattr(clip_ping.model.student, "load_student", lambda path: (model, tokenizer, preprocess))
     cfg = EvalConfig(checkpoint=str(run), data=str(data), workers=0, probe_max_train=20, probe_cs=[0.1, 10.0, 1000.0],
                      progress=False, teacher_reference=True, image_teacher="test-eval-tiny-pixels",
                      text_teacher="test-eval-tiny-letters")

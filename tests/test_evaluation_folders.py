@@ -79,7 +79,7 @@ def test_evaluate_image_folder_zero_shot_from_folder_names(tiny_model, tmp_path)
 
 
 def test_eval_config_on_split_folders_with_names_and_templates_files(tiny_model, tmp_path, monkeypatch):
-    import clip_ping.student
+    import clip_ping.model.student
 
     model, tokenizer, preprocess = tiny_model
     data = tmp_path / "data"
@@ -87,7 +87,7 @@ def test_eval_config_on_split_folders_with_names_and_templates_files(tiny_model,
         _write_folder(data / split, per_class=4 if split == "train" else 2, seed=seed)
     (tmp_path / "names.json").write_text(json.dumps({"dark_red": "crimson", "blue-ish": "navy"}))
     (tmp_path / "templates.txt").write_text("a {} square.\n")
-    monkeypatch.setattr(clip_ping.student, "load_student", lambda path: (model, tokenizer, preprocess))
+    monkeypatch.setattr(clip_ping.model.student, "load_student", lambda path: (model, tokenizer, preprocess))
     out = tmp_path / "eval.json"
     cfg = EvalConfig(checkpoint="unused", data=str(data), out=str(out), workers=0, progress=False,
                      names_file=str(tmp_path / "names.json"), templates_file=str(tmp_path / "templates.txt"),

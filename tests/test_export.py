@@ -4,9 +4,9 @@ import open_clip
 import torch
 from PIL import Image
 
-from clip_ping.hub_export import ExportConfig, export_open_clip
-from clip_ping.student import MODEL_CONFIG_DIR, create_student, load_student
-from clip_ping.trainer import TrainConfig, Trainer
+from clip_ping.hub.export import ExportConfig, export_open_clip
+from clip_ping.model.student import MODEL_CONFIG_DIR, create_student, load_student
+from clip_ping.training.trainer import TrainConfig, Trainer
 
 
 def test_exported_model_loads_in_open_clip_with_the_same_embeddings(tiny_synth, tmp_path):

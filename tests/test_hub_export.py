@@ -8,7 +8,7 @@ import torch
 
 from clip_ping.cli import main
 from clip_ping.errors import ClipPingError
-from clip_ping.hub_export import ExportConfig, export_open_clip, verify_export
+from clip_ping.hub.export import ExportConfig, export_open_clip, verify_export
 
 
 @pytest.fixture

@@ -8,12 +8,12 @@ import pytest
 import torch
 from conftest import TINY_MODEL, crash_and_resume
 
-from clip_ping.checkpoints import load_checkpoint
 from clip_ping.data.image_cache import GIB, DecodedImages, cache_decision
 from clip_ping.data.images import ImageDecodeError
 from clip_ping.data.table import open_table
 from clip_ping.errors import ConfigError
-from clip_ping.trainer import TrainConfig, Trainer
+from clip_ping.training.checkpoints import load_checkpoint
+from clip_ping.training.trainer import TrainConfig, Trainer
 
 
 def _cfg(data, out, **kw):
@@ -86,7 +86,7 @@ def test_a_budget_that_is_not_a_positive_number_is_refused(tiny_synth, tmp_path,
 
 
 def test_a_cached_run_equals_an_uncached_one_and_resumes_exactly(tiny_synth, tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="clip_ping.trainer"):
+    with caplog.at_level(logging.INFO, logger="clip_ping.training.trainer"):
         straight, resumed = crash_and_resume(
             lambda out, **kw: _cfg(tiny_synth, out, image_cache="on", workers=2, **kw), tmp_path, crash_step=4)
     # both the straight run and the resumed one decoded every image into memory

@@ -12,11 +12,11 @@ import pytest
 import torch
 import yaml
 
-from clip_ping.checkpoints import load_checkpoint
 from clip_ping.errors import ConfigError, DataError
-from clip_ping.hub_export import ExportConfig, export_open_clip
-from clip_ping.student import create_student
-from clip_ping.trainer import TrainConfig, Trainer
+from clip_ping.hub.export import ExportConfig, export_open_clip
+from clip_ping.model.student import create_student
+from clip_ping.training.checkpoints import load_checkpoint
+from clip_ping.training.trainer import TrainConfig, Trainer
 
 MODEL = "ViT-XXS-8-64"
 
@@ -63,7 +63,7 @@ def _weights_at_first_step(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("form", ["weights.bin", "ckpt.pt", "hub"])
 def test_every_local_form_loads_the_same_weights(pretrained, form):
-    from clip_ping.pretrained import init_student
+    from clip_ping.hub.pretrained import init_student
 
     folder, sd = pretrained
     model = create_student(MODEL, seed=0)[0]
@@ -151,7 +151,7 @@ def test_weights_of_another_model_are_refused_naming_the_key(tiny_synth, tmp_pat
         Trainer(_cfg(tiny_synth, tmp_path / "run", init_from=str(tmp_path)))
     with pytest.raises(ConfigError, match="holds weights of open_clip model ViT-B-32, but the student is ViT-XXS-8-64"):
         Trainer(_cfg(tiny_synth, tmp_path / "run", init_from="ViT-B-32:openai"))
-    from clip_ping.pretrained import resolve
+    from clip_ping.hub.pretrained import resolve
 
     with pytest.raises(ConfigError, match="trained with QuickGELU, the student ViT-B-32 uses GELU; pass --model ViT-B-32-quickgelu"):
         resolve("ViT-B-32:openai", "ViT-B-32")  # refused before anything is fetched
@@ -165,7 +165,7 @@ OFFLINE_SCRIPT = """
 import contextlib, io, json, sys
 from clip_ping.cli import main
 from clip_ping.errors import ClipPingError
-from clip_ping.pretrained import resolve
+from clip_ping.hub.pretrained import resolve
 out = {}
 for spec, model in (("ViT-B-32:laion2b_s34b_b79k", "ViT-B-32"), ("hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K", "ViT-B-32")):
     try:

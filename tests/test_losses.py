@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from clip_ping.heads import NeighborGuidance
-from clip_ping.losses import ClipPingLoss, info_nce
+from clip_ping.model.heads import NeighborGuidance
+from clip_ping.model.losses import ClipPingLoss, info_nce
 
 
 def _unit(*shape, seed):

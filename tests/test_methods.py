@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_MODEL, crash_and_resume
 
-from clip_ping.checkpoints import load_checkpoint
-from clip_ping.losses import ClipPingLoss, info_nce
-from clip_ping.student import embed_dim
-from clip_ping.trainer import TrainConfig, Trainer
+from clip_ping.model.losses import ClipPingLoss, info_nce
+from clip_ping.model.student import embed_dim
+from clip_ping.training.checkpoints import load_checkpoint
+from clip_ping.training.trainer import TrainConfig, Trainer
 
 
 @pytest.fixture(autouse=True)
@@ -174,7 +174,7 @@ def test_student_table_resumes_exactly(tiny_banked, tmp_path):
 
 
 def test_one_way_nce_is_the_image_to_text_cross_entropy():
-    from clip_ping.losses import one_way_nce
+    from clip_ping.model.losses import one_way_nce
 
     x, y = _unit(5, 8, seed=6), _unit(5, 8, seed=7)
     expected = sum(-math.log(math.exp(4 * float(x[i] @ y[i])) / sum(math.exp(4 * float(x[i] @ y[j])) for j in range(5)))
@@ -183,7 +183,7 @@ def test_one_way_nce_is_the_image_to_text_cross_entropy():
 
 
 def test_nt_xent_matches_simclr_written_out():
-    from clip_ping.losses import nt_xent
+    from clip_ping.model.losses import nt_xent
 
     z1, z2 = torch.randn(4, 6, generator=torch.Generator().manual_seed(8)), torch.randn(4, 6, generator=torch.Generator().manual_seed(9))
     views = F.normalize(torch.cat([z1, z2]), dim=1)
@@ -196,7 +196,7 @@ def test_nt_xent_matches_simclr_written_out():
 
 
 def test_relational_kl_matches_the_kl_of_off_diagonal_softmaxes():
-    from clip_ping.losses import relational_kl
+    from clip_ping.model.losses import relational_kl
 
     s, t = _unit(4, 8, seed=10), _unit(4, 5, seed=11)
     total = 0.0
@@ -225,7 +225,7 @@ def test_declip_queue_offers_the_nearest_text_of_another_sample():
 
 
 def test_declip_nns_contrasts_images_with_the_queued_nearest_texts():
-    from clip_ping.losses import one_way_nce
+    from clip_ping.model.losses import one_way_nce
     from clip_ping.objectives import DeclipNnsObjective, StepContext
 
     objective = DeclipNnsObjective(queue_size=8, embed_dim=4, weight=0.25)

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from conftest import TINY_CONFIG, TINY_MODEL
 from test_distributed import _free_port
 
-from clip_ping.trainer import TrainConfig, Trainer
+from clip_ping.training.trainer import TrainConfig, Trainer
 
 SETTINGS = {
     "queue": dict(neighbor_source="queue", queue_size=16),

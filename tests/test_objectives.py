@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from clip_ping.checkpoints import objective_state_of_v1
+from clip_ping.model.student import embed_dim
 from clip_ping.objectives import OBJECTIVES, ClipObjective, Objective, StepContext
 from clip_ping.objectives.sources import DatasetNeighbors
-from clip_ping.student import embed_dim
-from clip_ping.trainer import TrainConfig, Trainer
+from clip_ping.training.checkpoints import objective_state_of_v1
+from clip_ping.training.trainer import TrainConfig, Trainer
 
 
 def test_every_method_choice_is_a_registered_objective():
@@ -98,7 +98,7 @@ def test_rows_prepared_in_the_loader_give_the_loss_of_rows_read_in_the_step(tiny
 
 
 def test_loader_workers_preparing_neighbour_rows_train_the_same_weights(tiny_banked, tmp_path):
-    from clip_ping.checkpoints import load_checkpoint
+    from clip_ping.training.checkpoints import load_checkpoint
 
     Trainer(_banked_cfg(tiny_banked, tmp_path / "main", workers=0)).fit()
     Trainer(_banked_cfg(tiny_banked, tmp_path / "workers", workers=2)).fit()
@@ -113,7 +113,7 @@ def test_loader_workers_preparing_neighbour_rows_train_the_same_weights(tiny_ban
 
 TRAIN_SCRIPT = """
 import sys
-from clip_ping.trainer import TrainConfig, Trainer
+from clip_ping.training.trainer import TrainConfig, Trainer
 Trainer(TrainConfig(**{cfg!r})).fit()
 """
 
@@ -129,7 +129,7 @@ def test_kill_9_mid_run_then_resume_gives_the_weights_of_an_unbroken_run(tiny_ba
     import time
     from pathlib import Path
 
-    from clip_ping.checkpoints import load_checkpoint
+    from clip_ping.training.checkpoints import load_checkpoint
 
     repo = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ, PYTHONPATH=repo, OMP_NUM_THREADS="1")  # both runs in the same kind of process

@@ -127,7 +127,7 @@ def test_refuses_run_folder_with_other_options(quality, tmp_path):
 
 def test_methods_profile_resolves_to_valid_runs_of_every_method(quality, tmp_path):
     from clip_ping.config import from_dict
-    from clip_ping.trainer import TrainConfig
+    from clip_ping.training.trainer import TrainConfig
 
     prof = quality.resolve_profile("methods", "openclipart")
     expected = {"clip", "clip-ping", "a-clip-ping", "a-clip-ping-queue", "xnn-other", "student-table",

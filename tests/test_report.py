@@ -254,8 +254,8 @@ def test_demo_report_links_its_neighbour_page(tmp_path, tiny_banked):
 
 def test_old_and_new_clip_runs_are_one_setting_but_lambdas_still_split_clip_ping(tmp_path):
     """Plain CLIP runs recorded lambda 0.5 before the lambdas followed the method, 0 since; neither is read."""
-    from clip_ping.report_runs import group_runs, load_run
-    from clip_ping.train_config import comparable_options
+    from clip_ping.report.runs import group_runs, load_run
+    from clip_ping.training.train_config import comparable_options
 
     old = _write_run(tmp_path / "clip-old", "clip", 0, 0.0)
     new = _write_run(tmp_path / "clip-new", "clip", 1, 1.0)
@@ -278,10 +278,10 @@ def _fake_demo_stages(monkeypatch, train_summary=lambda cfg: {"step": 6, "stoppe
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    import clip_ping.banks
+    import clip_ping.banks.extract
     import clip_ping.evaluation.stage
     import clip_ping.knn
-    import clip_ping.trainer
+    import clip_ping.training.trainer
     from clip_ping import demo as demo_mod
 
     events: list[tuple[str, object]] = []
@@ -306,12 +306,12 @@ def _fake_demo_stages(monkeypatch, train_summary=lambda cfg: {"step": 6, "stoppe
 
     monkeypatch.setattr(demo_mod, "ProcessPoolExecutor", pool)
     monkeypatch.setattr(demo_mod, "_in_worker", lambda threads, fn, *args: events.append(("threads", threads)) or fn(*args))
-    monkeypatch.setattr(clip_ping.banks, "extract_banks", record("extract"))
+    monkeypatch.setattr(clip_ping.banks.extract, "extract_banks", record("extract"))
     monkeypatch.setattr(clip_ping.knn, "build_neighbors", record("neighbors"))
-    monkeypatch.setattr(clip_ping.trainer, "train", record("train", train_summary))
+    monkeypatch.setattr(clip_ping.training.trainer, "train", record("train", train_summary))
     monkeypatch.setattr(clip_ping.evaluation.stage, "evaluate_from_config", record("eval"))
     monkeypatch.setattr(demo_mod, "write_demo_neighbor_page", lambda *a: None)
-    monkeypatch.setattr("clip_ping.report.build_report", lambda runs, out: (out.mkdir(parents=True, exist_ok=True),
+    monkeypatch.setattr("clip_ping.report.build.build_report", lambda runs, out: (out.mkdir(parents=True, exist_ok=True),
                                                                           (out / "report.md").write_text("table")))
     monkeypatch.setattr("clip_ping.data.synth.generate_synthetic", lambda c: None)
     return events

@@ -6,7 +6,7 @@ import pytest
 
 from clip_ping import environment
 from clip_ping.errors import ClipPingError
-from clip_ping.run_logs import RunLogs, parse_log_to
+from clip_ping.training.run_logs import RunLogs, parse_log_to
 
 RECORDS = [{"step": s, "epoch": 0, "loss": 2.0 / s, "samples_per_s": 100.0 + s} for s in (1, 2, 3)]
 
@@ -58,7 +58,7 @@ def test_wandb_offline_run_holds_name_config_and_metrics(tmp_path, monkeypatch):
 
 def test_training_logs_to_wandb_offline_with_the_run_name(tiny_synth, tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
-    from clip_ping.trainer import TrainConfig, Trainer
+    from clip_ping.training.trainer import TrainConfig, Trainer
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from clip_ping.checkpoints import load_checkpoint
 from clip_ping.cli import main
+from clip_ping.training.checkpoints import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "ViT-XXS-8-64"
@@ -31,7 +31,7 @@ class _RunsCommand:
 
 
 def _write_evil(path: Path, marker: Path, like_checkpoint: bool = True) -> Path:
-    from clip_ping.student import create_student
+    from clip_ping.model.student import create_student
 
     weights = create_student(MODEL, seed=0)[0].state_dict()
     payload = {"model": weights, "model_name": MODEL, "method": "clip", "step": 1,
@@ -130,7 +130,7 @@ def test_an_old_checkpoint_is_refused_then_converted_once_trusted(tmp_path, caps
     safe = load_checkpoint(converted)  # the safe loader reads it
     assert torch.equal(safe["model"]["w"], state["model"]["w"]) and safe["step"] == 3
     assert safe["config"] == {"out": "/runs/x", "lr": 1e-3, "betas": (0.9, 0.98)}
-    from clip_ping.checkpoints import set_numpy_rng_state
+    from clip_ping.training.checkpoints import set_numpy_rng_state
 
     set_numpy_rng_state(safe["rng"]["numpy"])
     after_restore = np.random.rand(3)
@@ -139,7 +139,7 @@ def test_an_old_checkpoint_is_refused_then_converted_once_trusted(tmp_path, caps
 
 
 def test_a_training_checkpoint_loads_safely_and_restores_numpys_rng(tiny_synth, tmp_path):
-    from clip_ping.trainer import TrainConfig, Trainer
+    from clip_ping.training.trainer import TrainConfig, Trainer
 
     cfg = TrainConfig(data=str(tiny_synth), out=str(tmp_path / "run"), method="clip", model=MODEL, batch_size=8,
                       steps=2, warmup_steps=1, workers=0, progress=False, tensorboard=False, log_to="jsonl")
@@ -151,7 +151,7 @@ def test_a_training_checkpoint_loads_safely_and_restores_numpys_rng(tiny_synth, 
     torch.save(state, tmp_path / "now.pt")
     reread = torch.load(tmp_path / "now.pt", weights_only=True)  # raises if anything needs the unsafe loader
     np.random.seed(99)
-    from clip_ping.checkpoints import set_numpy_rng_state
+    from clip_ping.training.checkpoints import set_numpy_rng_state
 
     set_numpy_rng_state(reread["rng"]["numpy"])
     got = np.random.get_state()

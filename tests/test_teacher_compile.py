@@ -107,7 +107,7 @@ def test_extract_with_the_image_teacher_compiled_writes_the_uncompiled_bank(tiny
 def test_a_clip_ping_with_the_online_teacher_compiled_trains_as_uncompiled(tiny_model, tiny_banked, tmp_path):
     from conftest import TINY_MODEL
 
-    from clip_ping.trainer import TrainConfig, Trainer
+    from clip_ping.training.trainer import TrainConfig, Trainer
 
     def run(name: str, compile: str) -> Trainer:
         cfg = TrainConfig(data=str(tiny_banked), out=str(tmp_path / name), method="a-clip-ping", model=TINY_MODEL,

@@ -338,7 +338,7 @@ def test_timm_spec_with_a_local_weights_file(tmp_path):
 def test_open_clip_spec_image_and_text_towers(tmp_path):
     import open_clip
 
-    from clip_ping.student import register_model_configs
+    from clip_ping.model.student import register_model_configs
 
     register_model_configs()
     torch.manual_seed(0)

@@ -76,7 +76,7 @@ def test_hub_names_load_from_the_libraries_caches_offline_and_fail_in_one_line_w
     import timm
     from safetensors.torch import save_file
 
-    from clip_ping.student import create_student
+    from clip_ping.model.student import create_student
 
     hf = tmp_path / "hf"
     # timm: resnet10t's default pretrained tag lives in the hub repository timm/resnet10t.c3_in1k
@@ -89,7 +89,7 @@ def test_hub_names_load_from_the_libraries_caches_offline_and_fail_in_one_line_w
     save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(tmp_path / "clip.safetensors"))
     import open_clip
 
-    from clip_ping.student import register_model_configs
+    from clip_ping.model.student import register_model_configs
 
     register_model_configs()
     config = {"model_cfg": open_clip.get_model_config("ViT-XXS-8-64"), "preprocess_cfg": {}}
@@ -167,8 +167,8 @@ def test_spec_parsing_without_loading(tmp_path):
 
 
 def test_an_exported_model_folder_is_a_teacher_by_local_dir(tmp_path):
-    from clip_ping.hub_export import ExportConfig, export_open_clip
-    from clip_ping.student import create_student
+    from clip_ping.hub.export import ExportConfig, export_open_clip
+    from clip_ping.model.student import create_student
 
     student = create_student("ViT-XXS-8-64", seed=3)[0].eval()
     torch.save({"model": student.state_dict(), "model_name": "ViT-XXS-8-64"}, tmp_path / "ckpt.pt")

@@ -5,11 +5,11 @@ import os
 import pytest
 import torch
 
-from clip_ping.checkpoints import load_checkpoint
 from clip_ping.data.order import EpochBatchSampler
 from clip_ping.errors import ConfigError
-from clip_ping.schedule import warmup_cosine_lr
-from clip_ping.trainer import TrainConfig, Trainer, TrainingDiverged, parameter_groups
+from clip_ping.training.checkpoints import load_checkpoint
+from clip_ping.training.schedule import warmup_cosine_lr
+from clip_ping.training.trainer import TrainConfig, Trainer, TrainingDiverged, parameter_groups
 
 
 def _cfg(data, out, **kw):
@@ -298,7 +298,7 @@ def test_bf16_without_native_arithmetic_is_warned_and_auto_picks_fp32(tiny_synth
     from clip_ping.demo import train_precision
 
     monkeypatch.setattr(distributed, "native_bf16", lambda device: native)
-    with caplog.at_level("WARNING", logger="clip_ping.trainer"):
+    with caplog.at_level("WARNING", logger="clip_ping.training.trainer"):
         Trainer(_cfg(tiny_synth, tmp_path / "run", precision="bf16", steps=1))
     warned = [r for r in caplog.records if "no native bf16" in r.getMessage()]
     assert len(warned) == (0 if native else 1)
@@ -340,8 +340,8 @@ def test_dry_run_memory_counts_what_a_cpu_bf16_step_saves(monkeypatch):
     import contextlib
 
     from clip_ping import distributed
+    from clip_ping.model.student import create_student
     from clip_ping.plan import student_cost_per_sample
-    from clip_ping.student import create_student
 
     model = create_student("ViT-XXS-8-64", seed=0)[0]
     _, counted = student_cost_per_sample(model, "bf16")
@@ -376,7 +376,7 @@ def test_grad_checkpointing_recomputes_every_block_and_keeps_the_parameter_names
 
 
 def test_latest_is_the_step_checkpoint_under_a_second_name_or_a_copy_where_links_fail(tmp_path, monkeypatch):
-    from clip_ping.checkpoints import save_checkpoint
+    from clip_ping.training.checkpoints import save_checkpoint
 
     folder = tmp_path / "checkpoints"
     for step in (5, 6, 7):

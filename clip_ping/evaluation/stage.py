@@ -85,7 +85,7 @@ def evaluate_from_config(cfg: EvalConfig) -> dict[str, Any]:
     from ..distributed import resolve_device
 
     cfg = replace(cfg, device=str(resolve_device(cfg.device)))
-    from ..student import load_student  # imported here so the metrics do not need the student module
+    from ..model.student import load_student  # imported here so the metrics do not need the student module
 
     if cfg.suite:
         return _suite_from_config(cfg)
@@ -117,7 +117,7 @@ def evaluate_from_config(cfg: EvalConfig) -> dict[str, Any]:
 
 def _suite_from_config(cfg: EvalConfig) -> dict[str, Any]:
     """``--suite``: run every task of the file; writes the JSON and a markdown table beside it."""
-    from ..student import load_student
+    from ..model.student import load_student
 
     if not cfg.suite:
         raise ConfigError("config key 'suite': the suite file to run is required here")
@@ -128,7 +128,7 @@ def _suite_from_config(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.with_clip_benchmark and not (checkpoint / "open_clip_config.json").is_file():
         # clip_benchmark scores the exported model (as open_clip loads it); so does clip-ping, for a like comparison
         from ..environment import require
-        from ..hub_export import ExportConfig, export_open_clip
+        from ..hub.export import ExportConfig, export_open_clip
 
         require("clip-benchmark")
         checkpoint = out.with_name(out.stem + "-export")

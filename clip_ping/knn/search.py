@@ -33,6 +33,9 @@ Whatever the method, a neighbour is never the row itself, never a row of the
 same duplicate group (identical image bytes / caption), never an invalid row
 (an image that did not decode). Rows for which the first candidates are not
 enough after these exclusions are searched again exactly.
+
+The module is over 450 lines because every method shares the problem's setup, the
+exclusions and the spreading over processes; the fast method's own parts are in fast.py and tiled.py.
 """
 
 from __future__ import annotations

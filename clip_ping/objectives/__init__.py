@@ -8,7 +8,7 @@ state dict.
 from __future__ import annotations
 
 from .active import ActiveClipPingObjective
-from .base import Objective, ObjectiveSetup, StepContext
+from .base import Objective, ObjectiveSettings, ObjectiveSetup, StepContext
 from .clip import ClipObjective
 from .clip_ping import ClipPingObjective
 from .declip import DeclipNnsObjective
@@ -28,4 +28,4 @@ def build_objective(setup: ObjectiveSetup) -> Objective:
 
 
 __all__ = ["OBJECTIVES", "ActiveClipPingObjective", "ClipObjective", "ClipPingObjective", "DeclipNnsObjective", "Objective",
-           "ObjectiveSetup", "RelationalObjective", "SlipObjective", "StepContext", "build_objective"]
+           "ObjectiveSettings", "ObjectiveSetup", "RelationalObjective", "SlipObjective", "StepContext", "build_objective"]

@@ -33,27 +33,24 @@ keeps its bank row as target.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from ..bank_format import identity_of
-from ..banks import FeatureBanks, open_banks
+from ..banks.extract import FeatureBanks, open_banks
+from ..banks.format import identity_of
 from ..distributed import gather_rows, own_rows, rank_and_world
 from ..errors import ConfigError
-from ..heads import NeighborGuidance
 from ..knn import NeighborQueue
+from ..model.heads import NeighborGuidance
 from ..teachers import ImageTeacher, TextTeacher, load_image_teacher, load_text_teacher
 from ..teachers.base import compile_wanted
-from .base import ObjectiveSetup, StepContext
+from .base import ObjectiveSettings, ObjectiveSetup, StepContext
 from .clip_ping import ClipPingObjective, make_heads
 from .sources import DatasetNeighbors, PrefetchNeighborRows
 from .targets import TeacherTargets
 from .views import ImageGeometry, geometry_of, to_teacher_input
-
-if TYPE_CHECKING:
-    from ..train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +149,7 @@ def online_teacher_size(requested: int | None, banks: FeatureBanks) -> int | Non
     return requested
 
 
-def compile_online_teacher(image: ImageTeacher, cfg: TrainConfig, n_rows: int, device: torch.device) -> None:
+def compile_online_teacher(image: ImageTeacher, cfg: ObjectiveSettings, n_rows: int, device: torch.device) -> None:
     """Compile the online image teacher for this run's calls (the local batch of views, once or twice a step)."""
     _, world = rank_and_world()
     rows = cfg.batch_size // world

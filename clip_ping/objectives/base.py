@@ -12,14 +12,44 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import torch
 from torch import nn
 
 if TYPE_CHECKING:
     from ..data.table import PairSource
-    from ..train_config import TrainConfig
+
+
+class ObjectiveSettings(Protocol):
+    """The options of a run that objectives read: the training config (`clip_ping.training.TrainConfig`)
+    fits this shape, so objectives sit below training and never import it."""
+
+    data: str
+    banks: str | None
+    method: str
+    seed: int
+    batch_size: int
+    accum_steps: int
+    local_loss: bool
+    neighbor_topk: int
+    neighbor_source: str
+    queue_size: int
+    teacher_image_size: int | None
+    teacher_compile: str
+    targets: str
+    xnn_pairing: str
+    collisions: str
+    peer_weight: float | None
+    peer_temperature: float | None
+    head: str
+    logit_scales: str
+    duplicate_captions: str
+
+    @property
+    def neighbor_weights(self) -> tuple[float, float]: ...
+
+    def total_steps(self, n_pairs: int) -> int: ...
 
 
 @dataclass
@@ -45,7 +75,7 @@ class StepContext:
 class ObjectiveSetup:
     """What an objective is built from: the run's config, its training table and student."""
 
-    cfg: TrainConfig
+    cfg: ObjectiveSettings
     table: PairSource
     embed_dim: int
     device: torch.device

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..losses import info_nce
+from ..model.losses import info_nce
 from .base import Objective, ObjectiveSetup, StepContext
 
 

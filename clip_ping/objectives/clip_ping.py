@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from ..banks import FeatureBanks, open_banks
-from ..heads import NeighborGuidance
+from ..banks.extract import FeatureBanks, open_banks
 from ..knn import NeighborQueue
-from ..losses import ClipPingLoss
+from ..model.heads import NeighborGuidance
+from ..model.losses import ClipPingLoss
 from .base import Objective, ObjectiveSetup, StepContext
 from .sources import DatasetNeighbors, NeighborSource, PrefetchNeighborRows, QueueNeighbors
 from .targets import StudentTableTargets, StudentTargets, TeacherTargets

@@ -24,7 +24,7 @@ import torch
 
 from ..distributed import gather_rows
 from ..errors import ConfigError
-from ..losses import info_nce, one_way_nce
+from ..model.losses import info_nce, one_way_nce
 from .base import Objective, ObjectiveSetup, StepContext
 
 DEFAULT_WEIGHT = 0.25

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from ..banks import FeatureBanks, open_banks
-from ..losses import info_nce, relational_kl
+from ..banks.extract import FeatureBanks, open_banks
+from ..model.losses import info_nce, relational_kl
 from .base import Objective, ObjectiveSetup, StepContext
 
 DEFAULT_WEIGHT = 1.0

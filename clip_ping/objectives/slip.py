@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..losses import info_nce, nt_xent
+from ..model.losses import info_nce, nt_xent
 from .base import Objective, ObjectiveSetup, StepContext
 from .views import simclr_view_transform
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from ..banks import FeatureBanks
-from ..heads import NeighborGuidance
+from ..banks.extract import FeatureBanks
+from ..model.heads import NeighborGuidance
 
 
 class TeacherTargets:

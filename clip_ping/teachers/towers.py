@@ -19,7 +19,7 @@ def _create_open_clip(model_name: str, weights: Path | None, device: str, pretra
     ``model_name`` + ``pretrained`` tag, an ``hf-hub:ORG/REPO`` or a ``local-dir:PATH`` name."""
     import open_clip
 
-    from ..student import register_model_configs
+    from ..model.student import register_model_configs
 
     register_model_configs()  # a student config (e.g. a trained clip-ping model) can be a teacher
     schema = model_name.split(":", 1)[0] if model_name.startswith(("hf-hub:", "local-dir:")) else None

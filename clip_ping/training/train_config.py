@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from .config import Config, option
-from .data.image_cache import CACHE_SETTINGS
-from .errors import ConfigError
-from .objectives import OBJECTIVES
+from ..config import Config, option
+from ..data.image_cache import CACHE_SETTINGS
+from ..errors import ConfigError
+from ..objectives import OBJECTIVES
+from ..teachers.base import COMPILE_SETTINGS
 from .run_logs import parse_log_to
-from .teachers.base import COMPILE_SETTINGS
 
 log = logging.getLogger(__name__)
 DEFAULT_LAMBDA = 0.5  # weight of each of the NN and XNN terms (docs/METHOD.md)
@@ -110,7 +110,7 @@ class TrainConfig(Config):
     progress: bool = option(True, "show a progress bar")
     tensorboard: bool = option(True, "write TensorBoard event files under <out>/tensorboard (false: drop it from log_to)")
     log_to: str = option("auto", "where metrics go, comma-separated: jsonl, tensorboard, wandb (WANDB_MODE=offline "
-                                 "works); auto: jsonl + tensorboard when installed; none (see clip_ping.run_logs)")
+                                 "works); auto: jsonl + tensorboard when installed; none (see clip_ping.training.run_logs)")
     run_name: str | None = option(None, "the run's name in W&B (default: the run folder's name)")
 
     def total_steps(self, n_pairs: int) -> int:

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from .errors import ClipPingError, ConfigError, DataError
-from .io import read_state_dict
+from ..errors import ClipPingError, ConfigError, DataError
+from ..io import read_state_dict
 
 log = logging.getLogger(__name__)
 

@@ -20,13 +20,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .bank_format import WORK_DIR, chunk_marker
-from .data.batch_transform import split_at_batch
-from .data.images import ImageDecodeError, load_image
-from .data.table import PairSource
-from .errors import ClipPingError
-from .io import atomic_write_json
-from .teachers import ImageTeacher, TextTeacher, autocast
+from ..data.batch_transform import split_at_batch
+from ..data.images import ImageDecodeError, load_image
+from ..data.table import PairSource
+from ..errors import ClipPingError
+from ..io import atomic_write_json
+from ..teachers import ImageTeacher, TextTeacher, autocast
+from .format import WORK_DIR, chunk_marker
 
 log = logging.getLogger(__name__)
 

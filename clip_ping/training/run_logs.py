@@ -21,8 +21,8 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from .environment import require
-from .errors import ConfigError
+from ..environment import require
+from ..errors import ConfigError
 
 SINKS = ("jsonl", "tensorboard", "wandb")
 
@@ -34,7 +34,7 @@ def parse_log_to(value: str | Sequence[str], tensorboard: bool = True) -> list[s
     (the older ``--no-tensorboard`` switch) drops tensorboard whatever the list says.
     """
     if value == "auto":
-        from .environment import has_extra
+        from ..environment import has_extra
 
         value = "jsonl,tensorboard" if has_extra("tensorboard") else "jsonl"
     names = value.split(",") if isinstance(value, str) else list(value)

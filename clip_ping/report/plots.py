@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .report_runs import Setting
+from .runs import Setting
 
 _DIRECTIONS = {"image_to_text": "image→text", "text_to_image": "text→image"}
 

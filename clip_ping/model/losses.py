@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import gather_ints, gather_with_grad, rank_and_world
+from ..distributed import gather_ints, gather_with_grad, rank_and_world
 
 DUPLICATE_RULES = ("none", "mask", "positives")
 
@@ -184,7 +184,7 @@ def relational_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
     distribution is the softmax over j != i of ``x_i . x_j / temperature``. ``student``: B x d
     (normalised, with gradient); ``teacher``: B x d_t normalised teacher features (no gradient)."""
     if rank_and_world()[1] > 1:
-        from .distributed import gather_rows
+        from ..distributed import gather_rows
 
         student, teacher = gather_with_grad(student), gather_rows(teacher)
     n = student.shape[0]

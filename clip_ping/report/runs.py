@@ -13,8 +13,8 @@ from typing import Any, Sequence
 
 import yaml
 
-from .errors import ConfigError, DataError
-from .train_config import comparable_options
+from ..errors import ConfigError, DataError
+from ..training.train_config import comparable_options
 
 log = logging.getLogger(__name__)
 

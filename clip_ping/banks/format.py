@@ -11,7 +11,7 @@ Bank folder (see DEVELOPERS.md, "Banks")::
       manifest.json    written last: its presence means the bank is complete
 
 Row ``i`` is sample index ``i`` of the PairTable, always: nothing is ever dropped
-or shifted. The stage that writes banks is `clip_ping.banks`; this module only
+or shifted. The stage that writes banks is `clip_ping.banks.extract`; this module only
 names the files and reads them.
 """
 
@@ -25,9 +25,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .data.pairs import data_fingerprint
-from .data.table import PairSource
-from .errors import DataError
+from ..data.pairs import data_fingerprint
+from ..data.table import PairSource
+from ..errors import DataError
 
 MANIFEST = "manifest.json"
 WORK_DIR = ".extract"  # in-progress state; removed when the bank is complete

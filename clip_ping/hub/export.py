@@ -3,7 +3,7 @@
 The folder holds ``open_clip_config.json`` (model and preprocessing config),
 ``open_clip_model.safetensors`` and ``open_clip_pytorch_model.bin`` (the same
 weights), ``README.md`` (the model card, generated from the run: data, method
-and settings, evaluation table; `clip_ping.model_card`) and ``<model>.json``
+and settings, evaluation table; `clip_ping.hub.model_card`) and ``<model>.json``
 (the bare model config). Uploaded as is, it is a hub repository that
 ``open_clip.create_model_and_transforms("hf-hub:USER/REPO")`` loads; locally,
 either of these loads it without clip-ping installed::
@@ -19,11 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoints import nonfinite_tensors
-from .config import Config, option
-from .errors import ConfigError, DataError
-from .io import atomic_torch_save, atomic_write, atomic_write_json, atomic_write_text
-from .student import load_checkpoint_file, load_export, register_model_configs
+from ..config import Config, option
+from ..errors import ConfigError, DataError
+from ..io import atomic_torch_save, atomic_write, atomic_write_json, atomic_write_text
+from ..model.student import load_checkpoint_file, load_export, nonfinite_tensors, register_model_configs
 
 
 @dataclass

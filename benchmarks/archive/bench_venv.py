@@ -1,6 +1,6 @@
 """Time `make venv` from nothing: pip against uv, as a user on a fresh machine meets it.
 
-    .venv/bin/python benchmarks/bench_venv.py --rounds 3
+    .venv/bin/python benchmarks/archive/bench_venv.py --rounds 3
 
 Each round clones this repository (committed HEAD) into a temporary folder and runs
 `make venv INSTALLER=pip` and `make venv INSTALLER=uv` there, in alternating order,
@@ -8,6 +8,8 @@ each with an empty package cache (``PIP_NO_CACHE_DIR``, a new ``UV_CACHE_DIR``),
 so every wheel is downloaded and unpacked as on a fresh machine. The venv is then
 checked (``import clip_ping.cli, torch, open_clip``) and deleted (about 6.5 GB each).
 Results: ``benchmarks/results/venv_<tag>.json``.
+
+Finished: it chose uv for `make venv` (commit 26955bf); its results stay in benchmarks/results/venv_*.json.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common
 from _common import print_table, stats, write_json  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def build(installer: str, work: Path) -> dict[str, float | str]:

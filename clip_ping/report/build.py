@@ -16,8 +16,8 @@ Output folder::
                          and to neighbour pages (``neighbors.html``): the report folder's
                          own (``clip-ping demo`` writes one there), and the runs' bank folders
 
-Run folders are read and grouped into settings by ``report_runs``; the plots are
-in ``report_plots``; the metrics, their tables and the pages are here.
+Run folders are read and grouped into settings by ``runs``; the plots are
+in ``plots``; the metrics, their tables and the pages are here.
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .config import Config, option
-from .errors import ConfigError
-from .report_plots import plot_metric_bars, plot_training_curves
-from .report_runs import Run, Setting, group_runs, load_run, setting_config
+from ..config import Config, option
+from ..errors import ConfigError
+from .plots import plot_metric_bars, plot_training_curves
+from .runs import Run, Setting, group_runs, load_run, setting_config
 
 log = logging.getLogger(__name__)
 

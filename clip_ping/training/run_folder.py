@@ -14,8 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .io import atomic_write_text
-from .pretrained import is_remote
+from ..hub.pretrained import is_remote
+from ..io import atomic_write_text
 from .train_config import TrainConfig
 
 

@@ -1,8 +1,8 @@
 """Stage 1: frozen teacher features of every pair, in memory-mapped feature banks.
 
 The bank's files and the reader of a finished bank (`FeatureBanks`,
-`open_banks`) are in `clip_ping.bank_format`; the loop that decodes, encodes
-and writes rows is in `clip_ping.bank_writer`. Both are importable from here.
+`open_banks`) are in `clip_ping.banks.format`; the loop that decodes, encodes
+and writes rows is in `clip_ping.banks.writer`. Both are importable from here.
 
 Resumable extraction
 --------------------
@@ -21,7 +21,7 @@ What a bank is
 --------------
 Data (fingerprint, rows), teachers, storage dtype, the teachers' precisions
 (``precision``, the image teacher's, and ``text_precision``) and
-``teacher_image_size`` make a bank's identity (``bank_format.identity_of``).
+``teacher_image_size`` make a bank's identity (``format.identity_of``).
 A request with the same identity keeps a complete bank or resumes an
 unfinished one; any other is refused unless ``--overwrite``, so a bank never
 mixes rows of two precisions or resolutions (banks written before the
@@ -36,6 +36,9 @@ extraction speed").
 Several processes (``torchrun --nproc-per-node K``): each rank takes every K-th
 unfinished chunk and writes its rows into the same files; rank 0 prepares the
 folder and writes the groups and the manifest.
+
+The module is over 450 lines because starting, resuming, refusing and finishing a bank
+decide together what a folder may hold; the files are in format.py, the work loop in writer.py.
 """
 
 from __future__ import annotations
@@ -55,7 +58,27 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .bank_format import (  # noqa: F401  (re-exported: the public names of banks live here too)
+from ..config import option
+from ..data.pairs import data_fingerprint
+from ..data.table import PairSource, open_table
+from ..distributed import init_from_env, native_bf16, resolve_device, warn_if_bf16_is_emulated
+from ..errors import ConfigError, DataError
+from ..io import atomic_save_npy, atomic_write_json
+from ..teachers import (
+    DEFAULT_IMAGE_TEACHER,
+    DEFAULT_TEXT_TEACHER,
+    PRECISIONS,
+    ImageTeacher,
+    TextTeacher,
+    image_teacher_factory,
+    load_image_teacher,
+    load_text_teacher,
+    running_in,
+    text_teacher_factory,
+    transform_at_size,
+)
+from ..teachers.base import COMPILE_SETTINGS, compile_wanted, image_transform_of
+from .format import (  # noqa: F401  (re-exported: the public names of banks live here too)
     BANK_FILES,
     FORMAT_VERSION,
     IDENTITY_DEFAULTS,
@@ -73,27 +96,7 @@ from .bank_format import (  # noqa: F401  (re-exported: the public names of bank
     read_json,
     with_identity_defaults,
 )
-from .bank_writer import extract_chunks
-from .config import option
-from .data.pairs import data_fingerprint
-from .data.table import PairSource, open_table
-from .distributed import init_from_env, native_bf16, resolve_device, warn_if_bf16_is_emulated
-from .errors import ConfigError, DataError
-from .io import atomic_save_npy, atomic_write_json
-from .teachers import (
-    DEFAULT_IMAGE_TEACHER,
-    DEFAULT_TEXT_TEACHER,
-    PRECISIONS,
-    ImageTeacher,
-    TextTeacher,
-    image_teacher_factory,
-    load_image_teacher,
-    load_text_teacher,
-    running_in,
-    text_teacher_factory,
-    transform_at_size,
-)
-from .teachers.base import COMPILE_SETTINGS, compile_wanted, image_transform_of
+from .writer import extract_chunks
 
 log = logging.getLogger(__name__)
 

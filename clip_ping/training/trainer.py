@@ -10,10 +10,10 @@ Everything random is derived from (seed, epoch, step, sample index) rather
 than carried as state (`clip_ping.data.order`), so a run stopped at any step
 and resumed from its checkpoint continues exactly as if it had never stopped.
 
-The options are `clip_ping.train_config.TrainConfig`; the run folder's rules
-are in `clip_ping.run_folder`. This module is one job, the `Trainer`'s loop and
-its state (step, epoch, loader, checkpoints), kept together (about 480 lines)
-so that what a resume restores can be read in one place.
+The options are `clip_ping.training.train_config.TrainConfig`; the run folder's rules
+are in `clip_ping.training.run_folder`. This module is one job, the `Trainer`'s loop and
+its state (step, epoch, loader, checkpoints), kept together (over 450 lines because
+what a resume restores must be read in one place).
 """
 
 from __future__ import annotations
@@ -34,10 +34,19 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import distributed as dist_utils
+from .. import distributed as dist_utils
+from ..config import save_yaml
+from ..data.batch_transform import split_at_batch
+from ..data.image_cache import GIB, DecodedImages, cache_decision
+from ..data.order import RunBatches, SeededAugmentation, collate_and_prepare, ignore_stop_signals
+from ..data.pairs import PairDataset, tokenize_captions
+from ..data.table import open_table
+from ..errors import ClipPingError, ConfigError
+from ..hub.pretrained import init_student
+from ..model.student import StudentEncoders, create_student, embed_dim, enable_grad_checkpointing, nonfinite_tensors
+from ..objectives import ObjectiveSetup, StepContext, build_objective
 from .checkpoints import (
     load_checkpoint,
-    nonfinite_tensors,
     numpy_rng_state,
     objective_state_of_v1,
     plain,
@@ -46,19 +55,9 @@ from .checkpoints import (
     set_numpy_rng_state,
     settings_that_differ,
 )
-from .config import save_yaml
-from .data.batch_transform import split_at_batch
-from .data.image_cache import GIB, DecodedImages, cache_decision
-from .data.order import RunBatches, SeededAugmentation, collate_and_prepare, ignore_stop_signals
-from .data.pairs import PairDataset, tokenize_captions
-from .data.table import open_table
-from .errors import ClipPingError, ConfigError
-from .objectives import ObjectiveSetup, StepContext, build_objective
-from .pretrained import init_student
 from .run_folder import config_to_record, run_folder_problem, truncate_metrics
 from .run_logs import RunLogs
 from .schedule import warmup_cosine_lr
-from .student import StudentEncoders, create_student, embed_dim, enable_grad_checkpointing
 from .train_config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -361,8 +360,8 @@ class Trainer:
             dist_utils.all_ranks_true(False)
 
     def _stream_loader(self, epoch: int) -> DataLoader:
-        from .data.shards import ShardTable
-        from .data.stream import ShardStream
+        from ..data.shards import ShardTable
+        from ..data.stream import ShardStream
 
         if not isinstance(self.table, ShardTable):
             raise ConfigError("config key 'data_mode': stream needs WebDataset shards (a <split>.shards.json); "

@@ -16,19 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import Config, option
-from .errors import ConfigError, DataError
-from .io import atomic_link, atomic_torch_save, atomic_write_text, load_torch_file, remove_stale_temporaries
+from ..config import Config, option
+from ..errors import ConfigError, DataError
+from ..io import atomic_link, atomic_torch_save, atomic_write_text, load_torch_file, remove_stale_temporaries
+from ..model.student import nonfinite_tensors  # noqa: F401  (re-exported: its name here before the student's check moved)
 
 __all__ = ["atomic_torch_save", "atomic_write_text", "load_checkpoint", "resolve_resume", "save_checkpoint"]
 
 _STEP_FILE = re.compile(r"step_(\d+)\.pt$")
-
-
-def nonfinite_tensors(state: dict[str, Any]) -> list[str]:
-    """Names of the floating-point tensors of a state dict that hold NaN or infinite values."""
-    return [k for k, t in state.items()
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all()]
 
 
 def save_checkpoint(state: dict[str, Any], folder: Path, step: int, keep: int = 2) -> Path:

@@ -23,8 +23,8 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import ConfigError, DataError
-from .io import load_torch_file
+from ..errors import ConfigError, DataError
+from ..io import load_torch_file
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False
@@ -42,6 +42,12 @@ def register_model_configs() -> None:
 
 def shipped_models() -> list[str]:
     return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
+
+
+def nonfinite_tensors(state: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of a state dict that hold NaN or infinite values."""
+    return [k for k, t in state.items()
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all()]
 
 
 def create_student(model_name: str, seed: int | None = None) -> tuple[torch.nn.Module, Callable, Callable, Callable]:
@@ -167,8 +173,6 @@ def load_student(checkpoint: str | Path) -> tuple[torch.nn.Module, Callable, Cal
         model.eval()
         return model, tokenizer, preprocess
     state = load_checkpoint_file(checkpoint)
-    from .checkpoints import nonfinite_tensors
-
     bad = nonfinite_tensors(state["model"])
     if bad:
         raise DataError(f"checkpoint {checkpoint} holds NaN or infinite weights ({len(bad)} tensors, e.g. {bad[0]}); "

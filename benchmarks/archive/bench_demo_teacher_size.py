@@ -9,11 +9,14 @@ banks extracted at each teacher size, on the same seeds, evaluates every run on 
 test split, and prints the headline metrics (mean ± std over seeds) with the
 extraction time of each bank.
 
-    .venv/bin/python benchmarks/bench_demo_teacher_size.py --sizes 224 128 96 --seeds 0 1 2
+    .venv/bin/python benchmarks/archive/bench_demo_teacher_size.py --sizes 224 128 96 --seeds 0 1 2
 
 Runs are kept under ``benchmarks/work/demo-teacher-size/`` and a finished run is not
 trained again (delete the folder to start over). Results:
 ``benchmarks/results/demo_teacher_size.json`` and a report (``build_report``) beside the runs.
+
+Finished: it chose the demo's 96 px teacher (commit 68b37c0); its result stays in
+benchmarks/results/demo_teacher_size.json.
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common
 from _common import WORK, machine_facts, print_table, write_json
 
 from clip_ping.banks import ExtractConfig, extract_banks
@@ -32,7 +37,7 @@ from clip_ping.data.synth import SynthConfig, generate_synthetic
 from clip_ping.demo import DemoConfig, demo_run_config, train_and_evaluate, train_precision
 from clip_ping.knn import NeighborsConfig, build_neighbors
 from clip_ping.report import build_report
-from clip_ping.trainer import TrainConfig
+from clip_ping.training.trainer import TrainConfig
 
 HEADLINE = ("zeroshot/shape/top1", "zeroshot/color/top1", "zeroshot/count/top1",
             "retrieval/image_to_text/R@1", "retrieval/text_to_image/R@1")  # paths into eval.json, percent
