@@ -324,7 +324,7 @@ def test_two_invocations_share_an_out_folder_without_running_a_run_twice(quality
             (other / name).write_text("{}")
         return {}
 
-    monkeypatch.setattr(quality, "run_stage", fake_run_stage)
+    monkeypatch.setattr(quality.quality_run, "run_stage", fake_run_stage)  # where train_and_evaluate finds it
     with quality.exclusive(state_dir / "run-clip-seed0.lock", wait=False) as held:  # "another invocation" runs seed 0
         assert held
         elsewhere = quality.train_and_evaluate(prof, plan, state_dir)
