@@ -7,10 +7,10 @@ Each tree (a checkout before the move, and one after) ran, at equal seed:
 
 and this script compares what the two wrote: the data set's files, the teacher banks and neighbour
 tables (every .npy and .csv, by SHA-256), each run's logged training metrics (every line of
-metrics.jsonl but its throughput) and its evaluation (eval.json, eval_val.json, without paths):
+metrics.jsonl but its throughput) and its evaluation (eval.json, eval_val.json, without paths and times):
 
     python benchmarks/archive/layout_move_check.py BEFORE_TREE AFTER_TREE \\
-        --out benchmarks/results/layout_move_check.json
+        --out benchmarks/results/layout_move_check.json --note "..."
 
 It exits 1 when anything differs. Finished: the move is on main; the result is kept in
 benchmarks/results/layout_move_check.json.
@@ -68,6 +68,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--label-before", default="before the move")
     parser.add_argument("--label-after", default="after the move")
+    parser.add_argument("--note", default="", help="what the two trees are, for the record")
     args = parser.parse_args()
     before, after = numbers_of(args.before), numbers_of(args.after)
     differing_files = sorted(k for k in before["files_sha256"].keys() | after["files_sha256"].keys()
@@ -86,7 +87,7 @@ def main() -> int:
                              for side, runs in (("before", before["runs"]), ("after", after["runs"]))}
                        for run in before["runs"]},
     }
-    record = {"summary": summary, args.label_before: before, args.label_after: after}
+    record = {"note": args.note, "summary": summary, args.label_before: before, args.label_after: after}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps({k: summary[k] for k in ("identical", "differing_files", "differing_runs", "files_compared",
