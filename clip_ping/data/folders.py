@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..config import Config, option
 from ..errors import ConfigError, DataError
+from ..io import claim_files
 from .csv_reader import read_pairs
 from .pairs import DEFAULT_TEMPLATES, PairTable
 
@@ -99,11 +100,34 @@ class ImageFolderConfig(Config):
             raise ConfigError("config key 'root' is required (the image folder)")
 
 
+def legacy_folder_tables(out: Path) -> list[str] | None:
+    """The tables and dataset.json that an earlier ``data folders`` wrote (None when there are none): a
+    dataset.json whose only task is its ``class`` task, beside tables with its three columns."""
+    try:
+        info = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not (isinstance(info, dict) and isinstance(info.get("tasks"), dict) and list(info["tasks"]) == ["class"]):
+        return None
+    tables = []
+    for split in ("train", "val", "test"):
+        try:
+            with open(out / f"{split}.csv", newline="", encoding="utf-8") as f:
+                if next(csv.reader(f), None) == ["filepath", "caption", "class"]:
+                    tables.append(f"{split}.csv")
+        except (OSError, UnicodeDecodeError):
+            continue
+    return tables + ["dataset.json"] if tables else None
+
+
 def image_folder_to_csv(cfg: ImageFolderConfig) -> Path:
-    """Write ``OUT/<split>.csv`` and ``OUT/dataset.json`` (task ``class``) for an image folder; returns OUT."""
+    """Write ``OUT/<split>.csv`` and ``OUT/dataset.json`` (task ``class``) for an image folder; returns OUT.
+    Run again for another split, it adds that split's table and keeps the dataset.json it wrote."""
     table, classes = read_image_folder(cfg.root, cfg.names_file or None)
     out = Path(cfg.out or cfg.root)
-    out.mkdir(parents=True, exist_ok=True)
+    # the two files only: the folder may be the image folder itself; a table or dataset.json that another
+    # command or the user wrote is never written over
+    claim_files(out, "image-folder table", [f"{cfg.split}.csv", "dataset.json"], legacy=legacy_folder_tables)
     with open(out / f"{cfg.split}.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["filepath", "caption", "class"])
