@@ -201,6 +201,17 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
     if all(k.startswith("module.") for k in sd):
         sd = {k[len("module.") :]: v for k, v in sd.items()}
     return dict(sd)
+def read_text(path: str | Path) -> str:
+    """The UTF-8 text of ``path``; a file in another encoding is one `DataError` naming the file and the line."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise DataError(f"{path}, line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as "
+                        "UTF-8") from None
+
+
 # --------------------------------------------------------------------------- the folder marker
 
 

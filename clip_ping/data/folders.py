@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..config import Config, option
 from ..errors import ConfigError, DataError
-from ..io import claim_files
+from ..io import claim_files, read_text
 from .csv_reader import read_pairs
 from .pairs import DEFAULT_TEMPLATES, PairTable
 
@@ -35,21 +35,30 @@ def _read_names(path: str | Path) -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"class names file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if path.suffix.lower() == ".json":
-        try:
-            names = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path} is not valid JSON: {exc}") from None
-        if not isinstance(names, dict):
-            raise DataError(f"{path} must map folder names to class names")
-        return {str(k): str(v) for k, v in names.items()}
+        return class_names_json(path, text)
     names = {}
     for line in text.splitlines():
         parts = line.strip().split(None, 1)
         if len(parts) == 2:
             names[parts[0]] = parts[1].split(",")[0].strip()  # first synonym of "name, other name"
     return names
+
+
+def class_names_json(path: Path, text: str) -> dict[str, str]:
+    """A class-names JSON, ``{"folder": "class name"}``; one line naming the entry that is not a name."""
+    try:
+        names = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(names, dict):
+        raise DataError(f"{path} must map folder names to class names ({{\"folder\": \"name\"}}), "
+                        f"not hold a {type(names).__name__}")
+    for folder, name in names.items():
+        if not isinstance(name, str) or not name.strip():
+            raise DataError(f"{path}: entry '{folder}' maps to {json.dumps(name)}, not a class name (a non-empty string)")
+    return {str(k): v.strip() for k, v in names.items()}
 
 
 def read_image_folder(root: str | Path, names_file: str | None = None) -> tuple[PairTable, list[str]]:
