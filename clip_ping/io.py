@@ -428,8 +428,9 @@ def claim_folder(folder: str | Path, kind: str, *, overwrite: bool = False, lega
                 raise DataError(f"{option} {folder} holds {what}; choose an empty or new folder "
                                 "(clip-ping never writes over or deletes files it did not write)")
             else:
-                kinds[kind] = []
-            atomic_write_json(folder / MARKER, marker)
+                kinds[kind] = []  # written with the first file recorded: a refused command leaves no marker
+            if adopted is not None:
+                atomic_write_json(folder / MARKER, marker)
         if lock:  # after the rule: a folder that is not clip-ping's gets no lock file either
             lock_file = _lock(folder)
             marker = _read_marker(folder)  # as the holder before us may have left it
