@@ -480,3 +480,59 @@ def test_eval_never_asks_for_an_option_it_does_not_have(checkpoint, tmp_path, ca
         line = _one_line(err)
         assert code == 2 and "nshards.txt" in line and "--overwrite" not in line, line
     assert (tmp_path / "s-export" / "open_clip_config.json").is_file()
+
+
+# --------------------------------------------------------------------------- a real full disk (a small tmpfs)
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 64 MiB tmpfs under tmp_path; skipped where the test may not mount one (it needs root)."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(folder)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root); the injected-ENOSPC tests cover this")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def _fill(folder: Path, leave: int) -> None:
+    """Fill the disk of ``folder`` until ``leave`` bytes are free."""
+    with open(folder / "filler", "wb") as f:
+        f.write(b"\0" * max(0, shutil.disk_usage(folder).free - leave))
+
+
+CLI_WITH_TINY_TEACHERS = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    import conftest  # registers the tiny test teachers
+    from clip_ping.cli import main
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+def test_a_really_full_disk_while_extracting_is_one_line_not_a_bus_error(data, small_disk):
+    _fill(small_disk, 8192)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", CLI_WITH_TINY_TEACHERS, str(Path(__file__).parent), "extract",
+                           "--data", str(data), "--out", str(small_disk / "bank"), *TINY_TEACHERS, "--no-progress"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])  # not 135 (SIGBUS)
+    line = _one_line(done.stderr)
+    assert "disk is full" in line and "bank" in line, line
+
+
+def test_a_really_full_disk_at_a_checkpoint_keeps_the_previous_one(data, small_disk, tiny_model, capsys):
+    run = small_disk / "run"
+    common = [*TRAIN, "--data", data, "--out", run, "--keep-checkpoints", "0", "--model", "clip-ping-test-tiny"]
+    code, err = _run(capsys, *common, "--steps", "1")
+    assert code == 0, err
+    latest = run / "checkpoints" / "latest.pt"
+    _fill(small_disk, latest.stat().st_size // 2)  # room for half a checkpoint
+    code, err = _run(capsys, *common, "--steps", "2", "--resume", "latest")
+    line = _one_line(err)
+    assert code == 2 and "disk is full" in line and f"previous checkpoint {latest} is intact" in line, line
+    (small_disk / "filler").unlink()
+    assert torch.load(latest, weights_only=False)["step"] == 1

@@ -433,6 +433,8 @@ def _create_array(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
         raise
     except OSError as exc:
         tmp.unlink(missing_ok=True)
+        if disk_full_cause(exc) is not None:
+            raise_disk_full(path)
         raise DataError(f"cannot create {path}: {exc.strerror or exc}") from None
 
 

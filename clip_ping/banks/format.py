@@ -221,7 +221,7 @@ def legacy_bank_files(out: Path) -> list[str] | None:
         manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8")) if (out / MANIFEST).is_file() else None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    if not ((isinstance(manifest, dict) and "teachers" in manifest and "count" in manifest)
+    if not ((isinstance(manifest, dict) and "count" in manifest and (out / "image.npy").is_file())
             or (manifest is None and (out / WORK_DIR / "run.json").is_file())):
         return None
     return [name for name in BANK_FILES if (out / name).is_file()] + [f"{WORK_DIR}/"] * (out / WORK_DIR).is_dir()

@@ -142,6 +142,7 @@ def build_neighbors(cfg: NeighborsConfig) -> Path:
     if not bank_dir.is_dir():
         raise DataError(f"bank folder not found: {bank_dir}")
     # process 0 writes the tables: it claims them in the bank's folder and holds its lock while it searches
+    bank_fingerprint(bank_dir)  # a folder that is no bank is named as such before any claim
     if rank == 0:  # a bank of an earlier clip-ping (no marker) is recorded as a bank first
         claim_folder(bank_dir, "bank", legacy=legacy_bank_files, option="--banks")
     claim = claim_folder(bank_dir, "neighbours", joins=("bank",), legacy=legacy_neighbour_files, lock=True,
