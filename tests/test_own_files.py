@@ -185,7 +185,7 @@ def test_a_folder_of_an_earlier_clip_ping_stays_usable(data, tmp_path, capsys):
     assert _run(capsys, *TRAIN, "--data", data, "--out", run, "--steps", "1")[0] == 0
     (run / MARKER).unlink()  # as an earlier clip-ping left it
     assert _run(capsys, *TRAIN, "--data", data, "--out", run, "--resume", "latest")[0] == 0
-    assert torch.load(run / "checkpoints" / "latest.pt", weights_only=False)["step"] == 2
+    assert torch.load(run / "checkpoints" / "latest.pt", weights_only=True)["step"] == 2
     bank = _bank_without_neighbours(data)
     assert _run(capsys, "neighbors", "--banks", bank, "--k", "2", "--method", "exact", "--no-progress")[0] == 0
     assert (bank / "neighbors.json").is_file()
@@ -272,7 +272,7 @@ def test_a_full_disk_at_a_checkpoint_keeps_the_previous_one(data, tmp_path, caps
     latest = run / "checkpoints" / "latest.pt"
     assert code == 2 and "disk is full" in line and f"previous checkpoint {latest} is intact" in line, line
     monkeypatch.setattr(torch, "save", real_save)
-    assert torch.load(latest, weights_only=False)["step"] == 1
+    assert torch.load(latest, weights_only=True)["step"] == 1
     assert not [p for p in latest.parent.iterdir() if p.name.startswith(".")]
 
 
@@ -315,7 +315,7 @@ def test_a_cut_or_foreign_eval_json_stops_the_export_before_any_write(checkpoint
 @pytest.mark.parametrize("command", ["export", "eval"])
 def test_weights_that_do_not_fit_the_model_are_one_line(command, checkpoint, data, tmp_path, capsys):
     path = checkpoint / "checkpoints" / "latest.pt"
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=True)
     name = next(k for k, v in state["model"].items() if v.ndim == 2)
     state["model"][name] = state["model"][name][:, :-1]
     torch.save(state, path)
@@ -327,7 +327,7 @@ def test_weights_that_do_not_fit_the_model_are_one_line(command, checkpoint, dat
 
 def test_a_failed_export_leaves_nothing_and_a_killed_ones_temporary_is_removed(checkpoint, tmp_path, capsys,
                                                                              monkeypatch):
-    import clip_ping.hub_export as hub_export
+    import clip_ping.hub.export as hub_export
 
     out = tmp_path / "export"
 
@@ -535,4 +535,4 @@ def test_a_really_full_disk_at_a_checkpoint_keeps_the_previous_one(data, small_d
     line = _one_line(err)
     assert code == 2 and "disk is full" in line and f"previous checkpoint {latest} is intact" in line, line
     (small_disk / "filler").unlink()
-    assert torch.load(latest, weights_only=False)["step"] == 1
+    assert torch.load(latest, weights_only=True)["step"] == 1
