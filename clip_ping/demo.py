@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 from .config import Config, borrow, option
 from .errors import ConfigError
+from .io import atomic_write_text, claim_folder
 from .objectives import OBJECTIVES
 from .report.build import NEIGHBOR_PAGE
 from .training.trainer import TrainConfig
@@ -166,12 +167,20 @@ def _in_worker(threads: int, fn: Callable[..., dict[str, float]], *args: Any) ->
         signal.signal(signal.SIGINT, previous)
 
 
+def _legacy_demo_files(out: Path) -> list[str] | None:
+    """The demo's own file in a demo folder an earlier clip-ping wrote (None: not one). Its data, banks, runs and
+    report carry their own records (or are recognised each by its own command)."""
+    if not ((out / "data" / "dataset.json").is_file() and (out / "runs").is_dir()):
+        return None
+    return ["timings.json"] if (out / "timings.json").is_file() else []
+
+
 def run_demo(cfg: DemoConfig) -> None:
     from .data.synth import SynthConfig, generate_synthetic
     from .report.build import build_report
 
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_folder(out, "demo", legacy=_legacy_demo_files).files(["timings.json"])
     data_dir, bank_dir = out / "data", out / "data" / "banks"
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
@@ -213,7 +222,7 @@ def run_demo(cfg: DemoConfig) -> None:
     _timed(timings, "neighbour page", lambda: write_demo_neighbor_page(data_dir, bank_dir, report_dir))
     _timed(timings, "report", lambda: build_report([Path(c.out) for c in runs], report_dir))
     timings["total (wall)"] = round(time.perf_counter() - t_start, 1)
-    (out / "timings.json").write_text(json.dumps(timings, indent=2))
+    atomic_write_text(out / "timings.json", json.dumps(timings, indent=2))
     table = (report_dir / "report.md").read_text()
     print(table)
     print(f"\nstage times (s; side by side they overlap, so the total is less than their sum): {json.dumps(timings)}")

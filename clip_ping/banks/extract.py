@@ -44,6 +44,7 @@ decide together what a folder may hold; the files are in format.py, the work loo
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -63,7 +64,15 @@ from ..data.pairs import data_fingerprint
 from ..data.table import PairSource, open_table
 from ..distributed import init_from_env, native_bf16, resolve_device, warn_if_bf16_is_emulated
 from ..errors import ConfigError, DataError
-from ..io import atomic_save_npy, atomic_write_json
+from ..io import (
+    DiskFull,
+    FolderClaim,
+    atomic_save_npy,
+    atomic_write_json,
+    claim_folder,
+    disk_full_cause,
+    raise_disk_full,
+)
 from ..teachers import (
     DEFAULT_IMAGE_TEACHER,
     DEFAULT_TEXT_TEACHER,
@@ -91,6 +100,7 @@ from .format import (  # noqa: F401  (re-exported: the public names of banks liv
     duplicate_groups_of_captions,
     duplicate_groups_of_hashes,
     identity_of,
+    legacy_bank_files,
     normalize_caption,
     open_banks,
     read_json,
@@ -241,7 +251,36 @@ def _extract(
         "teacher_image_size": cfg.teacher_image_size,
     }
 
-    state = _on_rank0(rank, world, lambda: _inspect_folder(out, identity, cfg.overwrite))
+    claims: list[FolderClaim] = []  # process 0's claim of the folder; its lock is held until the bank is done
+    try:
+        return _extract_into(out, cfg, rank, world, table, image_teacher, text_teacher, identity, precisions, claims)
+    except DiskFull as exc:
+        raise DiskFull(str(exc).replace("nothing was half-written", f"the bank so far in {out} is intact "
+                                        "(run the same command again to continue it)")) from None
+    finally:
+        for claim in claims:
+            claim.release()
+
+
+def _extract_into(
+    out: Path,
+    cfg: ExtractConfig,
+    rank: int,
+    world: int,
+    table: PairSource,
+    image_teacher: ImageTeacher | None,
+    text_teacher: TextTeacher | None,
+    identity: dict[str, Any],
+    precisions: dict[str, str],
+    claims: list[FolderClaim],
+) -> Path:
+    def claim_and_inspect() -> str:
+        claims.append(claim_folder(out, "bank", legacy=legacy_bank_files, lock=True))
+        state = _inspect_folder(out, identity, cfg.overwrite, claims[0])
+        claims[0].files([*BANK_FILES, f"{WORK_DIR}/"])
+        return state
+
+    state = _on_rank0(rank, world, claim_and_inspect)
     if state == "complete":
         log.info("bank %s is already complete for this data, these teachers and settings", out)
         return out
@@ -302,7 +341,7 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def _inspect_folder(out: Path, identity: dict[str, Any], overwrite: bool) -> str:
+def _inspect_folder(out: Path, identity: dict[str, Any], overwrite: bool, claim: FolderClaim) -> str:
     """'complete', 'resume' or 'fresh'; refuses (or, with overwrite, clears) a bank of something else."""
     found: dict[str, Any] | None = None
     manifest_path, run_path = out / MANIFEST, out / WORK_DIR / "run.json"
@@ -321,21 +360,14 @@ def _inspect_folder(out: Path, identity: dict[str, Any], overwrite: bool) -> str
         what = "a bank" if state == "complete" else "an unfinished extraction"
         raise DataError(f"{out} holds {what} of other data or teachers or settings ({diff}); use --overwrite to replace it")
     log.warning("--overwrite: removing the bank in %s", out)
-    _clear(out)
+    claim.remove(MANIFEST)  # first, so a half-cleared folder never looks complete
+    claim.clear()
     return "fresh"
 
 
 def _short(value: Any) -> str:
     text = str(value)
     return text[:12] if len(text) == 64 else text  # fingerprints: the first 12 hex digits say enough
-
-
-def _clear(out: Path) -> None:
-    # Only our own files: the folder may hold other things (e.g. neighbour tables, which check the bank).
-    (out / MANIFEST).unlink(missing_ok=True)  # first, so a half-cleared folder never looks complete
-    for name in BANK_FILES:
-        (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / WORK_DIR, ignore_errors=True)
 
 
 def _start_or_resume(
@@ -394,10 +426,30 @@ def _create_array(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
         arr.flush()
         del arr
+        _reserve_disk_space(tmp)
         os.replace(tmp, path)
+    except DiskFull:
+        tmp.unlink(missing_ok=True)
+        raise
     except OSError as exc:
         tmp.unlink(missing_ok=True)
+        if disk_full_cause(exc) is not None:
+            raise_disk_full(path)
         raise DataError(f"cannot create {path}: {exc.strerror or exc}") from None
+
+
+def _reserve_disk_space(path: Path) -> None:
+    """Allocate every block of the memory-mapped ``path`` now. A memory map is a sparse file: rows written past
+    the disk's free space would kill the process with SIGBUS ("Bus error") mid-extraction; reserved up front, a
+    full disk is an error here, before any row is computed."""
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as exc:
+            if disk_full_cause(exc) is not None:
+                raise_disk_full(path)
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # a file system that cannot reserve
+                raise
 
 
 def _check_arrays(out: Path, run: dict[str, Any]) -> None:
@@ -416,6 +468,8 @@ def _check_arrays(out: Path, run: dict[str, Any]) -> None:
             raise DataError(f"unfinished extraction in {out} lost {path.name}; start over with --overwrite") from None
         if arr.shape != shape or arr.dtype != dt:
             raise DataError(f"unfinished extraction in {out}: {path.name} has the wrong shape; start over with --overwrite")
+        del arr
+        _reserve_disk_space(path)  # an extraction begun by an earlier clip-ping left sparse files
 
 
 # --------------------------------------------------------------------------- finishing

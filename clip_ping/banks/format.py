@@ -212,3 +212,16 @@ def read_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise DataError(f"cannot read {path}: {exc}") from None
+
+
+def legacy_bank_files(out: Path) -> list[str] | None:
+    """The files of a bank written before folders carried clip-ping's marker: one with a bank's manifest, or an
+    unfinished extraction's ``.extract/run.json`` (None: not a bank)."""
+    try:
+        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8")) if (out / MANIFEST).is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not ((isinstance(manifest, dict) and "count" in manifest and (out / "image.npy").is_file())
+            or (manifest is None and (out / WORK_DIR / "run.json").is_file())):
+        return None
+    return [name for name in BANK_FILES if (out / name).is_file()] + [f"{WORK_DIR}/"] * (out / WORK_DIR).is_dir()

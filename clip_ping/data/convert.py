@@ -20,6 +20,7 @@ from typing import Any
 
 from ..config import Config, option
 from ..errors import ConfigError, DataError
+from ..io import claim_files, claim_folder
 from .csv_reader import read_pairs
 from .pairs import SKIP_MISSING_IMAGE, PairTable
 from .shards import IMAGE_EXTS, ShardTable, expand_shards, index_shards
@@ -148,10 +149,23 @@ def convert(cfg: ConvertConfig) -> dict[str, Any]:
     """
     started = time.perf_counter()
     out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise DataError(f"{out} exists and is not empty; pass --overwrite or another --out")
-    out.mkdir(parents=True, exist_ok=True)
     src = Path(cfg.src)
+    if cfg.to == "index":  # the index only: OUT may be the shards' own folder
+        split = cfg.split or "train"
+        claim = claim_files(out, "shard index", [f"{split}.shards.json", f"{split}.index.bin", "convert_summary.json"])
+    else:
+        claim = claim_folder(out, "converted data set", overwrite=cfg.overwrite)
+        if claim.recorded and not cfg.overwrite:
+            raise DataError(f"{out} already holds a converted data set; pass --overwrite to replace it, or another --out")
+        claim.require_only_own()
+    before = claim.snapshot()
+    try:
+        return _convert(cfg, out, src, started)
+    finally:
+        claim.record_new(before)  # the shards and images written, also by a run that failed half-way
+
+
+def _convert(cfg: ConvertConfig, out: Path, src: Path, started: float) -> dict[str, Any]:
     summary: dict[str, Any] = {"src": cfg.src, "out": str(out), "to": cfg.to, "splits": {}}
     read_kwargs = {"image_key": cfg.image_key, "caption_key": cfg.caption_key, "separator": cfg.separator or None}
 

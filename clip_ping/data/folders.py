@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..config import Config, option
 from ..errors import ConfigError, DataError
+from ..io import claim_files, read_text
 from .csv_reader import read_pairs
 from .pairs import DEFAULT_TEMPLATES, PairTable
 
@@ -34,21 +35,30 @@ def _read_names(path: str | Path) -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"class names file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if path.suffix.lower() == ".json":
-        try:
-            names = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path} is not valid JSON: {exc}") from None
-        if not isinstance(names, dict):
-            raise DataError(f"{path} must map folder names to class names")
-        return {str(k): str(v) for k, v in names.items()}
+        return class_names_json(path, text)
     names = {}
     for line in text.splitlines():
         parts = line.strip().split(None, 1)
         if len(parts) == 2:
             names[parts[0]] = parts[1].split(",")[0].strip()  # first synonym of "name, other name"
     return names
+
+
+def class_names_json(path: Path, text: str) -> dict[str, str]:
+    """A class-names JSON, ``{"folder": "class name"}``; one line naming the entry that is not a name."""
+    try:
+        names = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(names, dict):
+        raise DataError(f"{path} must map folder names to class names ({{\"folder\": \"name\"}}), "
+                        f"not hold a {type(names).__name__}")
+    for folder, name in names.items():
+        if not isinstance(name, str) or not name.strip():
+            raise DataError(f"{path}: entry '{folder}' maps to {json.dumps(name)}, not a class name (a non-empty string)")
+    return {str(k): v.strip() for k, v in names.items()}
 
 
 def read_image_folder(root: str | Path, names_file: str | None = None) -> tuple[PairTable, list[str]]:
@@ -99,11 +109,34 @@ class ImageFolderConfig(Config):
             raise ConfigError("config key 'root' is required (the image folder)")
 
 
+def legacy_folder_tables(out: Path) -> list[str] | None:
+    """The tables and dataset.json that an earlier ``data folders`` wrote (None when there are none): a
+    dataset.json whose only task is its ``class`` task, beside tables with its three columns."""
+    try:
+        info = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not (isinstance(info, dict) and isinstance(info.get("tasks"), dict) and list(info["tasks"]) == ["class"]):
+        return None
+    tables = []
+    for split in ("train", "val", "test"):
+        try:
+            with open(out / f"{split}.csv", newline="", encoding="utf-8") as f:
+                if next(csv.reader(f), None) == ["filepath", "caption", "class"]:
+                    tables.append(f"{split}.csv")
+        except (OSError, UnicodeDecodeError):
+            continue
+    return tables + ["dataset.json"] if tables else None
+
+
 def image_folder_to_csv(cfg: ImageFolderConfig) -> Path:
-    """Write ``OUT/<split>.csv`` and ``OUT/dataset.json`` (task ``class``) for an image folder; returns OUT."""
+    """Write ``OUT/<split>.csv`` and ``OUT/dataset.json`` (task ``class``) for an image folder; returns OUT.
+    Run again for another split, it adds that split's table and keeps the dataset.json it wrote."""
     table, classes = read_image_folder(cfg.root, cfg.names_file or None)
     out = Path(cfg.out or cfg.root)
-    out.mkdir(parents=True, exist_ok=True)
+    # the two files only: the folder may be the image folder itself; a table or dataset.json that another
+    # command or the user wrote is never written over
+    claim_files(out, "image-folder table", [f"{cfg.split}.csv", "dataset.json"], legacy=legacy_folder_tables)
     with open(out / f"{cfg.split}.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["filepath", "caption", "class"])

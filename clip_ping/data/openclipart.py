@@ -56,6 +56,7 @@ from tqdm import tqdm
 
 from ..config import Config, option
 from ..errors import ConfigError, DataError
+from ..io import claim_folder
 from .folders import readable_name
 from .images import ImageDecodeError, load_image
 
@@ -345,9 +346,18 @@ def convert_openclipart(cfg: OpenClipartConfig) -> dict[str, Any]:
     if not svg_root.is_dir():
         raise DataError(f"OpenClipart SVGs (titles, keywords) not found under {svg_root}; {INSTALL_HINT}")
     out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise DataError(f"{out} exists and is not empty; pass --overwrite or another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    claim = claim_folder(out, "OpenClipart data set", overwrite=cfg.overwrite)
+    if claim.recorded and not cfg.overwrite:
+        raise DataError(f"{out} already holds an OpenClipart data set; pass --overwrite to replace it, or another --out")
+    claim.require_only_own()
+    before = claim.snapshot()
+    try:
+        return _convert_into(cfg, root, png_root, svg_root, out)
+    finally:
+        claim.record_new(before)  # what was written, also by a run that failed half-way
+
+
+def _convert_into(cfg: OpenClipartConfig, root: Path, png_root: Path, svg_root: Path, out: Path) -> dict[str, Any]:
     started = time.perf_counter()
 
     excluded = tuple(e.strip("/") + "/" for e in cfg.exclude)

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from ..config import Config, option
 from ..errors import ConfigError, DataError
+from ..io import claim_folder
 from .synth_captions import make_caption
 from .synth_scenes import COLORS, COUNT_WORDS, SHAPES, TASK_TEMPLATES, make_scene, render, sample_rngs
 
@@ -128,6 +129,26 @@ def _dataset_json(cfg: SynthConfig) -> dict[str, Any]:
     }
 
 
+def legacy_synth_files(out: Path) -> list[str] | None:
+    """The files of a data set that an earlier clip-ping generated (its dataset.json names the generator's
+    options): the tables, dataset.json and the pictures the tables name (None: not one)."""
+    try:
+        info = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not (isinstance(info, dict) and isinstance(info.get("generator"), dict)):
+        return None
+    files = ["dataset.json"]
+    for split in ("train", "val", "test"):
+        table = out / f"{split}.csv"
+        if table.is_file():
+            files.append(table.name)
+            with open(table, newline="", encoding="utf-8", errors="replace") as f:
+                files += [row[0] for row in list(csv.reader(f))[1:]
+                          if row and row[0].startswith(f"images/{split}/") and ".." not in row[0]]
+    return files
+
+
 def generate_synthetic(cfg: SynthConfig, progress: bool = True) -> Path:
     """Write the synthetic data set to ``cfg.out`` and return that folder.
 
@@ -138,6 +159,7 @@ def generate_synthetic(cfg: SynthConfig, progress: bool = True) -> Path:
     out = Path(cfg.out)
     meta_path = out / "dataset.json"
     info = _dataset_json(cfg)
+    claim = claim_folder(out, "synthetic data set", legacy=legacy_synth_files)
     if meta_path.is_file():
         try:
             old = json.loads(meta_path.read_text()).get("generator")
@@ -149,23 +171,25 @@ def generate_synthetic(cfg: SynthConfig, progress: bool = True) -> Path:
             return out
         if not cfg.overwrite:
             raise DataError(f"{out} already holds a data set made with other options; pass --overwrite or another --out")
-    elif out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise DataError(f"{out} exists and is not empty; pass --overwrite or another --out")
+    elif claim.recorded and not cfg.overwrite:
+        raise DataError(f"{out} holds an unfinished data set; pass --overwrite to replace it, or another --out")
+    # written last: its presence marks a complete data set
+    claim.remove("dataset.json")
+    if cfg.overwrite:  # only clip-ping's own files: a picture put into the folders by hand stays
+        claim.clear()
 
     splits = [("train", cfg.n_train), ("val", cfg.n_val), ("test", cfg.n_test)]
     total = sum(n for _, n in splits)
     # Auto: one process per core, but processes cost more than they save on tiny sets.
     workers = cfg.workers or max(1, min(os.cpu_count() or 1, total // 500 + 1))
     chunk = max(1, min(250, total // (4 * workers) or 1))
+    claim.files([f"images/{split}/{i:06d}.png" for split, n in splits for i in range(n)]
+                + [f"{split}.csv" for split, _ in splits] + ["dataset.json"])
     jobs = []
     for split, n in splits:
         image_dir = out / "images" / split
-        if image_dir.is_dir():  # stale pictures of an earlier, larger set must not linger
-            for old_file in image_dir.glob("*.png"):
-                old_file.unlink()
         image_dir.mkdir(parents=True, exist_ok=True)
         jobs += [(cfg, split, s, min(s + chunk, n), str(image_dir)) for s in range(0, n, chunk)]
-    meta_path.unlink(missing_ok=True)  # written last: its presence marks a complete data set
 
     started = time.perf_counter()
     rows: dict[str, list] = {s: [] for s, _ in splits}

@@ -43,6 +43,7 @@ from PIL import Image
 
 from ..data.images import load_image
 from ..errors import DataError
+from ..io import read_text
 
 log = logging.getLogger(__name__)
 
@@ -124,14 +125,14 @@ def resolve_templates(spec: str | None, root: Path | None = None) -> list[str]:
     path = Path(spec) if spec else next((root / n for n in TEMPLATES_FILES if root and (root / n).is_file()), None)
     if path is None:
         return list(DEFAULT_TEMPLATES)
-    if path.is_file() and "{c}" in path.read_text(encoding="utf-8"):
+    if path.is_file() and "{c}" in read_text(path):
         # clip_benchmark's files write the class as {c} (str.format); clip-ping's prompts use {}
         return [t.replace("{c}", "{}") for t in _read_lines(path) if not t.startswith("#")]
     return read_templates_file(path)
 
 
 def _read_lines(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [line.strip() for line in read_text(path).splitlines() if line.strip()]
 
 
 def resolve_classnames(spec: str | None, folders: list[str], root: Path) -> list[str]:
@@ -147,11 +148,13 @@ def resolve_classnames(spec: str | None, folders: list[str], root: Path) -> list
         if not path.is_file():
             raise DataError(f"class names file not found: {path}")
         if path.suffix.lower() == ".json":
-            mapping = json.loads(path.read_text(encoding="utf-8"))
+            from ..data.folders import class_names_json
+
+            mapping = class_names_json(path, read_text(path))
             missing = [f for f in folders if f not in mapping]
-            if not isinstance(mapping, dict) or missing:
+            if missing:
                 raise DataError(f"{path} must map every class folder to a name (missing: {missing[:3]})")
-            return [str(mapping[f]) for f in folders]
+            return [mapping[f] for f in folders]
         names = _read_lines(path)
     elif (root / CLASSNAMES_FILE).is_file():
         spec, names = str(root / CLASSNAMES_FILE), _read_lines(root / CLASSNAMES_FILE)
@@ -214,12 +217,15 @@ def read_karpathy_json(path: str | Path, images: str | Path | None = None, split
     captions: list[str] = []
     text_to_image: list[int] = []
     skipped = {"missing_image": 0, "no_caption": 0}
-    for entry in data["images"]:
+    for number, entry in enumerate(data["images"]):
+        if not isinstance(entry, dict):
+            raise DataError(f"{path}: images[{number}] is a {type(entry).__name__}, not an entry "
+                            '({"filename", "split", "sentences"})')
         if entry.get("split") != split:
             continue
-        file = image_root / entry.get("filepath", "") / entry["filename"]
-        texts = [s.get("raw") or " ".join(s.get("tokens", [])) for s in entry.get("sentences", [])]
-        texts = [t.strip() for t in texts if t and t.strip()]
+        file = image_root / _karpathy_field(path, number, entry, "filepath", "") / \
+            _karpathy_field(path, number, entry, "filename")
+        texts = [t.strip() for t in _karpathy_sentences(path, number, entry) if t.strip()]
         if not file.is_file():
             skipped["missing_image"] += 1
             continue
@@ -238,6 +244,26 @@ def read_karpathy_json(path: str | Path, images: str | Path | None = None, split
     return RetrievalSet(ImageFiles(paths), captions, text_to_image, skipped)
 
 
+def _karpathy_field(path: Path, number: int, entry: dict[str, Any], key: str, default: str | None = None) -> str:
+    value = entry.get(key, default)
+    if not isinstance(value, str) or (default is None and not value):
+        shown = "missing" if key not in entry else f"{json.dumps(value)}, not a file name"
+        raise DataError(f"{path}: images[{number}] ({entry.get('filename', 'no filename')}): '{key}' is {shown}")
+    return value
+
+
+def _karpathy_sentences(path: Path, number: int, entry: dict[str, Any]) -> list[str]:
+    sentences = entry.get("sentences", [])
+    texts = []
+    for s in sentences if isinstance(sentences, list) else [sentences]:
+        text = s.get("raw") or " ".join(map(str, s.get("tokens") or [])) if isinstance(s, dict) else None
+        if not isinstance(text, str):
+            raise DataError(f"{path}: images[{number}]: 'sentences' must be a list of {{\"raw\": caption}}, "
+                            f"found {json.dumps(s)[:60]}")
+        texts.append(text)
+    return texts
+
+
 # --------------------------------------------------------------------------- clip_benchmark WebDataset
 
 
@@ -245,7 +271,10 @@ def _wds_tars(root: Path, split: str) -> list[Path]:
     folder = root / split
     count_file = folder / "nshards.txt"
     if count_file.is_file():
-        tars = [folder / f"{i}.tar" for i in range(int(count_file.read_text().strip()))]
+        count = read_text(count_file).strip()
+        if not count.isdigit():
+            raise DataError(f"{count_file} holds {count[:40]!r}, not the number of shards")
+        tars = [folder / f"{i}.tar" for i in range(int(count))]
     else:
         tars = sorted(folder.glob("*.tar"), key=lambda p: (len(p.stem), p.stem))
     missing = [t for t in tars if not t.is_file()]
@@ -271,7 +300,7 @@ def _wds_samples(tars: list[Path]) -> tuple[list[tuple[str, int, int]], list[dic
                 key, ext = base_plus_ext(info.name)
                 if key is None:
                     continue
-                group = groups.setdefault(key, {})
+                group = groups.setdefault(key, {"key": key.encode()})
                 ext = ext.lower()
                 if ext in WDS_IMAGE_EXTS:
                     group["image"] = (str(tar), info.offset_data, info.size)
@@ -293,7 +322,7 @@ def read_wds(root: str | Path, split: str = "test", templates: str | None = None
     if not root.is_dir():
         raise DataError(f"clip_benchmark WebDataset layout: expected the folder {root}")
     kind_file = root / "dataset_type.txt"
-    kind = kind_file.read_text().strip().lower() if kind_file.is_file() else "classification"
+    kind = read_text(kind_file).strip().lower() if kind_file.is_file() else "classification"
     if kind not in ("classification", "retrieval"):
         raise DataError(f"{kind_file}: dataset type '{kind}' is not supported (classification or retrieval)")
     names_file = Path(classnames) if classnames and classnames != "imagenet" else root / CLASSNAMES_FILE
@@ -306,7 +335,11 @@ def read_wds(root: str | Path, split: str = "test", templates: str | None = None
         captions: list[str] = []
         text_to_image: list[int] = []
         for member, extra in zip(members, extras):
-            texts = [t.strip() for t in extra.get("txt", b"").decode("utf-8").splitlines() if t.strip()]
+            try:
+                texts = [t.strip() for t in extra.get("txt", b"").decode("utf-8").splitlines() if t.strip()]
+            except UnicodeDecodeError:
+                raise DataError(f"{member[0]}: the captions of sample '{extra['key'].decode()}' are not UTF-8 "
+                                "text") from None
             if not texts:
                 skipped["no_caption"] = skipped.get("no_caption", 0) + 1
                 continue
@@ -326,7 +359,7 @@ def read_wds(root: str | Path, split: str = "test", templates: str | None = None
     for member, extra in zip(members, extras):
         try:
             label = int(extra["cls"].decode().strip())
-        except (KeyError, ValueError):
+        except (KeyError, ValueError):  # a .cls that is no number (or not text at all) is no label
             skipped["no_label"] = skipped.get("no_label", 0) + 1
             continue
         if not 0 <= label < len(names):

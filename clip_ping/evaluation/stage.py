@@ -12,9 +12,10 @@ from typing import Any
 
 from ..config import Config, option
 from ..errors import ConfigError, DataError
-from ..io import atomic_write_json, atomic_write_text
+from ..io import atomic_write_json, atomic_write_text, claim_files
 from ..teachers import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
 from ..teachers.base import autocast
+from ..training.run_folder import legacy_eval_files
 from .linear_probe import DEFAULT_CS
 from .runner import evaluate, evaluate_teachers
 from .suite import run_suite, suite_markdown
@@ -93,6 +94,8 @@ def evaluate_from_config(cfg: EvalConfig) -> dict[str, Any]:
     templates = read_templates_file(cfg.templates_file) if cfg.templates_file else None
     if not Path(cfg.data).is_dir():
         raise DataError(f"data set folder not found: {cfg.data}")
+    out = Path(cfg.out) if cfg.out else default_output_path(cfg.checkpoint)
+    claim_files(out.parent, "evaluation", [out.name], legacy=legacy_eval_files)  # before the long part
     if cfg.teacher_reference:  # loaded first: a wrong teacher name fails before the long student pass
         from ..teachers import load_image_teacher, load_text_teacher
 
@@ -108,8 +111,6 @@ def evaluate_from_config(cfg: EvalConfig) -> dict[str, Any]:
     result["precision"] = cfg.precision
     if cfg.teacher_reference:
         result["teacher_reference"] = evaluate_teachers(*teachers, cfg.data, cfg.split, **common)
-    out = Path(cfg.out) if cfg.out else default_output_path(cfg.checkpoint)
-    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, result)
     log.info("evaluation written to %s", out)
     return result
@@ -123,7 +124,7 @@ def _suite_from_config(cfg: EvalConfig) -> dict[str, Any]:
         raise ConfigError("config key 'suite': the suite file to run is required here")
     tasks = read_suite(cfg.suite)  # a mistake in the file fails before the model loads
     out = Path(cfg.out) if cfg.out else default_output_path(cfg.checkpoint).with_name("suite.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    claim_files(out.parent, "evaluation", [out.name, out.with_suffix(".md").name], legacy=legacy_eval_files)
     checkpoint = Path(cfg.checkpoint)
     if cfg.with_clip_benchmark and not (checkpoint / "open_clip_config.json").is_file():
         # clip_benchmark scores the exported model (as open_clip loads it); so does clip-ping, for a like comparison
@@ -132,7 +133,8 @@ def _suite_from_config(cfg: EvalConfig) -> dict[str, Any]:
 
         require("clip-benchmark")
         checkpoint = out.with_name(out.stem + "-export")
-        export_open_clip(ExportConfig(checkpoint=cfg.checkpoint, out=str(checkpoint)))
+        # the folder is this command's own (replaced each time): only an export clip-ping wrote is replaced
+        export_open_clip(ExportConfig(checkpoint=cfg.checkpoint, out=str(checkpoint), overwrite=True))
     model, tokenizer, preprocess = load_student(checkpoint)
     model.to(cfg.device)
     with autocast(cfg.device, cfg.precision):

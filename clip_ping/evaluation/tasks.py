@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import yaml
 
 from ..errors import ConfigError
+from ..io import read_text
 
 
 def read_templates_file(path: str | Path) -> list[str]:
@@ -15,7 +16,7 @@ def read_templates_file(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"templates file not found: {path}")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    lines = [line.strip() for line in read_text(path).splitlines()]
     templates = [line for line in lines if line and not line.startswith("#")]
     bad = [t for t in templates if "{}" not in t]
     if bad:
@@ -36,7 +37,7 @@ def read_tasks_file(path: str | Path) -> dict[str, dict[str, Any]]:
     if not path.is_file():
         raise ConfigError(f"tasks file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML too
+        data = yaml.safe_load(read_text(path))  # JSON is YAML too
     except yaml.YAMLError as exc:
         raise ConfigError(f"tasks file {path} is not valid JSON/YAML: {str(exc).splitlines()[0]}") from None
     if isinstance(data, dict) and isinstance(data.get("tasks"), dict):

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..errors import DataError
+
 METHOD_LINES = {
     "clip": "plain CLIP (symmetric InfoNCE on image-caption pairs)",
     "clip-ping": "CLIP-PING: the CLIP loss plus nearest-neighbour (NN) and cross nearest-neighbour (XNN) "
@@ -23,22 +25,41 @@ SETTINGS = ("method", "model", "init_from", "batch_size", "epochs", "steps", "lr
 
 
 def _eval_rows(run_dir: Path | None) -> list[tuple[str, str, float]]:
-    """(task, metric, value) of the run's eval.json (clip-ping eval) and suite.json (clip-ping eval --suite)."""
+    """(task, metric, value) of the run's eval.json (clip-ping eval) and suite.json (clip-ping eval --suite).
+    A file that is cut or not in the shape clip-ping writes stops the export with one line naming it."""
     rows: list[tuple[str, str, float]] = []
     if run_dir is None:
         return rows
-    if (run_dir / "eval.json").is_file():
-        result = json.loads((run_dir / "eval.json").read_text())
-        for task, scores in result.get("zeroshot", {}).items():
-            rows += [(f"zero-shot {task}", f"top-{k[3:]} %", scores[k]) for k in ("top1", "top5") if k in scores]
-        for direction, scores in result.get("retrieval", {}).items():
-            if isinstance(scores, dict):
-                rows += [(f"retrieval {direction.replace('_', ' ')}", k, v) for k, v in scores.items() if k.startswith("R@")]
-        for task, scores in result.get("linear_probe", {}).items():
-            rows.append((f"linear probe {task}", "accuracy %", scores["accuracy"]))
-    if (run_dir / "suite.json").is_file():
-        rows += [(r["task"], r["metric"], r["value"]) for r in json.loads((run_dir / "suite.json").read_text())["table"]]
+    for name, read in (("eval.json", _eval_file_rows), ("suite.json", _suite_file_rows)):
+        path = run_dir / name
+        if not path.is_file():
+            continue
+        try:
+            rows += read(json.loads(path.read_text(encoding="utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DataError(f"{path} is not valid JSON ({exc}); re-run clip-ping eval, or move it away to export "
+                            "without an evaluation table") from None
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise DataError(f"{path} is not an evaluation clip-ping wrote (missing or odd entry {exc}); re-run "
+                            "clip-ping eval, or move it away to export without an evaluation table") from None
     return rows
+
+
+def _eval_file_rows(result: dict[str, Any]) -> list[tuple[str, str, float]]:
+    rows: list[tuple[str, str, float]] = []
+    for task, scores in result.get("zeroshot", {}).items():
+        rows += [(f"zero-shot {task}", f"top-{k[3:]} %", float(scores[k])) for k in ("top1", "top5") if k in scores]
+    for direction, scores in result.get("retrieval", {}).items():
+        if isinstance(scores, dict):
+            rows += [(f"retrieval {direction.replace('_', ' ')}", k, float(v)) for k, v in scores.items()
+                     if k.startswith("R@")]
+    for task, scores in result.get("linear_probe", {}).items():
+        rows.append((f"linear probe {task}", "accuracy %", float(scores["accuracy"])))
+    return rows
+
+
+def _suite_file_rows(result: dict[str, Any]) -> list[tuple[str, str, float]]:
+    return [(str(r["task"]), str(r["metric"]), float(r["value"])) for r in result["table"]]
 
 
 def model_card(model_name: str, state: dict[str, Any], run_dir: Path | None) -> str:

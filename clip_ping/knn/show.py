@@ -24,6 +24,7 @@ import numpy as np
 
 from ..config import Config, option
 from ..errors import ConfigError, DataError
+from ..io import atomic_write_text, claim_files
 from .table import load_neighbors
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,8 @@ def write_neighbor_page(data: str | Path, bank_dir: str | Path, out_html: str | 
     agreement = label_agreement(table.labels, neighbors.image, neighbors.text, rows=valid_rows)
 
     out_html = Path(out_html)
-    out_html.parent.mkdir(parents=True, exist_ok=True)
+    claim_files(out_html.parent, "neighbour page", [out_html.name],  # never over a page of the user's
+                legacy=lambda folder: _legacy_page(folder / out_html.name))
     cache: dict[int, str] = {}
 
     def image_src(i: int) -> str:
@@ -183,8 +185,18 @@ def write_neighbor_page(data: str | Path, bank_dir: str | Path, out_html: str | 
         },
         "label_agreement": agreement,
     }
-    out_html.write_text(_page(result, rows_html), encoding="utf-8")
+    atomic_write_text(out_html, _page(result, rows_html))
     return result
+
+
+def _legacy_page(path: Path) -> list[str] | None:
+    """``[name]`` when ``path`` is a neighbour page an earlier clip-ping wrote (its title says so)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            head = f.read(200)
+    except OSError:
+        return None
+    return [path.name] if "<title>clip-ping neighbours</title>" in head else None
 
 
 def _thumbnail(table: Any, i: int, size: int) -> str:

@@ -22,10 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..banks.format import legacy_bank_files
 from ..config import Config, option
 from ..distributed import init_from_env
 from ..errors import ConfigError, DataError
-from ..io import atomic_save_npy, atomic_write_json
+from ..io import atomic_save_npy, atomic_write_json, claim_folder
 from .search import AUTO_EXACT_MAX_ROWS, DEFAULT_K_FACTOR, METHODS, _pick_device, resolve_method, search_neighbors
 from .tiled import TILE_PRECISIONS
 
@@ -140,6 +141,30 @@ def build_neighbors(cfg: NeighborsConfig) -> Path:
     bank_dir = Path(cfg.banks)
     if not bank_dir.is_dir():
         raise DataError(f"bank folder not found: {bank_dir}")
+    # process 0 writes the tables: it claims them in the bank's folder and holds its lock while it searches
+    bank_fingerprint(bank_dir)  # a folder that is no bank is named as such before any claim
+    if rank == 0:  # a bank of an earlier clip-ping (no marker) is recorded as a bank first
+        claim_folder(bank_dir, "bank", legacy=legacy_bank_files, option="--banks")
+    claim = claim_folder(bank_dir, "neighbours", joins=("bank",), legacy=legacy_neighbour_files, lock=True,
+                         option="--banks") if rank == 0 else None
+    try:
+        if claim is not None:
+            claim.files([*NEIGHBOR_FILES.values(), NEIGHBORS_JSON, f"{RESUME_DIR}/"])
+        return _build(cfg, rank, bank_dir)
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+def legacy_neighbour_files(bank_dir: Path) -> list[str] | None:
+    """The neighbour tables an earlier clip-ping wrote into a bank folder (None when there are none)."""
+    if not (bank_dir / NEIGHBORS_JSON).is_file():
+        return None
+    return [name for name in (*NEIGHBOR_FILES.values(), NEIGHBORS_JSON) if (bank_dir / name).is_file()] + \
+        [f"{RESUME_DIR}/"] * (bank_dir / RESUME_DIR).is_dir()
+
+
+def _build(cfg: NeighborsConfig, rank: int, bank_dir: Path) -> Path:
     fingerprint = bank_fingerprint(bank_dir)
     image = _load_bank_array(bank_dir, "image.npy")
     text = _load_bank_array(bank_dir, "text.npy")

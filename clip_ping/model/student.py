@@ -141,6 +141,35 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def checkpoint_weights(state: Any, checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """The student's weights in a loaded checkpoint; one line when it holds none or names no known model."""
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise DataError(f"checkpoint {checkpoint} holds no student weights (no 'model' entry): not a clip-ping checkpoint")
+    if not isinstance(state.get("model_name"), str):
+        raise DataError(f"checkpoint {checkpoint} names no student model (no 'model_name' entry)")
+    return state["model"]
+
+
+def check_weights_fit(model: torch.nn.Module, weights: dict[str, Any], checkpoint: str | Path) -> None:
+    """One line naming the first weight that the model the checkpoint names does not have, lacks, or holds in
+    another shape (a checkpoint edited by hand, or of another model)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in weights]
+    extra = [k for k in weights if k not in expected]
+    wrong = [k for k in expected if k in weights and (not isinstance(weights[k], torch.Tensor)
+                                                      or tuple(weights[k].shape) != tuple(expected[k].shape))]
+    if wrong:
+        k = wrong[0]
+        found = tuple(weights[k].shape) if isinstance(weights[k], torch.Tensor) else type(weights[k]).__name__
+        problem = f"'{k}' has shape {found}, the model's is {tuple(expected[k].shape)}"
+    elif missing or extra:
+        problem = f"it lacks '{missing[0]}'" if missing else f"it holds '{extra[0]}', which the model does not have"
+    else:
+        return
+    raise DataError(f"checkpoint {checkpoint}: its weights do not fit its model: {problem} "
+                    f"({len(wrong)} of other shape, {len(missing)} missing, {len(extra)} unknown)")
+
+
 def load_export(folder: str | Path) -> tuple[torch.nn.Module, Any]:
     """(model, eval transform) of an export folder, loaded by open_clip (``local-dir:``).
 
@@ -173,12 +202,14 @@ def load_student(checkpoint: str | Path) -> tuple[torch.nn.Module, Callable, Cal
         model.eval()
         return model, tokenizer, preprocess
     state = load_checkpoint_file(checkpoint)
-    bad = nonfinite_tensors(state["model"])
+    weights = checkpoint_weights(state, checkpoint)
+    bad = nonfinite_tensors(weights)
     if bad:
         raise DataError(f"checkpoint {checkpoint} holds NaN or infinite weights ({len(bad)} tensors, e.g. {bad[0]}); "
                         "the run diverged: evaluate an earlier checkpoint")
     model, _, preprocess, tokenizer = create_student(state["model_name"])
-    model.load_state_dict(state["model"])
+    check_weights_fit(model, weights, checkpoint)
+    model.load_state_dict(weights)
     model.eval()
     return model, tokenizer, preprocess
 

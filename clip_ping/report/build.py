@@ -36,6 +36,7 @@ import numpy as np
 
 from ..config import Config, option
 from ..errors import ConfigError
+from ..io import atomic_write_text, claim_folder
 from .plots import plot_metric_bars, plot_training_curves
 from .runs import Run, Setting, group_runs, load_run, setting_config
 
@@ -298,6 +299,21 @@ def _html(results: dict[str, Any], settings: Sequence[Setting], images: Sequence
 # --------------------------------------------------------------------------- entry points
 
 
+REPORT_FILES = ("results.json", "report.md", "index.html", "training_curves.png", "metrics_bar.png")
+
+
+def legacy_report_files(out_dir: Path) -> list[str] | None:
+    """The files of a report an earlier clip-ping wrote (None: not one): results.json beside report.md and
+    index.html."""
+    if not all((out_dir / name).is_file() for name in REPORT_FILES[:3]):
+        return None
+    try:
+        json.loads((out_dir / "results.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return [name for name in REPORT_FILES if (out_dir / name).is_file()]
+
+
 def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, names: Sequence[str] | None = None) -> Path:
     """Write the report of ``run_dirs`` into ``out_dir``; returns the path of its index.html.
 
@@ -309,7 +325,9 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, names: Seq
     runs = [load_run(p) for p in run_dirs]
     settings = group_runs(runs, names)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # a report's folder: empty, a report of clip-ping's, or one holding only the neighbour page clip-ping wrote
+    claim = claim_folder(out_dir, "report", joins=("neighbour page",), legacy=legacy_report_files)
+    claim.files(REPORT_FILES)
 
     results = aggregate(settings)
     images = []
@@ -317,11 +335,11 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, names: Seq
         images.append("training_curves.png")
     if plot_metric_bars(results, out_dir / "metrics_bar.png"):
         images.append("metrics_bar.png")
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2, default=str))
     own_page = (out_dir / NEIGHBOR_PAGE).is_file()
-    (out_dir / "report.md").write_text(_markdown(results, images, own_page), encoding="utf-8")
+    atomic_write_text(out_dir / "report.md", _markdown(results, images, own_page))
     index = out_dir / "index.html"
-    index.write_text(_html(results, settings, images, out_dir), encoding="utf-8")
+    atomic_write_text(index, _html(results, settings, images, out_dir))
     log.info("report written to %s", index)
     return index
 

@@ -18,7 +18,15 @@ import torch
 
 from ..config import Config, option
 from ..errors import ConfigError, DataError
-from ..io import atomic_link, atomic_torch_save, atomic_write_text, load_torch_file, remove_stale_temporaries
+from ..io import (
+    DiskFull,
+    FolderClaim,
+    atomic_copy,
+    atomic_torch_save,
+    atomic_write_text,
+    load_torch_file,
+    remove_stale_temporaries,
+)
 from ..model.student import nonfinite_tensors  # noqa: F401  (re-exported: its name here before the student's check moved)
 
 __all__ = ["atomic_torch_save", "atomic_write_text", "load_checkpoint", "resolve_resume", "save_checkpoint"]
@@ -26,22 +34,39 @@ __all__ = ["atomic_torch_save", "atomic_write_text", "load_checkpoint", "resolve
 _STEP_FILE = re.compile(r"step_(\d+)\.pt$")
 
 
-def save_checkpoint(state: dict[str, Any], folder: Path, step: int, keep: int = 2) -> Path:
+def save_checkpoint(state: dict[str, Any], folder: Path, step: int, keep: int = 2,
+                    claim: FolderClaim | None = None) -> Path:
     """Write ``latest.pt`` and, with ``keep`` > 0, ``step_<step>.pt``, keeping the newest ``keep`` step files.
 
+    ``latest.pt`` is a file of its own (a copy of the step file, never a link), so replacing one by hand never
+    changes the other. With ``claim`` (the run folder's, `clip_ping.io.claim_folder`) every file is recorded as
+    the run's before it is written and only recorded step files are removed; a step file put there by hand stays.
+    A full disk stops the run with one line; the checkpoints written before are left whole.
     Returns the path of the checkpoint of this step (``latest.pt`` when no step files are kept).
     """
     remove_stale_temporaries(folder) if folder.is_dir() else None  # left by a process killed mid-save
     step_path = folder / f"step_{step:07d}.pt"
     latest = folder / "latest.pt"
-    if keep > 0:
-        atomic_torch_save(state, step_path)
-    # latest.pt is the step file under a second name: one write, not two
-    if keep == 0 or not atomic_link(step_path, latest):
-        atomic_torch_save(state, latest)
+    if claim is not None:
+        prefix = folder.relative_to(claim.folder).as_posix()
+        claim.files([f"{prefix}/latest.pt"] + ([f"{prefix}/{step_path.name}"] if keep > 0 else []))
+    try:
+        if keep > 0:
+            atomic_torch_save(state, step_path)
+            atomic_copy(step_path, latest)  # a copy costs less than a second serialisation
+        else:
+            atomic_torch_save(state, latest)
+    except DiskFull as exc:
+        intact = f"the previous checkpoint {latest} is intact" if latest.is_file() else "no checkpoint was written yet"
+        raise DiskFull(str(exc).replace("nothing was half-written", intact)) from None
     step_files = sorted(folder.glob("step_*.pt"), key=lambda p: int(_STEP_FILE.search(p.name).group(1)))
+    if claim is not None:  # only the run's own count and go: a step file copied in by hand is kept
+        step_files = [p for p in step_files if claim.holds(f"{prefix}/{p.name}")]
     for old in step_files[:-keep] if keep > 0 else step_files:
-        old.unlink(missing_ok=True)
+        if claim is None:
+            old.unlink(missing_ok=True)
+        else:
+            claim.remove(f"{prefix}/{old.name}")
     return step_path if keep > 0 else latest
 
 

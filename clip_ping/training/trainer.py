@@ -43,6 +43,7 @@ from ..data.pairs import PairDataset, tokenize_captions
 from ..data.table import open_table
 from ..errors import ClipPingError, ConfigError
 from ..hub.pretrained import init_student
+from ..io import FolderClaim
 from ..model.student import StudentEncoders, create_student, embed_dim, enable_grad_checkpointing, nonfinite_tensors
 from ..objectives import ObjectiveSetup, StepContext, build_objective
 from .checkpoints import (
@@ -55,8 +56,8 @@ from .checkpoints import (
     set_numpy_rng_state,
     settings_that_differ,
 )
-from .run_folder import config_to_record, run_folder_problem, truncate_metrics
-from .run_logs import RunLogs
+from .run_folder import claim_run_folder, config_to_record, truncate_metrics
+from .run_logs import RunLogs, parse_log_to
 from .schedule import warmup_cosine_lr
 from .train_config import TrainConfig
 
@@ -105,6 +106,7 @@ class Trainer:
         if cfg.batch_size % self.world:
             raise ConfigError(f"config key 'batch_size': {cfg.batch_size} does not split over {self.world} processes")
         self.run_dir = Path(cfg.out)
+        self.claim: FolderClaim | None = None  # the run folder's, held by process 0 while it trains
         self.table = open_table(cfg.data, "train")
         self.data_fingerprint = self.table.fingerprint()  # once: it reads every row's file size
         self.image_cache = self._image_cache()
@@ -236,7 +238,8 @@ class Trainer:
                                    f"{bad[0]}); {self._last_good()} (try a lower --lr or --precision fp32)")
         if not dist_utils.is_main_process():
             return None
-        return save_checkpoint(self.state_dict(), self.run_dir / "checkpoints", self.step, keep=self.cfg.keep_checkpoints)
+        return save_checkpoint(self.state_dict(), self.run_dir / "checkpoints", self.step, keep=self.cfg.keep_checkpoints,
+                               claim=self.claim)
 
     def _last_good(self) -> str:
         latest = self.run_dir / "checkpoints" / "latest.pt"
@@ -403,7 +406,12 @@ class Trainer:
         """Refuse to mix two runs in one folder; continue or replace a run only when asked.
         Process 0 decides for all, before anything is written. Returns whether a checkpoint was loaded."""
         cfg, run = self.cfg, self.run_dir
-        problem = run_folder_problem(cfg, run) if dist_utils.is_main_process() else None
+        problem: str | None = None
+        if dist_utils.is_main_process():  # process 0 writes the folder, and holds its lock while the run trains
+            try:
+                self.claim = claim_run_folder(cfg, run)
+            except ClipPingError as exc:
+                problem = str(exc)
         if self.world > 1 and not dist_utils.all_ranks_true(problem is None):
             raise ConfigError(problem or f"process 0 refused the run folder {run}")
         if problem:
@@ -459,15 +467,27 @@ class Trainer:
                 pass
 
     def fit(self) -> dict[str, Any]:
+        """Train (or continue) the run; process 0 holds the run folder's lock until the run ends."""
+        try:
+            return self._fit()
+        finally:
+            if self.claim is not None:
+                self.claim.release()
+                self.claim = None
+
+    def _fit(self) -> dict[str, Any]:
         cfg = self.cfg
         resumed = self._prepare_run_folder()
         if cfg.init_from and cfg.resume is not None and not resumed:  # --resume auto on a new folder
             init_student(self.model, cfg.init_from, cfg.model)
-        if dist_utils.is_main_process():
+        run_logs = None
+        if self.claim is not None:
+            sinks = parse_log_to(cfg.log_to, cfg.tensorboard)
+            self.claim.files(["config.yaml", "metrics.jsonl"] + [f"{name}/" for name in ("tensorboard", "wandb") if name in sinks])
             save_yaml(config_to_record(cfg), self.run_dir / "config.yaml")
             truncate_metrics(self.run_dir / "metrics.jsonl", self.step)  # steps after the checkpoint are trained again
-        run_logs = RunLogs(self.run_dir, cfg.log_to, cfg.run_name or self.run_dir.resolve().name,
-                           dataclasses.asdict(cfg), cfg.tensorboard) if dist_utils.is_main_process() else None
+            run_logs = RunLogs(self.run_dir, cfg.log_to, cfg.run_name or self.run_dir.resolve().name,
+                               dataclasses.asdict(cfg), cfg.tensorboard)
         self._install_signal_handlers()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.progress and dist_utils.is_main_process()),
                    desc=f"train {cfg.method}", unit="step", dynamic_ncols=True)
