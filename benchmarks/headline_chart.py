@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from clip_ping.report import seed_stats
-from clip_ping.report_plots import plot_metric_bars
+from clip_ping.report.plots import plot_metric_bars
 
 # quality.py's metric names -> the report's (what plot_metric_bars picks its headline metrics by)
 _PREFIXES = {"zs/": "zeroshot/", "i2t/": "retrieval/image_to_text/", "t2i/": "retrieval/text_to_image/",

@@ -163,7 +163,7 @@ def test_the_readme_chart_draws_a_quality_results_file_with_the_reports_bar_char
     with pytest.raises(SystemExit, match="relational"):
         chart.results_for_chart(quality, ["clip", "relational"])
 
-    from clip_ping.report_plots import plot_metric_bars
+    from clip_ping.report.plots import plot_metric_bars
 
     out = tmp_path / "chart.png"
     assert plot_metric_bars(results, out)

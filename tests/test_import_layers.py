@@ -28,11 +28,11 @@ ALLOWED: dict[str, set[str]] = {
     "model": SHARED,
     "teachers": SHARED | {"model"},
     "banks": SHARED | {"data", "teachers"},
-    "knn": SHARED | {"data"},
+    "knn": SHARED | {"data", "banks"},
     "objectives": SHARED | {"data", "model", "teachers", "banks", "knn"},
     "hub": SHARED | {"model"},
     "training": SHARED | {"data", "model", "teachers", "banks", "knn", "objectives", "hub"},
-    "evaluation": SHARED | {"data", "model", "teachers", "hub"},
+    "evaluation": SHARED | {"data", "model", "teachers", "hub", "training"},
     "report": SHARED | {"training"},
 }
 # The modules that face the user: they may import every stage, and no stage imports them.

@@ -359,10 +359,8 @@ def convert_openclipart(cfg: OpenClipartConfig) -> dict[str, Any]:
 
 def _convert_into(cfg: OpenClipartConfig, root: Path, png_root: Path, svg_root: Path, out: Path) -> dict[str, Any]:
     started = time.perf_counter()
-
     excluded = tuple(e.strip("/") + "/" for e in cfg.exclude)
-    jobs = []
-    n_excluded = 0
+    jobs, n_excluded = [], 0
     for png in sorted(png_root.rglob("*.png")):
         rel = png.relative_to(png_root).as_posix()
         if rel.startswith(excluded):

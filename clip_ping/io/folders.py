@@ -1,19 +1,5 @@
-"""Files that are never half-written, in folders that hold only what clip-ping wrote.
+"""Folders that hold only what clip-ping wrote.
 
-Atomic writes
--------------
-Every write goes to a temporary file in the target's folder, is flushed to
-disk (fsync) and renamed over the target (atomic on POSIX): a reader, or a
-run killed at any moment, sees the old file or the new one, never a mix. A
-write that fails (a full disk, a folder that is not writable) removes its
-temporary file and raises one clear `DataError` (`DiskFull` for a full disk);
-temporaries left by a killed process are removed by `remove_stale_temporaries`.
-
-Reading is as strict: `load_torch_file` is the one place a torch file is read,
-and it never runs code from it (``weights_only=True``, no fallback).
-
-Whose files: the folder marker
-------------------------------
 Every command that writes a folder first calls `claim_folder` (or
 `claim_files`, for a command that adds named files to a folder of the user's)
 with the kind of thing it writes (``run``, ``bank``, ``dataset``...). The rule,
@@ -39,18 +25,15 @@ process ends however it ends, and a second writer is refused with the holder's P
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
-import pickle
 import shutil
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO, Callable, Iterable
+from typing import Any, Callable, Iterable
 
-import numpy as np
-
-from .errors import DataError
+from ..errors import DataError
+from .atomic import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -58,162 +41,6 @@ MARKER = ".clip-ping.json"
 LOCK = ".clip-ping.lock"
 _OWN_NAMES = (MARKER, LOCK)
 _MARKER_FORMAT = 1
-
-
-class DiskFull(DataError):
-    """The disk filled up during a write; the message says where, and what is intact."""
-
-
-def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
-def disk_full_cause(exc: BaseException) -> OSError | None:
-    """The out-of-space error behind ``exc`` (itself, or what it was raised from: torch.save turns the file's
-    ENOSPC into a RuntimeError whose context holds it); None when the disk is not full."""
-    seen: BaseException | None = exc
-    for _ in range(8):
-        if seen is None:
-            return None
-        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
-def raise_disk_full(path: Path, intact: str = "") -> None:
-    """Raise `DiskFull` for ``path``: where, and (``intact``) what earlier work is still whole."""
-    raise DiskFull(f"the disk is full (No space left on device): cannot write {path}; "
-                   f"{intact or 'nothing was half-written'}; free some space and run the command again") from None
-
-
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write ``path`` atomically with ``write(binary_file)``."""
-    path = Path(path)
-    tmp = _temporary(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if disk_full_cause(exc) is not None:
-            raise_disk_full(path)
-        if isinstance(exc, OSError):
-            raise DataError(f"cannot write {path}: {exc.strerror or exc}") from None
-        raise
-
-
-def atomic_copy(source: str | Path, path: str | Path) -> None:
-    """Write ``path`` as a copy of the complete file ``source``, atomically (its own file, never a link:
-    changing one never changes the other)."""
-    with open(source, "rb") as src:
-        atomic_write(path, lambda f: shutil.copyfileobj(src, f, 16 * 2**20))
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
-def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:
-    atomic_write(path, lambda f: np.save(f, array))
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    import torch
-
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def remove_stale_temporaries(folder: str | Path) -> int:
-    """Remove the temporaries of writes that a killed process left in ``folder``; returns how many."""
-    removed = 0
-    for stale in Path(folder).glob(".*.tmp*"):
-        stale.unlink(missing_ok=True)
-        removed += 1
-    return removed
-
-
-CONVERT_COMMAND = "clip-ping convert-checkpoint --checkpoint {path} --trust-this-file"
-
-
-def load_torch_file(path: str | Path, what: str = "checkpoint") -> Any:
-    """Tensors and plain values (dicts, lists, numbers, strings) of a torch file, read without running any code.
-
-    Unpickling can call any function a file names; ``weights_only=True`` restricts it to
-    tensors and plain types. A file that needs more is refused in one line naming the
-    command that converts it, which the user runs knowingly; it is never loaded here.
-    """
-    import torch
-
-    path = Path(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "weights only" not in str(exc).lower() and "weights_only" not in str(exc):
-            raise DataError(f"cannot read {what} {path}: {_first_line(exc)}") from None
-        remedy = (f"if you trust this file (e.g. a checkpoint of an earlier clip-ping), convert it once: "
-                  f"{CONVERT_COMMAND.format(path=path)}" if what == "checkpoint" else
-                  "if you trust it, save its tensors alone (a state dict, or safetensors) and pass that file")
-        raise DataError(f"{what} {path} holds Python objects beyond tensors and plain values, and loading them could "
-                        f"run code, so it is not loaded; {remedy}") from None
-    except Exception as exc:  # a truncated, foreign or unreadable file
-        raise DataError(f"cannot read {what} {path}: {_first_line(exc)}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def read_state_dict(path: str | Path) -> dict[str, Any]:
-    """Tensors of a ``.pth``/``.pt``/``.bin``/``.safetensors`` file (unwrapping ``state_dict``/``model``),
-    read without running code from it."""
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"weights file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd: Any = load_file(str(path), device="cpu")
-        else:
-            sd = load_torch_file(path, "weights file")
-    except DataError:
-        raise
-    except Exception as exc:  # truncated or foreign file
-        raise DataError(f"cannot read weights file {path}: {_first_line(exc)}") from None
-    for key in ("state_dict", "model", "module"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise DataError(f"weights file {path} does not hold a state dict of tensors")
-    # Checkpoints saved from DistributedDataParallel prefix every key.
-    if all(k.startswith("module.") for k in sd):
-        sd = {k[len("module.") :]: v for k, v in sd.items()}
-    return dict(sd)
-def read_text(path: str | Path) -> str:
-    """The UTF-8 text of ``path``; a file in another encoding is one `DataError` naming the file and the line."""
-    data = Path(path).read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
-        raise DataError(f"{path}, line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as "
-                        "UTF-8") from None
-
-
-# --------------------------------------------------------------------------- the folder marker
-
 
 Legacy = Callable[[Path], "list[str] | None"]
 
