@@ -1,10 +1,11 @@
 # Quick start: `make demo` runs the whole pipeline on the built-in data,
-# `make test` runs the test suite. Both build .venv first when needed.
+# `make test` runs the test suite, under the pinned torch pair and under the
+# lowest supported one. Both build their venvs first when needed.
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench clean
+.PHONY: venv venv-floor demo test test-main test-floor bench clean
 
 venv: $(STAMP)
 
@@ -29,12 +30,38 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/clip-ping demo
 
+# The lowest supported pair, torch 2.4.1 / torchvision 0.19.1, in its own venv, every package
+# pinned by constraints/floor.txt (what a user at the floor installs); rebuilt from nothing when
+# that file or pyproject.toml changes (from uv's cache that takes about a minute).
+FLOOR := .venv-floor
+FLOOR_STAMP := $(FLOOR)/.installed
+FLOOR_PINS := constraints/floor.txt
+FLOOR_PACKAGES := torch torchvision transformers setuptools -e ".[all,test]"
+
+venv-floor: $(FLOOR_STAMP)
+
+$(FLOOR_STAMP): $(FLOOR_PINS) pyproject.toml | $(STAMP)
+	rm -rf $(FLOOR)
+	$(PYTHON) -m venv $(FLOOR)
+	if [ -x $(VENV)/bin/uv ] && $(VENV)/bin/uv pip install --quiet --compile-bytecode --python $(FLOOR)/bin/python \
+		-c $(FLOOR_PINS) $(FLOOR_PACKAGES); then :; else echo "installing with pip"; \
+		$(FLOOR)/bin/python -m pip install --quiet --disable-pip-version-check -c $(FLOOR_PINS) $(FLOOR_PACKAGES); fi
+	touch $(FLOOR_STAMP)
+
+# Both pairs: everything under the pinned pair, then the tests marked `floor` under the lowest.
+test: test-main test-floor
+
 # the lint and the type check first: they take seconds and name the line; the tests on
 # one worker process per core (at most 4), one torch thread each (tests/conftest.py)
-test: $(STAMP)
+test-main: $(STAMP)
 	$(VENV)/bin/ruff check clip_ping tests benchmarks
 	$(VENV)/bin/mypy
 	$(VENV)/bin/python -m pytest -n auto --maxprocesses 4
+
+# the pipeline end to end and the tests of what differs between torch releases (autocast and the
+# gradient scaler, compilation, gradient checkpointing, the distributed gather, checkpoint loading)
+test-floor: $(FLOOR_STAMP)
+	$(FLOOR)/bin/python -m pytest -m floor -n auto --maxprocesses 4
 
 clean:
 	rm -rf runs .pytest_cache

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 
+from .compat import close_process_group
 from .errors import ConfigError
 
 
@@ -109,6 +110,23 @@ def init_from_env(device: torch.device | None = None) -> tuple[int, int]:
         backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
     return rank_and_world()
+
+
+@contextlib.contextmanager
+def joined_process_group(device: torch.device | None = None) -> Iterator[tuple[int, int]]:
+    """(rank, world) of torchrun's process group for a stage, joined on entry (`init_from_env`) and left
+    on exit when the stage joined it: a group left open at exit can abort the process (gloo threads)
+    or hang in its destructor. Every process meets at a barrier first, unless the stage failed."""
+    joined_here = dist.is_available() and not dist.is_initialized()
+    rank_and_world_size = init_from_env(device)
+    try:
+        yield rank_and_world_size
+    except BaseException:
+        if joined_here:
+            close_process_group(clean_exit=False)
+        raise
+    if joined_here:
+        close_process_group()
 
 
 def collective_device() -> torch.device:

@@ -21,10 +21,12 @@ from importlib import metadata
 from .errors import ClipPingError
 
 # Lowest versions clip-ping is tested with; pyproject.toml states the same
-# (tests/test_environment.py checks that the two agree).
+# (tests/test_environment.py checks that the two agree). CI runs the pipeline and the
+# version-sensitive tests under the lowest torch pair too (`make test-floor`,
+# ci/constraints-floor.txt), and everything under the Makefile's pair.
 MINIMUM_VERSIONS: dict[str, str] = {
-    "torch": "2.14.1",
-    "torchvision": "0.29.1",
+    "torch": "2.4",
+    "torchvision": "0.19",
     "open-clip-torch": "3.0",
     "timm": "1.0",
     "numpy": "1.24",
@@ -67,6 +69,29 @@ def torchvision_partner(torch_version: str) -> tuple[int, int] | None:
     return 0, release[1] + 15
 
 
+SUPPORTED_PAIRS = (f"torch {MINIMUM_VERSIONS['torch']} or newer below 3, each with the torchvision made for it "
+                   f"(0.N+15 for torch 2.N: {MINIMUM_VERSIONS['torchvision']} for {MINIMUM_VERSIONS['torch']})")
+
+# transformers 5 switches its torch support off below this torch (the text teacher's import then fails)
+TRANSFORMERS_5_NEEDS_TORCH = "2.6"
+
+
+def _torch_pair_problem(torch_version: str | None, vision_version: str | None) -> str | None:
+    """One sentence naming both versions and the supported range, where the pair is not supported."""
+    if torch_version is None:
+        return f"torch is not installed (clip-ping supports {SUPPORTED_PAIRS})"
+    partner = torchvision_partner(torch_version)
+    if vision_version is None:
+        wanted = f"torchvision {partner[0]}.{partner[1]}.*" if partner else "torchvision"
+        return f"torchvision is not installed (install {wanted}, the release made for torch {torch_version})"
+    outside = not _release(MINIMUM_VERSIONS["torch"]) <= _release(torch_version) < (3,)
+    mismatched = partner is not None and _release(vision_version)[:2] != partner
+    if not (outside or mismatched):
+        return None
+    fix = f"; for torch {torch_version} install torchvision {partner[0]}.{partner[1]}.*" if partner and not outside else ""
+    return f"torch {torch_version} with torchvision {vision_version} is not a supported pair: clip-ping supports {SUPPORTED_PAIRS}{fix}"
+
+
 def environment_problems(versions: dict[str, str | None] | None = None) -> list[str]:
     """Every problem with the installed heavy packages, as short sentences (empty: all good).
 
@@ -74,19 +99,23 @@ def environment_problems(versions: dict[str, str | None] | None = None) -> list[
     by default they are read from the environment's package metadata.
     """
     if versions is None:
-        versions = {name: installed_version(name) for name in MINIMUM_VERSIONS}
-    problems = []
+        versions = {name: installed_version(name) for name in (*MINIMUM_VERSIONS, "transformers")}
+    torch_version, vision_version = versions.get("torch"), versions.get("torchvision")
+    pair = _torch_pair_problem(torch_version, vision_version)
+    problems = [pair] if pair else []
     for name, lowest in MINIMUM_VERSIONS.items():
         have = versions.get(name)
+        if name in ("torch", "torchvision"):
+            continue
         if have is None:
             problems.append(f"{name} is not installed (need >= {lowest})")
         elif _release(have) < _release(lowest):
             problems.append(f"{name} {have} is older than {lowest}, the lowest version clip-ping is tested with")
-    torch_version, vision_version = versions.get("torch"), versions.get("torchvision")
-    partner = torchvision_partner(torch_version) if torch_version else None
-    if partner and vision_version and _release(vision_version)[:2] != partner:
-        problems.append(f"torchvision {vision_version} is not built for torch {torch_version} "
-                        f"(install torchvision {partner[0]}.{partner[1]}.*, the release made for it)")
+    transformers = versions.get("transformers")
+    if (transformers and torch_version and _release(transformers) >= (5,)
+            and _release(torch_version) < _release(TRANSFORMERS_5_NEEDS_TORCH)):
+        problems.append(f"transformers {transformers} needs torch {TRANSFORMERS_5_NEEDS_TORCH} or newer and turns its "
+                        f"torch support off beside torch {torch_version}: install 'transformers<5'")
     return problems
 
 

@@ -454,6 +454,7 @@ extract_banks(test_banks.tiny_cfg({data!r}, {out!r}, workers=0))
 """
 
 
+@pytest.mark.floor
 def test_two_processes_equal_one(pairs, reference, tmp_path):
     out = tmp_path / "two"
     script = tmp_path / "dist_extract.py"

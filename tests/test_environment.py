@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import site
 import subprocess
@@ -16,7 +17,9 @@ from clip_ping import environment
 from clip_ping.cli import main
 from clip_ping.errors import ClipPingError
 
+pytestmark = pytest.mark.floor
 REPO = Path(__file__).resolve().parents[1]
+_SUPPORTED = {"torch": "2.14.1", "torchvision": "0.29.1", "open-clip-torch": "3.3.0", "timm": "1.0.31", "numpy": "2.0"}
 
 
 def _dependencies() -> dict[str, Requirement]:
@@ -32,11 +35,26 @@ def test_pyproject_states_ranges_whose_lowest_versions_are_the_checked_minimums(
         assert any(s.operator == ">=" and s.version == lowest for s in spec), f"{name}: pyproject.toml says {spec}"
 
 
-def test_makefile_installs_the_tested_pair_before_the_package():
+def test_makefile_installs_a_supported_pair_before_the_package():
     makefile = (REPO / "Makefile").read_text()
-    pair = f'"torch=={environment.MINIMUM_VERSIONS["torch"]}" "torchvision=={environment.MINIMUM_VERSIONS["torchvision"]}"'
-    assert pair in makefile
-    assert makefile.index(pair) < makefile.index('-e ".[all,')
+    pair = re.search(r'PAIR := "torch==([\d.]+)" "torchvision==([\d.]+)"', makefile)
+    assert pair, "the Makefile pins no torch pair"
+    assert environment.environment_problems({**_SUPPORTED, "torch": pair[1], "torchvision": pair[2]}) == []
+    assert makefile.index(pair[0]) < makefile.index('-e ".[all,')
+
+
+def test_the_floor_constraints_pin_the_lowest_supported_pair_and_a_transformers_it_runs():
+    pins = {}
+    for line in (REPO / "constraints" / "floor.txt").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            requirement = Requirement(line)
+            pins[requirement.name] = requirement.specifier
+    for name in ("torch", "torchvision"):
+        (spec,) = pins[name]
+        assert spec.operator == "==" and spec.version.startswith(environment.MINIMUM_VERSIONS[name] + "."), (name, spec)
+    floor = {name: str(next(iter(pins[name]))).lstrip("=") for name in ("torch", "torchvision", "transformers")}
+    assert environment.environment_problems({**_SUPPORTED, **floor}) == []
+    assert "setuptools" in pins  # the editable install's build backend needs bdist_wheel
 
 
 def test_every_third_party_import_is_declared():
@@ -72,31 +90,47 @@ def test_every_third_party_import_is_declared():
 
 
 @pytest.mark.parametrize("versions,fragment", [
-    ({"torch": "2.13.0", "torchvision": "0.28.0"}, "torch 2.13.0 is older than 2.14.1"),
-    ({"torch": "2.15.0+cu128", "torchvision": "0.29.1"}, "torchvision 0.29.1 is not built for torch 2.15.0+cu128"),
-    ({"torch": "2.14.1", "torchvision": None}, "torchvision is not installed"),
+    ({"torch": "2.3.1", "torchvision": "0.18.1"}, "torch 2.3.1 with torchvision 0.18.1 is not a supported pair: "
+                                                  "clip-ping supports torch 2.4 or newer below 3"),
+    ({"torch": "3.0.0", "torchvision": "1.0.0"}, "torch 3.0.0 with torchvision 1.0.0 is not a supported pair"),
+    ({"torch": "2.15.0+cu128", "torchvision": "0.29.1"}, "torch 2.15.0+cu128 with torchvision 0.29.1 is not a supported "
+                                                         "pair"),
+    ({"torch": "2.15.0+cu128", "torchvision": "0.29.1"}, "for torch 2.15.0+cu128 install torchvision 0.30.*"),
+    ({"torch": "2.14.1", "torchvision": None}, "torchvision is not installed (install torchvision 0.29.*"),
+    ({"torch": None}, "torch is not installed (clip-ping supports torch 2.4 or newer"),
     ({"torch": "2.14.1", "torchvision": "0.29.1", "timm": "0.9.16"}, "timm 0.9.16 is older than 1.0"),
+    ({"torch": "2.4.1", "torchvision": "0.19.1", "transformers": "5.0.0"},
+     "transformers 5.0.0 needs torch 2.6 or newer and turns its torch support off beside torch 2.4.1: "
+     "install 'transformers<5'"),
 ])
 def test_environment_problems_are_named(versions, fragment):
-    full = {"torch": "2.14.1", "torchvision": "0.29.1", "open-clip-torch": "3.3.0", "timm": "1.0.31", "numpy": "2.0"}
-    full.update(versions)
+    full = {**_SUPPORTED, **versions}
     with pytest.raises(ClipPingError, match="cannot run clip-ping") as err:
         environment.check_environment(full)
     assert fragment in str(err.value)
 
 
-def test_a_newer_matching_cuda_pair_is_accepted():
-    versions = {"torch": "2.15.0+cu128", "torchvision": "0.30.0+cu128", "open-clip-torch": "3.3.0",
-                "timm": "1.0.31", "numpy": "2.0"}
-    assert environment.environment_problems(versions) == []
-    assert environment.environment_problems() == []  # this environment
+@pytest.mark.parametrize("versions", [
+    {"torch": "2.15.0+cu128", "torchvision": "0.30.0+cu128"},
+    {"torch": "2.4.1+cu121", "torchvision": "0.19.1+cu121", "transformers": "4.57.6"},
+    {"torch": "2.6.0", "torchvision": "0.21.0", "transformers": "5.1.0"},
+])
+def test_supported_pairs_are_accepted(versions):
+    assert environment.environment_problems({**_SUPPORTED, **versions}) == []
 
 
-def test_cli_reports_a_bad_environment_in_one_line(monkeypatch, capsys):
-    monkeypatch.setattr(environment, "installed_version", lambda name: {"torch": "2.15.0", "torchvision": "0.29.1"}.get(name, "9.0"))
+def test_this_environment_is_supported():
+    assert environment.environment_problems() == []
+
+
+def test_cli_reports_a_bad_environment_in_one_line(monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    installed = {"torch": "2.3.1", "torchvision": "0.18.1", "transformers": "4.57.6"}
+    monkeypatch.setattr(environment, "installed_version", lambda name: installed.get(name, "9.0"))
     assert main(["data", "synth", "--out", "unused", "--n-train", "4"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "torchvision 0.29.1 is not built for torch 2.15.0" in err
+    assert "\n" not in err and "torch 2.3.1 with torchvision 0.18.1 is not a supported pair" in err
+    assert not Path("unused").exists()  # refused before any work
 
 
 def test_a_command_without_its_extra_fails_in_one_line_naming_the_extra(monkeypatch, capsys, tmp_path):

@@ -1,6 +1,7 @@
 import json
 
 import open_clip
+import pytest
 import torch
 from PIL import Image
 
@@ -9,6 +10,7 @@ from clip_ping.model.student import MODEL_CONFIG_DIR, create_student, load_stude
 from clip_ping.training.trainer import TrainConfig, Trainer
 
 
+@pytest.mark.floor
 def test_exported_model_loads_in_open_clip_with_the_same_embeddings(tiny_synth, tmp_path):
     run = tmp_path / "run"
     Trainer(TrainConfig(data=str(tiny_synth), out=str(run), method="clip", batch_size=8, steps=2, workers=0,

@@ -18,6 +18,7 @@ def _images(n: int, seed: int) -> torch.Tensor:
     return torch.randn(n, 3, 40, 40, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.floor
 def test_compile_wanted_follows_the_setting_the_device_the_compiler_and_the_amount_of_work(monkeypatch):
     assert compile_wanted("on", "cuda", 1) and not compile_wanted("off", "cpu", 10**9)
     assert compile_wanted("auto", "cpu", AUTO_COMPILE_MIN_IMAGES) == bool(
@@ -30,6 +31,7 @@ def test_compile_wanted_follows_the_setting_the_device_the_compiler_and_the_amou
         compile_wanted("yes", "cpu", 1)
 
 
+@pytest.mark.floor
 def test_a_compiled_teacher_gives_the_uncompiled_features_at_any_batch_size_with_one_compilation():
     from torch._dynamo.utils import counters
 

@@ -53,6 +53,7 @@ def test_training_lowers_the_loss_and_writes_the_run_folder(tiny_synth, tmp_path
     assert state["step"] == 12 and state["model_name"] == "ViT-XXS-8-64"
 
 
+@pytest.mark.floor
 def test_killed_and_resumed_run_ends_with_identical_weights(tiny_synth, tmp_path):
     Trainer(_cfg(tiny_synth, tmp_path / "straight")).fit()
 
@@ -143,6 +144,7 @@ def test_training_batches_carry_the_tokens_of_their_own_captions(tiny_synth, tmp
     assert torch.equal(batch["text"], expected)
 
 
+@pytest.mark.floor
 def test_optimizer_uses_the_fused_adamw_kernel(tiny_synth, tmp_path):
     trainer = Trainer(_cfg(tiny_synth, tmp_path / "run"))
     assert trainer.optimizer.defaults["fused"] is True
@@ -257,6 +259,7 @@ def test_device_auto_is_the_cpu_without_a_gpu_and_bad_devices_are_refused(monkey
         resolve_device("foo")
 
 
+@pytest.mark.floor
 def test_fp16_trains_with_a_gradient_scaler_that_is_checkpointed(tiny_synth, tmp_path):
     summary = Trainer(_cfg(tiny_synth, tmp_path / "run", precision="fp16", steps=3)).fit()
     assert summary["step"] == 3
@@ -315,6 +318,7 @@ def test_bf16_without_native_arithmetic_is_warned_and_auto_picks_fp32(tiny_synth
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.floor
 def test_bf16_training_on_a_cpu_keeps_attention_off_the_flash_kernel(tiny_synth, tmp_path, precision):
     """torch's CPU flash-attention backward is ~6x slower in bf16 than in fp32 (BENCHMARKS.md): a bf16
     step runs attention through the math backend, whose matmuls are bf16; fp32 keeps the flash kernel."""
@@ -358,6 +362,7 @@ def test_dry_run_memory_counts_what_a_cpu_bf16_step_saves(monkeypatch):
     assert counted - fused >= probabilities
 
 
+@pytest.mark.floor
 def test_grad_checkpointing_recomputes_every_block_and_keeps_the_parameter_names(tiny_synth, tmp_path):
     plain = Trainer(_cfg(tiny_synth, tmp_path / "a"))
     checkpointed = Trainer(_cfg(tiny_synth, tmp_path / "b", grad_checkpointing=True))

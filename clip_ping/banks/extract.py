@@ -62,7 +62,7 @@ import torch.distributed as dist
 from ..config import option
 from ..data.pairs import data_fingerprint
 from ..data.table import PairSource, open_table
-from ..distributed import init_from_env, native_bf16, resolve_device, warn_if_bf16_is_emulated
+from ..distributed import joined_process_group, native_bf16, resolve_device, warn_if_bf16_is_emulated
 from ..errors import ConfigError, DataError
 from ..io import (
     DiskFull,
@@ -208,18 +208,14 @@ def extract_banks(
     """
     cfg.validate()
     cfg = dataclasses.replace(cfg, device=str(resolve_device(cfg.device)))  # each torchrun process its own GPU
-    joined_here = dist.is_available() and not dist.is_initialized()
-    rank, world = init_from_env()
     threads_before = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _extract(cfg, rank, world, table, image_teacher, text_teacher)
+        with joined_process_group() as (rank, world):
+            return _extract(cfg, rank, world, table, image_teacher, text_teacher)
     finally:
         torch.set_num_threads(threads_before)
-        # A process group left open at exit can abort the process (gloo threads); close ours.
-        if joined_here and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _extract(

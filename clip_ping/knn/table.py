@@ -24,7 +24,7 @@ import torch
 
 from ..banks.format import legacy_bank_files
 from ..config import Config, option
-from ..distributed import init_from_env
+from ..distributed import joined_process_group
 from ..errors import ConfigError, DataError
 from ..io import atomic_save_npy, atomic_write_json, claim_folder
 from .search import AUTO_EXACT_MAX_ROWS, DEFAULT_K_FACTOR, METHODS, _pick_device, resolve_method, search_neighbors
@@ -137,7 +137,11 @@ def build_neighbors(cfg: NeighborsConfig) -> Path:
     Returns the path of ``neighbors.json``. An up-to-date table (same bank, k,
     method and exclusions) is kept unless ``overwrite``.
     """
-    rank, world = init_from_env(_pick_device(cfg.device))  # under torchrun the fast search spreads over the processes
+    with joined_process_group(_pick_device(cfg.device)) as (rank, world):  # under torchrun the fast search spreads
+        return _build_neighbors(cfg, rank, world)                          # over the processes
+
+
+def _build_neighbors(cfg: NeighborsConfig, rank: int, world: int) -> Path:
     bank_dir = Path(cfg.banks)
     if not bank_dir.is_dir():
         raise DataError(f"bank folder not found: {bank_dir}")

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..compat import checkpoint_in_place
 from ..errors import ConfigError, DataError
 from ..io import load_torch_file
 
@@ -109,16 +110,14 @@ def enable_grad_checkpointing(model: torch.nn.Module) -> int:
     """Recompute each transformer block's activations in the backward pass; returns the number of blocks.
 
     open_clip 3.3's own switch (``set_grad_checkpointing``) calls each block with the default block's
-    arguments, which the custom attention block of the shipped configs does not take. torch's composable
-    checkpoint wraps each block in place instead (as open_clip's ``impl='composable'`` does), so parameter
-    names and checkpoints stay as they are.
+    arguments, which the custom attention block of the shipped configs does not take. Each block is
+    checkpointed in place instead (`compat.checkpoint_in_place`), so parameter names and checkpoints
+    stay as they are and the text blocks keep their attention mask on every supported torch.
     """
-    from torch.distributed._composable import checkpoint
-
     blocks = [block for module in model.modules() if isinstance(getattr(module, "resblocks", None), torch.nn.ModuleList)
               for block in module.resblocks]
     for block in blocks:
-        checkpoint(block)
+        checkpoint_in_place(block)
     return len(blocks)
 
 

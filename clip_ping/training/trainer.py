@@ -548,4 +548,5 @@ class Trainer:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train one run; returns a summary (steps done, checkpoint path, skips)."""
-    return Trainer(cfg).fit()
+    with dist_utils.joined_process_group(dist_utils.resolve_device(cfg.device)):
+        return Trainer(cfg).fit()
