@@ -16,6 +16,7 @@ import torch
 from clip_ping.cli import main
 from clip_ping.training.checkpoints import load_checkpoint
 
+pytestmark = pytest.mark.floor  # torch.load of every supported torch
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "ViT-XXS-8-64"
 
