@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import tomllib
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from clip_ping import environment
 from clip_ping.cli import main
@@ -46,7 +47,8 @@ def test_makefile_installs_a_supported_pair_before_the_package():
 def test_the_floor_constraints_pin_the_lowest_supported_pair_and_a_transformers_it_runs():
     pins = {}
     for line in (REPO / "constraints" / "floor.txt").read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
+        line = line.split("#")[0].strip()  # "name==version ; marker  # via ..."
+        if line:
             requirement = Requirement(line)
             pins[requirement.name] = requirement.specifier
     for name in ("torch", "torchvision"):
@@ -55,6 +57,13 @@ def test_the_floor_constraints_pin_the_lowest_supported_pair_and_a_transformers_
     floor = {name: str(next(iter(pins[name]))).lstrip("=") for name in ("torch", "torchvision", "transformers")}
     assert environment.environment_problems({**_SUPPORTED, **floor}) == []
     assert "setuptools" in pins  # the editable install's build backend needs bdist_wheel
+    # every package that `-e .[all,test]` asks for is pinned, so the floor's resolution is the file's
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = list(project["dependencies"])
+    for extra, reqs in project["optional-dependencies"].items():
+        wanted += reqs if extra not in ("bench", "faiss-gpu") else []
+    names = {canonicalize_name(Requirement(r).name) for r in wanted} - {"clip-ping"}
+    assert names - {canonicalize_name(n) for n in pins} == set()
 
 
 def test_every_third_party_import_is_declared():
