@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from clip_ping.compat import checkpoint_in_place, close_process_group
-from clip_ping.losses import info_nce
-from clip_ping.student import create_student, enable_grad_checkpointing
+from clip_ping.model.losses import info_nce
+from clip_ping.model.student import create_student, enable_grad_checkpointing
 
 pytestmark = pytest.mark.floor
 
