@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 
-from .compat import close_process_group
 from .errors import ConfigError
 
 
@@ -198,3 +197,21 @@ def all_reduce_min(value: int) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
+
+
+def close_process_group(clean_exit: bool = True) -> None:
+    """Leave the default process group, if one is open.
+
+    Before torch 2.6, destroying a gloo process group right after asynchronous collectives (the
+    banks' and the neighbour search's broadcasts) could deadlock on the GIL in the group's
+    destructor; a barrier first leaves no collective in flight.
+
+    On a clean exit every process first meets at a barrier, so no collective is in flight when the
+    group is destroyed. After an error the other processes may never reach it: there the group is
+    destroyed at once.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if clean_exit:
+        dist.barrier()
+    dist.destroy_process_group()

@@ -1,11 +1,13 @@
-"""The shims over differences between supported torch releases (clip_ping/compat.py)."""
+"""The shims over differences between supported torch releases: gradient checkpointing
+(clip_ping/model/checkpointing.py) and leaving a process group (clip_ping.distributed.close_process_group)."""
 
 import copy
 
 import pytest
 import torch
 
-from clip_ping.compat import checkpoint_in_place, close_process_group
+from clip_ping.distributed import close_process_group
+from clip_ping.model.checkpointing import checkpoint_in_place
 from clip_ping.model.losses import info_nce
 from clip_ping.model.student import create_student, enable_grad_checkpointing
 

@@ -23,9 +23,9 @@ from typing import Any, Callable
 
 import torch
 
-from ..compat import checkpoint_in_place
 from ..errors import ConfigError, DataError
 from ..io import load_torch_file
+from .checkpointing import checkpoint_in_place
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False
@@ -111,7 +111,7 @@ def enable_grad_checkpointing(model: torch.nn.Module) -> int:
 
     open_clip 3.3's own switch (``set_grad_checkpointing``) calls each block with the default block's
     arguments, which the custom attention block of the shipped configs does not take. Each block is
-    checkpointed in place instead (`compat.checkpoint_in_place`), so parameter names and checkpoints
+    checkpointed in place instead (`model.checkpointing.checkpoint_in_place`), so parameter names and checkpoints
     stay as they are and the text blocks keep their attention mask on every supported torch.
     """
     blocks = [block for module in model.modules() if isinstance(getattr(module, "resblocks", None), torch.nn.ModuleList)
