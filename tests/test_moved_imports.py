@@ -111,3 +111,19 @@ def test_every_name_a_package_face_exports_is_there(face):
 def test_an_unknown_old_path_is_still_an_import_error():
     with pytest.raises(ModuleNotFoundError):
         importlib.import_module("clip_ping.no_such_module")
+
+
+def test_the_project_itself_uses_no_old_path():
+    """The old paths are for users' code; the package, its tests and benchmarks name the new ones."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    old_names = "|".join(sorted(old.rsplit(".", 1)[1] for old in MOVED_MODULES))
+    dotted = re.compile(rf"\bclip_ping[./]({old_names})\b|\bfrom clip_ping import [^\n]*\b({old_names})\b")
+    here = Path(__file__).resolve()
+    users = [f"{path.relative_to(root)}:{text[:m.start()].count(chr(10)) + 1}"
+             for folder in ("clip_ping", "tests", "benchmarks") for path in sorted((root / folder).rglob("*.py"))
+             if path != here and path != root / "clip_ping" / "__init__.py"
+             for text in [path.read_text()] for m in dotted.finditer(text)]
+    assert users == []
