@@ -45,19 +45,19 @@ log = logging.getLogger(__name__)
 @dataclass
 class DemoConfig(Config):
     out: str = option("runs/demo", "folder for the data, banks, runs and report")
-    n_train: int = option(4000, "training pairs of the built-in data set")
-    n_val: int = option(500, "validation pairs")
-    n_test: int = option(1000, "test pairs (zero-shot and retrieval)")
-    image_size: int = option(64, "image resolution of the built-in data set")
-    data_seed: int = option(0, "seed of the built-in data set")
-    seeds: list[int] = option([0, 1], "training seeds; every seed trains both methods")
-    neighbor_k: int = option(10, "neighbours kept per sample")
+    n_train: int = option(4000, "training pairs of the built-in data set", bounds=">= 1")
+    n_val: int = option(500, "validation pairs", bounds=">= 0")
+    n_test: int = option(1000, "test pairs (zero-shot and retrieval)", bounds=">= 1")
+    image_size: int = option(64, "image resolution of the built-in data set", bounds="[16, 4096]")
+    data_seed: int = option(0, "seed of the built-in data set", bounds="[0, 4294967295]")
+    seeds: list[int] = option([0, 1], "training seeds; every seed trains both methods", bounds="[0, 4294967295]")
+    neighbor_k: int = option(10, "neighbours kept per sample", bounds=">= 1")
     teacher_image_size: int = option(96, "side in pixels the image teacher sees; the built-in images are 64 px "
                                      "(224, EfficientNet-Lite0's own, extracts 3.5x slower for results within "
-                                     "the seed spread)")
+                                     "the seed spread)", bounds="[16, 2048]")
     jobs: int | None = option(None, "training runs side by side, each in a process with its share of the cores "
                                     "(default: 2 on a CPU with 2 or more cores, 1 with a GPU); the teachers "
-                                    "extract before them, with every core")
+                                    "extract before them, with every core", bounds=">= 1")
     # passed on to every training run: help and defaults are TrainConfig's, but for the demo's length
     model: str = borrow(TrainConfig, "model")
     epochs: int = borrow(TrainConfig, "epochs", 6)
@@ -72,10 +72,8 @@ class DemoConfig(Config):
     progress: bool = borrow(TrainConfig, "progress")
 
     def validate(self) -> None:
-        if self.jobs is not None and self.jobs < 1:
-            raise ConfigError("config key 'jobs' must be 1 or more (or unset: 2 on a CPU, 1 with a GPU)")
-        if self.teacher_image_size < 16:
-            raise ConfigError(f"config key 'teacher_image_size' must be at least 16 pixels, got {self.teacher_image_size}")
+        if not self.seeds:
+            raise ConfigError("config key 'seeds': give at least one training seed")
 
 
 TRAIN_OPTIONS = ("model", "epochs", "batch_size", "lr", "lambda_nn", "lambda_xnn", "precision", "workers", "progress")
