@@ -171,3 +171,26 @@ def comparable_options(recorded: Mapping[str, Any]) -> dict[str, Any]:
         options.pop("lambda_nn", None)
         options.pop("lambda_xnn", None)
     return options
+
+
+# --------------------------------------------------------------------------- what a resumed run may change
+# Every field of TrainConfig is in exactly one of these groups (a test fails for a field in none).
+
+#: Settings that shape the run's arithmetic (its weights, data order, loss, schedule): a resumed run
+#: that changed one would be two runs under one name, so a change is refused.
+RESUME_FIXED = frozenset({
+    "data", "banks", "method", "model", "init_from", "lambda_nn", "lambda_xnn", "neighbor_topk", "neighbor_source",
+    "queue_size", "teacher_image_size", "targets", "xnn_pairing", "collisions", "peer_weight", "peer_temperature",
+    "head", "logit_scales", "duplicate_captions", "batch_size", "lr", "min_lr", "warmup_steps", "weight_decay",
+    "beta1", "beta2", "eps", "grad_clip", "precision", "local_loss", "seed", "data_mode", "shuffle_buffer",
+})
+#: Settings a resumed run may change: its length (to extend it), how it is logged and saved, and how
+#: fast it runs on which resources (the same arithmetic, up to floating-point rounding of compiled or
+#: other-device kernels). A change is recorded in the run's history with the step it took effect at.
+RESUME_MAY_CHANGE = frozenset({
+    "epochs", "steps", "teacher_compile", "compile", "grad_checkpointing", "accum_steps", "workers",
+    "prefetch_batches", "image_cache", "image_cache_gb", "threads", "device", "log_every", "save_every",
+    "keep_checkpoints", "max_skipped_fraction", "progress", "tensorboard", "log_to", "run_name",
+})
+#: How this command is invoked, not a setting of the run.
+RESUME_INVOCATION = frozenset({"out", "resume", "overwrite"})
