@@ -13,14 +13,23 @@ back to back (each 64-byte aligned); the descriptor JSON names each one's offset
 dtype and length, so `read_index` memory-maps the file and reads nothing up front
 (the page cache is then shared by every process on the machine). Format 1 (a CSV
 ``<split>.index.csv``) is still read, into the same columns.
+
+Staleness: the descriptor records each shard's size, modification time and a digest
+of its member table (every member's name, size and data offset, read from the tar
+headers, never the data). `check_shard` runs when a split is opened: a stat per
+shard, and the member table is read only for a shard whose modification time
+changed, so a rewritten shard whose members moved (even at the same size) is
+refused and a copied one is accepted.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import logging
 import operator
 import sys
+import tarfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence, overload
 
@@ -29,6 +38,7 @@ import numpy as np
 from ..errors import DataError
 from ..io import atomic_write
 
+log = logging.getLogger(__name__)
 _ALIGN = 64
 CHUNK = 1 << 16  # rows read at once when a whole column is walked
 _ENC = ("utf-8", "surrogateescape")  # tar member names may hold undecodable bytes
@@ -169,6 +179,75 @@ def rows_fingerprint(keys: StringColumn, captions: StringColumn, sizes: np.ndarr
                    sizes[start:start + CHUNK].tolist())
         h.update(b"".join(b"%s\0%s\0%d\n" % row for row in rows))
     return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- is a shard still what was indexed
+
+
+class MemberTable:
+    """sha256 of a tar's member table: each member's name, size and data offset, in order.
+
+    Built while a shard is indexed (`add` per member as the scan reads it) and again, from the
+    headers alone, by `member_table_digest` when a shard's modification time changed.
+    """
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+
+    def add(self, member: tarfile.TarInfo, file_size: int) -> None:
+        """One member; raises EOFError for a member whose data runs past the end of the file (a cut tar)."""
+        if member.offset_data + member.size > file_size:
+            raise EOFError(f"member {member.name} runs past the end of the file")
+        self._hash.update(b"%s\0%d\0%d\n" % (member.name.encode(*_ENC), member.size, member.offset_data))
+
+    def damaged(self) -> None:
+        """The headers end in damage here (a cut tar): the index keeps the samples before it."""
+        self._hash.update(b"\0damaged\n")
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+def member_table_digest(path: Path) -> str:
+    """`MemberTable` of the tar at ``path``, reading its headers only (tarfile seeks over the data)."""
+    table = MemberTable()
+    try:
+        size = path.stat().st_size
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                table.add(member, size)
+    except (tarfile.TarError, OSError, EOFError):
+        table.damaged()
+    return table.hexdigest()
+
+
+def check_shard(path: Path, recorded: dict[str, Any], descriptor: Path, reindex: str) -> bool:
+    """Refuse (`DataError`, one line) a shard that changed since ``descriptor`` indexed it.
+
+    Same size and modification time: unchanged (one stat). Another modification time: the member
+    table is read and compared, so a copy (new time, same members) passes and a rewrite whose
+    members moved does not. Returns whether the member table was read. A descriptor of an older
+    version records the size only; that is all it can check.
+    """
+    try:
+        st = path.stat()
+    except OSError:
+        raise DataError(f"shard {path} listed in {descriptor} is missing") from None
+    changed = f"shard {path} changed since it was indexed (in {descriptor})"
+    if st.st_size != recorded["bytes"]:
+        raise DataError(f"{changed} ({recorded['bytes']} bytes then, {st.st_size} now); re-index: {reindex}")
+    if "members" not in recorded or st.st_mtime_ns == recorded.get("mtime_ns"):
+        return False
+    if member_table_digest(path) != recorded["members"]:
+        raise DataError(f"{changed} (same size, but its members are not where the index says: another order or "
+                        f"other files); re-index: {reindex}")
+    return True
+
+
+def warn_if_unverifiable(descriptor: Path, shards: list[dict[str, Any]]) -> None:
+    if shards and any("members" not in s for s in shards):
+        log.warning("%s was indexed by an older clip-ping, which recorded the shards' sizes only: a shard rewritten "
+                    "at the same size would not be noticed; re-index it to record their member tables", descriptor)
 
 
 # --------------------------------------------------------------------------- the index file
