@@ -23,7 +23,7 @@ import types
 import typing
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Iterable, Mapping, TypeVar, cast
 
 import yaml
 
@@ -287,6 +287,15 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
     cfg = from_dict(cls, values, where=where)
     located = getattr(cfg, "with_config_file", None)  # a config that depends on where its file lies
     return located(Path(args.config)) if callable(located) and getattr(args, "config", None) else cfg
+
+
+def option_changes(recorded: Mapping[str, Any], current: Mapping[str, Any], keys: Iterable[str] | None = None) -> str:
+    """'--key old -> new, ...' for the ``keys`` (default: all) that both hold with different values; '' when none.
+
+    The one wording of every refusal to reuse work made with other options (a resumed run, a demo
+    folder, a data set, a bank)."""
+    names = [k for k in (keys if keys is not None else recorded) if k in recorded and k in current]
+    return ", ".join(f"--{k.replace('_', '-')} {recorded[k]} -> {current[k]}" for k in names if recorded[k] != current[k])
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

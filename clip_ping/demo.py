@@ -3,7 +3,9 @@
 data synth -> extract -> neighbors -> train (clip and clip-ping, same data,
 steps, student and seeds) -> eval -> report, whose index.html links the
 neighbour page (`neighbors show`) written beside it. Each stage is skipped when
-its output is already complete, so an interrupted demo picks up where it stopped.
+its output is already complete, so an interrupted demo picks up where it stopped;
+``OUT/demo.json`` records the options the folder's work was made with, and a demo
+with other options is refused (naming them) rather than shown the old results.
 
 The teachers extract with every core; then, on a CPU, the training runs go two
 at a time, each in a process with half the cores (``--jobs``; the processes start
@@ -21,6 +23,7 @@ less extraction, and CLIP-PING's results stay within the seed spread of the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import multiprocessing
@@ -32,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import Config, borrow, option
+from .config import Config, borrow, option, option_changes
 from .errors import ConfigError
 from .io import atomic_write_text, claim_folder
 from .objectives import OBJECTIVES
@@ -74,6 +77,32 @@ class DemoConfig(Config):
     def validate(self) -> None:
         if not self.seeds:
             raise ConfigError("config key 'seeds': give at least one training seed")
+
+
+RECORD = "demo.json"
+# options that decide no result: how fast and how verbosely the demo runs
+NOT_RECORDED = ("out", "jobs", "workers", "progress")
+
+
+def check_demo_folder(cfg: DemoConfig) -> None:
+    """Claim the folder for the demo; refuse one holding a demo made with other options, else record this
+    demo's options in it."""
+    out = Path(cfg.out)
+    claim_folder(out, "demo", legacy=_legacy_demo_files).files(["timings.json", RECORD])
+    options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_RECORDED}
+    path = out / RECORD
+    if path.is_file():
+        try:
+            recorded = json.loads(path.read_text(encoding="utf-8"))["options"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+            raise ConfigError(f"{path} is not a demo record; choose another --out") from None
+        changes = option_changes(recorded, options, [k for k in options if k in recorded])
+        if changes:
+            raise ConfigError(f"{out} holds a demo made with other options ({changes}); its results are not "
+                              "these options': choose another --out")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"options": options}, indent=2) + "\n", encoding="utf-8")
 
 
 TRAIN_OPTIONS = ("model", "epochs", "batch_size", "lr", "lambda_nn", "lambda_xnn", "precision", "workers", "progress")
@@ -137,6 +166,7 @@ def train_and_evaluate(train_cfg: TrainConfig, data_dir: Path, workers: int) -> 
     timings: dict[str, float] = {}
     run_dir = Path(train_cfg.out)
     if (run_dir / "eval.json").is_file():
+        _check_finished_run(run_dir, train_cfg)
         log.info("demo: %s already trained and evaluated, skipped", run_dir)
         return timings
     summary = _timed(timings, f"train {train_cfg.method}", lambda: train(train_cfg))
@@ -149,6 +179,28 @@ def train_and_evaluate(train_cfg: TrainConfig, data_dir: Path, workers: int) -> 
                           workers=workers, progress=train_cfg.progress, precision="fp32")
     _timed(timings, f"eval {train_cfg.method}", lambda: evaluate_from_config(eval_cfg))
     return timings
+
+
+def _check_finished_run(run_dir: Path, train_cfg: TrainConfig) -> None:
+    """A finished run is reused only when it was trained as this demo would train it (a demo folder
+    older than demo.json has only the runs' own config.yaml to say so)."""
+    import yaml
+
+    from .training.run_folder import settings_changed
+    from .training.train_config import RESUME_FIXED
+
+    try:
+        recorded = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise ConfigError(f"{run_dir} holds an evaluated run without a readable config.yaml; choose another --out")
+    differ = settings_changed(recorded, train_cfg)
+    keys = [k for k in differ if k in RESUME_FIXED or k in ("epochs", "steps")]
+    if keys:
+        changes = option_changes({k: v[0] for k, v in differ.items()}, {k: v[1] for k, v in differ.items()}, keys)
+        raise ConfigError(f"{run_dir} holds a finished run of other settings ({changes}); its results are not "
+                          "this demo's: choose another --out")
 
 
 def _in_worker(threads: int, fn: Callable[..., dict[str, float]], *args: Any) -> dict[str, float]:
@@ -178,7 +230,7 @@ def run_demo(cfg: DemoConfig) -> None:
     from .report.build import build_report
 
     out = Path(cfg.out)
-    claim_folder(out, "demo", legacy=_legacy_demo_files).files(["timings.json"])
+    check_demo_folder(cfg)
     data_dir, bank_dir = out / "data", out / "data" / "banks"
     timings: dict[str, float] = {}
     t_start = time.perf_counter()

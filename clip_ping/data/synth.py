@@ -37,7 +37,7 @@ from typing import Any, Iterable
 from PIL import Image
 from tqdm import tqdm
 
-from ..config import Config, option
+from ..config import Config, option, option_changes
 from ..errors import ConfigError, DataError
 from ..io import claim_folder
 from .synth_captions import make_caption
@@ -164,7 +164,9 @@ def generate_synthetic(cfg: SynthConfig, progress: bool = True) -> Path:
             log.info("synthetic data set already in %s (same options): kept", out)
             return out
         if not cfg.overwrite:
-            raise DataError(f"{out} already holds a data set made with other options; pass --overwrite or another --out")
+            changes = option_changes(old, info["generator"]) if isinstance(old, dict) else ""
+            why = f"other options ({changes})" if changes else "other options" if complete else "the same options, unfinished"
+            raise DataError(f"{out} already holds a data set made with {why}; pass --overwrite or another --out")
     elif claim.recorded and not cfg.overwrite:
         raise DataError(f"{out} holds an unfinished data set; pass --overwrite to replace it, or another --out")
     # written last: its presence marks a complete data set
