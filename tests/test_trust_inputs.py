@@ -12,6 +12,7 @@ import dataclasses
 import importlib
 import io
 import json
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -231,6 +232,13 @@ def _reorder(tar_path: Path) -> None:
     assert tar_path.stat().st_size == size
 
 
+def _reorder_keeping_its_time(tar_path: Path) -> None:
+    """As `cp -p` or `rsync -t` of a rewritten shard: the same size and modification time."""
+    st = tar_path.stat()
+    _reorder(tar_path)
+    os.utime(tar_path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
 def _rewrite_same(tar_path: Path) -> None:
     tar_path.write_bytes(tar_path.read_bytes())  # a new modification time, the same bytes
 
@@ -252,6 +260,7 @@ def _copy_folder(tar_path: Path) -> None:
 
 SHARD_CHANGES = [
     (_reorder, "its members are not where the index says"),
+    (_reorder_keeping_its_time, "the tar has train-"),
     (_cut, "bytes then"),
     (_rewrite_same, None),  # same members: accepted
     (_copy_folder, None),

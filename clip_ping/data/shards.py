@@ -409,13 +409,51 @@ def _save_index(table: ShardTable, split: str, per_shard: list[int], shard_marks
     table.source.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
 
-def _check_shards(descriptor: Path, root: Path, info: dict[str, Any]) -> None:
-    """Refuse the split when a shard changed since it was indexed (`check_shard`: a stat per shard,
-    the member table of those whose modification time changed)."""
+def _reindex_hint(root: Path, info: dict[str, Any]) -> str:
     split = str(info.get("split", "train"))
     names = [str(s["name"]) for s in info["shards"]]
     pattern = f"{split}-*.tar" if all(Path(n).name.startswith(f"{split}-") for n in names) else "*.tar"
-    reindex = (f"clip-ping data convert --to index --src '{root / pattern}' --split {split} --out {root} --overwrite")
+    return f"clip-ping data convert --to index --src '{root / pattern}' --split {split} --out {root} --overwrite"
+
+
+def _check_end_rows(table: ShardTable, descriptor: Path, reindex: str) -> None:
+    """The tar header just before the first and the last indexed image of each shard must name that
+    row's key and size. Two reads a shard; they catch a rewrite that kept the shard's size and
+    modification time (``cp -p``, ``rsync -t``) whenever it moved either end's sample."""
+    counts = np.bincount(table.shard_ids, minlength=len(table.shards)).tolist()
+    start = 0
+    for j, n in enumerate(counts):
+        if n:
+            with open(table.shard_path(j), "rb") as f:
+                for row in dict.fromkeys((start, start + n - 1)):
+                    found = _member_before(f, int(table.offsets[row]))
+                    key, size = table.keys[row], int(table.sizes[row])
+                    if found is None or found[1] != size or (found[0] is not None and found[0] != key):
+                        what = f"{found[0]} of {found[1]} bytes" if found else "no member header"
+                        raise DataError(f"shard {table.shard_path(j)} changed since it was indexed (in {descriptor}): "
+                                        f"the index has {key} ({size} bytes) at byte {table.offsets[row]}, the tar "
+                                        f"has {what} there; re-index: {reindex}")
+        start += n
+
+
+def _member_before(f: Any, offset: int) -> tuple[str | None, int] | None:
+    """(key, size) of the tar member whose data starts at ``offset``, from the header block before it
+    (key None when the header's name field may be cut: a long name lives in an extension header);
+    None when no valid header is there."""
+    if offset < tarfile.BLOCKSIZE:
+        return None
+    f.seek(offset - tarfile.BLOCKSIZE)
+    try:
+        info = tarfile.TarInfo.frombuf(f.read(tarfile.BLOCKSIZE), "utf-8", "surrogateescape")
+    except tarfile.HeaderError:
+        return None
+    return (None if len(info.name) >= 99 else _split_name(info.name)[0]), info.size
+
+
+def _check_shards(descriptor: Path, root: Path, info: dict[str, Any]) -> None:
+    """Refuse the split when a shard changed since it was indexed (`check_shard`: a stat per shard,
+    the member table of those whose modification time changed)."""
+    reindex = _reindex_hint(root, info)
     warn_if_unverifiable(descriptor, info["shards"])
     reread = sum(check_shard(root / shard["name"], shard, descriptor, reindex) for shard in info["shards"])
     if reread:
@@ -463,7 +501,7 @@ def open_shards(descriptor: str | Path, check_shards: bool = True) -> ShardTable
         key_index, mapped = KeyIndex(keys, a["key_hashes"], a["key_order"]), True
     if len(parts["keys"]) != info["count"]:
         raise DataError(f"{index_path} holds {len(parts['keys'])} samples but {descriptor} says {info['count']}; re-index")
-    return ShardTable(
+    table = ShardTable(
         source=descriptor.resolve(),
         root=root,
         shards=[s["name"] for s in info["shards"]],
@@ -473,3 +511,6 @@ def open_shards(descriptor: str | Path, check_shards: bool = True) -> ShardTable
         _mapped=mapped,
         **parts,
     )
+    if check_shards:
+        _check_end_rows(table, descriptor, _reindex_hint(root, info))
+    return table
