@@ -15,8 +15,7 @@ dtype and length, so `read_index` memory-maps the file and reads nothing up fron
 ``<split>.index.csv``) is still read, into the same columns.
 
 Staleness: the descriptor records each shard's size, modification time and a digest
-of its member table (every member's name, size and data offset, read from the tar
-headers, never the data). `check_shard` runs when a split is opened: a stat per
+of its member table (every tar header block: names, sizes, in order; never the data). `check_shard` runs when a split is opened: a stat per
 shard, and the member table is read only for a shard whose modification time
 changed, so a rewritten shard whose members moved (even at the same size) is
 refused and a copied one is accepted.
@@ -28,6 +27,7 @@ import csv
 import hashlib
 import logging
 import operator
+import os
 import sys
 import tarfile
 from pathlib import Path
@@ -40,6 +40,7 @@ from ..io import atomic_write
 
 log = logging.getLogger(__name__)
 _ALIGN = 64
+_ZERO_BLOCK = bytes(tarfile.BLOCKSIZE)
 CHUNK = 1 << 16  # rows read at once when a whole column is walked
 _ENC = ("utf-8", "surrogateescape")  # tar member names may hold undecodable bytes
 
@@ -184,41 +185,42 @@ def rows_fingerprint(keys: StringColumn, captions: StringColumn, sizes: np.ndarr
 # --------------------------------------------------------------------------- is a shard still what was indexed
 
 
-class MemberTable:
-    """sha256 of a tar's member table: each member's name, size and data offset, in order.
-
-    Built while a shard is indexed (`add` per member as the scan reads it) and again, from the
-    headers alone, by `member_table_digest` when a shard's modification time changed.
-    """
-
-    def __init__(self) -> None:
-        self._hash = hashlib.sha256()
-
-    def add(self, member: tarfile.TarInfo, file_size: int) -> None:
-        """One member; raises EOFError for a member whose data runs past the end of the file (a cut tar)."""
-        if member.offset_data + member.size > file_size:
-            raise EOFError(f"member {member.name} runs past the end of the file")
-        self._hash.update(b"%s\0%d\0%d\n" % (member.name.encode(*_ENC), member.size, member.offset_data))
-
-    def damaged(self) -> None:
-        """The headers end in damage here (a cut tar): the index keeps the samples before it."""
-        self._hash.update(b"\0damaged\n")
-
-    def hexdigest(self) -> str:
-        return self._hash.hexdigest()
+def _size_field(field: bytes) -> int | None:
+    """A tar header's size field: octal digits, or base-256 (first bit set) past 8 GiB; None if neither."""
+    if field[0] & 0x80:
+        return int.from_bytes(field[1:], "big")
+    try:
+        return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        return None
 
 
 def member_table_digest(path: Path) -> str:
-    """`MemberTable` of the tar at ``path``, reading its headers only (tarfile seeks over the data)."""
-    table = MemberTable()
+    """sha256 of a tar's member table: every header block (names, sizes, times, and the extension
+    headers of long names), in order, read by seeking from header to header, never the data.
+
+    One 512-byte read a member (about 2 µs of CPU each, BENCHMARKS.md), where `tarfile` takes ten
+    times longer. A tar cut short (a header or a member's data past the end, or no end-of-archive
+    block) hashes the headers before the cut and a marker, so the same cut tar gives the same digest.
+    """
+    digest = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY)
     try:
-        size = path.stat().st_size
-        with tarfile.open(path, "r:") as tar:
-            for member in tar:
-                table.add(member, size)
-    except (tarfile.TarError, OSError, EOFError):
-        table.damaged()
-    return table.hexdigest()
+        size = os.fstat(fd).st_size
+        offset = 0
+        while offset + tarfile.BLOCKSIZE <= size:
+            block = os.pread(fd, tarfile.BLOCKSIZE, offset)
+            if block == _ZERO_BLOCK:  # the end-of-archive marker
+                return digest.hexdigest()
+            data = _size_field(block[124:136])
+            if data is None or offset + tarfile.BLOCKSIZE + data > size:  # not a header, or its data is cut
+                break
+            digest.update(block)
+            offset += tarfile.BLOCKSIZE + -(-data // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    finally:
+        os.close(fd)
+    digest.update(b"\0cut short\n")
+    return digest.hexdigest()
 
 
 def check_shard(path: Path, recorded: dict[str, Any], descriptor: Path, reindex: str) -> bool:

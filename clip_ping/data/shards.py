@@ -68,9 +68,9 @@ from .pairs import (
 from .shard_index import (
     CodedColumn,
     KeyIndex,
-    MemberTable,
     StringColumn,
     check_shard,
+    member_table_digest,
     read_csv_index,
     read_index,
     rows_fingerprint,
@@ -222,7 +222,7 @@ class _ShardScan:
     skipped: dict[str, int]
     bytes: int
     mtime_ns: int
-    members: str  # `MemberTable` digest
+    members: str  # `member_table_digest`
 
 
 def _scan_shard(path: Path, label_fields: Sequence[str] = ()) -> _ShardScan:
@@ -235,7 +235,6 @@ def _scan_shard(path: Path, label_fields: Sequence[str] = ()) -> _ShardScan:
     skipped: dict[str, int] = {}
     st = path.stat()
     size = st.st_size
-    members = MemberTable()
 
     def count(reason: str) -> None:
         skipped[reason] = skipped.get(reason, 0) + 1
@@ -266,7 +265,6 @@ def _scan_shard(path: Path, label_fields: Sequence[str] = ()) -> _ShardScan:
     try:
         with tarfile.open(path, "r:") as tar:
             for member in tar:
-                members.add(member, size)  # raises EOFError for a member cut short
                 if not member.isfile():
                     continue
                 key, ext = _split_name(member.name)
@@ -275,6 +273,8 @@ def _scan_shard(path: Path, label_fields: Sequence[str] = ()) -> _ShardScan:
                     sample = {"key": key}
                 last = ext.rsplit(".", 1)[-1]
                 if last in IMAGE_EXTS and "image" not in sample:
+                    if member.offset_data + member.size > size:
+                        raise EOFError(f"member {member.name} runs past the end of the file")
                     sample["image"] = (member.offset_data, member.size, last)
                 elif last in ("txt", "json"):
                     text = _decode_text(tar.extractfile(member).read())  # type: ignore[union-attr]
@@ -291,10 +291,10 @@ def _scan_shard(path: Path, label_fields: Sequence[str] = ()) -> _ShardScan:
         # A truncated tar keeps the complete samples read before the damage.
         log.warning("shard %s is damaged after %d samples (%s)", path, len(samples), exc)
         count(SKIP_CORRUPT_SHARD)
-        members.damaged()
         sample = None
     finish(sample)
-    return _ShardScan(samples, skipped, size, st.st_mtime_ns, members.hexdigest())
+    # the member table in a pass of its own over the headers (cheap: one read a member, no data)
+    return _ShardScan(samples, skipped, size, st.st_mtime_ns, member_table_digest(path))
 
 
 def index_shards(shards: list[Path], descriptor: str | Path, split: str = "train", label_fields: Sequence[str] = (),
