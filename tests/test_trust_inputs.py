@@ -310,7 +310,7 @@ def test_a_demo_over_a_demo_of_other_options_is_refused_before_any_work(tmp_path
     check_demo_folder(DemoConfig(out=str(out)))  # what the first demo in this folder recorded
     code, err = _run(capsys, "demo", "--out", out, *flags)
     assert code == 2 and says in _one_line(err) and str(out) in _one_line(err)
-    assert sorted(p.name for p in out.iterdir()) == ["demo.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".clip-ping.json", "demo.json"]  # its marker, its record
     check_demo_folder(DemoConfig(out=str(out), workers=0, progress=False, jobs=1))  # speed options may differ
 
 
