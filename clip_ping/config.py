@@ -5,7 +5,10 @@ YAML file (``--config``) < command-line flags. Unknown keys and values of the
 wrong type are refused with a one-line `ConfigError` that names the key.
 
 A field's help text lives in ``field(metadata={"help": ...})`` so the CLI
-``--help`` and the docs come from one place.
+``--help`` and the docs come from one place. So do a number's bounds
+(``option(..., bounds="[0, 1)")``): every int and float field of a config is
+checked against them when the config is made, and NaN or infinity is refused
+for every one, with a one-line message that names the key.
 """
 
 from __future__ import annotations
@@ -14,11 +17,13 @@ import argparse
 import copy
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Iterable, Mapping, TypeVar, cast
 
 import yaml
 
@@ -27,12 +32,58 @@ from .errors import ConfigError
 T = TypeVar("T")
 
 
-def option(default: Any, help: str, choices: tuple | None = None, positional: bool = False, **kwargs: Any) -> Any:
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The values a numeric option may take: an interval, either end open, closed or absent."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False    # the low end itself is excluded
+    high_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {_number(self.low)}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {_number(self.high)}"
+        return f"in {'(' if self.low_open else '['}{_number(self.low)}, {_number(self.high)}{')' if self.high_open else ']'}"
+
+
+def _number(x: float | None) -> str:
+    return str(int(x)) if isinstance(x, float) and x.is_integer() else str(x)
+
+
+_ONE_SIDED = re.compile(r"^(>=|>|<=|<)\s*(\S+)$")
+_INTERVAL = re.compile(r"^([\[(])\s*(\S+?)\s*,\s*(\S+?)\s*([\])])$")
+
+
+def parse_bounds(text: str) -> Bounds:
+    """``">= 0"``, ``"> 0"``, ``"<= 1"``, ``"< 1"``, ``"[0, 1)"``, ``"(0, 1]"``... as `Bounds`."""
+    if m := _ONE_SIDED.match(text.strip()):
+        op, value = m.group(1), float(m.group(2))
+        if op.startswith(">"):
+            return Bounds(low=value, low_open=op == ">")
+        return Bounds(high=value, high_open=op == "<")
+    if m := _INTERVAL.match(text.strip()):
+        return Bounds(float(m.group(2)), float(m.group(3)), m.group(1) == "(", m.group(4) == ")")
+    raise ValueError(f"bounds {text!r}: write '>= 0', '> 0', '<= 1', '< 1' or an interval such as '[0, 1)'")
+
+
+def option(default: Any, help: str, choices: tuple | None = None, positional: bool = False,
+           bounds: str | None = None, **kwargs: Any) -> Any:
     """A dataclass field with CLI help text (optional allowed values; ``positional``
-    makes a list field the command's positional arguments, e.g. ``report RUN [RUN ...]``)."""
+    makes a list field the command's positional arguments, e.g. ``report RUN [RUN ...]``;
+    ``bounds`` the values a number may take, e.g. ``">= 0"`` or ``"[0, 1)"``, see `parse_bounds`)."""
     meta: dict[str, Any] = {"help": help}
     if choices is not None:
         meta["choices"] = tuple(choices)
+    if bounds is not None:
+        meta["bounds"] = parse_bounds(bounds)
     if positional:
         meta["positional"] = True
     if isinstance(default, (list, dict)):
@@ -110,6 +161,44 @@ def _validate_choices(cls: type, obj: Any) -> None:
             raise ConfigError(f"config key '{f.name}': {value!r} is not one of {', '.join(map(str, choices))}")
 
 
+def numeric_fields(cls: type) -> list[dataclasses.Field]:
+    """The int and float fields of a config dataclass (optional ones and lists of numbers included)."""
+    hints = _field_types(cls)
+    found = []
+    for f in dataclasses.fields(cls):
+        base, _ = _base_type(hints[f.name])
+        if typing.get_origin(base) in (list, tuple):
+            base = (typing.get_args(base) or (str,))[0]
+        if base in (int, float):
+            found.append(f)
+    return found
+
+
+def _validate_numbers(cls: type, obj: Any) -> None:
+    """NaN and infinity refused for every number; each number inside its field's bounds."""
+    for f in numeric_fields(cls):
+        value = getattr(obj, f.name)
+        if value is None:
+            continue
+        bounds: Bounds | None = f.metadata.get("bounds")
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ConfigError(f"config key '{f.name}' must be a number, got {v!r}")
+            if not math.isfinite(v):
+                raise ConfigError(f"config key '{f.name}' must be a finite number, got {v}")
+            if bounds is not None and not bounds.holds(v):
+                raise ConfigError(f"config key '{f.name}' must be {bounds}, got {v}")
+
+
+def validate_config(obj: Any) -> None:
+    """Every check of a config dataclass: choices, numbers' bounds, then its own cross-field `validate`."""
+    _validate_choices(type(obj), obj)
+    _validate_numbers(type(obj), obj)
+    post = getattr(obj, "validate", None)
+    if callable(post):
+        post()
+
+
 class Config:
     """Base of every stage's config dataclass: checked whenever one is made.
 
@@ -119,8 +208,7 @@ class Config:
     """
 
     def __post_init__(self) -> None:
-        _validate_choices(type(self), self)
-        self.validate()
+        validate_config(self)
 
     def validate(self) -> None:
         """Cross-field checks of a subclass; raise `ConfigError` with one line."""
@@ -140,10 +228,7 @@ def from_dict(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
         kwargs[name] = _coerce(name, value, hints[name])
     obj = cls(**kwargs)
     if not isinstance(obj, Config):  # a Config checked itself when made
-        _validate_choices(cls, obj)
-        post = getattr(obj, "validate", None)
-        if callable(post):
-            post()
+        validate_config(obj)
     return obj
 
 
@@ -202,6 +287,15 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
     cfg = from_dict(cls, values, where=where)
     located = getattr(cfg, "with_config_file", None)  # a config that depends on where its file lies
     return located(Path(args.config)) if callable(located) and getattr(args, "config", None) else cfg
+
+
+def option_changes(recorded: Mapping[str, Any], current: Mapping[str, Any], keys: Iterable[str] | None = None) -> str:
+    """'--key old -> new, ...' for the ``keys`` (default: all) that both hold with different values; '' when none.
+
+    The one wording of every refusal to reuse work made with other options (a resumed run, a demo
+    folder, a data set, a bank)."""
+    names = [k for k in (keys if keys is not None else recorded) if k in recorded and k in current]
+    return ", ".join(f"--{k.replace('_', '-')} {recorded[k]} -> {current[k]}" for k in names if recorded[k] != current[k])
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

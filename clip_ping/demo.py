@@ -3,7 +3,9 @@
 data synth -> extract -> neighbors -> train (clip and clip-ping, same data,
 steps, student and seeds) -> eval -> report, whose index.html links the
 neighbour page (`neighbors show`) written beside it. Each stage is skipped when
-its output is already complete, so an interrupted demo picks up where it stopped.
+its output is already complete, so an interrupted demo picks up where it stopped;
+``OUT/demo.json`` records the options the folder's work was made with, and a demo
+with other options is refused (naming them) rather than shown the old results.
 
 The teachers extract with every core; then, on a CPU, the training runs go two
 at a time, each in a process with half the cores (``--jobs``; the processes start
@@ -21,6 +23,7 @@ less extraction, and CLIP-PING's results stay within the seed spread of the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import multiprocessing
@@ -32,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import Config, borrow, option
+from .config import Config, borrow, option, option_changes
 from .errors import ConfigError
 from .io import atomic_write_text, claim_folder
 from .objectives import OBJECTIVES
@@ -45,19 +48,19 @@ log = logging.getLogger(__name__)
 @dataclass
 class DemoConfig(Config):
     out: str = option("runs/demo", "folder for the data, banks, runs and report")
-    n_train: int = option(4000, "training pairs of the built-in data set")
-    n_val: int = option(500, "validation pairs")
-    n_test: int = option(1000, "test pairs (zero-shot and retrieval)")
-    image_size: int = option(64, "image resolution of the built-in data set")
-    data_seed: int = option(0, "seed of the built-in data set")
-    seeds: list[int] = option([0, 1], "training seeds; every seed trains both methods")
-    neighbor_k: int = option(10, "neighbours kept per sample")
+    n_train: int = option(4000, "training pairs of the built-in data set", bounds=">= 1")
+    n_val: int = option(500, "validation pairs", bounds=">= 0")
+    n_test: int = option(1000, "test pairs (zero-shot and retrieval)", bounds=">= 1")
+    image_size: int = option(64, "image resolution of the built-in data set", bounds="[16, 4096]")
+    data_seed: int = option(0, "seed of the built-in data set", bounds="[0, 4294967295]")
+    seeds: list[int] = option([0, 1], "training seeds; every seed trains both methods", bounds="[0, 4294967295]")
+    neighbor_k: int = option(10, "neighbours kept per sample", bounds=">= 1")
     teacher_image_size: int = option(96, "side in pixels the image teacher sees; the built-in images are 64 px "
                                      "(224, EfficientNet-Lite0's own, extracts 3.5x slower for results within "
-                                     "the seed spread)")
+                                     "the seed spread)", bounds="[16, 2048]")
     jobs: int | None = option(None, "training runs side by side, each in a process with its share of the cores "
                                     "(default: 2 on a CPU with 2 or more cores, 1 with a GPU); the teachers "
-                                    "extract before them, with every core")
+                                    "extract before them, with every core", bounds=">= 1")
     # passed on to every training run: help and defaults are TrainConfig's, but for the demo's length
     model: str = borrow(TrainConfig, "model")
     epochs: int = borrow(TrainConfig, "epochs", 6)
@@ -72,10 +75,34 @@ class DemoConfig(Config):
     progress: bool = borrow(TrainConfig, "progress")
 
     def validate(self) -> None:
-        if self.jobs is not None and self.jobs < 1:
-            raise ConfigError("config key 'jobs' must be 1 or more (or unset: 2 on a CPU, 1 with a GPU)")
-        if self.teacher_image_size < 16:
-            raise ConfigError(f"config key 'teacher_image_size' must be at least 16 pixels, got {self.teacher_image_size}")
+        if not self.seeds:
+            raise ConfigError("config key 'seeds': give at least one training seed")
+
+
+RECORD = "demo.json"
+# options that decide no result: how fast and how verbosely the demo runs
+NOT_RECORDED = ("out", "jobs", "workers", "progress")
+
+
+def check_demo_folder(cfg: DemoConfig) -> None:
+    """Claim the folder for the demo; refuse one holding a demo made with other options, else record this
+    demo's options in it."""
+    out = Path(cfg.out)
+    claim_folder(out, "demo", legacy=_legacy_demo_files).files(["timings.json", RECORD])
+    options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_RECORDED}
+    path = out / RECORD
+    if path.is_file():
+        try:
+            recorded = json.loads(path.read_text(encoding="utf-8"))["options"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+            raise ConfigError(f"{path} is not a demo record; choose another --out") from None
+        changes = option_changes(recorded, options, [k for k in options if k in recorded])
+        if changes:
+            raise ConfigError(f"{out} holds a demo made with other options ({changes}); its results are not "
+                              "these options': choose another --out")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"options": options}, indent=2) + "\n", encoding="utf-8")
 
 
 TRAIN_OPTIONS = ("model", "epochs", "batch_size", "lr", "lambda_nn", "lambda_xnn", "precision", "workers", "progress")
@@ -139,6 +166,7 @@ def train_and_evaluate(train_cfg: TrainConfig, data_dir: Path, workers: int) -> 
     timings: dict[str, float] = {}
     run_dir = Path(train_cfg.out)
     if (run_dir / "eval.json").is_file():
+        _check_finished_run(run_dir, train_cfg)
         log.info("demo: %s already trained and evaluated, skipped", run_dir)
         return timings
     summary = _timed(timings, f"train {train_cfg.method}", lambda: train(train_cfg))
@@ -151,6 +179,28 @@ def train_and_evaluate(train_cfg: TrainConfig, data_dir: Path, workers: int) -> 
                           workers=workers, progress=train_cfg.progress, precision="fp32")
     _timed(timings, f"eval {train_cfg.method}", lambda: evaluate_from_config(eval_cfg))
     return timings
+
+
+def _check_finished_run(run_dir: Path, train_cfg: TrainConfig) -> None:
+    """A finished run is reused only when it was trained as this demo would train it (a demo folder
+    older than demo.json has only the runs' own config.yaml to say so)."""
+    import yaml
+
+    from .training.run_folder import settings_changed
+    from .training.train_config import RESUME_FIXED
+
+    try:
+        recorded = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise ConfigError(f"{run_dir} holds an evaluated run without a readable config.yaml; choose another --out")
+    differ = settings_changed(recorded, train_cfg)
+    keys = [k for k in differ if k in RESUME_FIXED or k in ("epochs", "steps")]
+    if keys:
+        changes = option_changes({k: v[0] for k, v in differ.items()}, {k: v[1] for k, v in differ.items()}, keys)
+        raise ConfigError(f"{run_dir} holds a finished run of other settings ({changes}); its results are not "
+                          "this demo's: choose another --out")
 
 
 def _in_worker(threads: int, fn: Callable[..., dict[str, float]], *args: Any) -> dict[str, float]:
@@ -180,7 +230,7 @@ def run_demo(cfg: DemoConfig) -> None:
     from .report.build import build_report
 
     out = Path(cfg.out)
-    claim_folder(out, "demo", legacy=_legacy_demo_files).files(["timings.json"])
+    check_demo_folder(cfg)
     data_dir, bank_dir = out / "data", out / "data" / "banks"
     timings: dict[str, float] = {}
     t_start = time.perf_counter()

@@ -396,7 +396,7 @@ def test_config_is_validated(pairs, tmp_path):
         extract_banks(tiny_cfg(pairs, tmp_path / "x", image_teacher="nope"))
     with pytest.raises(ConfigError, match="'precision': 'fp16' is not one of fp32, bf16"):
         extract_banks(tiny_cfg(pairs, tmp_path / "x", precision="fp16"))
-    with pytest.raises(ConfigError, match="teacher_image_size' must be at least 16"):
+    with pytest.raises(ConfigError, match=r"teacher_image_size' must be in \[16, 2048\], got 8"):
         extract_banks(tiny_cfg(pairs, tmp_path / "x", teacher_image_size=8))
 
 

@@ -70,7 +70,8 @@ def test_one_opener_reads_every_form_as_the_same_rows(data: Path, shard_data: Pa
 
 def test_a_missing_split_names_every_form_it_looked_for(data: Path) -> None:
     (data / "val.csv").unlink()
-    with pytest.raises(DataError, match=r"has no val\.csv, val\.tsv or val\.shards\.json"):
+    with pytest.raises(DataError, match=r"matches no layout for split 'val' \(val\.csv/val\.tsv: none; val\.shards\.json: none; "
+                                       r"image folders: not tried, the folder stores its splits as tables"):
         open_table(data, "val")
 
 

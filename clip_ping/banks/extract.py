@@ -59,7 +59,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..config import option
+from ..config import Config, option
 from ..data.pairs import data_fingerprint
 from ..data.table import PairSource, open_table
 from ..distributed import joined_process_group, native_bf16, resolve_device, warn_if_bf16_is_emulated
@@ -117,7 +117,7 @@ _HASH_BYTES = 20  # sha1
 
 
 @dataclass
-class ExtractConfig:
+class ExtractConfig(Config):
     """Options of `clip-ping extract`."""
 
     data: str = option("", "pairs table (CSV/TSV), or a data set folder whose --split table is used")
@@ -130,8 +130,8 @@ class ExtractConfig:
         "open_clip:MODEL:FILE|TAG (see clip_ping.teachers)"
     )
     batch_size: int = option(64, "rows per teacher batch (on a CPU the image teacher runs a batch in calls of about "
-                             "4 images at 224 px, which keep its activations in the cache: the same features, faster)")
-    chunk_size: int = option(1024, "rows per resumable unit of work (a finished chunk is never recomputed)")
+                             "4 images at 224 px, which keep its activations in the cache: the same features, faster)", bounds=">= 1")
+    chunk_size: int = option(1024, "rows per resumable unit of work (a finished chunk is never recomputed)", bounds=">= 1")
     dtype: str = option("float16", "storage type of the feature banks", choices=("float16", "float32"))
     fingerprint: str = option("size", "how the bank recognises its data: size (paths, captions and file sizes: "
                               "instant) or content (also every image's bytes: reads the whole data set once more, at "
@@ -149,15 +149,15 @@ class ExtractConfig:
                                  choices=("auto", *PRECISIONS))
     teacher_image_size: int | None = option(None, "side in pixels the image teacher sees (default: its own, e.g. 224 "
                                             "for EfficientNet-Lite0); smaller is faster for small images (the "
-                                            "built-in data is 64 px). Part of the bank's identity")
+                                            "built-in data is 64 px). Part of the bank's identity", bounds="[16, 2048]")
     compile: str = option("auto", "torch.compile the image teacher (auto: on a CPU with a C++ compiler, for 25,000 "
                           "images or more: a ~1.26x faster forward than the eager one after a ~20 s compile; "
                           "features match the uncompiled "
                           "teacher's to ~1e-5, so not part of the bank's identity)", choices=COMPILE_SETTINGS)
     workers: int = option(2, "DataLoader processes decoding and preprocessing images while the teachers run "
-                          "(0: in the main process)")
+                          "(0: in the main process)", bounds=">= 0")
     device: str = option("auto", "device of the teachers: auto (this process's GPU under torchrun, else the CPU), cpu, cuda, cuda:N")
-    threads: int = option(0, "torch threads of the teacher forward passes (0: torch's default, one per core)")
+    threads: int = option(0, "torch threads of the teacher forward passes (0: torch's default, one per core)", bounds=">= 0")
     progress: bool = option(True, "show a progress bar")
     overwrite: bool = option(
         False,
@@ -170,13 +170,6 @@ class ExtractConfig:
             raise ConfigError("extract needs --data (a pairs CSV/TSV or a data set folder)")
         if not self.out:
             raise ConfigError("extract needs --out (the bank folder to write)")
-        for key in ("batch_size", "chunk_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"config key '{key}' must be at least 1")
-        if self.threads < 0:
-            raise ConfigError("config key 'threads' must be 0 (torch's default) or more")
-        if self.workers < 0:
-            raise ConfigError("config key 'workers' must be 0 or more")
         if self.dtype not in ("float16", "float32"):
             raise ConfigError(f"config key 'dtype': {self.dtype!r} is not one of float16, float32")
         if self.precision not in PRECISIONS:
@@ -184,9 +177,6 @@ class ExtractConfig:
         if self.text_precision not in ("auto", *PRECISIONS):
             raise ConfigError(f"config key 'text_precision': {self.text_precision!r} is not one of auto, "
                               f"{', '.join(PRECISIONS)}")
-        if self.teacher_image_size is not None and self.teacher_image_size < 16:
-            raise ConfigError(f"config key 'teacher_image_size' must be at least 16 pixels (or unset for the "
-                              f"teacher's own), got {self.teacher_image_size}")
 
 
 # --------------------------------------------------------------------------- extraction
@@ -206,7 +196,6 @@ def extract_banks(
     left as is; a bank of other data or teachers is refused unless
     ``cfg.overwrite``.
     """
-    cfg.validate()
     cfg = dataclasses.replace(cfg, device=str(resolve_device(cfg.device)))  # each torchrun process its own GPU
     threads_before = torch.get_num_threads()
     if cfg.threads:

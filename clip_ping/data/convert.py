@@ -112,7 +112,7 @@ class ConvertConfig(Config):
     out: str = option("", "output folder")
     to: str = option("shards", "target format", choices=("shards", "csv", "index"))
     split: str = option("", "only this split (default: every split found; 'train' for a bare CSV or tar list)")
-    samples_per_shard: int = option(1000, "samples per tar shard")
+    samples_per_shard: int = option(1000, "samples per tar shard", bounds=">= 1")
     image_key: str = option("filepath", "image path column of the CSV (open_clip's csv_img_key)")
     caption_key: str = option("caption", "caption column of the CSV (open_clip's csv_caption_key)")
     separator: str = option("", "CSV separator (default: by suffix; ',' or '\\t')")
@@ -120,18 +120,14 @@ class ConvertConfig(Config):
     label_fields: list[str] = option([], "indexing foreign shards: top-level fields of each sample's JSON kept as label "
                                      "columns (a JSON 'labels' object always is; img2dataset's url, status, sizes... "
                                      "are not labels)")
-    workers: int = option(2, "indexing: processes scanning shards in parallel")
+    workers: int = option(2, "indexing: processes scanning shards in parallel", bounds=">= 0")
     progress: bool = option(True, "show a progress bar")
 
     def validate(self) -> None:
-        if self.workers < 0:
-            raise ConfigError("config key 'workers' must be 0 or more")
         if not self.src:
             raise ConfigError("config key 'src' is required (the data to convert)")
         if not self.out:
             raise ConfigError("config key 'out' is required (the output folder)")
-        if self.samples_per_shard < 1:
-            raise ConfigError("config key 'samples_per_shard' must be at least 1")
 
 
 def _is_tar_spec(src: str) -> bool:

@@ -86,31 +86,27 @@ class OpenClipartConfig(Config):
     root: str = option("/usr/share/openclipart", "OpenClipart folder holding png/ and svg/")
     out: str = option("data/openclipart", "output data set folder")
     caption_fields: list[str] = option(["title", "description", "keywords"], "caption parts, in order")
-    max_keywords: int = option(6, "keywords kept per caption")
-    max_caption_chars: int = option(250, "captions are cut at a word boundary after this many characters")
-    val_fraction: float = option(0.1, "share of pictures in the val split")
-    test_fraction: float = option(0.1, "share of pictures in the test split")
-    seed: int = option(0, "salt of the split hash")
-    image_size: int = option(128, "side of the written square images (0 = keep the original files)")
+    max_keywords: int = option(6, "keywords kept per caption", bounds=">= 0")
+    max_caption_chars: int = option(250, "captions are cut at a word boundary after this many characters", bounds=">= 1")
+    val_fraction: float = option(0.1, "share of pictures in the val split", bounds="[0, 1)")
+    test_fraction: float = option(0.1, "share of pictures in the test split", bounds="[0, 1)")
+    seed: int = option(0, "salt of the split hash", bounds="[0, 4294967295]")
+    image_size: int = option(128, "side of the written square images (0 = keep the original files)", bounds="[0, 4096]")
     background: str = option("white", "colour transparent pixels are composited on")
-    min_class_size: int = option(10, "smallest class kept in a zero-shot task")
+    min_class_size: int = option(10, "smallest class kept in a zero-shot task", bounds=">= 1")
     boilerplate_min_files: int = option(10, "a title or description sentence shared by at least this many pictures is "
-                                             "boilerplate and dropped (0: keep everything)")
-    max_eval_group: int = option(25, "linked groups (same caption or image) larger than this go to train only")
+                                             "boilerplate and dropped (0: keep everything)", bounds=">= 0")
+    max_eval_group: int = option(25, "linked groups (same caption or image) larger than this go to train only", bounds=">= 1")
     exclude: list[str] = option(["unsorted/duplicates", "special/gradients"], "folders (relative to png/) left out")
-    workers: int = option(0, "processes for decoding and resizing (0 = one per CPU core)")
+    workers: int = option(0, "processes for decoding and resizing (0 = one per CPU core)", bounds=">= 0")
     overwrite: bool = option(False, "write into a non-empty output folder")
 
     def validate(self) -> None:
         bad = [f for f in self.caption_fields if f not in ("title", "description", "keywords")]
         if bad or not self.caption_fields:
             raise ConfigError(f"config key 'caption_fields': use title, description and/or keywords (got {bad or 'none'})")
-        if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
-            raise ConfigError("config keys 'val_fraction' and 'test_fraction' must be in [0, 1) and sum to less than 1")
-        if self.boilerplate_min_files < 0 or self.max_eval_group < 1:
-            raise ConfigError("config keys 'boilerplate_min_files' (>= 0) and 'max_eval_group' (>= 1) are out of range")
-        if self.image_size < 0 or self.max_keywords < 0 or self.min_class_size < 1:
-            raise ConfigError("config keys 'image_size', 'max_keywords' (>= 0) and 'min_class_size' (>= 1) are out of range")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError("config keys 'val_fraction' and 'test_fraction' must sum to less than 1")
         try:
             ImageColor.getrgb(self.background)
         except ValueError:

@@ -27,7 +27,8 @@ each tar. Every reader (random access, or streaming in any order, with any
 number of workers and processes) maps a sample's key back to that index, so
 feature banks and neighbour tables stay aligned. Samples without an image or
 with an empty caption are left out of the index (counted by reason). A shard
-whose size changed since it was indexed is refused.
+changed since it was indexed (its size, or its member table when its modification
+time changed: `shard_index.check_shard`) is refused when the split is opened.
 
 Readers
 -------
@@ -64,7 +65,18 @@ from .pairs import (
     SKIP_EMPTY_CAPTION,
     SKIP_MISSING_IMAGE,
 )
-from .shard_index import CodedColumn, KeyIndex, StringColumn, read_csv_index, read_index, rows_fingerprint, write_index
+from .shard_index import (
+    CodedColumn,
+    KeyIndex,
+    StringColumn,
+    check_shard,
+    member_table_digest,
+    read_csv_index,
+    read_index,
+    rows_fingerprint,
+    warn_if_unverifiable,
+    write_index,
+)
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +221,8 @@ class _ShardScan:
     samples: list[tuple[str, str, dict[str, str], int, int, str]]  # key, caption, labels, offset, size, ext
     skipped: dict[str, int]
     bytes: int
+    mtime_ns: int
+    members: str  # `member_table_digest`
 
 
 def _scan_shard(path: Path, label_fields: Sequence[str] = ()) -> _ShardScan:
@@ -219,7 +233,8 @@ def _scan_shard(path: Path, label_fields: Sequence[str] = ()) -> _ShardScan:
     """
     samples: list[tuple[str, str, dict[str, str], int, int, str]] = []
     skipped: dict[str, int] = {}
-    size = path.stat().st_size
+    st = path.stat()
+    size = st.st_size
 
     def count(reason: str) -> None:
         skipped[reason] = skipped.get(reason, 0) + 1
@@ -278,7 +293,8 @@ def _scan_shard(path: Path, label_fields: Sequence[str] = ()) -> _ShardScan:
         count(SKIP_CORRUPT_SHARD)
         sample = None
     finish(sample)
-    return _ShardScan(samples, skipped, size)
+    # the member table in a pass of its own over the headers (cheap: one read a member, no data)
+    return _ShardScan(samples, skipped, size, st.st_mtime_ns, member_table_digest(path))
 
 
 def index_shards(shards: list[Path], descriptor: str | Path, split: str = "train", label_fields: Sequence[str] = (),
@@ -303,6 +319,7 @@ def index_shards(shards: list[Path], descriptor: str | Path, split: str = "train
     skipped: dict[str, int] = {}
     seen: set[str] = set()
     shard_bytes: list[int] = []
+    shard_marks: list[dict[str, Any]] = []  # modification time and member table of each shard
     per_shard: list[int] = []
     scan = partial(_scan_shard, label_fields=tuple(label_fields))
     # spawn, not fork: a fork of a process running torch threads can hang on a lock they held
@@ -311,6 +328,7 @@ def index_shards(shards: list[Path], descriptor: str | Path, split: str = "train
         scans = pool.imap(scan, paths) if pool is not None else map(scan, paths)
         for j, result in enumerate(tqdm(scans, total=len(paths), desc="index shards", unit="shard", disable=not progress)):
             shard_bytes.append(result.bytes)
+            shard_marks.append({"mtime_ns": result.mtime_ns, "members": result.members})
             per_shard.append(0)
             for reason, n in result.skipped.items():
                 skipped[reason] = skipped.get(reason, 0) + n
@@ -351,7 +369,7 @@ def index_shards(shards: list[Path], descriptor: str | Path, split: str = "train
         skipped=skipped,
     )
     del keys, captions, label_rows, exts
-    _save_index(table, split, per_shard)
+    _save_index(table, split, per_shard, shard_marks)
     if skipped:
         log.warning("%s: indexed %d samples, skipped %s", descriptor, n, skipped)
     return table
@@ -361,7 +379,7 @@ def _index_path(descriptor: Path, split: str) -> Path:
     return descriptor.parent / f"{split}.index.bin"
 
 
-def _save_index(table: ShardTable, split: str, per_shard: list[int]) -> None:
+def _save_index(table: ShardTable, split: str, per_shard: list[int], shard_marks: list[dict[str, Any]]) -> None:
     """Write the index file (format 2) and then the descriptor that says where its arrays lie."""
     index_path = _index_path(table.source, split)
     key_index = table.key_to_index
@@ -384,10 +402,63 @@ def _save_index(table: ShardTable, split: str, per_shard: list[int]) -> None:
         "fingerprint": table.fingerprint(),
         "skipped": table.skipped,
         "shards": [
-            {"name": name, "samples": n, "bytes": b} for name, n, b in zip(table.shards, per_shard, table.shard_bytes)
+            {"name": name, "samples": n, "bytes": b, **marks}
+            for name, n, b, marks in zip(table.shards, per_shard, table.shard_bytes, shard_marks)
         ],
     }
     table.source.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+
+def _reindex_hint(root: Path, info: dict[str, Any]) -> str:
+    split = str(info.get("split", "train"))
+    names = [str(s["name"]) for s in info["shards"]]
+    pattern = f"{split}-*.tar" if all(Path(n).name.startswith(f"{split}-") for n in names) else "*.tar"
+    return f"clip-ping data convert --to index --src '{root / pattern}' --split {split} --out {root} --overwrite"
+
+
+def _check_end_rows(table: ShardTable, descriptor: Path, reindex: str) -> None:
+    """The tar header just before the first and the last indexed image of each shard must name that
+    row's key and size. Two reads a shard; they catch a rewrite that kept the shard's size and
+    modification time (``cp -p``, ``rsync -t``) whenever it moved either end's sample."""
+    counts = np.bincount(table.shard_ids, minlength=len(table.shards)).tolist()
+    start = 0
+    for j, n in enumerate(counts):
+        if n:
+            with open(table.shard_path(j), "rb") as f:
+                for row in dict.fromkeys((start, start + n - 1)):
+                    found = _member_before(f, int(table.offsets[row]))
+                    key, size = table.keys[row], int(table.sizes[row])
+                    if found is None or found[1] != size or (found[0] is not None and found[0] != key):
+                        what = f"{found[0]} of {found[1]} bytes" if found else "no member header"
+                        raise DataError(f"shard {table.shard_path(j)} changed since it was indexed (in {descriptor}): "
+                                        f"the index has {key} ({size} bytes) at byte {table.offsets[row]}, the tar "
+                                        f"has {what} there; re-index: {reindex}")
+        start += n
+
+
+def _member_before(f: Any, offset: int) -> tuple[str | None, int] | None:
+    """(key, size) of the tar member whose data starts at ``offset``, from the header block before it
+    (key None when the header's name field may be cut: a long name lives in an extension header);
+    None when no valid header is there."""
+    if offset < tarfile.BLOCKSIZE:
+        return None
+    f.seek(offset - tarfile.BLOCKSIZE)
+    try:
+        info = tarfile.TarInfo.frombuf(f.read(tarfile.BLOCKSIZE), "utf-8", "surrogateescape")
+    except tarfile.HeaderError:
+        return None
+    return (None if len(info.name) >= 99 else _split_name(info.name)[0]), info.size
+
+
+def _check_shards(descriptor: Path, root: Path, info: dict[str, Any]) -> None:
+    """Refuse the split when a shard changed since it was indexed (`check_shard`: a stat per shard,
+    the member table of those whose modification time changed)."""
+    reindex = _reindex_hint(root, info)
+    warn_if_unverifiable(descriptor, info["shards"])
+    reread = sum(check_shard(root / shard["name"], shard, descriptor, reindex) for shard in info["shards"])
+    if reread:
+        log.info("%s: %d shard(s) have new modification times but the members indexed (copied?); "
+                 "re-indexing makes opening them a stat again", descriptor, reread)
 
 
 def open_shards(descriptor: str | Path, check_shards: bool = True) -> ShardTable:
@@ -412,12 +483,8 @@ def open_shards(descriptor: str | Path, check_shards: bool = True) -> ShardTable
         raise DataError(f"{descriptor} has index format {fmt!r}, which this version cannot read "
                         f"(it reads {FORMAT_V1} and {FORMAT}); re-index with clip-ping data convert --to index")
     root = descriptor.parent.resolve()
-    for shard in info["shards"] if check_shards else ():
-        path = root / shard["name"]
-        if not path.is_file():
-            raise DataError(f"shard {path} listed in {descriptor} is missing")
-        if path.stat().st_size != shard["bytes"]:
-            raise DataError(f"shard {path} changed since it was indexed; re-index it (clip-ping data convert --to index)")
+    if check_shards:
+        _check_shards(descriptor, root, info)
     index_path = root / info["index"]
     columns = list(info.get("labels", []))
     if fmt == FORMAT_V1:
@@ -434,7 +501,7 @@ def open_shards(descriptor: str | Path, check_shards: bool = True) -> ShardTable
         key_index, mapped = KeyIndex(keys, a["key_hashes"], a["key_order"]), True
     if len(parts["keys"]) != info["count"]:
         raise DataError(f"{index_path} holds {len(parts['keys'])} samples but {descriptor} says {info['count']}; re-index")
-    return ShardTable(
+    table = ShardTable(
         source=descriptor.resolve(),
         root=root,
         shards=[s["name"] for s in info["shards"]],
@@ -444,3 +511,6 @@ def open_shards(descriptor: str | Path, check_shards: bool = True) -> ShardTable
         _mapped=mapped,
         **parts,
     )
+    if check_shards:
+        _check_end_rows(table, descriptor, _reindex_hint(root, info))
+    return table

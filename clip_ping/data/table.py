@@ -69,19 +69,40 @@ def open_table(source: str | Path, split: str = "train", names_file: str | None 
     return _open_image_folder(source, split, names_file)
 
 
+# files that say a folder holds a table or shards, not class folders of images
+_TABLE_LIKE = (".csv", ".tsv", ".jsonl", ".parquet", ".tar", SHARD_DESCRIPTOR)
+
+
+def _tables_beside(data_dir: Path) -> list[str]:
+    return sorted(p.name for p in data_dir.iterdir() if p.is_file() and p.name.lower().endswith(_TABLE_LIKE))
+
+
 def _open_image_folder(data_dir: Path, split: str, names_file: str | None) -> PairSource:
+    """An image folder, or one line that says which layouts were tried and why each did not fit."""
     from .folders import read_image_folder
 
     layout = folder_layout(data_dir, split)
-    missing = f"data set folder {data_dir} has no {split}.csv, {split}.tsv or {split}{SHARD_DESCRIPTOR}"
+    tried = [f"{split}.csv/{split}.tsv: none", f"{split}{SHARD_DESCRIPTOR}: none"]
+
+    def no_layout(*why: str) -> DataError:
+        return DataError(f"data set folder {data_dir} matches no layout for split '{split}' "
+                         f"({'; '.join([*tried, *why])})")
+
     if layout is None:  # other splits are tables: this one is missing
-        raise DataError(missing)
-    folder = data_dir / split if layout == "splits" else data_dir
-    if layout == "splits" and not folder.is_dir():
-        raise DataError(f"{missing}, and no {split}/ image folder")
-    try:
+        others = ", ".join(stored_splits(data_dir))
+        raise no_layout(f"image folders: not tried, the folder stores its splits as tables ({others})")
+    if layout == "splits":
+        folder = data_dir / split
+        if not folder.is_dir():
+            raise no_layout(f"{split}/<class>/ image folders: no {split}/ folder")
         return read_image_folder(folder, names_file)[0]
+    tables = _tables_beside(data_dir)
+    if tables:
+        # e.g. train_pairs.csv beside images/: its sub-folders are not classes, and their names no captions
+        raise no_layout(f"<class>/ image folders: the folder also holds {', '.join(tables[:3])}"
+                                f"{' ...' if len(tables) > 3 else ''}, so its sub-folders are not taken for classes "
+                                f"(pass a table file itself as --data)")
+    try:
+        return read_image_folder(data_dir, names_file)[0]
     except DataError as exc:
-        if layout == "splits":
-            raise
-        raise DataError(f"{missing}, and is not an image folder ({exc})") from None
+        raise no_layout(f"<class>/ image folders: {exc}") from None

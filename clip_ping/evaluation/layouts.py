@@ -100,6 +100,7 @@ class ClassificationSet:
     classnames: list[str]
     templates: list[str]
     skipped: dict[str, int] = field(default_factory=dict)
+    cut: list[str] = field(default_factory=list)  # shards cut short: what followed the cut was not read
 
 
 @dataclass
@@ -108,6 +109,7 @@ class RetrievalSet:
     captions: list[str]
     text_to_image: list[int]         # image of each caption
     skipped: dict[str, int] = field(default_factory=dict)
+    cut: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- names and templates
@@ -284,17 +286,20 @@ def _wds_tars(root: Path, split: str) -> list[Path]:
     return tars
 
 
-def _wds_samples(tars: list[Path]) -> tuple[list[tuple[str, int, int]], list[dict[str, bytes]], int]:
-    """Per sample (in tar order): the image member's location and the small members' bytes."""
+def _read_tar_groups(tar: Path) -> tuple[dict[str, dict[str, Any]], bool]:
+    """The members of one tar grouped by key, and whether it is whole. A cut tar (a member's data or the
+    end-of-archive block missing) keeps the members that lie wholly before the cut."""
     from webdataset.tariterators import base_plus_ext  # WebDataset's key convention
 
-    members: list[tuple[str, int, int]] = []
-    extras: list[dict[str, bytes]] = []
-    no_image = 0
-    for tar in tars:
-        groups: dict[str, dict[str, Any]] = {}
+    groups: dict[str, dict[str, Any]] = {}
+    size = tar.stat().st_size
+    whole = True
+    try:
         with tarfile.open(tar) as tf:
             for info in tf:
+                if info.offset_data + info.size > size:
+                    whole = False
+                    break
                 if not info.isfile():
                     continue
                 key, ext = base_plus_ext(info.name)
@@ -306,13 +311,35 @@ def _wds_samples(tars: list[Path]) -> tuple[list[tuple[str, int, int]], list[dic
                     group["image"] = (str(tar), info.offset_data, info.size)
                 elif ext in ("cls", "txt"):
                     group[ext] = tf.extractfile(info).read()
+            end = tf.offset
+        with open(tar, "rb") as f:  # tarfile stops quietly at a cut header: a whole tar ends in a zero block
+            f.seek(end)
+            whole = whole and f.read(tarfile.BLOCKSIZE) == bytes(tarfile.BLOCKSIZE)
+    except (tarfile.TarError, EOFError):
+        whole = False
+    return groups, whole
+
+
+def _wds_samples(tars: list[Path]) -> tuple[list[tuple[str, int, int]], list[dict[str, bytes]], int, list[str]]:
+    """Per sample (in tar order): the image member's location and the small members' bytes; the
+    samples without an image; the tars cut short."""
+    members: list[tuple[str, int, int]] = []
+    extras: list[dict[str, bytes]] = []
+    no_image = 0
+    cut: list[str] = []
+    for tar in tars:
+        groups, whole = _read_tar_groups(tar)
+        if not whole:
+            cut.append(tar.name)
+            log.warning("%s is cut short: the %d samples before the cut are scored, those after it are not read",
+                        tar, len(groups))
         for group in groups.values():
             if "image" not in group:
                 no_image += 1
                 continue
             members.append(group.pop("image"))
             extras.append(group)
-    return members, extras, no_image
+    return members, extras, no_image, cut
 
 
 def read_wds(root: str | Path, split: str = "test", templates: str | None = None,
@@ -328,7 +355,7 @@ def read_wds(root: str | Path, split: str = "test", templates: str | None = None
     names_file = Path(classnames) if classnames and classnames != "imagenet" else root / CLASSNAMES_FILE
     if kind == "classification" and classnames != "imagenet" and not names_file.is_file():
         raise DataError(f"clip_benchmark WebDataset layout: expected {names_file}")
-    members, extras, no_image = _wds_samples(_wds_tars(root, split))
+    members, extras, no_image, cut = _wds_samples(_wds_tars(root, split))
     skipped = {"no_image": no_image} if no_image else {}
     if kind == "retrieval":
         paths: list[tuple[str, int, int]] = []
@@ -348,7 +375,7 @@ def read_wds(root: str | Path, split: str = "test", templates: str | None = None
             paths.append(member)
         if not paths:
             raise DataError(f"{root}/{split}: no sample has an image and a .txt caption")
-        return RetrievalSet(TarImages(paths), captions, text_to_image, skipped)
+        return RetrievalSet(TarImages(paths), captions, text_to_image, skipped, cut)
     if classnames == "imagenet":
         from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
@@ -371,4 +398,4 @@ def read_wds(root: str | Path, split: str = "test", templates: str | None = None
     if skipped:
         log.warning("%s (%s split): samples skipped: %s", root, split, skipped)
     return ClassificationSet(TarImages(kept), np.array(labels, dtype=np.int64), names,
-                             resolve_templates(templates, root), skipped)
+                             resolve_templates(templates, root), skipped, cut)

@@ -45,6 +45,7 @@ from torch import Tensor
 
 from ..data.table import folder_layout, open_table
 from ..errors import DataError
+from .coverage import coverage, report_coverage
 from .encode import SplitImages, distinct_image_rows, encode_split_images, encode_texts
 from .linear_probe import DEFAULT_CS
 from .linear_probe import linear_probe as fit_linear_probe
@@ -145,8 +146,11 @@ def evaluate(
         def encode(texts: list[str]) -> Tensor:
             return encode_texts(model, tokenizer, texts, batch_size, device)
 
+        # rows the data reader left out (missing files, bad rows, samples of a damaged shard) are
+        # rows of the split that no score stands on
+        read_out = {f"left out by the reader: {reason}": n for reason, n in dict(table.skipped).items()}
         if "zeroshot" not in skipped:
-            result["zeroshot"] = _zero_shot(resolved, table, images, encode)
+            result["zeroshot"] = _zero_shot(resolved, table, images, encode, read_out)
         if "retrieval" not in skipped:
             # Captions of images that failed to decode cannot be retrieved correctly: leave them out.
             text_rows = [row for row in range(len(table)) if row in images.row_to_image]
@@ -156,6 +160,10 @@ def evaluate(
             result["retrieval"] = retrieval_metrics(images.features, texts, text_to_image,
                                                     text_ids=caption_ids([table.captions[r] for r in text_rows]))
             result["retrieval_per_row"] = retrieval_metrics_per_row(images.features, texts, text_to_image)
+            result["retrieval"]["coverage"] = coverage(
+                len(table) + sum(read_out.values()),
+                {**read_out, "caption_of_an_undecodable_image": len(table) - len(text_rows)})
+            report_coverage(f"retrieval on {data_dir} ({split})", result["retrieval"]["coverage"])
         if linear_probe and "linear_probe" not in skipped:
             result["linear_probe"] = _linear_probes(
                 model, preprocess, lambda s: open_table(data_dir, s, names_file), split, resolved, table,
@@ -169,7 +177,7 @@ def evaluate(
 
 
 def _zero_shot(tasks: dict[str, dict[str, Any]], table: Any, images: SplitImages,
-               encode: Callable[[list[str]], Tensor]) -> dict[str, Any]:
+               encode: Callable[[list[str]], Tensor], read_out: dict[str, int]) -> dict[str, Any]:
     results = {}
     for name, task in tasks.items():
         labels = _image_labels(table, images, task["column"], task["classes"])
@@ -184,6 +192,11 @@ def _zero_shot(tasks: dict[str, dict[str, Any]], table: Any, images: SplitImages
         scores = zero_shot_accuracy(images.features[torch.from_numpy(known)], torch.from_numpy(labels[known]),
                                     classifier, topk=(1, 5), classnames=task["classes"])
         scores["n_unknown_label"] = int((~known).sum())
+        # counted in distinct images, as scored (rows sharing an image are one)
+        scores["coverage"] = coverage(len(images.rows) + images.n_decode_errors + sum(read_out.values()),
+                                      {**read_out, "undecodable_image": images.n_decode_errors,
+                                       "label_not_among_the_task_classes": scores["n_unknown_label"]})
+        report_coverage(f"zero-shot task '{name}'", scores["coverage"])
         results[name] = scores
     return results
 

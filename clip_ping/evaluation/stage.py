@@ -32,11 +32,11 @@ class EvalConfig(Config):
                                      "folder with one sub-folder per class (optionally under train/ val/ test/)")
     split: str = option("test", "split scored by zero-shot and retrieval (and the probe's test split)")
     out: str | None = option(None, "results JSON (default: eval.json in the run folder, or next to the checkpoint)")
-    batch_size: int = option(256, "images or captions encoded at once")
-    workers: int = option(2, "data loader worker processes for image decoding")
+    batch_size: int = option(256, "images or captions encoded at once", bounds=">= 1")
+    workers: int = option(2, "data loader worker processes for image decoding", bounds=">= 0")
     linear_probe: bool = option(True, "also fit a linear probe per task (train split features, C chosen on val)")
-    probe_max_train: int | None = option(2000, "train images used by the linear probe, sub-sampled at random (none: all)")
-    probe_cs: list[float] = option(list(DEFAULT_CS), "inverse regularisation strengths C tried by the linear probe")
+    probe_max_train: int | None = option(2000, "train images used by the linear probe, sub-sampled at random (none: all)", bounds=">= 2")
+    probe_cs: list[float] = option(list(DEFAULT_CS), "inverse regularisation strengths C tried by the linear probe", bounds="> 0")
     tasks_file: str | None = option(None, "JSON/YAML file of zero-shot tasks in dataset.json's format (replaces its tasks)")
     templates_file: str | None = option(None, "text file of prompt templates, one per line with {} (used for every task)")
     names_file: str | None = option(None, "image-folder data: JSON or text file mapping folder names to class names")
@@ -48,7 +48,7 @@ class EvalConfig(Config):
     image_teacher: str = option(DEFAULT_IMAGE_TEACHER, "image teacher of the reference (name or spec, see clip_ping.teachers)")
     text_teacher: str = option(DEFAULT_TEXT_TEACHER, "text teacher of the reference; zero-shot and retrieval need "
                                                      "the same open_clip:<model>:<weights> spec as the image teacher")
-    seed: int = option(0, "seed of the linear probe's train sub-sample")
+    seed: int = option(0, "seed of the linear probe's train sub-sample", bounds="[0, 4294967295]")
     precision: str = option("fp32", "precision of the model's forward passes: fp32, or bf16 (torch.autocast, as "
                                     "open_clip_train evaluates a bf16 run; 1.5x faster on a CPU with AMX, but the "
                                     "features are rounded to bf16: their similarities tie, and retrieval R@k fell by "
@@ -59,11 +59,7 @@ class EvalConfig(Config):
     def validate(self) -> None:
         if self.with_clip_benchmark and not self.suite:
             raise ConfigError("config key 'with_clip_benchmark' needs 'suite' (the tasks clip_benchmark runs)")
-        if self.batch_size < 1:
-            raise ConfigError("config key 'batch_size' must be at least 1")
-        if self.probe_max_train is not None and self.probe_max_train < 2:
-            raise ConfigError("config key 'probe_max_train' must be at least 2")
-        if not self.probe_cs or any(c <= 0 for c in self.probe_cs):
+        if not self.probe_cs:
             raise ConfigError("config key 'probe_cs' must list positive numbers")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"config key 'precision': {self.precision!r} is not one of fp32, bf16")

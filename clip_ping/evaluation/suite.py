@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DataError
+from .coverage import coverage, report_coverage
 from .layouts import ClassificationSet, RetrievalSet
 from .linear_probe import DEFAULT_CS
 from .linear_probe import linear_probe as fit_linear_probe
@@ -55,6 +56,15 @@ class _Encoder:
         return encode_texts(self.model, self.tokenizer, texts, self.batch_size, self.device)
 
 
+def _coverage(name: str, data: ClassificationSet | RetrievalSet, n_errors: int) -> dict[str, Any]:
+    """The task's images, of which those left out by the layout or undecodable were not scored."""
+    note = (f"{len(data.cut)} shard(s) cut short ({', '.join(data.cut[:3])}): the samples after each cut were "
+            "not read, and their number is unknown") if data.cut else None
+    found = coverage(len(data.images) + sum(data.skipped.values()), {**data.skipped, "undecodable_image": n_errors}, note)
+    report_coverage(f"task '{name}'", found)
+    return found
+
+
 def zeroshot_task(enc: _Encoder, data: ClassificationSet, name: str = "zeroshot") -> dict[str, Any]:
     features, kept, n_errors = enc.images(data.images, f"{name} images")
     classifier = zero_shot_classifier(enc.texts, data.classnames, data.templates, enc.batch_size)
@@ -62,7 +72,7 @@ def zeroshot_task(enc: _Encoder, data: ClassificationSet, name: str = "zeroshot"
                                 classnames=data.classnames)
     scores.pop("per_class")
     return {**scores, "n_classes": len(data.classnames), "n_templates": len(data.templates),
-            "n_undecodable_images": n_errors, "skipped": data.skipped}
+            "n_undecodable_images": n_errors, "skipped": data.skipped, "coverage": _coverage(name, data, n_errors)}
 
 
 def retrieval_task(enc: _Encoder, data: RetrievalSet, name: str = "retrieval") -> dict[str, Any]:
@@ -76,7 +86,7 @@ def retrieval_task(enc: _Encoder, data: RetrievalSet, name: str = "retrieval") -
     return {"retrieval": retrieval_metrics(features, texts, text_to_image, text_ids=caption_ids(captions)),
             "retrieval_per_row": retrieval_metrics_per_row(features, texts, text_to_image),
             "n_images": int(features.shape[0]), "n_texts": len(rows),
-            "n_undecodable_images": n_errors, "skipped": data.skipped}
+            "n_undecodable_images": n_errors, "skipped": data.skipped, "coverage": _coverage(name, data, n_errors)}
 
 
 def linear_probe_task(enc: _Encoder, task: SuiteTask, max_train: int | None, cs: Sequence[float],

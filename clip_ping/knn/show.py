@@ -39,18 +39,14 @@ class ShowConfig(Config):
     banks: str | None = option(None, "bank folder with neighbours (default: <data folder>/banks)")
     out: str | None = option(None, "HTML page to write (default: <banks>/neighbors.html)")
     # not "n": `--n` would be an ambiguous abbreviation of `clip-ping neighbors --nprobe/--no-...`
-    samples: int = option(50, "random samples shown on the page")
-    seed: int = option(0, "seed of the random choice of samples")
+    samples: int = option(50, "random samples shown on the page", bounds=">= 1")
+    seed: int = option(0, "seed of the random choice of samples", bounds="[0, 4294967295]")
     embed: bool = option(True, "embed thumbnails in the page (self-contained) instead of linking the image files")
-    thumb: int = option(160, "thumbnail size in pixels (embedded images)")
+    thumb: int = option(160, "thumbnail size in pixels (embedded images)", bounds="[16, 1024]")
 
     def validate(self) -> None:
         if not self.data:
             raise ConfigError("neighbors show needs --data (the pairs CSV/TSV or data set folder of the bank)")
-        if self.samples < 1:
-            raise ConfigError("config key 'samples' must be at least 1")
-        if self.thumb < 16:
-            raise ConfigError("config key 'thumb' must be at least 16 (pixels)")
 
 
 def show_neighbors(cfg: ShowConfig) -> dict[str, Any]:

@@ -53,7 +53,7 @@ class NeighborsConfig(Config):
     """Options of `clip-ping neighbors`."""
 
     banks: str = option("", "feature bank folder written by clip-ping extract (neighbour files are written into it)")
-    k: int = option(10, "neighbours kept per sample, best first")
+    k: int = option(10, "neighbours kept per sample, best first", bounds=">= 1")
     method: str = option(
         "auto", f"search method: exact (FAISS), fast (tiled, exact, resumable), ivf, ivfpq, hnsw (approximate); "
         f"auto = fast on a GPU, else fast up to {AUTO_EXACT_MAX_ROWS:,} rows and ivfpq above", choices=METHODS)
@@ -62,12 +62,12 @@ class NeighborsConfig(Config):
         "same_side (same image for image-side, same caption for text-side), self (only the sample itself)",
         choices=("both", "same_side", "self"))
     nprobe: int = option(0, "IVF lists searched per query (0: automatic, nlist/16 for ivf, nlist/4 for ivfpq, "
-                         "at least 32); more is slower and more exact")
+                         "at least 32); more is slower and more exact", bounds=">= 0")
     k_factor: int = option(DEFAULT_K_FACTOR, "ivfpq: candidates re-scored exactly per neighbour fetched; more is "
-                           "slower and more exact")
+                           "slower and more exact", bounds=">= 1")
     tiles: str = option("auto", "fast: precision of the score tiles (auto: bf16 on GPUs, fp32 on CPUs); "
                         "the result is exact either way", choices=TILE_PRECISIONS)
-    block_size: int = option(16384, "query rows per search block (bounds memory)")
+    block_size: int = option(16384, "query rows per search block (bounds memory)", bounds=">= 1")
     device: str = option("auto", "device of the fast method: auto, cpu, cuda")
     overwrite: bool = option(False, "rebuild the neighbour files even when up to date")
     progress: bool = option(True, "progress bars")
@@ -75,14 +75,6 @@ class NeighborsConfig(Config):
     def validate(self) -> None:
         if not self.banks:
             raise ConfigError("neighbors needs --banks (the feature bank folder written by clip-ping extract)")
-        if self.k < 1:
-            raise ConfigError("config key 'k' must be at least 1")
-        if self.block_size < 1:
-            raise ConfigError("config key 'block_size' must be at least 1")
-        if self.nprobe < 0:
-            raise ConfigError("config key 'nprobe' must be 0 (automatic) or more")
-        if self.k_factor < 1:
-            raise ConfigError("config key 'k_factor' must be at least 1")
         if self.tiles not in TILE_PRECISIONS:
             raise ConfigError(f"config key 'tiles': {self.tiles!r} is not one of {', '.join(TILE_PRECISIONS)}")
         if self.method not in METHODS:

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 # eval.json leaves that are counts, settings or timings rather than metrics.
 NOT_METRICS = {"n", "n_images", "n_texts", "n_train", "n_val", "n_test", "n_classes", "n_unknown_label",
-               "n_undecodable_images", "seconds", "C", "converged", "val_accuracy_by_C"}
+               "n_undecodable_images", "coverage", "seconds", "C", "converged", "val_accuracy_by_C"}
 NEIGHBOR_PAGE = "neighbors.html"
 
 

@@ -177,11 +177,10 @@ def convert_checkpoint(cfg: ConvertCheckpointConfig) -> str:
 
 
 def settings_that_differ(saved: dict[str, Any], cfg: Any) -> str:
-    """'key: saved -> now' for the settings that shape an objective's state."""
-    keys = [f.name for f in dataclasses.fields(cfg) if f.name not in
-            ("out", "resume", "overwrite", "steps", "epochs", "workers", "threads", "progress", "tensorboard", "device",
-             "log_every", "save_every", "keep_checkpoints", "prefetch_batches", "max_skipped_fraction", "data", "banks",
-              "image_cache", "image_cache_gb")]
+    """'--key saved -> now' for the settings that shape a run's training (`RESUME_FIXED`)."""
+    from .train_config import RESUME_FIXED  # here: the training config imports far more than this module needs
+
+    keys = [f.name for f in dataclasses.fields(cfg) if f.name in RESUME_FIXED and f.name not in ("data", "banks")]
     return ", ".join(f"--{k.replace('_', '-')} {saved[k]} -> {getattr(cfg, k)}" for k in keys
                      if k in saved and saved[k] != getattr(cfg, k))
 

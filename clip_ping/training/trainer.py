@@ -35,7 +35,6 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .. import distributed as dist_utils
-from ..config import save_yaml
 from ..data.batch_transform import split_at_batch
 from ..data.image_cache import GIB, DecodedImages, cache_decision
 from ..data.order import RunBatches, SeededAugmentation, collate_and_prepare, ignore_stop_signals
@@ -56,7 +55,7 @@ from .checkpoints import (
     set_numpy_rng_state,
     settings_that_differ,
 )
-from .run_folder import claim_run_folder, config_to_record, truncate_metrics
+from .run_folder import RUN_FILES, claim_run_folder, config_to_record, record_settings, resume_changes, truncate_metrics
 from .run_logs import RunLogs, parse_log_to
 from .schedule import warmup_cosine_lr
 from .train_config import TrainConfig
@@ -136,6 +135,7 @@ class Trainer:
         self.step = 0
         self.epoch, self.batch_in_epoch = 0, 0  # data position, saved in checkpoints
         self._stop_signal: str | None = None
+        self.resumed_changes: dict[str, tuple[Any, Any]] = {}  # settings this resume changed: {key: (old, new)}
         self._warned_skips = False
         self._run_batches: Iterator[dict[str, Any]] | None = None  # the random-mode loader, kept across epochs
         self._run_next: tuple[int, int] = (-1, -1)  # (epoch, batch) it yields next
@@ -199,7 +199,7 @@ class Trainer:
             "step": self.step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
-            "config": plain(dataclasses.asdict(self.cfg)),
+            "config": plain(dataclasses.asdict(config_to_record(self.cfg))),
             "data_fingerprint": self.data_fingerprint,
             "rng": {"torch": torch.get_rng_state(), "numpy": numpy_rng_state(), "python": random.getstate()},
         }
@@ -424,7 +424,9 @@ class Trainer:
                 raise ConfigError(f"--resume latest: no checkpoint to continue in {run / 'checkpoints' / 'latest.pt'}; "
                                   "start the run without --resume (or with --resume auto)")
             return False
-        self.load_state_dict(load_checkpoint(path))
+        state = load_checkpoint(path)
+        self.resumed_changes = resume_changes(state.get("config") or {}, cfg, str(path))
+        self.load_state_dict(state)
         log.info("resumed from %s at step %d", path, self.step)
         return True
 
@@ -483,8 +485,9 @@ class Trainer:
         run_logs = None
         if self.claim is not None:
             sinks = parse_log_to(cfg.log_to, cfg.tensorboard)
-            self.claim.files(["config.yaml", "metrics.jsonl"] + [f"{name}/" for name in ("tensorboard", "wandb") if name in sinks])
-            save_yaml(config_to_record(cfg), self.run_dir / "config.yaml")
+            self.claim.files([*RUN_FILES]
+                             + [f"{name}/" for name in ("tensorboard", "wandb") if name in sinks])
+            record_settings(self.run_dir, cfg, self.step, self.resumed_changes)
             truncate_metrics(self.run_dir / "metrics.jsonl", self.step)  # steps after the checkpoint are trained again
             run_logs = RunLogs(self.run_dir, cfg.log_to, cfg.run_name or self.run_dir.resolve().name,
                                dataclasses.asdict(cfg), cfg.tensorboard)
