@@ -36,6 +36,35 @@ def crash_and_resume(cfg_of, tmp_path, crash_step=2):
             load_checkpoint(tmp_path / "resumed" / "checkpoints" / "latest.pt"))
 
 
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    """Exit code and stderr of ``clip-ping ARGV`` run in this process (argparse's refusals exit through SystemExit)."""
+    from clip_ping.cli import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    return code, capsys.readouterr().err
+
+
+def one_error_line(err: str) -> str:
+    """The one ``error:`` line of a refused command's stderr (and no traceback)."""
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture()
+def data(tiny_synth, tmp_path):
+    """A copy of the tiny data set that a test may change."""
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(tiny_synth, copy)
+    return copy
+
+
 def load_benchmark_script(name: str):
     """A script of benchmarks/ imported as a module (they are scripts, not a package)."""
     import importlib.util

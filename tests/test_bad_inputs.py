@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import one_error_line as _one_clear_line  # noqa: E402
 
 from clip_ping.cli import main
 from clip_ping.data.csv_reader import read_pairs
@@ -25,18 +26,8 @@ def _run(capsys, *argv) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def _one_clear_line(err: str) -> str:
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if "error:" in line]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
-@pytest.fixture()
-def data(tiny_synth, tmp_path) -> Path:
-    copy = tmp_path / "data"
-    shutil.copytree(tiny_synth, copy)
-    return copy
 
 
 BAD_VALUES = [

@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import one_error_line as _one_line  # noqa: E402
+from conftest import run_cli as _run  # noqa: E402
 
-from clip_ping.cli import main
 from clip_ping.errors import DataError
 from clip_ping.io import MARKER, claim_folder
 
@@ -32,27 +33,14 @@ TRAIN = ["train", "--steps", "2", "--batch-size", "8", "--workers", "0", "--no-p
 TINY_TEACHERS = ["--image-teacher", "test-tiny-image", "--text-teacher", "test-tiny-text"]
 
 
-def _run(capsys, *argv) -> tuple[int, str]:
-    code = main([str(a) for a in argv])
-    return code, capsys.readouterr().err
 
 
-def _one_line(err: str) -> str:
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if "error:" in line]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture()
-def data(tiny_synth, tmp_path) -> Path:
-    copy = tmp_path / "data"
-    shutil.copytree(tiny_synth, copy)
-    return copy
 
 
 @pytest.fixture()

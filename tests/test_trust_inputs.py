@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import one_error_line as _one_line  # noqa: E402
+from conftest import run_cli as _run  # noqa: E402
 
 from clip_ping.cli import COMMANDS, main
 from clip_ping.config import Config, numeric_fields
@@ -30,27 +32,10 @@ TRAIN = ["train", "--steps", "2", "--batch-size", "8", "--workers", "0", "--no-p
          "--method", "clip", "--log-every", "1"]
 
 
-def _run(capsys, *argv) -> tuple[int, str]:
-    """Exit code and stderr of the CLI (argparse's own refusals exit through SystemExit)."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    return code, capsys.readouterr().err
 
 
-def _one_line(err: str) -> str:
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if "error:" in line]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
-@pytest.fixture()
-def data(tiny_synth, tmp_path) -> Path:
-    copy = tmp_path / "data"
-    shutil.copytree(tiny_synth, copy)
-    return copy
 
 
 @pytest.fixture(scope="module")
