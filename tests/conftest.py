@@ -13,6 +13,18 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` run only where CUDA is (``pytest -m cuda`` on a GPU node); here they are skipped."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 def crash_and_resume(cfg_of, tmp_path, crash_step=2):
     """Run straight; run again crashing before ``crash_step`` (after a checkpoint) and resume;
     return both final checkpoints. ``cfg_of(out, **overrides)`` makes each run's TrainConfig."""
