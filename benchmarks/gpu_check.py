@@ -75,6 +75,9 @@ class Sizes:
     log_every: int
     kill_after: int  # the killed run is stopped once it has logged this step (after the checkpoint before it)
     short_steps: int  # the fp16 and --compile runs
+    short_batch: int
+    compile: bool  # the --compile run (an inductor C++ build on a CPU takes minutes: not in the tiny mode)
+    linear_probe: bool  # in the evaluations
     workers: int
     extract_batch: int
     knn: tuple[tuple[int, int], ...]  # (rows, dims); the later ones only while the budget allows
@@ -83,10 +86,12 @@ class Sizes:
 
 
 FULL = Sizes(image_size=224, model="ViT-XS-16", n_train=8192, n_val=512, n_test=1024, batch=256, steps=300,
-             save_every=50, log_every=5, kill_after=165, short_steps=50, workers=8, extract_batch=256,
+             save_every=50, log_every=5, kill_after=165, short_steps=50, short_batch=256, compile=True, linear_probe=True,
+             workers=8, extract_batch=256,
              knn=((1_000_000, 384), (1_000_000, 1280)), oc_epochs=3, oc_warmup=10)
 TINY = Sizes(image_size=32, model="ViT-XXS-8-64", n_train=64, n_val=16, n_test=32, batch=16, steps=6,
-             save_every=2, log_every=1, kill_after=3, short_steps=2, workers=0, extract_batch=32,
+             save_every=2, log_every=1, kill_after=3, short_steps=1, short_batch=4, compile=False, linear_probe=False,
+             workers=0, extract_batch=32,
              knn=((3000, 384),), oc_epochs=2, oc_warmup=1)
 
 
@@ -152,7 +157,7 @@ class Check:
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[None]:
         t0 = time.perf_counter()
-        print(f"gpu_check: {name} ...", file=sys.stderr, flush=True)
+        print(f"gpu_check: {name} (at {self.elapsed():.0f} s) ...", file=sys.stderr, flush=True)
         try:
             yield
         except Exception as exc:  # recorded, and the check goes on to the steps that do not need this one
@@ -319,10 +324,14 @@ def training(check: Check, data: Path, banks: Path) -> dict[str, Path]:
             records = metrics(run)
             res[method] = {"steps": records[-1]["step"], "process_s": round(time.perf_counter() - t0, 1),
                            "samples_per_s": steady_samples_per_s(records), "final_loss": round(records[-1]["loss"], 4),
-                           "launcher": "torchrun --nproc-per-node 1", "backend": "nccl" if dev == "cuda" else "gloo"}
+                           "launcher": "torchrun --nproc-per-node 1",
+                           # clip_ping.distributed.init_from_env joins a group only for two processes or more;
+                           # the NCCL collectives are checked by pytest -m cuda, in a one-rank NCCL group
+                           "process_group": "none (world size 1)"}
         with check.step(f"eval {method}"):
             scores = evaluate_from_config(EvalConfig(checkpoint=str(run), data=str(data), device=dev,
-                                                     workers=s.workers, progress=False, precision="bf16"))
+                                                     workers=s.workers, progress=False, precision="bf16",
+                                                     linear_probe=s.linear_probe))
             res.setdefault(method, {})["eval"] = {k: v for k, v in scores.items() if isinstance(v, (int, float))} or scores
     with check.step("export"):
         folder = work / "export-clip-ping"
@@ -449,10 +458,13 @@ def short_runs(check: Check, data: Path, banks: Path) -> None:
     s, dev, work, res = check.sizes, check.device, check.work, check.result
     for name, precision, compile_ in (("fp16 + GradScaler", "fp16", False), ("compile", "bf16", True)):
         run = work / f"run-{precision}{'-compile' if compile_ else ''}"
+        if compile_ and not s.compile:
+            res[name] = {"skipped": "tiny mode: an inductor build on a CPU takes minutes (the CUDA run compiles)"}
+            continue
         with check.step(name):
             t0 = time.perf_counter()
             train(TrainConfig(data=str(data), banks=str(banks), out=str(run), method="clip-ping", model=s.model,
-                              steps=s.short_steps, batch_size=s.batch, precision=precision, compile=compile_,
+                              steps=s.short_steps, batch_size=s.short_batch, precision=precision, compile=compile_,
                               workers=s.workers, warmup_steps=1, save_every=s.short_steps, log_every=1, device=dev,
                               seed=0, progress=False, log_to="jsonl", overwrite=True))
             records = metrics(run)
@@ -464,7 +476,7 @@ def short_runs(check: Check, data: Path, banks: Path) -> None:
             if precision == "fp16":
                 entry["scaler"] = state["scaler"]
             if compile_:
-                entry["first_step_s"] = round(records[0]["step"] * s.batch / records[0]["samples_per_s"], 1)
+                entry["first_step_s"] = round(records[0]["step"] * s.short_batch / records[0]["samples_per_s"], 1)
             res[name] = entry
             if dev == "cuda":
                 torch.cuda.empty_cache()

@@ -118,5 +118,9 @@ def test_the_collectives_run_on_the_backends_device(tmp_path, backend):
         assert d.all_reduce_mean({"loss": 1.5, "lr": 0.1}) == {"loss": 1.5, "lr": 0.1}
         assert d.all_reduce_sum([2, 3]) == [2, 3]
         assert d.all_ranks_true(True) and not d.all_ranks_true(False)
+        from clip_ping.knn.fast import gather_list  # the neighbour search's blocks
+
+        (part,) = gather_list(ints)
+        assert torch.equal(part, ints) and part.device == ints.device
     finally:
         dist.destroy_process_group()
