@@ -209,6 +209,20 @@ def write_random_text_teacher(folder: Path, captions: list[str], seed: int = 0) 
     BertModel(config).save_pretrained(folder)
 
 
+def eval_summary(scores: dict[str, Any]) -> dict[str, Any]:
+    """Zero-shot top-1 per task, retrieval R@1 both ways, the linear probe's accuracy per task (when run)."""
+    out: dict[str, Any] = {f"zeroshot_top1_{task}": round(r["top1"], 2) for task, r in scores.get("zeroshot", {}).items()}
+    retrieval = scores.get("retrieval", {})
+    for way in ("image_to_text", "text_to_image"):
+        if way in retrieval:
+            out[f"{way}_R@1"] = round(retrieval[way]["R@1"], 2)
+    for task, r in (scores.get("linear_probe") or {}).items():
+        if isinstance(r, dict) and "accuracy" in r:
+            out[f"linear_probe_accuracy_{task}"] = round(r["accuracy"], 4)
+    out["seconds"] = scores.get("seconds")
+    return out
+
+
 def train_argv(data: Path, banks: Path, out: Path, method: str, sizes: Sizes, device: str, *extra: str) -> list[str]:
     return ["train", "--data", str(data), "--banks", str(banks), "--out", str(out), "--method", method,
             "--model", sizes.model, "--steps", str(sizes.steps), "--batch-size", str(sizes.batch),
@@ -332,11 +346,11 @@ def training(check: Check, data: Path, banks: Path) -> dict[str, Path]:
             scores = evaluate_from_config(EvalConfig(checkpoint=str(run), data=str(data), device=dev,
                                                      workers=s.workers, progress=False, precision="bf16",
                                                      linear_probe=s.linear_probe))
-            res.setdefault(method, {})["eval"] = {k: v for k, v in scores.items() if isinstance(v, (int, float))} or scores
+            res.setdefault(method, {})["eval"] = eval_summary(scores)
     with check.step("export"):
         folder = work / "export-clip-ping"
-        written = export_open_clip(ExportConfig(checkpoint=str(runs["clip-ping"]), out=str(folder), overwrite=True))
-        res["export"] = {"folder": str(folder), "files": sorted(Path(p).name for p in written.values()),
+        export_open_clip(ExportConfig(checkpoint=str(runs["clip-ping"]), out=str(folder), overwrite=True))
+        res["export"] = {"folder": str(folder), "files": sorted(p.name for p in folder.iterdir()),
                          "open_clip_loads": verify_export(folder)}
     return runs
 
@@ -443,7 +457,7 @@ def vs_open_clip_train(check: Check, data: Path) -> None:
             "model": s.model, "batch": s.batch, "precision": f"bf16 (open_clip {OPEN_CLIP_PRECISION['bf16']})",
             "workers": s.workers, "open_clip_train_steps": len(rates), "open_clip_train_samples_per_s": oc,
             "clip_ping_samples_per_s": ours, "ratio_clip_ping_over_open_clip_train": round(ours / oc, 3) if ours else None,
-            "note": "clip-ping under torchrun (DDP, one process), open_clip_train in one process without DDP"}
+            "note": "both sides one process without DDP (clip-ping under torchrun, open_clip_train plain)"}
 
 
 def short_runs(check: Check, data: Path, banks: Path) -> None:

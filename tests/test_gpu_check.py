@@ -31,8 +31,8 @@ def test_the_cpu_mode_runs_every_step(tmp_path):
     assert res["errors"] == {} and res["mode"] == "tiny" and res["device"] == "cpu"
     for method in ("clip", "clip-ping"):
         assert res[method]["steps"] == res["sizes"]["steps"] and res[method]["samples_per_s"] > 0
-        assert "zeroshot" in json.dumps(res[method]["eval"])
-    assert res["export"]["open_clip_loads"]["tensors"] > 0
+        assert 0 <= res[method]["eval"]["zeroshot_top1_shape"] <= 100 and "image_to_text_R@1" in res[method]["eval"]
+    assert res["export"]["open_clip_loads"]["tensors"] > 0 and "open_clip_config.json" in res["export"]["files"]
     kill = res["kill_resume"]
     assert kill["killed_after_logged_step"] < res["sizes"]["steps"] == kill["final_step"]
     assert kill["resumed_from_step"] < kill["killed_after_logged_step"]
