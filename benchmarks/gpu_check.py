@@ -181,10 +181,13 @@ def child_env() -> dict[str, str]:
 
 
 def metrics(run: Path) -> list[dict[str, Any]]:
+    """The run's logged records; a line still being written (read while the run goes on) is left out."""
     path = run / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        with contextlib.suppress(json.JSONDecodeError):
+            records.append(json.loads(line))
+    return records
 
 
 def steady_samples_per_s(records: list[dict[str, Any]]) -> float:
@@ -242,6 +245,37 @@ def run_checked(cmd: list[str], what: str, log: Path) -> None:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=child_env())
     if proc.returncode:
         raise RuntimeError(f"{what} exited {proc.returncode}; last lines of {log}:\n" + "\n".join(log.read_text().splitlines()[-25:]))
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes under ``pid`` (Linux /proc). torchrun starts its workers in sessions of their
+    own, so a signal to torchrun's process group would leave the worker training on."""
+    found, stack = [], [pid]
+    while stack:
+        for task in Path(f"/proc/{stack.pop()}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                children = [int(c) for c in (task / "children").read_text().split()]
+                found += children
+                stack += children
+    return found
+
+
+def kill_all(pids: list[int], timeout_s: float = 30.0) -> None:
+    """SIGKILL to each of ``pids`` (processes this script started), then wait until none runs."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(_running(pid) for pid in pids):
+        time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def max_weight_difference(a: Path, b: Path) -> dict[str, Any]:
@@ -362,25 +396,29 @@ def kill_and_resume(check: Check, data: Path, banks: Path, unbroken: Path) -> No
     argv = train_argv(data, banks, run, "clip-ping", s, dev)
     with check.step("kill -9 and resume"):
         log = open(work / "train-killed.log", "w")
-        # its own process session, so one killpg reaches torchrun and its worker, nothing else
-        proc = subprocess.Popen(torchrun([*argv, "--overwrite"]), stdout=log, stderr=subprocess.STDOUT, env=child_env(),
-                                start_new_session=True)
+        proc = subprocess.Popen(torchrun([*argv, "--overwrite"]), stdout=log, stderr=subprocess.STDOUT, env=child_env())
         killed_at = None
-        while proc.poll() is None:
-            records = metrics(run)
-            if records and records[-1].get("step", 0) >= s.kill_after:
-                killed_at = records[-1]["step"]
-                os.killpg(proc.pid, signal.SIGKILL)
-                break
-            time.sleep(0.05)
-        proc.wait()
-        log.close()
+        try:
+            while proc.poll() is None:
+                records = metrics(run)
+                if records and records[-1].get("step", 0) >= s.kill_after:
+                    killed_at = records[-1]["step"]
+                    break
+                time.sleep(0.05)
+        finally:  # also when this loop fails: nothing of the run may outlive the step
+            tree = [proc.pid, *descendants(proc.pid)] if proc.poll() is None else []
+            kill_all(tree)
+            proc.wait()
+            log.close()
         if killed_at is None:
             raise RuntimeError(f"the run ended (exit {proc.returncode}) before step {s.kill_after}; see {log.name}")
         latest = sorted(int(m.group(1)) for p in (run / "checkpoints").glob("step_*.pt")
                         if (m := re.search(r"step_(\d+)", p.name)))
         run_checked(torchrun([*argv, "--resume", "latest"]), "torchrun resume", work / "train-resumed.log")
-        res["kill_resume"] = {"killed_after_logged_step": killed_at, "resumed_from_step": latest[-1] if latest else None,
+        finished_anyway = '"total_steps"' in (work / "train-killed.log").read_text()  # its result line
+        res["kill_resume"] = {"killed_after_logged_step": killed_at, "processes_killed": len(tree),
+                              "killed_run_finished_anyway": finished_anyway,
+                              "resumed_from_step": latest[-1] if latest else None,
                               "final_step": metrics(run)[-1]["step"],
                               **max_weight_difference(unbroken / "checkpoints" / "latest.pt",
                                                       run / "checkpoints" / "latest.pt")}
