@@ -279,7 +279,7 @@ def _running(pid: int) -> bool:
 
 
 def max_weight_difference(a: Path, b: Path) -> dict[str, Any]:
-    from clip_ping.checkpoints import load_checkpoint
+    from clip_ping.training.checkpoints import load_checkpoint
 
     ma, mb = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
     worst, where, equal = 0.0, "", True
@@ -358,7 +358,7 @@ def pipeline(check: Check) -> dict[str, Path]:
 def training(check: Check, data: Path, banks: Path) -> dict[str, Path]:
     """CLIP and CLIP-PING under torchrun, evaluated; the CLIP-PING run exported and loaded by open_clip."""
     from clip_ping.evaluation.stage import EvalConfig, evaluate_from_config
-    from clip_ping.hub_export import ExportConfig, export_open_clip, verify_export
+    from clip_ping.hub.export import ExportConfig, export_open_clip, verify_export
 
     s, dev, work, res = check.sizes, check.device, check.work, check.result
     runs = {}
@@ -480,7 +480,7 @@ def vs_open_clip_train(check: Check, data: Path) -> None:
         csv = C.absolute_csv(data / "train.csv", work / "train-abs.csv")
         argv = open_clip_argv(csv, work / "open_clip_logs", "gpu-check", s.model, s.batch, "bf16", s.workers,
                               s.oc_epochs, device=dev)
-        code = ("import sys, open_clip, open_clip_train.main; from clip_ping.student import MODEL_CONFIG_DIR; "
+        code = ("import sys, open_clip, open_clip_train.main; from clip_ping.model.student import MODEL_CONFIG_DIR; "
                 "open_clip.add_model_config(MODEL_CONFIG_DIR); open_clip_train.main.main(sys.argv[1:])")
         log = work / "open_clip_train.log"
         with open(log, "w") as f:
@@ -504,8 +504,8 @@ def short_runs(check: Check, data: Path, banks: Path) -> None:
 
     import torch
 
-    from clip_ping.checkpoints import load_checkpoint
-    from clip_ping.trainer import TrainConfig, train
+    from clip_ping.training.checkpoints import load_checkpoint
+    from clip_ping.training.trainer import TrainConfig, train
 
     s, dev, work, res = check.sizes, check.device, check.work, check.result
     for name, precision, compile_ in (("fp16 + GradScaler", "fp16", False), ("compile", "bf16", True)):
