@@ -31,6 +31,9 @@ it says so in one line and exits 0 unless ``--device cpu`` (gloo instead of NCCL
 shrinks every size so that the whole check runs in well under a minute on a CPU
 (tests/test_gpu_check.py runs it). Exit status: 0 when every step ran, 1 when one failed
 (its error is in the JSON under ``errors``), 2 for a wheel folder that lacks a package.
+
+It is over 450 lines because it is one command a GPU node runs whole: every step it
+checks is here, in the order it runs, so that one file carried to the node is the check.
 """
 
 from __future__ import annotations
