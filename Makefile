@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: venv venv-floor demo test test-main test-floor bench clean
+.PHONY: venv venv-floor demo test test-main test-floor bench clean gpu-bundle
 
 venv: $(STAMP)
 
@@ -65,3 +65,16 @@ test-floor: $(FLOOR_STAMP)
 
 clean:
 	rm -rf runs .pytest_cache
+
+# The wheels benchmarks/gpu_check.py needs beyond a stock CUDA image (benchmarks/gpu_bundle.txt),
+# pinned, for CPython $(GPU_PYTHON) on manylinux x86-64, into the ignored folder $(GPU_BUNDLE).
+# Carry that folder to the GPU node; there: python benchmarks/gpu_check.py --wheels $(GPU_BUNDLE)
+GPU_PYTHON ?= 3.12
+GPU_BUNDLE ?= gpu-bundle
+gpu-bundle:
+	mkdir -p $(GPU_BUNDLE)
+	$(PYTHON) -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+		--python-version $(GPU_PYTHON) --implementation cp --platform manylinux2014_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+		-d $(GPU_BUNDLE) -r benchmarks/gpu_bundle.txt
+	du -sh $(GPU_BUNDLE)

@@ -400,14 +400,14 @@ _OC_LINE = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+).*?Batch \(t\): [\d.]
 
 
 def open_clip_argv(csv_path: Path, logs: Path, name: str, model: str, batch: int, precision: str, workers: int,
-                   epochs: int) -> list[str]:
+                   epochs: int, device: str = "cpu") -> list[str]:
     return [
         "--train-data", str(csv_path), "--dataset-type", "csv", "--csv-separator", ",",
         "--csv-img-key", "filepath", "--csv-caption-key", "caption",
         "--model", model, "--batch-size", str(batch), "--workers", str(workers),
         "--precision", OPEN_CLIP_PRECISION[precision], "--epochs", str(epochs),
         "--lr", "1e-3", "--wd", "0.1", "--warmup", "50", "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6",
-        "--grad-clip-norm", "1.0", "--seed", "0", "--device", "cpu",
+        "--grad-clip-norm", "1.0", "--seed", "0", "--device", device,
         "--logs", str(logs), "--name", name, "--report-to", "", "--log-every-n-steps", "1",
         "--save-frequency", "1000000", "--zeroshot-frequency", "0", "--val-frequency", "0",
     ]

@@ -44,8 +44,8 @@ COMMANDS = [
     Command(("extract",), "clip_ping.banks.extract:ExtractConfig", "clip_ping.banks.extract:extract_banks",
             "stage 1: run the frozen teachers and write the image and text feature banks", "clip_ping.plan:plan_extract"),
     Command(("neighbors",), "clip_ping.knn:NeighborsConfig", "clip_ping.knn:build_neighbors",
-            "find each sample's image-side and text-side nearest neighbours (FAISS)", "clip_ping.plan:plan_neighbors",
-            needs=("faiss-cpu",)),
+            "find each sample's image-side and text-side nearest neighbours (exact tiled search; FAISS for the "
+            "approximate methods)", "clip_ping.plan:plan_neighbors"),
     Command(("neighbors", "show"), "clip_ping.knn:ShowConfig", "clip_ping.knn:show_neighbors",
             "write an HTML page of samples with their NN and XNN, print label agreement"),
     Command(("train",), "clip_ping.training.trainer:TrainConfig", "clip_ping.training.trainer:train",

@@ -1,5 +1,6 @@
 import json
 import os
+import sys
 
 import pytest
 
@@ -11,6 +12,18 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # since threads of one process that wait for each other at every op crawl when the cores are shared.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` run only where CUDA is (``pytest -m cuda`` on a GPU node); here they are skipped."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 def crash_and_resume(cfg_of, tmp_path, crash_step=2):
@@ -73,6 +86,7 @@ def load_benchmark_script(name: str):
     path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

@@ -93,3 +93,34 @@ def test_an_undecodable_image_on_one_process_does_not_hang_the_others(tiny_synth
     assert all(s["step"] == 6 for s in summaries)
     # the bad row is counted where it fell; the other process trimmed one row to keep the batches equal
     assert sorted(s["skipped_images"] for s in summaries) == [1, 1]
+
+
+@pytest.mark.parametrize("backend", ["gloo", pytest.param("nccl", marks=pytest.mark.cuda)])
+def test_the_collectives_run_on_the_backends_device(tmp_path, backend):
+    """One process in a group of the backend clip-ping picks (gloo on the CPU, NCCL on a GPU): every
+    collective helper puts its tensors where the backend needs them (NCCL: the GPU only) and gives
+    its result back on the caller's device."""
+    import torch.distributed as dist
+
+    from clip_ping import distributed as d
+
+    device = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
+    dist.init_process_group(backend, init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
+                            device_id=device if backend == "nccl" else None)
+    try:
+        assert d.collective_device() == device
+        x = torch.randn(3, 4, device=device, requires_grad=True)
+        gathered = d.gather_with_grad(x)
+        gathered.sum().backward()
+        assert torch.equal(gathered.detach(), x.detach()) and torch.equal(x.grad, torch.ones_like(x))
+        ints = torch.arange(5)  # on the CPU: under NCCL it travels to the GPU and back
+        assert torch.equal(d.gather_ints(ints), ints) and d.gather_ints(ints).device == ints.device
+        assert d.all_reduce_mean({"loss": 1.5, "lr": 0.1}) == {"loss": 1.5, "lr": 0.1}
+        assert d.all_reduce_sum([2, 3]) == [2, 3]
+        assert d.all_ranks_true(True) and not d.all_ranks_true(False)
+        from clip_ping.knn.fast import gather_list  # the neighbour search's blocks
+
+        (part,) = gather_list(ints)
+        assert torch.equal(part, ints) and part.device == ints.device
+    finally:
+        dist.destroy_process_group()

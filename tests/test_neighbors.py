@@ -752,3 +752,58 @@ def test_show_neighbors_cli_config(tmp_path):
     other.write_text(csv.read_text().replace("number 3,", "number three,"))
     with pytest.raises(DataError, match="another data set"):
         show_neighbors(ShowConfig(data=str(other), banks=str(bank)))
+
+
+def _without_faiss(monkeypatch):
+    """As on a GPU node without a FAISS build: `has_extra('faiss-cpu')` is False and importing faiss fails."""
+    import builtins
+
+    from clip_ping import environment
+
+    real_import = builtins.__import__
+
+    def no_faiss(name, *args, **kwargs):
+        if name == "faiss" or name.startswith("faiss."):
+            raise ImportError("No module named 'faiss'")
+        return real_import(name, *args, **kwargs)
+
+    real_has = environment.has_extra
+    fake_has = lambda extra: False if extra == "faiss-cpu" else real_has(extra)  # noqa: E731
+    monkeypatch.setattr(builtins, "__import__", no_faiss)
+    for module in (environment, nb_search, nb_tiled):
+        monkeypatch.setattr(module, "has_extra", fake_has)
+
+
+def test_fast_search_needs_no_faiss(monkeypatch):
+    """The exact tiled search runs on torch alone (the CUDA path's merge on the CPU) and equals brute force."""
+    _without_faiss(monkeypatch)
+    monkeypatch.setattr(nb_tiled, "FAST_TILE_BYTES", 64 * 64 * 4)
+    x, groups, valid = with_duplicates(400, 12, seed=3)
+    stats: dict = {}
+    idx, scores = search_neighbors(x, 4, groups=groups, valid=valid, method="fast", stats=stats)
+    ref_i, ref_s = brute_force(x, 4, groups, valid)
+    np.testing.assert_array_equal(idx, ref_i)
+    np.testing.assert_allclose(scores, ref_s, atol=1e-6)
+    assert stats["method"] == "fast"
+
+
+def test_an_index_method_without_faiss_is_one_line_naming_the_extra(monkeypatch):
+    from clip_ping.environment import SetupError
+
+    _without_faiss(monkeypatch)
+    with pytest.raises(SetupError, match=r"needs faiss.*pip install 'clip-ping\[faiss-cpu\]'"):
+        search_neighbors(clustered(300, 8, 3), 3, method="ivf")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("tiles", ["bf16", "fp32"])
+def test_fast_search_on_cuda_equals_brute_force(tiles):
+    """The same search on the GPU (bf16 or fp32 tiles, torch merge): exact after certification."""
+    x, groups, valid = with_duplicates(3000, 64, seed=5)
+    stats: dict = {}
+    idx, scores = search_neighbors(x, 5, groups=groups, valid=valid, method="fast", device="cuda", tiles=tiles,
+                                   stats=stats)
+    ref_i, ref_s = brute_force(x, 5, groups, valid)
+    np.testing.assert_array_equal(idx, ref_i)
+    np.testing.assert_allclose(scores, ref_s, atol=1e-5)
+    assert stats["tiles"] == tiles

@@ -392,3 +392,77 @@ def test_latest_is_a_copy_of_the_step_checkpoint_never_a_second_name(tmp_path):
     assert load_checkpoint(folder / "latest.pt")["step"] == 7
     save_checkpoint({"step": 9}, tmp_path / "only-latest", 9, keep=0)
     assert [p.name for p in (tmp_path / "only-latest").iterdir()] == ["latest.pt"]
+
+
+def test_cuda_without_an_index_is_this_processes_gpu(monkeypatch):
+    """The CUDA branch of resolve_device, run here with a pretend two-GPU node: ``cuda`` is
+    ``cuda:LOCAL_RANK``, the process's current device is set, and a missing GPU is one line."""
+    from clip_ping import distributed
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.resolve_device("cuda") == torch.device("cuda", 1)
+    assert distributed.resolve_device("auto") == torch.device("cuda", 1)
+    assert distributed.resolve_device("cuda:0") == torch.device("cuda", 0)
+    assert chosen == [torch.device("cuda", 1), torch.device("cuda", 1), torch.device("cuda", 0)]
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(ConfigError, match=r"cuda:2 does not exist; this machine has 2 GPU\(s\) \(LOCAL_RANK=2\)"):
+        distributed.resolve_device("cuda")
+
+
+# --------------------------------------------------------------------------- the CUDA twins (pytest -m cuda)
+
+
+@pytest.mark.cuda
+def test_fp16_on_cuda_scales_the_loss_and_checkpoints_the_scaler_as_plain_values(tiny_synth, tmp_path):
+    """The GPU twin of the fp16 test: the scaler really scales there, and its state is plain numbers,
+    so the checkpoint loads with weights_only=True and a resumed run continues from the same scale."""
+    Trainer(_cfg(tiny_synth, tmp_path / "run", precision="fp16", steps=3, device="cuda")).fit()
+    path = tmp_path / "run" / "checkpoints" / "latest.pt"
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    scaler = state["scaler"]
+    assert isinstance(scaler["scale"], float) and scaler["scale"] > 0
+    assert all(isinstance(v, (int, float)) for v in scaler.values())
+    resumed = Trainer(_cfg(tiny_synth, tmp_path / "run", precision="fp16", steps=5, device="cuda", resume="latest"))
+    resumed._prepare_run_folder()
+    assert resumed.scaler.get_scale() == scaler["scale"] and resumed.step == 3
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_on_cuda_runs_the_student_in_the_asked_dtype(precision):
+    from clip_ping.distributed import training_autocast
+
+    layer = torch.nn.Linear(8, 8).cuda()
+    with training_autocast(torch.device("cuda", 0), precision):
+        out = layer(torch.randn(4, 8, device="cuda"))
+    assert out.dtype == (torch.float16 if precision == "fp16" else torch.bfloat16)
+    assert layer.weight.dtype == torch.float32  # master weights stay fp32
+
+
+@pytest.mark.cuda
+def test_the_cuda_loader_pins_its_batches_and_they_arrive_unchanged(tiny_synth, tmp_path):
+    trainer = Trainer(_cfg(tiny_synth, tmp_path / "run", device="cuda"))
+    batch = next(iter(trainer._loader(epoch=1, start_batch=0)))
+    assert batch["image"].is_pinned() and batch["text"].is_pinned()
+    on_gpu = batch["image"].to(trainer.device, non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(on_gpu.cpu(), batch["image"])
+
+
+@pytest.mark.cuda
+def test_a_run_on_cuda_killed_and_resumed_ends_near_the_unbroken_run(tiny_synth, tmp_path):
+    """Bitwise equality is not promised on a GPU (atomics in some kernels); the weights stay within bf16 noise."""
+    from conftest import crash_and_resume
+
+    straight, resumed = crash_and_resume(
+        lambda out, **kw: _cfg(tiny_synth, out, precision="bf16", steps=4, save_every=2, device="cuda", **kw),
+        tmp_path, crash_step=3)
+    assert resumed["step"] == straight["step"] == 4
+    worst = max(float((a.double() - resumed["model"][k].double()).abs().max())
+                for k, a in straight["model"].items() if a.is_floating_point())
+    assert worst < 1e-2

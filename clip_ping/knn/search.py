@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from ..distributed import collective_device, rank_and_world, resolve_device
+from ..environment import has_extra, require
 from ..errors import ConfigError, DataError
 from . import tiled
 from .fast import FastSearch, open_store
@@ -74,7 +75,9 @@ MIN_PQ_ROWS = 256
 
 
 def set_faiss_threads() -> None:
-    """FAISS (OpenMP) uses as many threads as torch, so one knob controls both."""
+    """FAISS (OpenMP) uses as many threads as torch, so one knob controls both (nothing to set without FAISS)."""
+    if not has_extra("faiss-cpu"):
+        return
     import faiss
 
     faiss.omp_set_num_threads(torch.get_num_threads())
@@ -430,6 +433,8 @@ def search_neighbors(
     dev = _pick_device(device)
     prob = _Problem(np.asarray(features), k, groups, valid)
     chosen = resolve_method(method, prob.n_db, dev)
+    if chosen != "fast":  # the tiled products need torch only (a GPU node may hold no FAISS build)
+        require("faiss-cpu")
     t0 = time.perf_counter()
 
     fast = None

@@ -30,12 +30,14 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from ..environment import has_extra
+
 # Bytes of one score tile (T x T fp32): 64 MiB keeps a tile and its group maxima
 # near the last-level cache and makes each product large enough to run at peak.
 FAST_TILE_BYTES = 1 << 26
 # Columns of a block's first tile searched with a plain top-k, to set its thresholds.
 HEAD = 1 << 30  # measured: a plain top-k of the whole first tile beats a head of 512 columns
-# CPU: merge tiles with FAISS's heaps (False: the torch path, as on CUDA).
+# CPU: merge tiles with FAISS's heaps when FAISS is installed (False: the torch path, as on CUDA).
 USE_FAISS_HEAPS = True
 # Rows per group when a tile is read column-wise (see `_above`).
 ROWS_PER_GROUP = 16
@@ -151,7 +153,7 @@ class TiledCandidates:
         self.dtype = dtype or tile_dtype("auto", device)
         # On the CPU, FAISS's own per-row heaps take the tile's entries (one compiled pass);
         # elsewhere (CUDA) the torch threshold path does (`_feed_torch`, also tested on the CPU).
-        self.heaps = device.type == "cpu" and USE_FAISS_HEAPS
+        self.heaps = device.type == "cpu" and USE_FAISS_HEAPS and has_extra("faiss-cpu")
         self._block_ids = [self._unique_groups(b) for b in range(self.n_blocks)]
         # Error bound inputs (see `error_bound`), from one streamed pass over the database.
         self.x_norm_max = 0.0
