@@ -259,6 +259,7 @@ def test_setting_with_its_own_extraction_options_gets_its_own_bank(quality, tmp_
     specs = plan["bank_specs"]
     assert specs["efficientnet-lite0"]["extract"] == prof["extract"]
     assert specs["efficientnet-lite0+precisionbf16"] == {"image_teacher": "efficientnet-lite0",
+                                                         "data": plan["data_dir"],
                                                          "extract": {**prof["extract"], "precision": "bf16"}}
     banks_of = {r["setting"]: r["train"]["banks"] for r in plan["runs"] if r["seed"] == 1}
     assert banks_of == {"clip": None, "clip-ping": str(default), "clip-ping-bank-bf16": str(bf16)}
@@ -266,6 +267,55 @@ def test_setting_with_its_own_extraction_options_gets_its_own_bank(quality, tmp_
     for bad in ({"precision": "bf16", "out": "elsewhere"}, {}, "bf16"):
         with pytest.raises(quality.BenchError, match="extraction options"):
             quality._check_extract_options("s", bad)
+
+
+def test_data_curve_trains_both_methods_on_one_nested_subset_with_its_own_banks(quality, tmp_path):
+    prof = quality.resolve_profile("curves-data", "openclipart")
+    plan = quality.make_plan(prof, tmp_path)
+    full = Path(plan["data_dir"])
+    quarter, half = quality.subset_dir_for(full, 0.25), quality.subset_dir_for(full, 0.5)
+    assert plan["subsets"] == {str(quarter): 0.25, str(half): 0.5}
+    assert plan["banks"] == {"efficientnet-lite0": str(full / "banks"),
+                             "efficientnet-lite0@train25pct": str(quarter / "banks"),
+                             "efficientnet-lite0@train50pct": str(half / "banks")}
+    assert plan["bank_specs"]["efficientnet-lite0@train25pct"]["data"] == str(quarter)
+    for seed in prof["seeds"]:
+        runs = {r["setting"]: r for r in plan["runs"] if r["seed"] == seed}
+        # the same rows for both methods; CLIP-PING's neighbours from the subset's own bank
+        assert runs["clip-train25"]["train"]["data"] == runs["clip-ping-train25"]["train"]["data"] == str(quarter)
+        assert runs["clip-ping-train25"]["train"]["banks"] == str(quarter / "banks")
+        assert runs["clip-ping-train50"]["train"]["banks"] == str(half / "banks")
+        assert runs["clip-ping"]["train"]["banks"] == str(full / "banks") and runs["clip"]["train"]["data"] == str(full)
+        # the same epochs: steps scale with the data; every run is evaluated on the full set
+        assert [runs[s]["train"]["steps"] for s in ("clip-train25", "clip-train50", "clip")] == [100, 200, 400]
+        assert {r["eval_data"] for r in runs.values()} == {str(full)}
+    with pytest.raises(quality.BenchError, match="train_fraction"):
+        quality._check_train_fraction("s", 1.5)
+
+
+def test_train_subsets_are_nested_fixed_and_keep_the_other_splits(quality, tmp_path):
+    rows = {f: quality.subset_rows(1000, f) for f in (0.25, 0.5, 1.0)}
+    assert [len(r) for r in rows.values()] == [250, 500, 1000]
+    assert set(rows[0.25]) < set(rows[0.5]) < set(rows[1.0]) and rows[0.25] == sorted(rows[0.25])
+    assert quality.subset_rows(1000, 0.25) == rows[0.25] != list(range(250))  # fixed, and not the file's head
+    assert quality.subset_rows(1000, 0.25, seed=1) != rows[0.25]
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "banks").mkdir()
+    lines = ["filepath,caption,category"] + [f'images/{i}.png,"a caption, with a comma {i}",c{i % 3}'
+                                             for i in range(40)]
+    (data / "train.csv").write_text("\n".join(lines) + "\n")
+    (data / "val.csv").write_text("filepath,caption\nimages/v.png,val\n")
+    subset = quality.write_train_subset(data, 0.25)
+    assert subset == quality.subset_dir_for(data, 0.25) == tmp_path / "data-train25pct"
+    kept = (subset / "train.csv").read_text().splitlines()
+    assert kept[0] == lines[0] and kept[1:] == [lines[1 + i] for i in quality.subset_rows(40, 0.25)]
+    assert (subset / "val.csv").is_symlink() and (subset / "images").resolve() == (data / "images").resolve()
+    assert not (subset / "banks").exists()  # its banks are built on its own rows
+    assert json.loads((subset / "subset.json").read_text())["rows"] == 10
+    (subset / "train.csv").write_text("changed")  # a complete subset folder is kept as it is
+    assert quality.write_train_subset(data, 0.25) == subset and (subset / "train.csv").read_text() == "changed"
 
 
 def test_top1_recall_counts_tied_neighbours_as_found(quality, tmp_path):
