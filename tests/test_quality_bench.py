@@ -438,3 +438,19 @@ def test_stopping_an_invocation_stops_its_stage_worker_and_waits_for_it(quality,
     assert log.read_text() == "stopped by SIGTERM"  # the worker finished its stop before the invocation went on
     assert signal.getsignal(signal.SIGTERM) is before  # this process's own handler is back
     assert quality.run_forwarding_stop_signals([sys.executable, "-c", "pass"]) == (0, None)
+
+
+def test_curves_pair_each_point_by_seed_and_skip_seeds_one_side_lacks(tmp_path):
+    curves = load_benchmark_script("curves")
+
+    def run(setting, seed, score):
+        return {"setting": setting, "seed": seed, "metrics": {"val": {"score": score}, "test": {"score": score + 1}}}
+
+    results = [run("clip", 0, 10.0), run("clip", 1, 12.0), run("clip", 2, 11.0),
+               run("clip-ping", 0, 13.0), run("clip-ping", 1, 13.0)]  # seed 2 of clip-ping not finished
+    point = curves.paired_point(results, "clip", "clip-ping")
+    val = point["val"]["score"]
+    assert val["seeds"] == [0, 1] and val["base"]["mean"] == 11.0 and val["other"]["mean"] == 13.0
+    assert val["delta"]["mean"] == 2.0 and val["delta"]["values"] == [3.0, 1.0]
+    assert point["test"]["score"]["delta"]["mean"] == 2.0 and "i2t/R@1" not in point["val"]
+    assert curves.paired_point(results, "clip", "teacher-lite2") is None
