@@ -82,9 +82,11 @@ def teacher_quality(bank: Path, data: Path) -> dict[str, Any] | None:
     return label_agreement(table.labels, neighbors.image, neighbors.text, rows=np.flatnonzero(valid))
 
 
-def subcategory_purity(bank: Path, data: Path) -> dict[str, Any] | None:
+def subcategory_purity(bank: Path, data: Path, coarse: str = "category",
+                       fine: str = "subcategory") -> dict[str, Any] | None:
     """Where a top-1 neighbour lands against the sample's labels: same subcategory, same category but another
-    subcategory (a pull that can blur subcategories), or another category."""
+    subcategory (a pull that can blur subcategories), or another category. Rows without a subcategory are
+    not counted; None when the data has no such columns."""
     import numpy as np
 
     from clip_ping.data.table import open_table
@@ -94,10 +96,9 @@ def subcategory_purity(bank: Path, data: Path) -> dict[str, Any] | None:
         return None
     table = open_table(data, "train")
     labels = table.labels
-    if "category" not in labels or "subcategory" not in labels:
+    if coarse not in labels or fine not in labels:
         return None
-    cat, sub = np.asarray(labels["category"], dtype=object).astype(str), np.asarray(labels["subcategory"],
-                                                                                      dtype=object).astype(str)
+    cat, sub = (np.asarray(labels[c], dtype=object).astype(str) for c in (coarse, fine))
     neighbors = load_neighbors(bank)
     rows = np.flatnonzero(np.char.str_len(sub.astype(str)) > 0)
     out = {}
@@ -110,6 +111,27 @@ def subcategory_purity(bank: Path, data: Path) -> dict[str, Any] | None:
     out["rows"] = int(len(rows))
     out["subcategories"] = int(len(set(sub[rows])))
     out["categories"] = int(len(set(cat[rows])))
+    return out
+
+
+def subcategory_by_seed(results: list[dict[str, Any]], pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    """Zero-shot subcategory top-1 of each CLIP / CLIP-PING pair at each seed, and how the paired loss
+    follows CLIP's own number (a baseline seed that happens to do well makes every guided setting "lose")."""
+    import numpy as np
+
+    out: dict[str, Any] = {}
+    key = "zs/subcategory/top1"
+    for split in SPLITS:
+        rows = []
+        for base, other in pairs:
+            a, b = _by_seed(results, base, split, key), _by_seed(results, other, split, key)
+            rows += [{"clip": base, "clip_ping": other, "seed": s, "clip_value": a[s], "clip_ping_value": b[s],
+                      "delta": b[s] - a[s]} for s in sorted(set(a) & set(b))]
+        if len(rows) >= 3:
+            clip = np.array([r["clip_value"] for r in rows])
+            ping = np.array([r["clip_ping_value"] for r in rows])
+            out[split] = {"pairs": rows, "corr_delta_vs_clip_value": float(np.corrcoef(clip, ping - clip)[0, 1]),
+                          "clip_std": float(clip.std(ddof=1)), "clip_ping_std": float(ping.std(ddof=1))}
     return out
 
 
@@ -133,6 +155,8 @@ def build(out: Path, data: str = "openclipart") -> dict[str, Any]:
     doc["clip_ping_50pct_vs_clip_100pct"] = paired_point(results, "clip", "clip-ping-train50")
     doc["clip_ping_25pct_vs_clip_50pct"] = paired_point(results, "clip-train50", "clip-ping-train25")
 
+    pairs = [(b, o) for points in CURVES.values() for _, b, o in points] + [("clip", t) for _, t in TEACHERS]
+    doc["subcategory_by_seed"] = subcategory_by_seed(results, list(dict.fromkeys(pairs)))
     data_dir = Path(plan["data_dir"])
     teachers = []
     for teacher, setting in TEACHERS:
@@ -266,6 +290,20 @@ def markdown(doc: dict[str, Any]) -> str:
                              f"{100 * s.get('image_side_top1', float('nan')):.1f} | "
                              f"{100 * s.get('text_side_top1', float('nan')):.1f} | {100 * c['chance']:.1f} |")
         lines.append("")
+    purity = doc.get("subcategory_purity")
+    if purity:
+        lines += [f"## Where the default bank's top-1 neighbours land ({purity['rows']} train rows with a subcategory, "
+                  f"{purity['subcategories']} subcategories in {purity['categories']} categories)", "",
+                  "| side | same subcategory | same category, other subcategory | other category |", "|---|---|---|---|"]
+        for side in ("image", "text"):
+            p = purity[side]
+            lines.append(f"| {side} | {100 * p['same_subcategory']:.1f} | "
+                         f"{100 * p['same_category_other_subcategory']:.1f} | {100 * p['other_category']:.1f} |")
+        lines.append("")
+    for split, block in (doc.get("subcategory_by_seed") or {}).items():
+        lines += [f"Zero-shot subcategory top-1 by seed ({split}): correlation of the paired Δ with CLIP's own value "
+                  f"{block['corr_delta_vs_clip_value']:+.2f} over {len(block['pairs'])} pairs; std over the pairs: CLIP "
+                  f"{block['clip_std']:.2f}, CLIP-PING {block['clip_ping_std']:.2f}", ""]
     if doc.get("missing"):
         lines += ["Not measured (runs or banks missing): " + "; ".join(doc["missing"]), ""]
     return "\n".join(lines)

@@ -454,3 +454,23 @@ def test_curves_pair_each_point_by_seed_and_skip_seeds_one_side_lacks(tmp_path):
     assert val["delta"]["mean"] == 2.0 and val["delta"]["values"] == [3.0, 1.0]
     assert point["test"]["score"]["delta"]["mean"] == 2.0 and "i2t/R@1" not in point["val"]
     assert curves.paired_point(results, "clip", "teacher-lite2") is None
+
+
+def test_curves_sort_each_top1_neighbour_by_the_labels_it_shares(tiny_banked):
+    import csv
+
+    import numpy as np
+
+    curves = load_benchmark_script("curves")
+    rows = list(csv.DictReader(open(tiny_banked / "train.csv", encoding="utf-8")))
+    coarse, fine = np.array([r["shape"] for r in rows]), np.array([r["color"] for r in rows])
+    purity = curves.subcategory_purity(tiny_banked / "banks", tiny_banked, coarse="shape", fine="color")
+    for side in ("image", "text"):
+        j = np.load(tiny_banked / "banks" / f"neighbors_{side}.npy")[:, 0]
+        both = (coarse[j] == coarse) & (fine[j] == fine)
+        got = purity[side]
+        assert got["same_subcategory"] == pytest.approx(both.mean())
+        assert got["other_category"] == pytest.approx((coarse[j] != coarse).mean())
+        assert sum(got.values()) == pytest.approx(1.0)
+    assert purity["rows"] == len(rows) and purity["categories"] == len(set(coarse))
+    assert curves.subcategory_purity(tiny_banked / "banks", tiny_banked) is None  # no category columns here
