@@ -135,13 +135,40 @@ def subcategory_by_seed(results: list[dict[str, Any]], pairs: list[tuple[str, st
     return out
 
 
-def build(out: Path, data: str = "openclipart") -> dict[str, Any]:
+PATHS = ("data", "banks")  # where a run read its data and bank: differs between machines, not what it computed
+
+
+def with_reference_runs(results: list[dict[str, Any]], plan: dict[str, Any],
+                        reference: list[Path]) -> tuple[list[dict[str, Any]], list[str]]:
+    """``results`` plus the runs of earlier quality.py results files that fill a (setting, seed) of the plan
+    missing here, when trained with the plan's options for it (paths aside); returns them and the notes."""
+    planned = {(r["setting"], r["seed"]): quality._comparable(r["train"]) for r in plan["runs"]}
+    have = {(r["setting"], r["seed"]) for r in results}
+    notes = []
+    for path in reference:
+        doc = json.loads(path.read_text())
+        for r in doc["results"]:
+            key = (r["setting"], r["seed"])
+            if key not in planned or key in have:
+                continue
+            want = {k: v for k, v in planned[key].items() if k not in PATHS}
+            got = {k: v for k, v in r["config"].items() if k not in PATHS}
+            if want != got:
+                notes.append(f"{path.name}: {key[0]} seed {key[1]} not used (trained with other options)")
+                continue
+            results.append({**r, "source": f"{path.name} ({doc.get('date')})"})
+            have.add(key)
+            notes.append(f"{key[0]} seed {key[1]}: from {path.name} ({doc.get('date')})")
+    return results, notes
+
+
+def build(out: Path, data: str = "openclipart", reference: list[Path] | None = None) -> dict[str, Any]:
     prof = quality.resolve_profile("curves", data)
     plan = quality.make_plan(prof, out)
-    results = quality.collect(plan)
+    results, reused = with_reference_runs(quality.collect(plan), plan, reference or [])
     doc: dict[str, Any] = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                            "out": str(out), "data_dir": plan["data_dir"], "runs_found": len(results),
-                           "train": prof["train"], "curves": {}, "missing": []}
+                           "reused_runs": reused, "train": prof["train"], "curves": {}, "missing": []}
     for name, points in CURVES.items():
         rows = []
         for x, base, other in points:
@@ -191,8 +218,8 @@ def plot(doc: dict[str, Any], results_dir: Path, data: str) -> list[Path]:
     written = []
     keys = ["score", "i2t/R@1", "t2i/R@1", "zs/category/top1"]
     for name, rows in doc["curves"].items():
-        rows = [r for r in rows if "val" in r]
-        if not rows:
+        rows = [r for r in rows if "val" in r and (name != "teacher" or r["label_agreement"])]
+        if len(rows) < 2:  # a curve needs two points
             continue
         fig, axes = plt.subplots(len(SPLITS), len(keys), figsize=(4 * len(keys), 3.4 * len(SPLITS)), squeeze=False)
         for i, split in enumerate(SPLITS):
@@ -247,6 +274,7 @@ def markdown(doc: dict[str, Any]) -> str:
              f"- runs found: {doc['runs_found']} in `{doc['out']}`; student {doc['train']['model']}, batch "
              f"{doc['train']['batch_size']}, lr {doc['train']['lr']}",
              "- cells: mean ± sample std over seeds (%); Δ: CLIP-PING − CLIP at the same seed, data and steps",
+             *[f"- reused: {note}" for note in doc.get("reused_runs", [])],
              ""]
     keys = ["score", "i2t/R@1", "t2i/R@1", "zs/category/top1", "zs/subcategory/top1"]
     for name, rows in doc["curves"].items():
@@ -255,7 +283,8 @@ def markdown(doc: dict[str, Any]) -> str:
             continue
         lines += [f"## {name}", ""]
         for split in SPLITS:
-            head = "teacher (same-category top-1 image neighbour)" if name == "teacher" else "x"
+            head = {"teacher": "teacher (same-category top-1 image neighbour)", "length": "steps"}.get(
+                name, "share of the train rows")
             lines += [f"{split}:", "", f"| {head} | n | " + " | ".join(
                 f"CLIP {_label(k)} | CLIP-PING | Δ" for k in keys) + " |", "|---|---|" + "---|---|---|" * len(keys)]
             for r in rows:
@@ -314,9 +343,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default="openclipart", choices=("openclipart", "synth"))
     parser.add_argument("--out", default=None, help="quality.py's work folder (default: benchmarks/work/quality_<data>)")
     parser.add_argument("--results", default=str(quality.RESULTS))
+    parser.add_argument("--reference", nargs="*", type=Path, default=[],
+                        help="quality.py results files whose runs fill points not trained in --out, when trained with "
+                             "the same options (e.g. an earlier quick run of the same code); a run in --out wins")
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else quality.WORK / f"quality_{args.data}"
-    doc = build(out.resolve(), args.data)
+    doc = build(out.resolve(), args.data, args.reference)
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     (results / f"curves_{args.data}.json").write_text(json.dumps(doc, indent=2, default=str))

@@ -474,3 +474,24 @@ def test_curves_sort_each_top1_neighbour_by_the_labels_it_shares(tiny_banked):
         assert sum(got.values()) == pytest.approx(1.0)
     assert purity["rows"] == len(rows) and purity["categories"] == len(set(coarse))
     assert curves.subcategory_purity(tiny_banked / "banks", tiny_banked) is None  # no category columns here
+
+
+def test_curves_take_a_missing_point_from_an_earlier_results_file_only_when_trained_alike(quality, tmp_path):
+    curves = load_benchmark_script("curves")
+    plan = quality.make_plan(quality.resolve_profile("curves", "openclipart"), tmp_path / "out")
+    planned = {(r["setting"], r["seed"]): quality._comparable(r["train"]) for r in plan["runs"]}
+
+    def run(setting, seed, **changes):
+        config = {**planned.get((setting, seed), planned[("clip-ping", seed)]), "data": "/elsewhere/openclipart-v2",
+                  **changes}
+        return {"setting": setting, "seed": seed, "config": config, "metrics": {"val": {"score": float(seed)}}}
+
+    here = [run("clip-ping", 0)]
+    earlier = tmp_path / "quality_quick_openclipart.json"
+    earlier.write_text(json.dumps({"date": "2026-12-06", "results": [
+        run("clip", 0), run("clip-ping", 0), run("clip", 1, steps=1200), run("queue", 0, method="clip-ping")]}))
+    results, notes = curves.with_reference_runs(list(here), plan, [earlier])
+    taken = [(r["setting"], r["seed"], r.get("source")) for r in results]
+    # clip seed 0 fills the gap; the run found here wins over the file's; other options or settings are refused
+    assert taken == [("clip-ping", 0, None), ("clip", 0, "quality_quick_openclipart.json (2026-12-06)")]
+    assert any("clip seed 1 not used (trained with other options)" in n for n in notes)
