@@ -181,6 +181,7 @@ def build(out: Path, data: str = "openclipart", reference: list[Path] | None = N
     # does CLIP-PING on half the data reach CLIP on all of it? (paired by seed)
     doc["clip_ping_50pct_vs_clip_100pct"] = paired_point(results, "clip", "clip-ping-train50")
     doc["clip_ping_25pct_vs_clip_50pct"] = paired_point(results, "clip-train50", "clip-ping-train25")
+    doc["clip_ping_25pct_vs_clip_100pct"] = paired_point(results, "clip", "clip-ping-train25")
 
     pairs = [(b, o) for points in CURVES.values() for _, b, o in points] + [("clip", t) for _, t in TEACHERS]
     doc["subcategory_by_seed"] = subcategory_by_seed(results, list(dict.fromkeys(pairs)))
@@ -194,9 +195,15 @@ def build(out: Path, data: str = "openclipart", reference: list[Path] | None = N
             doc["missing"].append(f"teacher {teacher} ({'no bank' if agreement is None else 'no runs'})")
         teachers.append({"teacher": teacher, "setting": setting, "label_agreement": agreement, **(point or {})})
     doc["curves"]["teacher"] = teachers
-    # neighbour quality of the data curve's banks (fewer rows: farther neighbours)
-    doc["subset_banks"] = {name: teacher_quality(Path(bank), Path(plan["bank_specs"][name]["data"]))
-                           for name, bank in plan["banks"].items() if "@" in name or name == prof["image_teacher"]}
+    # each teacher's neighbour quality on every data folder it has a bank for (the subsets: fewer rows, farther
+    # neighbours), so teachers can be ranked on the 25 % rows too where their full banks are missing
+    doc["bank_quality"] = {}
+    for folder in [data_dir, *(Path(p) for p in plan["subsets"])]:
+        for teacher, _ in TEACHERS:
+            bank = quality.bank_dir_for(folder, teacher, prof["image_teacher"])
+            agreement = teacher_quality(bank, folder)
+            if agreement:
+                doc["bank_quality"][f"{teacher} on {folder.name}"] = agreement
     doc["subcategory_purity"] = subcategory_purity(quality.bank_dir_for(data_dir, prof["image_teacher"],
                                                                         prof["image_teacher"]), data_dir)
     return doc
@@ -298,7 +305,8 @@ def markdown(doc: dict[str, Any]) -> str:
                     if k in r[split] else "– | – | –" for k in keys) + " |")
             lines.append("")
     for title, key in (("CLIP-PING on 50 % vs CLIP on 100 %", "clip_ping_50pct_vs_clip_100pct"),
-                       ("CLIP-PING on 25 % vs CLIP on 50 %", "clip_ping_25pct_vs_clip_50pct")):
+                       ("CLIP-PING on 25 % vs CLIP on 50 %", "clip_ping_25pct_vs_clip_50pct"),
+                       ("CLIP-PING on 25 % vs CLIP on 100 %", "clip_ping_25pct_vs_clip_100pct")):
         point = doc.get(key)
         if point:
             lines += [f"## {title} (paired by seed)", "", "| split | " + " | ".join(_label(k) for k in keys) + " |",
@@ -308,11 +316,11 @@ def markdown(doc: dict[str, Any]) -> str:
                     lines.append(f"| {split} | " + " | ".join(_cell(point[split].get(k, {}).get("delta"), True)
                                                              for k in keys) + " |")
             lines.append("")
-    if doc.get("subset_banks"):
-        lines += ["## Neighbour quality of each bank (train rows; top-1 neighbour has the same label)", "",
-                  "| bank | category, image side | category, text side | subcategory, image side | "
+    if doc.get("bank_quality"):
+        lines += ["## Neighbour quality of each bank (its train rows; top-1 neighbour has the same label, %)", "",
+                  "| image teacher, data | category, image side | category, text side | subcategory, image side | "
                   "subcategory, text side | chance (category) |", "|---|---|---|---|---|---|"]
-        for name, agreement in doc["subset_banks"].items():
+        for name, agreement in doc["bank_quality"].items():
             if agreement and "category" in agreement:
                 c, s = agreement["category"], agreement.get("subcategory", {})
                 lines.append(f"| {name} | {100 * c['image_side_top1']:.1f} | {100 * c['text_side_top1']:.1f} | "
