@@ -65,15 +65,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the quality_*.py par
 import quality_run  # noqa: E402, F401
 from quality_plan import (  # noqa: E402, F401
     BASELINE, BenchError, PROFILES_FILE, RESULTS, ROOT, SECOND_BASELINE, WORK, _check_extract_options,
-    _check_neighbor_options, _read_json, load_profiles, make_plan, resolve_profile,
+    _check_neighbor_options, _check_train_fraction, _comparable, _read_json, bank_dir_for, data_dir_for, load_profiles,
+    make_plan, resolve_profile, subset_dir_for, subset_rows,
 )
 from quality_run import (  # noqa: E402, F401
     _cpu_s, _rss_mb, _worker_run, check_run_folder, exclusive, run_forwarding_stop_signals, train_and_evaluate,
 )
 from quality_prepare import (  # noqa: E402, F401
     _worker_data, _worker_extract, _worker_neighbors, prepare, prepare_neighbor_variant, top1_recall,
+    write_train_subset,
 )
-from quality_aggregate import aggregate, collect, cost_summary, recommend, run_metrics  # noqa: E402, F401
+from quality_aggregate import aggregate, collect, cost_summary, metric_label, recommend, run_metrics  # noqa: E402, F401
 from quality_render import markdown  # noqa: E402, F401
 
 

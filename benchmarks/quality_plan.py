@@ -109,8 +109,9 @@ def resolve_profile(name: str, data: str, *, spec: dict[str, Any] | None = None,
     max_topk = 1
     for s, over in prof["setting_specs"].items():
         for key, value in over.items():
-            if key not in ("teacher", "neighbors", "extract") and key not in train_keys:
+            if key not in ("teacher", "neighbors", "extract", "train_fraction") and key not in train_keys:
                 raise BenchError(f"setting {s}: {key!r} is not a TrainConfig option")
+        _check_train_fraction(s, over.get("train_fraction", 1.0))
         _check_neighbor_options(s, over.get("neighbors"))
         _check_extract_options(s, over.get("extract"))
         max_topk = max(max_topk, int(over.get("neighbor_topk", 1)))
@@ -149,6 +150,11 @@ def _check_extract_options(setting: str, options: Any) -> None:
                    {"data", "out", "split", "image_teacher", "text_teacher", "progress"}, "extraction options")
 
 
+def _check_train_fraction(setting: str, fraction: Any) -> None:
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise BenchError(f"setting {setting}: 'train_fraction' takes a number in (0, 1], got {fraction!r}")
+
+
 def _slug(options: dict[str, Any]) -> str:
     return "-".join(f"{k}{v}" for k, v in sorted(options.items()))
 
@@ -174,9 +180,35 @@ def bank_dir_for(data_dir: Path, image_teacher: str, default_teacher: str, extra
     return data_dir / "-".join(["banks", *parts])
 
 
-def bank_name_for(image_teacher: str, extract: dict[str, Any] | None = None) -> str:
-    """The key of a bank in the plan and in the stage records: the teacher, plus its own extraction options."""
-    return f"{image_teacher}+{_slug(extract)}" if extract else image_teacher
+def bank_name_for(image_teacher: str, extract: dict[str, Any] | None = None, train_fraction: float = 1.0) -> str:
+    """The key of a bank in the plan and in the stage records: the teacher, plus its own extraction options
+    and the train subset it was built on."""
+    name = f"{image_teacher}+{_slug(extract)}" if extract else image_teacher
+    return name if train_fraction == 1 else f"{name}@{_subset_name(train_fraction)}"
+
+
+# --------------------------------------------------------------------------- train subsets (the data curve)
+
+SUBSET_SEED = 20261207  # the subsets' permutation: fixed, independent of every training seed
+
+
+def _subset_name(fraction: float) -> str:
+    return f"train{fraction * 100:g}pct"
+
+
+def subset_dir_for(data_dir: Path, fraction: float) -> Path:
+    """The data folder of a train subset, beside the full one: ``<data>-train<percent>pct``."""
+    return data_dir.parent / f"{data_dir.name}-{_subset_name(fraction)}"
+
+
+def subset_rows(n_rows: int, fraction: float, seed: int = SUBSET_SEED) -> list[int]:
+    """The train rows of a ``fraction`` subset, in file order: the first ``round(fraction * n_rows)`` of one
+    permutation of the rows seeded by ``seed`` alone. Every fraction takes a prefix of the same permutation,
+    so the subsets are nested, and no training seed or method changes them."""
+    import numpy as np
+
+    order = np.random.default_rng(seed).permutation(n_rows)
+    return sorted(int(i) for i in order[:max(1, round(fraction * n_rows))])
 
 
 def make_plan(prof: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -185,6 +217,7 @@ def make_plan(prof: dict[str, Any], out: Path) -> dict[str, Any]:
     banks: dict[str, str] = {}  # bank name (bank_name_for) -> folder
     bank_specs: dict[str, dict[str, Any]] = {}  # bank name -> its image teacher and extraction options
     variants: dict[str, dict[str, Any]] = {}  # second neighbour tables over a teacher's bank
+    subsets: dict[str, float] = {}  # train-subset data folder -> its fraction (write_train_subset)
     runs = []
     # Seeds outer, settings inner: an interrupted benchmark has whole seeds, and runs
     # compared with each other are trained close in time (similar machine load).
@@ -194,24 +227,30 @@ def make_plan(prof: dict[str, Any], out: Path) -> dict[str, Any]:
             teacher = over.pop("teacher", default_teacher)
             search = over.pop("neighbors", None)
             extract = over.pop("extract", None)
-            bank = bank_dir_for(data_dir, teacher, default_teacher, extract)
+            fraction = float(over.pop("train_fraction", 1.0))
+            train_data = data_dir if fraction == 1 else subset_dir_for(data_dir, fraction)
+            if fraction != 1:
+                subsets[str(train_data)] = fraction
+            bank = bank_dir_for(train_data, teacher, default_teacher, extract)  # a subset's bank: its own rows only
             uses_bank = over.get("method", "clip-ping") not in NO_BANK_METHODS
             if uses_bank:
-                name = bank_name_for(teacher, extract)
+                name = bank_name_for(teacher, extract, fraction)
                 banks.setdefault(name, str(bank))
-                bank_specs.setdefault(name, {"image_teacher": teacher, "extract": {**prof["extract"], **(extract or {})}})
+                bank_specs.setdefault(name, {"image_teacher": teacher, "data": str(train_data),
+                                             "extract": {**prof["extract"], **(extract or {})}})
                 if search:
                     variant = neighbor_variant_dir(bank, search)
                     variants[str(variant)] = {"source": str(bank), "teacher": teacher, "options": dict(search)}
                     bank = variant
             run_dir = out / "runs" / f"{setting}-seed{seed}"
-            train = {**prof["train"], **over, "data": str(data_dir), "out": str(run_dir), "seed": seed,
+            train = {**prof["train"], **over, "data": str(train_data), "out": str(run_dir), "seed": seed,
                      "resume": "auto", "tensorboard": False, "progress": sys.stderr.isatty(),
                      "banks": str(bank) if uses_bank else None}
+            # evaluated on the full data set's splits (the linear probe fits on its train rows), whatever it trained on
             runs.append({"setting": setting, "seed": seed, "run_dir": str(run_dir), "teacher": teacher,
-                         "train": train})
+                         "train_fraction": fraction, "eval_data": str(data_dir), "train": train})
     return {"data_dir": str(data_dir), "banks": banks, "bank_specs": bank_specs, "neighbor_variants": variants,
-            "runs": runs}
+            "subsets": subsets, "runs": runs}
 
 
 def _read_json(path: Path) -> Any:

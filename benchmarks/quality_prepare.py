@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from quality_plan import APT_PACKAGES, BenchError, STAGE_TIMINGS, _read_json  # noqa: E402
+from quality_plan import APT_PACKAGES, SUBSET_SEED, BenchError, STAGE_TIMINGS, _read_json, subset_dir_for, subset_rows  # noqa: E402
 from quality_run import run_stage  # noqa: E402
 
 
@@ -109,6 +109,10 @@ def prepare(prof: dict[str, Any], plan: dict[str, Any], state_dir: Path) -> dict
     else:
         record("data", run_stage("data", payload, "data", state_dir))
 
+    for subset, fraction in plan.get("subsets", {}).items():
+        write_train_subset(data_dir, fraction)
+        print(f"[quality] train subset {fraction:g}: {subset}", flush=True)
+
     # banks and neighbours, one pair per bank in use (an image teacher, or a setting's own extraction options)
     for name, bank in plan["banks"].items():  # name: the teacher, plus the bank's own options (bank_name_for)
         bank = Path(bank)
@@ -117,7 +121,7 @@ def prepare(prof: dict[str, Any], plan: dict[str, Any], state_dir: Path) -> dict
             print(f"[quality] extract {name}: {bank} is complete, kept", flush=True)
         else:
             record(f"extract:{name}", run_stage("extract", {
-                "data": str(data_dir), "out": str(bank), "image_teacher": spec["image_teacher"],
+                "data": spec.get("data", str(data_dir)), "out": str(bank), "image_teacher": spec["image_teacher"],
                 "text_teacher": prof["text_teacher"], "progress": progress, "options": spec["extract"]},
                 f"extract-{name}", state_dir))
         info = _read_json(bank / "neighbors.json") or {}
@@ -133,6 +137,33 @@ def prepare(prof: dict[str, Any], plan: dict[str, Any], state_dir: Path) -> dict
         record(key, prepare_neighbor_variant(Path(variant), spec, prof["neighbor_k"], records.get(key), state_dir,
                                              progress))
     return records
+
+
+def write_train_subset(data_dir: Path, fraction: float) -> Path:
+    """A data folder holding ``fraction`` of ``data_dir``'s train rows (`subset_rows`) and everything else
+    of it (images, val and test tables, dataset.json) as links, so its banks and neighbours are built on the
+    subset's own rows. Written once: a folder with its ``subset.json`` is complete and kept."""
+    import csv
+
+    out = subset_dir_for(data_dir, fraction)
+    if (out / "subset.json").is_file():
+        return out
+    with open(data_dir / "train.csv", newline="", encoding="utf-8") as handle:
+        header, *rows = list(csv.reader(handle))
+    keep = subset_rows(len(rows), fraction)
+    out.mkdir(parents=True, exist_ok=True)
+    for entry in data_dir.iterdir():  # the full set's banks, timings and image caches stay its own
+        if entry.name == "train.csv" or entry.name.startswith(("banks", "quality_timing", "train.")):
+            continue
+        if not (out / entry.name).exists():
+            (out / entry.name).symlink_to(entry.resolve())
+    with open(out / "train.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows[i] for i in keep)
+    (out / "subset.json").write_text(json.dumps({"source": str(data_dir), "fraction": fraction, "seed": SUBSET_SEED,
+                                                 "rows": len(keep), "of_rows": len(rows)}, indent=2))
+    return out
 
 
 def _neighbors_fresh(info: dict[str, Any], bank: Path, k: int) -> bool:

@@ -80,7 +80,8 @@ def _worker_run(p: dict[str, Any]) -> dict[str, Any]:
         if target.is_file():
             continue
         t0 = time.perf_counter()
-        evaluate_from_config(EvalConfig(checkpoint=str(run_dir), data=p["train"]["data"], split=split, out=str(target),
+        evaluate_from_config(EvalConfig(checkpoint=str(run_dir), data=p.get("eval_data") or p["train"]["data"],
+                                        split=split, out=str(target),
                                         linear_probe=probe, progress=p["progress"], seed=0, **p["eval"]))
         timing[f"eval_{split}_seconds"] = round(time.perf_counter() - t0, 2)
         timing_path.write_text(json.dumps(timing, indent=2))
@@ -194,7 +195,8 @@ def train_and_evaluate(prof: dict[str, Any], plan: dict[str, Any], state_dir: Pa
             if _evaluated(run):  # finished by another invocation since the list was made
                 print(f"[quality] run-{name}: evaluated by another invocation; skipped", flush=True)
                 continue
-            run_stage("run", {"train": run["train"], "eval": prof["eval"], "progress": sys.stderr.isatty()},
+            run_stage("run", {"train": run["train"], "eval_data": run.get("eval_data"), "eval": prof["eval"],
+                              "progress": sys.stderr.isatty()},
                       f"run-{name}", state_dir)
         ran += 1
         per_run = (time.perf_counter() - t0) / ran

@@ -259,6 +259,7 @@ def test_setting_with_its_own_extraction_options_gets_its_own_bank(quality, tmp_
     specs = plan["bank_specs"]
     assert specs["efficientnet-lite0"]["extract"] == prof["extract"]
     assert specs["efficientnet-lite0+precisionbf16"] == {"image_teacher": "efficientnet-lite0",
+                                                         "data": plan["data_dir"],
                                                          "extract": {**prof["extract"], "precision": "bf16"}}
     banks_of = {r["setting"]: r["train"]["banks"] for r in plan["runs"] if r["seed"] == 1}
     assert banks_of == {"clip": None, "clip-ping": str(default), "clip-ping-bank-bf16": str(bf16)}
@@ -266,6 +267,55 @@ def test_setting_with_its_own_extraction_options_gets_its_own_bank(quality, tmp_
     for bad in ({"precision": "bf16", "out": "elsewhere"}, {}, "bf16"):
         with pytest.raises(quality.BenchError, match="extraction options"):
             quality._check_extract_options("s", bad)
+
+
+def test_data_curve_trains_both_methods_on_one_nested_subset_with_its_own_banks(quality, tmp_path):
+    prof = quality.resolve_profile("curves-data", "openclipart")
+    plan = quality.make_plan(prof, tmp_path)
+    full = Path(plan["data_dir"])
+    quarter, half = quality.subset_dir_for(full, 0.25), quality.subset_dir_for(full, 0.5)
+    assert plan["subsets"] == {str(quarter): 0.25, str(half): 0.5}
+    assert plan["banks"] == {"efficientnet-lite0": str(full / "banks"),
+                             "efficientnet-lite0@train25pct": str(quarter / "banks"),
+                             "efficientnet-lite0@train50pct": str(half / "banks")}
+    assert plan["bank_specs"]["efficientnet-lite0@train25pct"]["data"] == str(quarter)
+    for seed in prof["seeds"]:
+        runs = {r["setting"]: r for r in plan["runs"] if r["seed"] == seed}
+        # the same rows for both methods; CLIP-PING's neighbours from the subset's own bank
+        assert runs["clip-train25"]["train"]["data"] == runs["clip-ping-train25"]["train"]["data"] == str(quarter)
+        assert runs["clip-ping-train25"]["train"]["banks"] == str(quarter / "banks")
+        assert runs["clip-ping-train50"]["train"]["banks"] == str(half / "banks")
+        assert runs["clip-ping"]["train"]["banks"] == str(full / "banks") and runs["clip"]["train"]["data"] == str(full)
+        # the same epochs: steps scale with the data; every run is evaluated on the full set
+        assert [runs[s]["train"]["steps"] for s in ("clip-train25", "clip-train50", "clip")] == [100, 200, 400]
+        assert {r["eval_data"] for r in runs.values()} == {str(full)}
+    with pytest.raises(quality.BenchError, match="train_fraction"):
+        quality._check_train_fraction("s", 1.5)
+
+
+def test_train_subsets_are_nested_fixed_and_keep_the_other_splits(quality, tmp_path):
+    rows = {f: quality.subset_rows(1000, f) for f in (0.25, 0.5, 1.0)}
+    assert [len(r) for r in rows.values()] == [250, 500, 1000]
+    assert set(rows[0.25]) < set(rows[0.5]) < set(rows[1.0]) and rows[0.25] == sorted(rows[0.25])
+    assert quality.subset_rows(1000, 0.25) == rows[0.25] != list(range(250))  # fixed, and not the file's head
+    assert quality.subset_rows(1000, 0.25, seed=1) != rows[0.25]
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "banks").mkdir()
+    lines = ["filepath,caption,category"] + [f'images/{i}.png,"a caption, with a comma {i}",c{i % 3}'
+                                             for i in range(40)]
+    (data / "train.csv").write_text("\n".join(lines) + "\n")
+    (data / "val.csv").write_text("filepath,caption\nimages/v.png,val\n")
+    subset = quality.write_train_subset(data, 0.25)
+    assert subset == quality.subset_dir_for(data, 0.25) == tmp_path / "data-train25pct"
+    kept = (subset / "train.csv").read_text().splitlines()
+    assert kept[0] == lines[0] and kept[1:] == [lines[1 + i] for i in quality.subset_rows(40, 0.25)]
+    assert (subset / "val.csv").is_symlink() and (subset / "images").resolve() == (data / "images").resolve()
+    assert not (subset / "banks").exists()  # its banks are built on its own rows
+    assert json.loads((subset / "subset.json").read_text())["rows"] == 10
+    (subset / "train.csv").write_text("changed")  # a complete subset folder is kept as it is
+    assert quality.write_train_subset(data, 0.25) == subset and (subset / "train.csv").read_text() == "changed"
 
 
 def test_top1_recall_counts_tied_neighbours_as_found(quality, tmp_path):
@@ -388,3 +438,60 @@ def test_stopping_an_invocation_stops_its_stage_worker_and_waits_for_it(quality,
     assert log.read_text() == "stopped by SIGTERM"  # the worker finished its stop before the invocation went on
     assert signal.getsignal(signal.SIGTERM) is before  # this process's own handler is back
     assert quality.run_forwarding_stop_signals([sys.executable, "-c", "pass"]) == (0, None)
+
+
+def test_curves_pair_each_point_by_seed_and_skip_seeds_one_side_lacks(tmp_path):
+    curves = load_benchmark_script("curves")
+
+    def run(setting, seed, score):
+        return {"setting": setting, "seed": seed, "metrics": {"val": {"score": score}, "test": {"score": score + 1}}}
+
+    results = [run("clip", 0, 10.0), run("clip", 1, 12.0), run("clip", 2, 11.0),
+               run("clip-ping", 0, 13.0), run("clip-ping", 1, 13.0)]  # seed 2 of clip-ping not finished
+    point = curves.paired_point(results, "clip", "clip-ping")
+    val = point["val"]["score"]
+    assert val["seeds"] == [0, 1] and val["base"]["mean"] == 11.0 and val["other"]["mean"] == 13.0
+    assert val["delta"]["mean"] == 2.0 and val["delta"]["values"] == [3.0, 1.0]
+    assert point["test"]["score"]["delta"]["mean"] == 2.0 and "i2t/R@1" not in point["val"]
+    assert curves.paired_point(results, "clip", "teacher-lite2") is None
+
+
+def test_curves_sort_each_top1_neighbour_by_the_labels_it_shares(tiny_banked):
+    import csv
+
+    import numpy as np
+
+    curves = load_benchmark_script("curves")
+    rows = list(csv.DictReader(open(tiny_banked / "train.csv", encoding="utf-8")))
+    coarse, fine = np.array([r["shape"] for r in rows]), np.array([r["color"] for r in rows])
+    purity = curves.subcategory_purity(tiny_banked / "banks", tiny_banked, coarse="shape", fine="color")
+    for side in ("image", "text"):
+        j = np.load(tiny_banked / "banks" / f"neighbors_{side}.npy")[:, 0]
+        both = (coarse[j] == coarse) & (fine[j] == fine)
+        got = purity[side]
+        assert got["same_subcategory"] == pytest.approx(both.mean())
+        assert got["other_category"] == pytest.approx((coarse[j] != coarse).mean())
+        assert sum(got.values()) == pytest.approx(1.0)
+    assert purity["rows"] == len(rows) and purity["categories"] == len(set(coarse))
+    assert curves.subcategory_purity(tiny_banked / "banks", tiny_banked) is None  # no category columns here
+
+
+def test_curves_take_a_missing_point_from_an_earlier_results_file_only_when_trained_alike(quality, tmp_path):
+    curves = load_benchmark_script("curves")
+    plan = quality.make_plan(quality.resolve_profile("curves", "openclipart"), tmp_path / "out")
+    planned = {(r["setting"], r["seed"]): quality._comparable(r["train"]) for r in plan["runs"]}
+
+    def run(setting, seed, **changes):
+        config = {**planned.get((setting, seed), planned[("clip-ping", seed)]), "data": "/elsewhere/openclipart-v2",
+                  **changes}
+        return {"setting": setting, "seed": seed, "config": config, "metrics": {"val": {"score": float(seed)}}}
+
+    here = [run("clip-ping", 0)]
+    earlier = tmp_path / "quality_quick_openclipart.json"
+    earlier.write_text(json.dumps({"date": "2026-12-06", "results": [
+        run("clip", 0), run("clip-ping", 0), run("clip", 1, steps=1200), run("queue", 0, method="clip-ping")]}))
+    results, notes = curves.with_reference_runs(list(here), plan, [earlier])
+    taken = [(r["setting"], r["seed"], r.get("source")) for r in results]
+    # clip seed 0 fills the gap; the run found here wins over the file's; other options or settings are refused
+    assert taken == [("clip-ping", 0, None), ("clip", 0, "quality_quick_openclipart.json (2026-12-06)")]
+    assert any("clip seed 1 not used (trained with other options)" in n for n in notes)

