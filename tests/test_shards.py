@@ -18,7 +18,8 @@ from clip_ping.data.dataset_info import read_dataset_info
 from clip_ping.data.folders import ImageFolderConfig, image_folder_to_csv, read_image_folder
 from clip_ping.data.images import load_image
 from clip_ping.data.pairs import PairDataset, collate_pairs
-from clip_ping.data.shards import ShardTable, expand_shards, index_shards, open_shards
+from clip_ping.data.shard_index import expand_shards
+from clip_ping.data.shards import ShardTable, index_shards, open_shards
 from clip_ping.data.stream import ShardStream
 from clip_ping.data.table import open_table
 from clip_ping.errors import ConfigError, DataError
@@ -170,7 +171,7 @@ def test_convert_round_trip(csv_data: Path, tmp_path: Path) -> None:
     convert(ConvertConfig(src=str(tmp_path / "sh" / "train-*.tar"), out=str(tmp_path / "idx"), to="index"))
     assert open_table(tmp_path / "idx", "train").captions == original.captions
 
-    with pytest.raises(DataError, match="not empty"):
+    with pytest.raises(DataError, match="already holds"):
         convert(ConvertConfig(src=str(csv_data), out=str(tmp_path / "sh"), to="shards"))
     with pytest.raises(ConfigError):
         convert(ConvertConfig(src="", out=str(tmp_path / "x")))

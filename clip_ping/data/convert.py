@@ -23,7 +23,8 @@ from ..errors import ConfigError, DataError
 from ..io import claim_files, claim_folder
 from .csv_reader import read_pairs
 from .pairs import SKIP_MISSING_IMAGE, PairTable
-from .shards import IMAGE_EXTS, ShardTable, expand_shards, index_shards
+from .shard_index import expand_shards
+from .shards import IMAGE_EXTS, ShardTable, index_shards
 from .table import open_table, stored_splits
 
 log = logging.getLogger(__name__)

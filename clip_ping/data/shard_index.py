@@ -24,6 +24,7 @@ refused and a copied one is accepted.
 from __future__ import annotations
 
 import csv
+import glob
 import hashlib
 import logging
 import operator
@@ -313,3 +314,86 @@ def read_csv_index(path: Path, columns: Sequence[str]) -> dict[str, Any]:
             "labels": {c: StringColumn.from_strings(v) for c, v in labels.items()},
             "shard_ids": np.asarray(shard_ids, dtype=np.int32), "offsets": np.asarray(offsets, dtype=np.int64),
             "sizes": np.asarray(sizes, dtype=np.int64), "exts": CodedColumn.from_strings(exts)}
+
+
+def split_name(member_name: str) -> tuple[str, str]:
+    """WebDataset key and extension: 'dir/abc.seg.png' -> ('dir/abc', 'seg.png')."""
+    folder, base = os.path.split(member_name)
+    stem, dot, ext = base.partition(".")
+    return (os.path.join(folder, stem) if folder else stem), ext.lower()
+
+
+def reindex_hint(root: Path, info: dict[str, Any]) -> str:
+    split = str(info.get("split", "train"))
+    names = [str(s["name"]) for s in info["shards"]]
+    pattern = f"{split}-*.tar" if all(Path(n).name.startswith(f"{split}-") for n in names) else "*.tar"
+    return f"clip-ping data convert --to index --src '{root / pattern}' --split {split} --out {root} --overwrite"
+
+
+def check_end_rows(table: Any, descriptor: Path, reindex: str) -> None:
+    """The tar header just before the first and the last indexed image of each shard must name that
+    row's key and size. Two reads a shard; they catch a rewrite that kept the shard's size and
+    modification time (``cp -p``, ``rsync -t``) whenever it moved either end's sample."""
+    counts = np.bincount(table.shard_ids, minlength=len(table.shards)).tolist()
+    start = 0
+    for j, n in enumerate(counts):
+        if n:
+            with open(table.shard_path(j), "rb") as f:
+                for row in dict.fromkeys((start, start + n - 1)):
+                    found = _member_before(f, int(table.offsets[row]))
+                    key, size = table.keys[row], int(table.sizes[row])
+                    if found is None or found[1] != size or (found[0] is not None and found[0] != key):
+                        what = f"{found[0]} of {found[1]} bytes" if found else "no member header"
+                        raise DataError(f"shard {table.shard_path(j)} changed since it was indexed (in {descriptor}): "
+                                        f"the index has {key} ({size} bytes) at byte {table.offsets[row]}, the tar "
+                                        f"has {what} there; re-index: {reindex}")
+        start += n
+
+
+def _member_before(f: Any, offset: int) -> tuple[str | None, int] | None:
+    """(key, size) of the tar member whose data starts at ``offset``, from the header block before it
+    (key None when the header's name field may be cut: a long name lives in an extension header);
+    None when no valid header is there."""
+    if offset < tarfile.BLOCKSIZE:
+        return None
+    f.seek(offset - tarfile.BLOCKSIZE)
+    try:
+        info = tarfile.TarInfo.frombuf(f.read(tarfile.BLOCKSIZE), "utf-8", "surrogateescape")
+    except tarfile.HeaderError:
+        return None
+    return (None if len(info.name) >= 99 else split_name(info.name)[0]), info.size
+
+
+def check_shards_unchanged(descriptor: Path, root: Path, info: dict[str, Any]) -> None:
+    """Refuse the split when a shard changed since it was indexed (`check_shard`: a stat per shard,
+    the member table of those whose modification time changed)."""
+    reindex = reindex_hint(root, info)
+    warn_if_unverifiable(descriptor, info["shards"])
+    reread = sum(check_shard(root / shard["name"], shard, descriptor, reindex) for shard in info["shards"])
+    if reread:
+        log.info("%s: %d shard(s) have new modification times but the members indexed (copied?); "
+                 "re-indexing makes opening them a stat again", descriptor, reread)
+
+
+def expand_shards(spec: str | Path | list[str]) -> list[Path]:
+    """Shard paths from a list, a glob ('data/*.tar') or a brace range ('train-{000000..000009}.tar')."""
+    if isinstance(spec, (list, tuple)):
+        paths: list[Path] = []
+        for s in spec:
+            paths += expand_shards(s)
+        return paths
+    text = str(spec)
+    if "{" in text:
+        import braceexpand  # a dependency of webdataset
+
+        names = list(braceexpand.braceexpand(text))
+    elif any(c in text for c in "*?["):
+        names = sorted(glob.glob(text))
+    else:
+        names = [text]
+    missing = [n for n in names if not os.path.isfile(n)]
+    if missing:
+        raise DataError(f"shard not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if not names:
+        raise DataError(f"no shard matches {text}")
+    return [Path(n) for n in names]

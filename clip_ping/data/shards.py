@@ -43,7 +43,6 @@ Readers
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import multiprocessing as mp
@@ -69,12 +68,14 @@ from .shard_index import (
     CodedColumn,
     KeyIndex,
     StringColumn,
-    check_shard,
+    check_end_rows,
+    check_shards_unchanged,
     member_table_digest,
     read_csv_index,
     read_index,
+    reindex_hint,
     rows_fingerprint,
-    warn_if_unverifiable,
+    split_name,
     write_index,
 )
 
@@ -176,42 +177,11 @@ class ShardTable:
 # --------------------------------------------------------------------------- indexing
 
 
-def _split_name(member_name: str) -> tuple[str, str]:
-    """WebDataset key and extension: 'dir/abc.seg.png' -> ('dir/abc', 'seg.png')."""
-    folder, base = os.path.split(member_name)
-    stem, dot, ext = base.partition(".")
-    return (os.path.join(folder, stem) if folder else stem), ext.lower()
-
-
 def _decode_text(data: bytes) -> str | None:
     try:
         return data.decode("utf-8").strip()
     except UnicodeDecodeError:
         return None
-
-
-def expand_shards(spec: str | Path | list[str]) -> list[Path]:
-    """Shard paths from a list, a glob ('data/*.tar') or a brace range ('train-{000000..000009}.tar')."""
-    if isinstance(spec, (list, tuple)):
-        paths: list[Path] = []
-        for s in spec:
-            paths += expand_shards(s)
-        return paths
-    text = str(spec)
-    if "{" in text:
-        import braceexpand  # a dependency of webdataset
-
-        names = list(braceexpand.braceexpand(text))
-    elif any(c in text for c in "*?["):
-        names = sorted(glob.glob(text))
-    else:
-        names = [text]
-    missing = [n for n in names if not os.path.isfile(n)]
-    if missing:
-        raise DataError(f"shard not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    if not names:
-        raise DataError(f"no shard matches {text}")
-    return [Path(n) for n in names]
 
 
 @dataclass
@@ -267,7 +237,7 @@ def _scan_shard(path: Path, label_fields: Sequence[str] = ()) -> _ShardScan:
             for member in tar:
                 if not member.isfile():
                     continue
-                key, ext = _split_name(member.name)
+                key, ext = split_name(member.name)
                 if sample is None or sample["key"] != key:
                     finish(sample)
                     sample = {"key": key}
@@ -409,58 +379,6 @@ def _save_index(table: ShardTable, split: str, per_shard: list[int], shard_marks
     table.source.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
 
-def _reindex_hint(root: Path, info: dict[str, Any]) -> str:
-    split = str(info.get("split", "train"))
-    names = [str(s["name"]) for s in info["shards"]]
-    pattern = f"{split}-*.tar" if all(Path(n).name.startswith(f"{split}-") for n in names) else "*.tar"
-    return f"clip-ping data convert --to index --src '{root / pattern}' --split {split} --out {root} --overwrite"
-
-
-def _check_end_rows(table: ShardTable, descriptor: Path, reindex: str) -> None:
-    """The tar header just before the first and the last indexed image of each shard must name that
-    row's key and size. Two reads a shard; they catch a rewrite that kept the shard's size and
-    modification time (``cp -p``, ``rsync -t``) whenever it moved either end's sample."""
-    counts = np.bincount(table.shard_ids, minlength=len(table.shards)).tolist()
-    start = 0
-    for j, n in enumerate(counts):
-        if n:
-            with open(table.shard_path(j), "rb") as f:
-                for row in dict.fromkeys((start, start + n - 1)):
-                    found = _member_before(f, int(table.offsets[row]))
-                    key, size = table.keys[row], int(table.sizes[row])
-                    if found is None or found[1] != size or (found[0] is not None and found[0] != key):
-                        what = f"{found[0]} of {found[1]} bytes" if found else "no member header"
-                        raise DataError(f"shard {table.shard_path(j)} changed since it was indexed (in {descriptor}): "
-                                        f"the index has {key} ({size} bytes) at byte {table.offsets[row]}, the tar "
-                                        f"has {what} there; re-index: {reindex}")
-        start += n
-
-
-def _member_before(f: Any, offset: int) -> tuple[str | None, int] | None:
-    """(key, size) of the tar member whose data starts at ``offset``, from the header block before it
-    (key None when the header's name field may be cut: a long name lives in an extension header);
-    None when no valid header is there."""
-    if offset < tarfile.BLOCKSIZE:
-        return None
-    f.seek(offset - tarfile.BLOCKSIZE)
-    try:
-        info = tarfile.TarInfo.frombuf(f.read(tarfile.BLOCKSIZE), "utf-8", "surrogateescape")
-    except tarfile.HeaderError:
-        return None
-    return (None if len(info.name) >= 99 else _split_name(info.name)[0]), info.size
-
-
-def _check_shards(descriptor: Path, root: Path, info: dict[str, Any]) -> None:
-    """Refuse the split when a shard changed since it was indexed (`check_shard`: a stat per shard,
-    the member table of those whose modification time changed)."""
-    reindex = _reindex_hint(root, info)
-    warn_if_unverifiable(descriptor, info["shards"])
-    reread = sum(check_shard(root / shard["name"], shard, descriptor, reindex) for shard in info["shards"])
-    if reread:
-        log.info("%s: %d shard(s) have new modification times but the members indexed (copied?); "
-                 "re-indexing makes opening them a stat again", descriptor, reread)
-
-
 def open_shards(descriptor: str | Path, check_shards: bool = True) -> ShardTable:
     """Load an indexed split (``<split>.shards.json``); refuses shards changed since indexing.
 
@@ -484,7 +402,7 @@ def open_shards(descriptor: str | Path, check_shards: bool = True) -> ShardTable
                         f"(it reads {FORMAT_V1} and {FORMAT}); re-index with clip-ping data convert --to index")
     root = descriptor.parent.resolve()
     if check_shards:
-        _check_shards(descriptor, root, info)
+        check_shards_unchanged(descriptor, root, info)
     index_path = root / info["index"]
     columns = list(info.get("labels", []))
     if fmt == FORMAT_V1:
@@ -512,5 +430,5 @@ def open_shards(descriptor: str | Path, check_shards: bool = True) -> ShardTable
         **parts,
     )
     if check_shards:
-        _check_end_rows(table, descriptor, _reindex_hint(root, info))
+        check_end_rows(table, descriptor, reindex_hint(root, info))
     return table
