@@ -28,7 +28,7 @@ def _gb(n_bytes: float) -> str:
 
 
 def plan_extract(cfg: Any) -> dict[str, Any]:
-    from .banks.extract import MANIFEST, WORK_DIR
+    from .banks.format import MANIFEST, WORK_DIR
     from .teachers import load_image_teacher, load_text_teacher
 
     table = open_table(cfg.data, cfg.split)
@@ -46,7 +46,7 @@ def plan_extract(cfg: Any) -> dict[str, Any]:
 
 
 def plan_neighbors(cfg: Any) -> dict[str, Any]:
-    from .banks.extract import open_banks
+    from .banks.format import open_banks
 
     banks = open_banks(cfg.banks)
     n = len(banks)

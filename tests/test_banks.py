@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from clip_ping.banks.extract import (
+from clip_ping.banks import (
     ExtractConfig,
     FeatureBanks,
     duplicate_groups_of_captions,

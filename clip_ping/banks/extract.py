@@ -87,22 +87,17 @@ from ..teachers import (
     transform_at_size,
 )
 from ..teachers.base import COMPILE_SETTINGS, compile_wanted, image_transform_of
-from .format import (  # noqa: F401  (re-exported: the public names of banks live here too)
+from .format import (
     BANK_FILES,
     FORMAT_VERSION,
-    IDENTITY_DEFAULTS,
     MANIFEST,
     WORK_DIR,
-    FeatureBanks,
-    check_table,
     chunk_marker,
     done_chunks,
     duplicate_groups_of_captions,
     duplicate_groups_of_hashes,
     identity_of,
     legacy_bank_files,
-    normalize_caption,
-    open_banks,
     read_json,
     with_identity_defaults,
 )

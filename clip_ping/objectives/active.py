@@ -38,8 +38,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ..banks.extract import FeatureBanks, open_banks
-from ..banks.format import identity_of
+from ..banks.format import FeatureBanks, identity_of, open_banks
 from ..distributed import gather_rows, own_rows, rank_and_world
 from ..errors import ConfigError
 from ..knn import NeighborQueue

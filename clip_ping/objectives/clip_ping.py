@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..banks.extract import FeatureBanks, open_banks
+from ..banks.format import FeatureBanks, open_banks
 from ..knn import NeighborQueue
 from ..model.heads import NeighborGuidance
 from ..model.losses import ClipPingLoss

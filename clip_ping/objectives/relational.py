@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..banks.extract import FeatureBanks, open_banks
+from ..banks.format import FeatureBanks, open_banks
 from ..model.losses import info_nce, relational_kl
 from .base import Objective, ObjectiveSetup, StepContext
 

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..banks.extract import FeatureBanks
+from ..banks.format import FeatureBanks
 from ..distributed import gather_rows, own_rows
 from ..errors import ConfigError
 from ..knn import NeighborQueue, NeighborTable
@@ -94,7 +94,7 @@ class PrefetchNeighborRows:
 
     def __call__(self, index: torch.Tensor, step: int) -> dict[str, Any]:
         if self._opened is None:
-            from ..banks.extract import open_banks
+            from ..banks.format import open_banks
             from ..knn import load_neighbors
 
             table = load_neighbors(self.bank_dir, expected_fingerprint=self.bank_fingerprint)

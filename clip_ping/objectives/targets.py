@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..banks.extract import FeatureBanks
+from ..banks.format import FeatureBanks
 from ..model.heads import NeighborGuidance
 
 
