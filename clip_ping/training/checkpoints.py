@@ -91,7 +91,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def numpy_rng_state() -> dict[str, Any]:
     """numpy's global RNG state as tensors and plain values, which the safe loader reads (not numpy arrays)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return _plain_numpy_rng_state(np.random.get_state())
+
+
+def _plain_numpy_rng_state(state: Any) -> dict[str, Any]:
+    """``np.random.get_state()``'s tuple (which holds an ndarray) as a tensor and plain values."""
+    name, keys, pos, has_gauss, cached = state
     return {"bit_generator": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
             "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
 
@@ -137,9 +142,7 @@ def convert_trusted_checkpoint(source: Path, out: Path) -> dict[str, Any]:
         raise DataError(f"{source} is not a clip-ping checkpoint (it holds a {type(state).__name__}, not a dict)")
     rng = state.get("rng")
     if isinstance(rng, dict) and isinstance(rng.get("numpy"), tuple):
-        name, keys, pos, has_gauss, cached = rng["numpy"]
-        rng = {**rng, "numpy": {"bit_generator": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-                                "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
+        rng = {**rng, "numpy": _plain_numpy_rng_state(rng["numpy"])}
         state = {**state, "rng": rng}
     safe = plain(state)
     atomic_torch_save(safe, out)
