@@ -25,7 +25,7 @@ from clip_ping.teachers import (
     text_teacher_names,
 )
 from clip_ping.teachers.builtin import ALL_MPNET_BASE_V2
-from clip_ping.teachers.split_weights import MARKER
+from clip_ping.teachers.split_weights import MARKER, assemble
 
 FILES = {"config.json": b'{"hidden": 4}\n', "sub/weights.bin": bytes(range(256)) * 40, "vocab.txt": b"a\nb\nc\n"}
 
@@ -94,6 +94,16 @@ def test_a_verified_folder_is_reused_without_the_parts(installed):
         info.rmdir()
     assert assembled_folder(spec, cache) == folder
     assert (folder / "sub/weights.bin").stat().st_mtime_ns == stamp
+
+
+def test_a_folder_finished_meanwhile_by_another_process_is_kept(installed):
+    spec, site, cache = installed
+    folder = assembled_folder(spec, cache)
+    stamp = (folder / "vocab.txt").stat().st_mtime_ns
+    parts = [site / p.file.path for p in spec.parts]
+    assert assemble(spec, parts, folder) == folder
+    assert (folder / "vocab.txt").stat().st_mtime_ns == stamp
+    assert [p.name for p in folder.parent.iterdir()] == ["tiny-model"]
 
 
 def test_a_missing_part_names_the_pip_command(installed):

