@@ -74,6 +74,16 @@ def test_runs_are_paired_with_their_files_clip_and_the_seed_carries_the_delta(an
     only_mlp = analysis.per_class_deltas(pairs, "val", only_mlp=True)
     assert only_mlp["pairs"] == 3 and only_mlp["classes"]["a"]["guided_accuracy"] == pytest.approx(5.0)
 
+    # the class every pair loses and that costs top-1 is the systematic one; its cost per method family
+    per_class["classes"]["a"]["top1_contribution"] = -0.5
+    per_class["classes"]["b"]["top1_contribution"] = 2.0
+    assert analysis.systematic_classes(per_class) == ["a"]
+    table = analysis.by_family_and_setting(pairs, runs, ["a"], {"a": 2, "b": 8}, 10)
+    family = table["families"]["teacher + neighbours"]
+    assert family["pairs"] == 6 and family["a"]["share_losing"] == 1.0
+    assert family["top1_cost"] == pytest.approx(2 / 10 * (2.5 - 10.0))
+    assert table["settings"]["clip-ping [mlp head]"]["top1_cost"] == pytest.approx(2 / 10 * (5.0 - 10.0))
+
 
 def test_purity_under_each_duplicate_rule_counts_copies_apart(analysis, tiny_synth, tmp_path, monkeypatch):
     from clip_ping.data.table import open_table
@@ -105,6 +115,8 @@ def test_purity_under_each_duplicate_rule_counts_copies_apart(analysis, tiny_syn
         rows = np.flatnonzero(color == name)
         assert props[name]["text_purity"] == pytest.approx((color[stored[rows]] == name).mean())
         assert props[name]["train_rows"] == len(rows)
+    for name in set(color):
+        assert sum(props[name]["text_neighbour_classes"].values()) <= props[name]["train_rows"]
     overall = props["__overall__"]
     assert overall["self/text/neighbour_is_a_copy"] == pytest.approx(4 / len(color))
     assert overall["both/text/neighbour_is_a_copy"] == 0.0
