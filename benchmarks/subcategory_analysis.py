@@ -563,10 +563,12 @@ def build(data_dir: Path, runs_dir: Path, result_files: list[Path], evaluate: bo
             add_class_sizes(pc, data_dir, split)
             pc["correlations"] = correlations(pc, props)
             doc["per_class"][f"{name}/{split}"] = pc
-    pc = doc["per_class"]["all_guided/val"]
-    doc["systematic_classes"] = systematic_classes(pc)
-    doc["systematic_by_family"] = by_family_and_setting(
-        pairs, runs, doc["systematic_classes"], {c: v["images"] for c, v in pc["classes"].items()}, pc["images"])
+    doc["systematic"] = {}
+    for split in SPLITS:
+        pc = doc["per_class"][f"all_guided/{split}"]
+        cls = systematic_classes(pc)
+        doc["systematic"][split] = {"classes": cls, "by": by_family_and_setting(
+            pairs, runs, cls, {c: v["images"] for c, v in pc["classes"].items()}, pc["images"], split)}
     doc["predictions"] = []
     if evaluate:
         import torch
@@ -623,8 +625,7 @@ def reading(doc: dict[str, Any]) -> list[str]:
         f"{corr['image_purity']['spearman']:+.2f}, text {corr['text_purity']['spearman']:+.2f}) or captions naming "
         f"the class (ρ {corr['caption_names_it']['spearman']:+.2f}): classes whose captions rarely name them (games, bugs, "
         "smilies) are not lost.")
-    fam = doc["systematic_by_family"]
-    cls = doc["systematic_classes"]
+    fam, cls = doc["systematic"]["val"]["by"], doc["systematic"]["val"]["classes"]
     if cls:
         first = cls[0]
         out.append(
@@ -686,7 +687,8 @@ def reading(doc: dict[str, Any]) -> list[str]:
             f"move by a factor of at most {_f(bound)} in runs of up to 400 steps, so neither the shared scale nor "
             "per-term scales can drift far; per-term-scales was measured (table above) and is no better.")
     settings = fam["settings"] if cls else {}
-    low, mid = settings.get("lambda-0.25 [linear head]"), settings.get("clip-ping [linear head]")
+    half_name, quarter_name, mlp_name = "clip-ping [linear head]", "lambda-0.25 [linear head]", "clip-ping = head-mlp [mlp head]"
+    low, mid = settings.get(quarter_name), settings.get(half_name)
     val_table = val["delta_by_setting"]
     quarter, half = val_table.get("lambda-0.25 [linear head]"), val_table.get("clip-ping [linear head]")
     out.append(
@@ -696,6 +698,14 @@ def reading(doc: dict[str, Any]) -> list[str]:
         + (f"; with linear heads it cut the top-1 cost of {', '.join(cls)} from {mid['top1_cost']:+.2f} to "
            f"{low['top1_cost']:+.2f} and moved the subcategory Δ from {_ms(half['delta'])} to {_ms(quarter['delta'])}"
            if low and mid and quarter and half else "")
+        + (f" (test, where {', '.join(doc['systematic']['test']['classes'])} are the systematic classes: "
+           f"{doc['systematic']['test']['by']['settings'][half_name]['top1_cost']:+.2f} → "
+           f"{doc['systematic']['test']['by']['settings'][quarter_name]['top1_cost']:+.2f}); today's MLP-head CLIP-PING "
+           f"pays {settings[mlp_name]['top1_cost']:+.2f} (val) / "
+           f"{doc['systematic']['test']['by']['settings'][mlp_name]['top1_cost']:+.2f} (test), so the test asks whether "
+           "λ 0.25 lowers that further without losing the T2I gain"
+           if all(n in doc["systematic"]["test"]["by"]["settings"] and n in settings
+                  for n in (half_name, quarter_name, mlp_name)) else "")
         + ". No top-1 change a fix can make is visible at 3 seeds (see 1), so read the test where the loss is "
         "systematic: the val top-1 cost of those classes and the val mean-per-class, against the T2I R@1 and category "
         "gains it may give up. If it gives up too much, the next candidate is a new option, a λ schedule that lets the "
@@ -789,18 +799,20 @@ def markdown(doc: dict[str, Any]) -> str:
                          f"{_f(p.get('caption_names_it'))} | {p.get('train_rows', '–')} |")
         lines += ["", f"(classes whose share of the top-1 difference is under 0.05 points left out; "
                   f"their sum: {sum(v['top1_contribution'] or 0 for c, v in ranked if (c, v) not in shown):+.2f})", ""]
-    fam = doc["systematic_by_family"]
-    cls = doc["systematic_classes"]
-    lines += [f"### The classes most pairs lose ({', '.join(cls)}), by what the method takes from the teachers (val)", "",
-              "Δ accuracy against CLIP at the same seed (share of pairs losing); top-1 cost: the points of top-1 these "
-              "classes cost (their images / all images × Δ).", "",
-              "| group | pairs | " + " | ".join(cls) + " | top-1 cost |", "|---|---|" + "---|" * len(cls) + "---|"]
-    for kind in ("families", "settings"):
-        for name, row in fam[kind].items():
-            cells = [f"{row[c]['delta_accuracy']:+.1f} ({row[c]['share_losing']:.2f})" if c in row else "–" for c in cls]
-            lines.append(f"| {'**' + name + '**' if kind == 'families' else name} | {row['pairs']} | "
-                         + " | ".join(cells) + f" | {row['top1_cost']:+.2f} |")
-    lines.append("")
+    for split in SPLITS:
+        fam, cls = doc["systematic"][split]["by"], doc["systematic"][split]["classes"]
+        lines += [f"### The classes most pairs lose ({', '.join(cls)}), by what the method takes from the teachers "
+                  f"({split})", "",
+                  "Δ accuracy against CLIP at the same seed (share of pairs losing); top-1 cost: the points of top-1 "
+                  "these classes cost (their images / all images × Δ).", "",
+                  "| group | pairs | " + " | ".join(cls) + " | top-1 cost |", "|---|---|" + "---|" * len(cls) + "---|"]
+        for kind in ("families", "settings"):
+            for name, row in fam[kind].items():
+                cells = [f"{row[c]['delta_accuracy']:+.1f} ({row[c]['share_losing']:.2f})" if c in row else "–"
+                         for c in cls]
+                lines.append(f"| {'**' + name + '**' if kind == 'families' else name} | {row['pairs']} | "
+                             + " | ".join(cells) + f" | {row['top1_cost']:+.2f} |")
+        lines.append("")
     if doc["predictions"]:
         lines += ["### Predictions from the checkpoints (val, scored again with the evaluation code)", "",
                   "| point | seed | method | top-1 (recorded) | mean per class | classes predicted | most predicted (share) "
