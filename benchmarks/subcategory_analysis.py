@@ -18,6 +18,9 @@ the metric (CLIP's own spread, the spread of the paired difference, same-seed re
 many seeds would a 3-point effect need; (2) which subcategories are lost, and do they have impure
 neighbours or captions that rarely name them; (3) do the temperatures of CLIP and CLIP-PING
 differ. Writes ``benchmarks/results/subcategory_analysis_<data>.{json,md}``.
+
+It runs over 450 lines because the three questions share one reading of the results files and are
+reported together; each question is its own group of functions, in the order above.
 """
 
 from __future__ import annotations
