@@ -41,6 +41,8 @@ LENGTH_CURVE = [(400, "clip", "clip-ping"), (1200, "clip-1200steps", "clip-ping-
 # image teacher, CLIP-PING setting; every one is paired with plain CLIP (which reads no teacher)
 TEACHERS = [("random-efficientnet-lite0", "teacher-random"), ("efficientnet-lite0", "clip-ping"),
             ("efficientnet-lite1", "teacher-lite1"), ("efficientnet-lite2", "teacher-lite2")]
+# the subcategory analysis's one fix (benchmarks/results/subcategory_analysis_openclipart.md): its profile, its setting
+SUBCATEGORY_FIX = ("subcategory-fix", "lambda-0.25")
 CURVES = {"data": DATA_CURVE, "data-fixed-steps": DATA_FIXED_STEPS, "length": LENGTH_CURVE}
 METRICS = ["score", "i2t/R@1", "t2i/R@1", "zs/category/top1", "zs/subcategory/top1"]
 SPLITS = ("val", "test")
@@ -204,9 +206,19 @@ def build(out: Path, data: str = "openclipart", reference: list[Path] | None = N
             agreement = teacher_quality(bank, folder)
             if agreement:
                 doc["bank_quality"][f"{teacher} on {folder.name}"] = agreement
+    doc["subcategory_fix"] = subcategory_fix(out, data, reference or [])
     doc["subcategory_purity"] = subcategory_purity(quality.bank_dir_for(data_dir, prof["image_teacher"],
                                                                         prof["image_teacher"]), data_dir)
     return doc
+
+
+def subcategory_fix(out: Path, data: str, reference: list[Path]) -> dict[str, Any]:
+    """The fix's runs paired by seed with CLIP and with CLIP-PING's defaults (same data, steps, seed)."""
+    profile, setting = SUBCATEGORY_FIX
+    plan = quality.make_plan(quality.resolve_profile(profile, data), out)
+    results, _ = with_reference_runs(quality.collect(plan), plan, reference)
+    return {"profile": profile, "setting": setting, "vs_clip": paired_point(results, "clip", setting),
+            "vs_clip_ping": paired_point(results, "clip-ping", setting)}
 
 
 # --------------------------------------------------------------------------- plots and markdown
@@ -316,6 +328,19 @@ def markdown(doc: dict[str, Any]) -> str:
                     lines.append(f"| {split} | " + " | ".join(_cell(point[split].get(k, {}).get("delta"), True)
                                                              for k in keys) + " |")
             lines.append("")
+    fix = doc.get("subcategory_fix") or {}
+    if fix.get("vs_clip") or fix.get("vs_clip_ping"):
+        lines += [f"## The subcategory fix: `{fix['setting']}` (profile {fix['profile']}), paired by seed", "",
+                  "| against | split | n | " + " | ".join(f"{_label(k)} Δ" for k in keys) + " |",
+                  "|---|---|---|" + "---|" * len(keys)]
+        for against, key in (("CLIP", "vs_clip"), ("CLIP-PING defaults", "vs_clip_ping")):
+            for split in SPLITS:
+                point = (fix.get(key) or {}).get(split)
+                if point:
+                    n = len(next(iter(point.values()))["seeds"])
+                    lines.append(f"| {against} | {split} | {n} | " + " | ".join(
+                        _cell(point.get(k, {}).get("delta"), True) for k in keys) + " |")
+        lines.append("")
     if doc.get("bank_quality"):
         lines += ["## Neighbour quality of each bank (its train rows; top-1 neighbour has the same label, %)", "",
                   "| image teacher, data | category, image side | category, text side | subcategory, image side | "

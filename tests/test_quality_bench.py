@@ -456,6 +456,29 @@ def test_curves_pair_each_point_by_seed_and_skip_seeds_one_side_lacks(tmp_path):
     assert curves.paired_point(results, "clip", "teacher-lite2") is None
 
 
+def test_curves_pair_the_subcategory_fix_with_clip_and_with_the_defaults_by_seed(tmp_path):
+    """Runs come from a results file when trained with the plan's options; one trained otherwise is left out."""
+    curves = load_benchmark_script("curves")
+    quality = curves.quality
+    plan = quality.make_plan(quality.resolve_profile("subcategory-fix", "openclipart"), tmp_path / "work")
+    value = {"clip": 10.0, "clip-ping": 12.0, "lambda-0.25": 13.0}
+    results = [{"setting": r["setting"], "seed": r["seed"], "config": quality._comparable(r["train"]),
+                "metrics": {"val": {"t2i/R@1": value[r["setting"]] + r["seed"]},
+                            "test": {"t2i/R@1": value[r["setting"]] - r["seed"]}}} for r in plan["runs"]]
+    results[-1]["config"] = {**results[-1]["config"], "lr": 0.5}  # the last run trained with another lr
+    reference = tmp_path / "reference.json"
+    reference.write_text(json.dumps({"date": "2026-12-08", "results": results}))
+    fix = curves.subcategory_fix(tmp_path / "work", "openclipart", [reference])
+    last = plan["runs"][-1]
+    assert fix["setting"] == "lambda-0.25" and last["setting"] == "lambda-0.25"
+    vs_clip = fix["vs_clip"]["val"]["t2i/R@1"]
+    assert vs_clip["delta"]["mean"] == 3.0 and last["seed"] not in vs_clip["seeds"] and len(vs_clip["seeds"]) == 2
+    assert fix["vs_clip_ping"]["test"]["t2i/R@1"]["delta"]["values"] == [1.0, 1.0]
+    assert "subcategory fix" in curves.markdown({"date": "d", "runs_found": 0, "out": "o", "curves": {},
+                                                  "train": {"model": "m", "batch_size": 1, "lr": 1},
+                                                  "subcategory_fix": fix})
+
+
 def test_curves_sort_each_top1_neighbour_by_the_labels_it_shares(tiny_banked):
     import csv
 
